@@ -1,0 +1,3 @@
+from fmcache.cli import main
+
+main()

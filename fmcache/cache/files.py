@@ -1,0 +1,58 @@
+"""Small atomic file helpers shared by the cache and results writers."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from fmcache.errors import FmcacheError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary name in the same folder, fsync, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise disk_error(exc, path) from exc
+
+
+def atomic_write_json(path: Path, obj: object) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def disk_error(exc: OSError, path: Path) -> FmcacheError:
+    """Turn an OSError while writing into one actionable line."""
+    if exc.errno == errno.ENOSPC:
+        return FmcacheError(f"no space left on device while writing {path}; free space or pass another --cache-root")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return FmcacheError(f"cannot write {path}: permission denied; pass a writable --cache-root / --out")
+    return FmcacheError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def ensure_writable_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and prove it is writable, or raise a clear error."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise disk_error(exc, path) from exc
+    return path

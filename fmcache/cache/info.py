@@ -1,0 +1,81 @@
+"""Human summaries of caches for ``fmcache info`` and ``fmcache ls``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fmcache.cache.manifest import MANIFEST, read_manifest
+from fmcache.errors import FmcacheError
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("shard-*.h5"))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _weights_text(weights: dict) -> str:
+    if weights.get("source") == "file":
+        return f"file {weights.get('path')} (sha256 {str(weights.get('sha256'))[:12]}…)"
+    if weights.get("source") == "random":
+        return "RANDOM INIT (not pretrained)"
+    return f"hub {weights.get('id')}"
+
+
+def format_info(folder: str | Path) -> str:
+    folder = Path(folder)
+    manifest = read_manifest(folder) if folder.is_dir() else None
+    if manifest is None:
+        raise FmcacheError(f"{folder} is not a cache (no {MANIFEST}); list caches with `fmcache ls`")
+    model, data, inputs = manifest["model"], manifest["dataset"], manifest["inputs"]
+    images = sum(s["n"] for s in manifest["shards"])
+    size = _size(folder)
+    timings = manifest.get("timings", {})
+    lines = [
+        f"[bold]cache[/] {folder}",
+        f"  status     {manifest['status']} ({len(manifest['shards'])}/{manifest['num_shards']} shards), key {manifest['key'][:12]}",
+        f"  model      {model['name']} ({model['backend']}: {model['arch']}), pooled '{model['pooled_kind']}'",
+        f"  weights    {_weights_text(manifest.get('weights', {}))}",
+        f"  layers     {model['num_layers']} (widths {sorted(set(model['layer_dims']))}), "
+        f"prefix tokens {model['num_prefix_tokens']}, pools {', '.join(model['pools'])}",
+        f"  tokens     layers {model['token_layers'] or 'none'} {model.get('token_shapes') or ''}",
+        f"  input      {model['img_size']}px, transform {inputs['transform'].get('steps')}, "
+        f"mean {inputs['transform'].get('mean')}, std {inputs['transform'].get('std')} ({inputs['transform'].get('norm_source')})",
+        f"  dataset    {data['name']} at {data['root']}, splits {data['split_counts']}, "
+        f"{'multi-label' if data['multilabel'] else 'single-label'} {len(data['class_names'])} classes, metric {data['metric']}",
+        f"  storage    {manifest['dtype']}, {images} images, {human_bytes(size)} ({human_bytes(size / max(images, 1))}/image)",
+        f"  time       {timings.get('extract_seconds')} s, {timings.get('s_per_img')} s/image",
+    ]
+    skipped = manifest.get("skipped", [])
+    if skipped:
+        lines.append(f"  [yellow]skipped    {len(skipped)} bad image(s):[/]")
+        lines += [f"    {s['path']}: {s['reason']}" for s in skipped[:20]]
+    return "\n".join(lines)
+
+
+def list_caches(cache_root: str | Path) -> list[dict]:
+    root = Path(cache_root)
+    if not root.is_dir():
+        raise FmcacheError(f"cache root {root} does not exist; pass --cache-root or run `fmcache extract` first")
+    rows = []
+    for manifest_path in sorted(root.glob(f"*/*/*/{MANIFEST}")):
+        folder = manifest_path.parent
+        manifest = read_manifest(folder) or {}
+        rows.append(
+            {
+                "path": str(folder),
+                "dataset": manifest.get("dataset", {}).get("name", "?"),
+                "model": manifest.get("model", {}).get("name", "?"),
+                "weights": manifest.get("weights", {}).get("source", "?"),
+                "images": sum(s["n"] for s in manifest.get("shards", [])),
+                "status": manifest.get("status", "?"),
+                "size": human_bytes(_size(folder)),
+            }
+        )
+    return rows

@@ -1,0 +1,67 @@
+"""``manifest.json``: the cache's table of contents, rebuilt from the finished shards and rewritten atomically."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import h5py
+
+from fmcache.cache.files import atomic_write_json, sha256_file
+from fmcache.cache.shards import finished_shards
+from fmcache.errors import FmcacheError
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(folder: Path) -> dict | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise FmcacheError(f"{path} is not valid JSON ({exc}); delete the cache folder and extract again") from exc
+
+
+def shard_entries(folder: Path, key: str, known: dict[str, dict]) -> list[dict]:
+    """Entries for every finished shard on disk; checksums are reused from ``known`` where available.
+
+    Only complete shards have their final name (they are renamed after close), so the scan never lists a
+    partial one. A shard whose key attribute differs is foreign and refused.
+    """
+    entries = []
+    for index, path in sorted(finished_shards(folder).items()):
+        with h5py.File(path, "r") as fh:
+            attrs = dict(fh.attrs)
+        if attrs.get("key") != key:
+            raise FmcacheError(f"{path} belongs to another cache (key mismatch); delete it and extract again")
+        entry = known.get(path.name) or {"file": path.name, "n": int(attrs["n"]), "sha256": sha256_file(path)}
+        entry = {**entry, "index": index, "seconds": float(attrs.get("seconds", 0.0))}
+        entry["skipped"] = json.loads(attrs.get("skipped", "[]"))
+        entries.append(entry)
+    return entries
+
+
+def write_manifest(folder: Path, base: dict, entries: list[dict], planned_shards: int) -> dict:
+    """Rewrite the manifest from ``base`` (key inputs, model and dataset info) plus the shard entries."""
+    done = {e["index"] for e in entries}
+    complete = done == set(range(planned_shards))
+    seconds = sum(e["seconds"] for e in entries)
+    images = sum(e["n"] for e in entries)
+    manifest = {
+        **base,
+        "status": "complete" if complete else "partial",
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "num_shards": planned_shards,
+        "shards": [{k: e[k] for k in ("file", "index", "n", "sha256")} for e in entries],
+        "skipped": [s for e in entries for s in e["skipped"]],
+        "timings": {
+            "extract_seconds": round(seconds, 3),
+            "images": images,
+            "s_per_img": round(seconds / images, 6) if images else None,
+        },
+    }
+    atomic_write_json(folder / MANIFEST, manifest)
+    return manifest

@@ -1,0 +1,221 @@
+"""The one reader API of stage two: pooled features, streamed tokens, labels and cross-cache alignment.
+
+Stage two never imports a model backend; it only reads what ``fmcache extract`` wrote.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from fmcache.cache.manifest import read_manifest
+from fmcache.errors import FmcacheError
+
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+
+
+def split_code(split: str) -> int:
+    if split not in SPLIT_CODES:
+        raise FmcacheError(f"unknown split '{split}'; use one of {', '.join(SPLIT_CODES)}")
+    return SPLIT_CODES[split]
+
+
+class CacheReader:
+    """Read-only view of one complete cache directory (``cache/<dataset>/<model>/<key12>/``)."""
+
+    def __init__(self, path: str | Path, allow_partial: bool = False):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FmcacheError(f"no cache at {self.path}; run `fmcache extract` first or check the path (`fmcache ls`)")
+        manifest = read_manifest(self.path)
+        if manifest is None:
+            raise FmcacheError(f"{self.path} has no manifest.json; it is not an fmcache cache (see `fmcache ls`)")
+        if manifest.get("status") != "complete" and not allow_partial:
+            raise FmcacheError(
+                f"cache {self.path} is incomplete ({len(manifest.get('shards', []))} of {manifest.get('num_shards')} "
+                "shards); rerun the same `fmcache extract` command to finish it"
+            )
+        self.manifest = manifest
+        self.files = [self.path / s["file"] for s in manifest["shards"]]
+        missing = [f.name for f in self.files if not f.is_file()]
+        if missing:
+            raise FmcacheError(f"cache {self.path} lacks shard files {missing[:3]}; rerun `fmcache extract`")
+
+    # -- metadata -------------------------------------------------------------------------------------------------
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    @property
+    def dataset(self) -> str:
+        return self.manifest["dataset"]["name"]
+
+    @property
+    def model(self) -> str:
+        return self.manifest["model"]["name"]
+
+    @property
+    def multilabel(self) -> bool:
+        return bool(self.manifest["dataset"]["multilabel"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["dataset"]["class_names"])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.manifest["model"]["num_layers"])
+
+    @property
+    def layer_dims(self) -> list[int]:
+        return list(self.manifest["model"]["layer_dims"])
+
+    @property
+    def pools(self) -> list[str]:
+        return list(self.manifest["model"]["pools"])
+
+    @property
+    def token_layers(self) -> list[int]:
+        return list(self.manifest["model"]["token_layers"])
+
+    def resolve_layer(self, layer: int | str) -> int:
+        """1-based layer number from ``last``, ``-1`` style or a number; errors name the valid range."""
+        if layer in ("last", -1, "-1"):
+            return self.num_layers
+        try:
+            number = int(layer)
+        except (TypeError, ValueError):
+            raise FmcacheError(f"bad layer '{layer}'; use last, all or a number 1..{self.num_layers}") from None
+        if not 1 <= number <= self.num_layers:
+            raise FmcacheError(f"cache {self.path.name} has layers 1..{self.num_layers}; layer {number} does not exist")
+        return number
+
+    def _check_pool(self, kind: str) -> None:
+        if kind not in self.pools:
+            raise FmcacheError(
+                f"cache {self.path.name} ({self.model}) has no '{kind}' pooled features; "
+                f"available: {', '.join(self.pools)}"
+            )
+
+    # -- arrays ---------------------------------------------------------------------------------------------------
+    @cached_property
+    def _index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row of the concatenated shards: split code, global id, shard number and row within the shard."""
+        splits, ids, where = [], [], []
+        for s, path in enumerate(self.files):
+            with h5py.File(path, "r") as fh:
+                splits.append(fh["split"][:])
+                ids.append(fh["ids"][:])
+            where.append(np.stack([np.full(len(ids[-1]), s), np.arange(len(ids[-1]))], axis=1))
+        return np.concatenate(splits), np.concatenate(ids), np.concatenate(where)
+
+    def rows(self, split: str) -> np.ndarray:
+        """Indices of the concatenated rows that belong to ``split`` (empty split → error)."""
+        rows = np.flatnonzero(self._index[0] == split_code(split))
+        if rows.size == 0:
+            raise FmcacheError(f"split '{split}' of cache {self.path.name} is empty; check the dataset split / --limit")
+        return rows
+
+    def _gather(self, name: str, split: str, select: tuple = ()) -> np.ndarray:
+        wanted = self._index[0] == split_code(split)
+        if not wanted.any():
+            raise FmcacheError(f"split '{split}' of cache {self.path.name} is empty; check the dataset split / --limit")
+        parts, start = [], 0
+        for path in self.files:
+            with h5py.File(path, "r") as fh:
+                n = fh["ids"].shape[0]
+                mask = wanted[start : start + n]
+                start += n
+                if mask.any():
+                    # read the shard's whole array contiguously, then select: far faster than fancy indexing
+                    parts.append(
+                        fh[name][...][mask][(slice(None), *select)] if select != slice(None) else fh[name][...][mask]
+                    )
+        return np.concatenate(parts)
+
+    def ids(self, split: str) -> np.ndarray:
+        return self._gather("ids", split)
+
+    def labels(self, split: str) -> np.ndarray:
+        """int64 (n,) class labels, or float32 (n, C) multi-label targets with NaN for unknown."""
+        return self._gather("labels", split)
+
+    def pooled(self, split: str, layer: int | str = "last", kind: str = "cls") -> np.ndarray:
+        """float32 (n, D) pooled features of one layer; ``kind`` is cls, mean or paper (``paper`` has no layer)."""
+        self._check_pool(kind)
+        if kind == "paper":
+            return self._gather("pooled/paper", split).astype(np.float32)
+        number = self.resolve_layer(layer)
+        dim = self.layer_dims[number - 1]
+        return self._gather(f"pooled/{kind}", split, (number - 1, slice(0, dim))).astype(np.float32)
+
+    def pooled_all_layers(self, split: str, kind: str = "cls") -> list[np.ndarray]:
+        """Every layer's pooled features for one split, reading the shards once."""
+        self._check_pool(kind)
+        if kind == "paper":
+            raise FmcacheError("the 'paper' pooled feature has no per-layer form; use cls or mean with --layer all")
+        stacked = self._gather(f"pooled/{kind}", split)
+        return [stacked[:, i, :d].astype(np.float32) for i, d in enumerate(self.layer_dims)]
+
+    def tokens(self, split: str, layer: int | str) -> TokenDataset:
+        number = self.resolve_layer(layer)
+        if number not in self.token_layers:
+            raise FmcacheError(
+                f"cache {self.path.name} holds tokens for layers {self.token_layers or 'none'}, not {number}; "
+                "extract again with --tokens including it"
+            )
+        return TokenDataset(self, split, number)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Streams (tokens (T, D) float32, label, id) for one split and layer.
+
+    HDF5 handles are opened lazily per process (h5py handles are not fork-safe), and each item is one contiguous
+    read of a single sample.
+    """
+
+    def __init__(self, reader: CacheReader, split: str, layer: int):
+        self.files = [str(f) for f in reader.files]
+        self.name = f"tokens/layer_{layer:02d}"
+        rows = reader.rows(split)
+        self.where = reader._index[2][rows]
+        self.labels = reader.labels(split)
+        self.ids = reader.ids(split)
+        self._handles: dict[int, h5py.File] = {}
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def _file(self, shard: int) -> h5py.File:
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
+        if shard not in self._handles:
+            self._handles[shard] = h5py.File(self.files[shard], "r")
+        return self._handles[shard]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        shard, row = self.where[i]
+        tokens = self._file(int(shard))[self.name][int(row)]
+        return torch.from_numpy(tokens.astype(np.float32)), torch.as_tensor(self.labels[i]), int(self.ids[i])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": {}, "_pid": -1}
+
+
+def align(a: CacheReader, b: CacheReader, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in ``a.ids(split)`` and ``b.ids(split)`` of the samples both caches hold, in the same order."""
+    if a.dataset != b.dataset or a.manifest["dataset"]["fingerprint"] != b.manifest["dataset"]["fingerprint"]:
+        raise FmcacheError(
+            f"caches {a.path} and {b.path} were extracted from different datasets/files; they cannot be aligned"
+        )
+    ids_a, ids_b = a.ids(split), b.ids(split)
+    common, pos_a, pos_b = np.intersect1d(ids_a, ids_b, assume_unique=True, return_indices=True)
+    if common.size == 0:
+        raise FmcacheError(f"caches {a.path.name} and {b.path.name} share no samples in split '{split}'")
+    return pos_a, pos_b

@@ -1,0 +1,214 @@
+"""The ``fmcache`` command line: thin shells over the library (errors → one line, exit 2)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import fmcache
+from fmcache.errors import FmcacheError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="Cache-first evaluation of foundation models.",
+)
+console = Console()
+err_console = Console(stderr=True)
+STATE = {"verbose": False}
+
+
+def cli_command(fn):
+    """Run a command body; a user error prints one red line and exits 2 (``--verbose`` shows the traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FmcacheError as exc:
+            if STATE["verbose"]:
+                traceback.print_exc()
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]; rerun the same command to resume")
+            raise typer.Exit(code=130) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"fmcache {fmcache.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks for errors.")] = False,
+) -> None:
+    """fmcache: extract frozen foundation-model features once, then evaluate from the cache in seconds."""
+    STATE["verbose"] = STATE["verbose"] or verbose
+
+
+# -- models / datasets -------------------------------------------------------------------------------------------
+
+
+@app.command("models")
+@cli_command
+def models_cmd() -> None:
+    """List every registered foundation: backend, pooled kind, layers, default size, local weights."""
+    from fmcache.models import list_models, weights_available_locally
+    from fmcache.models.registry import UNAVAILABLE
+
+    table = Table(title="fmcache foundations")
+    for col in ("name", "backend", "architecture", "pooled", "layers", "size", "local weights", "notes"):
+        table.add_column(col)
+    for spec in list_models():
+        local = "yes" if weights_available_locally(spec) else ("needs --weights" if not spec.hub else "no")
+        arch = spec.arch + (
+            f".{spec.tag}" if spec.tag and spec.backend == "timm" else f":{spec.tag}" if spec.tag else ""
+        )
+        table.add_row(
+            spec.name, spec.backend, arch, spec.pooled, str(spec.layers), str(spec.default_img_size), local, spec.notes
+        )
+    for name, why in UNAVAILABLE.items():
+        table.add_row(name, "-", "-", "-", "-", "-", "unavailable", why.split(":")[0])
+    console.print(table)
+    console.print("Any other model: timm:<name>, open_clip:<arch>[:<tag>], hf:<repo>")
+
+
+def _dataset_options(uncertain: str | None, split: str | None, layout: str | None, csv: str | None) -> dict:
+    opts = {"uncertain": uncertain, "split": split, "layout": layout, "csv": csv}
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+@app.command("datasets")
+@cli_command
+def datasets_cmd(
+    dataset: Annotated[str, typer.Option(help="aptos2019, cbis_ddsm, isic2019, chexpert, csv or imagefolder")],
+    data_root: Annotated[Path, typer.Option(help="Folder laid out like the official release.")],
+    uncertain: Annotated[str | None, typer.Option(help="CheXpert uncertain labels: zeros, ones or ignore.")] = None,
+    split: Annotated[str | None, typer.Option(help="CheXpert split: seed or patient.")] = None,
+    layout: Annotated[str | None, typer.Option(help="CBIS-DDSM layout: auto, lists or tcia.")] = None,
+    csv: Annotated[str | None, typer.Option(help="CSV manifest file name for --dataset csv.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+) -> None:
+    """Describe a dataset found on disk: counts per split and class, and problems."""
+    from fmcache.data import describe, format_description, load_dataset
+
+    index = load_dataset(dataset, data_root, **_dataset_options(uncertain, split, layout, csv))
+    desc = describe(index)
+    if as_json:
+        print(json.dumps(desc, indent=2, default=str))
+    else:
+        console.print(format_description(desc))
+
+
+# -- extract / info / ls -----------------------------------------------------------------------------------------
+
+
+def _tokens_opt(value: str | None) -> str | None:
+    return value
+
+
+@app.command("extract")
+@cli_command
+def extract_cmd(
+    dataset: Annotated[str | None, typer.Option(help="Dataset name (see `fmcache datasets`).")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Dataset folder in the official layout.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Registry name or timm:/open_clip:/hf: (see `fmcache models`).")
+    ] = None,
+    weights: Annotated[Path | None, typer.Option(help="Local weights file (safetensors or torch state dict).")] = None,
+    random_init: Annotated[bool | None, typer.Option("--random-init", help="Use random weights, on purpose.")] = None,
+    img_size: Annotated[int | None, typer.Option(help="Input size; position embeddings are interpolated.")] = None,
+    resize: Annotated[
+        int | None, typer.Option(help="Resize before the center crop (default img_size·256/224).")
+    ] = None,
+    norm: Annotated[str | None, typer.Option(help="Normalisation: dataset (the seed's) or model.")] = None,
+    tokens: Annotated[str | None, typer.Option(help="Token layers to cache: none, last, all or e.g. 4,8,12.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Storage dtype: fp16 or fp32.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per forward pass.")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers decoding images.")] = None,
+    shard_size: Annotated[int | None, typer.Option(help="Samples per HDF5 shard.")] = None,
+    cache_root: Annotated[Path | None, typer.Option(help="Root folder of all caches.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file of these options; flags override it.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Cache only the first N samples of each split.")] = None,
+    on_bad_image: Annotated[str | None, typer.Option(help="error (default) or skip (listed in the manifest).")] = None,
+    compression: Annotated[str | None, typer.Option(help="Optional HDF5 compression: gzip or lzf.")] = None,
+    compile: Annotated[bool | None, typer.Option("--compile", help="torch.compile the model (GPU).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    uncertain: Annotated[str | None, typer.Option(help="CheXpert uncertain labels: zeros, ones or ignore.")] = None,
+    split: Annotated[str | None, typer.Option(help="CheXpert split: seed or patient.")] = None,
+    layout: Annotated[str | None, typer.Option(help="CBIS-DDSM layout: auto, lists or tcia.")] = None,
+    csv: Annotated[str | None, typer.Option(help="CSV manifest file name for --dataset csv.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Run a frozen foundation once over a dataset and write the keyed, resumable HDF5 cache."""
+    flags = {k: v for k, v in locals().items() if k not in ("config", "quiet", "uncertain", "split", "layout", "csv")}
+    from fmcache.config import load_config, merge
+    from fmcache.extract import ExtractSpec, run_extract
+
+    allowed = {f.name for f in fields(ExtractSpec)} | {"uncertain", "split", "layout", "csv"}
+    merged = merge({}, load_config(config), flags, allowed, source=str(config))
+    options = {**merged.pop("dataset_options", {})}
+    options.update(_dataset_options(*(merged.pop(k, None) for k in ("uncertain", "split", "layout", "csv"))))
+    options.update(_dataset_options(uncertain, split, layout, csv))
+    for required in ("dataset", "data_root", "model"):
+        if merged.get(required) is None:
+            raise FmcacheError(f"--{required.replace('_', '-')} is required (as a flag or in --config)")
+    for key in ("data_root", "weights", "cache_root"):
+        if merged.get(key) is not None:
+            merged[key] = Path(merged[key])
+    spec = ExtractSpec(**merged, dataset_options=options)
+    folder = run_extract(spec, progress=not quiet, log=lambda m: err_console.print(m))
+    console.print(str(folder), highlight=False, soft_wrap=True)
+
+
+@app.command("info")
+@cli_command
+def info_cmd(cache: Annotated[Path, typer.Argument(help="A cache directory.")]) -> None:
+    """Summarise a cache: model, weights, key inputs, shapes, splits, size, time per image and status."""
+    from fmcache.cache.info import format_info
+
+    console.print(format_info(cache), highlight=False, soft_wrap=True)
+
+
+@app.command("ls")
+@cli_command
+def ls_cmd(cache_root: Annotated[Path, typer.Option(help="Root folder of all caches.")] = Path("cache")) -> None:
+    """List every cache under the cache root."""
+    from fmcache.cache.info import list_caches
+
+    rows = list_caches(cache_root)
+    if not rows:
+        console.print(f"no caches under {cache_root}")
+        return
+    table = Table(title=f"caches under {cache_root}")
+    for col in ("path", "dataset", "model", "weights", "images", "status", "size"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in ("path", "dataset", "model", "weights", "images", "status", "size")))
+    console.print(table)
+
+
+def main() -> None:
+    """Console-script entry point; ``--verbose`` is accepted anywhere on the command line."""
+    if "--verbose" in sys.argv[1:] or "-v" in sys.argv[1:]:
+        STATE["verbose"] = True
+        sys.argv = [a for a in sys.argv if a not in ("--verbose", "-v")]
+    app()

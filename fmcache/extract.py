@@ -1,0 +1,504 @@
+"""Stage one: run a frozen foundation once over a dataset and write the keyed, resumable HDF5 cache.
+
+The cache lives in ``<cache_root>/<dataset>/<model>/<key12>/``. Shards cover fixed slices of the dataset's
+canonical order and batches never span two shards, so an interrupted, resumed or multi-process run computes
+every shard from exactly the same batches and gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import fmcache
+from fmcache.cache.files import ensure_writable_dir, sha256_file
+from fmcache.cache.key import SCHEMA_VERSION, cache_key
+from fmcache.cache.lock import CacheLock
+from fmcache.cache.manifest import read_manifest, shard_entries, write_manifest
+from fmcache.cache.shards import BackgroundWriter, ShardWriter, finished_shards, remove_orphans
+from fmcache.data import DatasetIndex, ImageDataset, build_transform, dataset_norm, default_metric, load_dataset
+from fmcache.dist import Dist, close_dist, init_dist
+from fmcache.errors import FmcacheError
+from fmcache.models import Foundation, FoundationOutput, create_foundation, get_spec
+
+DTYPES = {"fp16": np.float16, "fp32": np.float32}
+ON_BAD_IMAGE = ("error", "skip")
+
+
+@dataclass(frozen=True)
+class ExtractSpec:
+    """Everything ``fmcache extract`` needs; a YAML config or the CLI flags fill it in."""
+
+    dataset: str
+    data_root: Path
+    model: str
+    weights: Path | None = None
+    random_init: bool = False
+    img_size: int | None = None
+    resize: int | None = None
+    interpolation: str = "bilinear"
+    norm: str = "dataset"  # dataset | model; csv/imagefolder have no dataset statistics and use the model's
+    tokens: str = "none"  # none | last | all | comma-separated 1-based layer numbers
+    dtype: str = "fp16"
+    batch_size: int = 64
+    workers: int = 2
+    shard_size: int = 1024
+    cache_root: Path = Path("cache")
+    limit: int | None = None
+    on_bad_image: str = "error"
+    compression: str | None = None  # None or gzip / lzf
+    compile: bool = False
+    device: str | None = None
+    dataset_options: dict = field(default_factory=dict)
+    arch_overrides: dict = field(default_factory=dict)
+
+
+# -- planning ----------------------------------------------------------------------------------------------------
+
+
+def select_positions(index: DatasetIndex, limit: int | None) -> np.ndarray:
+    """Global indices to cache: all, or the first ``limit`` of each split (sorted, canonical order)."""
+    if limit is None:
+        return np.arange(len(index), dtype=np.int64)
+    if limit < 1:
+        raise FmcacheError(f"--limit must be at least 1, got {limit}")
+    parts = [index.indices(s)[:limit] for s in ("train", "val", "test")]
+    return np.sort(np.concatenate(parts)).astype(np.int64)
+
+
+def resolve_norm(spec: ExtractSpec) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    if spec.norm == "model":
+        model_spec = get_spec(spec.model)
+        return model_spec.mean, model_spec.std, "model"
+    if spec.norm == "dataset":
+        norm = dataset_norm(spec.dataset)
+        if norm is None:  # generic layouts carry no statistics of their own
+            model_spec = get_spec(spec.model)
+            return model_spec.mean, model_spec.std, "model"
+        return norm[0], norm[1], "dataset"
+    raise FmcacheError(f"unknown --norm '{spec.norm}'; use dataset or model")
+
+
+def parse_tokens(tokens: str) -> str | list[int]:
+    """Normalise the --tokens request: 'none', 'last', 'all' or a sorted list of 1-based layer numbers."""
+    text = str(tokens).strip().lower()
+    if text in ("none", "last", "all", ""):
+        return text or "none"
+    try:
+        layers = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise FmcacheError(f"bad --tokens '{tokens}'; use none, last, all or layer numbers like 4,8,12") from None
+    if not layers or layers[0] < 1:
+        raise FmcacheError(f"bad --tokens '{tokens}'; layer numbers start at 1")
+    return layers
+
+
+def token_layers(request: str | list[int], num_layers: int) -> list[int]:
+    if request == "none":
+        return []
+    if request == "last":
+        return [num_layers]
+    if request == "all":
+        return list(range(1, num_layers + 1))
+    bad = [n for n in request if n > num_layers]
+    if bad:
+        raise FmcacheError(f"--tokens asks for layer {bad[0]} but the model has {num_layers} layers")
+    return list(request)
+
+
+def weights_identity(spec: ExtractSpec) -> dict:
+    """How the weights enter the key: hub id, file sha256, or random (never silently one for another)."""
+    model_spec = get_spec(spec.model)
+    if spec.weights is not None and spec.random_init:
+        raise FmcacheError("--weights and --random-init exclude each other; pass one")
+    if spec.weights is not None:
+        path = Path(spec.weights)
+        if not path.is_file():
+            raise FmcacheError(f"weights file {path} does not exist; check the --weights path")
+        return {"source": "file", "sha256": sha256_file(path)}
+    if spec.random_init:
+        return {"source": "random"}
+    return {"source": "hub", "id": model_spec.hub_id}
+
+
+def key_inputs(spec: ExtractSpec, index: DatasetIndex, positions: np.ndarray, transform_desc: dict) -> dict:
+    model_spec = get_spec(spec.model)
+    if spec.dtype not in DTYPES:
+        raise FmcacheError(f"unknown --dtype '{spec.dtype}'; use {' or '.join(DTYPES)}")
+    return {
+        "schema": SCHEMA_VERSION,
+        "model": {
+            "name": model_spec.name,
+            "backend": model_spec.backend,
+            "arch": model_spec.arch,
+            "weights": weights_identity(spec),
+            "arch_overrides": spec.arch_overrides,
+        },
+        "img_size": transform_desc.get("crop"),
+        "transform": transform_desc,
+        "dtype": spec.dtype,
+        "layers": "all",
+        "tokens": parse_tokens(spec.tokens),
+        "dataset": {
+            "name": index.name,
+            "fingerprint": index.fingerprint(),
+            "split": index.split_info,
+            "options": index.options,
+            "limit": spec.limit,
+            "n": len(positions),
+        },
+    }
+
+
+def cache_dir(cache_root: Path, dataset: str, model: str, key: str) -> Path:
+    safe_model = model.replace(":", "_").replace("/", "_")
+    return Path(cache_root) / dataset / safe_model / key[:12]
+
+
+# -- model output → arrays ---------------------------------------------------------------------------------------
+
+
+def _stack_padded(per_layer: list[torch.Tensor], width: int) -> torch.Tensor:
+    """(B, L, D_max): hierarchical models have stage widths that differ; zero padding, true widths in the manifest."""
+    return torch.stack([torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in per_layer], dim=1)
+
+
+def pack_outputs(out: FoundationOutput, layers_tok: list[int], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    width = max(t.shape[-1] for t in out.tokens)
+    arrays = {"pooled/mean": _stack_padded(out.pooled_mean, width), "pooled/paper": out.pooled}
+    if out.pooled_cls is not None:
+        arrays["pooled/cls"] = _stack_padded(out.pooled_cls, width)
+    for number in layers_tok:
+        arrays[f"tokens/layer_{number:02d}"] = out.tokens[number - 1]
+    return {k: v.to(dtype) for k, v in arrays.items()}
+
+
+def describe_model(model: Foundation, device: torch.device, img_size: int, layers_req: str | list[int]) -> dict:
+    """Shapes of one forward pass on a blank image: layers, widths, prefix tokens and token-map sizes."""
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, img_size, img_size, device=device))
+    num_layers = len(out.tokens)
+    layers_tok = token_layers(layers_req, num_layers)
+    return {
+        "name": model.spec.name,
+        "backend": model.spec.backend,
+        "arch": model.spec.arch,
+        "pooled_kind": model.spec.pooled,
+        "num_layers": num_layers,
+        "layer_dims": [int(t.shape[-1]) for t in out.tokens],
+        "num_prefix_tokens": out.num_prefix_tokens,
+        "paper_dim": int(out.pooled.shape[-1]),
+        "pools": (["cls"] if out.pooled_cls is not None else []) + ["mean", "paper"],
+        "token_layers": layers_tok,
+        "token_shapes": {str(n): list(out.tokens[n - 1].shape[1:]) for n in layers_tok},
+        "img_size": img_size,
+    }
+
+
+# -- data --------------------------------------------------------------------------------------------------------
+
+
+class _Guarded(Dataset):
+    """Returns a failure record instead of raising, so a bad image surfaces as one clean line in the main process."""
+
+    def __init__(self, inner: ImageDataset):
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.inner[i]
+        except FmcacheError as exc:
+            return None, int(self.inner.indices[i]), str(exc)
+
+
+def _collate(items: list) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
+    good = [it for it in items if it[0] is not None]
+    bad = [(it[1], it[2]) for it in items if it[0] is None]
+    images = torch.stack([it[0] for it in good]) if good else None
+    return images, [it[1] for it in good], bad
+
+
+# -- the run -----------------------------------------------------------------------------------------------------
+
+
+def _versions() -> dict:
+    out = {"fmcache": fmcache.__version__, "torch": torch.__version__}
+    for pkg in ("timm", "open_clip_torch", "transformers", "h5py", "numpy"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+class Extractor:
+    """One extraction run; ``run()`` returns the cache directory."""
+
+    def __init__(self, spec: ExtractSpec, progress: bool = True, log=print):
+        self.spec = spec
+        self.progress = progress
+        self.log = log
+        if spec.on_bad_image not in ON_BAD_IMAGE:
+            raise FmcacheError(f"unknown --on-bad-image '{spec.on_bad_image}'; use error or skip")
+        if spec.shard_size < 1 or spec.batch_size < 1:
+            raise FmcacheError("--shard-size and --batch-size must be positive")
+        self.index = load_dataset(spec.dataset, spec.data_root, **spec.dataset_options)
+        self.positions = select_positions(self.index, spec.limit)
+        model_spec = get_spec(spec.model)
+        self.img_size = int(spec.img_size or model_spec.default_img_size)
+        mean, std, self.norm_source = resolve_norm(spec)
+        self.transform, desc = build_transform(self.img_size, spec.resize, mean, std, interpolation=spec.interpolation)
+        self.transform_desc = {**desc, "norm_source": self.norm_source}
+        self.inputs = key_inputs(spec, self.index, self.positions, self.transform_desc)
+        self.key = cache_key(self.inputs)
+        self.folder = cache_dir(spec.cache_root, self.index.name, model_spec.name, self.key)
+        self.num_shards = max(1, -(-len(self.positions) // spec.shard_size))
+
+    def is_complete(self) -> bool:
+        manifest = read_manifest(self.folder) if self.folder.is_dir() else None
+        if not manifest or manifest.get("status") != "complete" or manifest.get("key") != self.key:
+            return False
+        return all((self.folder / s["file"]).is_file() for s in manifest["shards"])
+
+    def shard_positions(self, shard: int) -> np.ndarray:
+        size = self.spec.shard_size
+        return self.positions[shard * size : (shard + 1) * size]
+
+    def run(self) -> Path:
+        if self.is_complete():
+            self.log(f"cache already complete: {self.folder}")
+            return self.folder
+        dist = init_dist(self.spec.device)
+        lock = CacheLock(self.folder)
+        try:
+            if dist.main:
+                ensure_writable_dir(self.folder)
+                lock.acquire()
+                if lock.stale_message:
+                    self.log(lock.stale_message)
+                removed = remove_orphans(self.folder)
+                if removed:
+                    self.log(f"removed {len(removed)} unfinished shard file(s) from an interrupted run")
+            dist.barrier()
+            self._extract(dist)
+            dist.barrier()
+            if dist.main:
+                manifest = self._write_manifest()
+                if manifest["status"] != "complete":
+                    raise FmcacheError(f"extraction ended with missing shards in {self.folder}; rerun the command")
+        finally:
+            if dist.main:
+                lock.release()
+            close_dist(dist)
+        return self.folder
+
+    # The manifest is rebuilt from the shard files, so every rank's finished work is listed after a crash too.
+    def _write_manifest(self) -> dict:
+        previous = read_manifest(self.folder) or {}
+        known = {s["file"]: s for s in previous.get("shards", []) if "sha256" in s}
+        known.update(getattr(self, "_written", {}))
+        entries = shard_entries(self.folder, self.key, known)
+        return write_manifest(self.folder, self._base, entries, self.num_shards)
+
+    def _build_model(self, device: torch.device) -> Foundation:
+        spec = self.spec
+        model = create_foundation(
+            spec.model,
+            weights=spec.weights,
+            random_init=spec.random_init,
+            img_size=self.img_size,
+            arch_overrides=spec.arch_overrides or None,
+        ).to(device)
+        if spec.random_init:
+            self.log(
+                f"[bold red]WARNING: {spec.model} runs with RANDOM weights (--random-init); "
+                "features are not pretrained[/]"
+            )
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def _extract(self, dist: Dist) -> None:
+        spec = self.spec
+        device = dist.device
+        if device.type == "cpu":
+            # identical bytes across runs, resumes and process counts need deterministic kernels
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        model = self._build_model(device)
+        model_info = describe_model(model, device, self.img_size, self.inputs["tokens"])
+        self._base = self._manifest_base(model, model_info)
+        forward = torch.compile(model) if spec.compile else model
+        self._written: dict[str, dict] = {}
+        if dist.main:
+            self._write_manifest()
+        done = set(finished_shards(self.folder))
+        mine = [s for s in range(self.num_shards) if s % dist.world == dist.rank and s not in done]
+        total = sum(len(self.shard_positions(s)) for s in mine)
+        writer = BackgroundWriter()
+        try:
+            with _progress(self.progress and dist.main, total, f"{spec.model} → {self.folder}") as advance:
+                for shard in mine:
+                    self._extract_shard(shard, forward, model_info, device, writer, advance)
+                    if dist.world == 1:
+                        self._write_manifest()
+        finally:
+            writer.close()
+
+    def _manifest_base(self, model: Foundation, model_info: dict) -> dict:
+        return {
+            "schema": SCHEMA_VERSION,
+            "key": self.key,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "inputs": self.inputs,
+            "model": model_info,
+            "weights": model.weights_source,
+            "dataset": {
+                "name": self.index.name,
+                "root": str(self.index.root),
+                "fingerprint": self.inputs["dataset"]["fingerprint"],
+                "class_names": list(self.index.class_names),
+                "multilabel": bool(self.index.multilabel),
+                "metric": default_metric(self.index),
+                "split_counts": {
+                    s: int(np.isin(self.positions, self.index.indices(s)).sum()) for s in ("train", "val", "test")
+                },
+                "problems": list(self.index.problems),
+            },
+            "shard_size": self.spec.shard_size,
+            "dtype": self.spec.dtype,
+            "versions": _versions(),
+        }
+
+    def _extract_shard(self, shard, forward, model_info, device, writer, advance) -> None:
+        spec = self.spec
+        positions = self.shard_positions(shard)
+        store_dtype = torch.float16 if spec.dtype == "fp16" else torch.float32
+        attrs = {"key": self.key, "schema": SCHEMA_VERSION, "shard": shard}
+        shard_writer = ShardWriter(self.folder, shard, len(positions), attrs, spec.compression)
+        loader = DataLoader(
+            _Guarded(ImageDataset(self.index, positions, self.transform)),
+            batch_size=spec.batch_size,
+            shuffle=False,
+            num_workers=spec.workers,
+            collate_fn=_collate,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
+        skipped: list[dict] = []
+        start = time.perf_counter()
+        try:
+            for images, ids, bad in loader:
+                for gidx, reason in bad:
+                    if spec.on_bad_image == "error":
+                        raise FmcacheError(f"{reason} (or pass --on-bad-image skip to leave it out)")
+                    skipped.append({"id": gidx, "path": str(self.index.paths[gidx]), "reason": reason})
+                if images is not None:
+                    arrays = self._forward(forward, images, model_info, device, store_dtype)
+                    ids_np = np.asarray(ids, dtype=np.int64)
+                    host = {
+                        "ids": ids_np,
+                        "split": self.index.split[ids_np].astype(np.int8),
+                        "labels": self.index.labels[ids_np],
+                    }
+                    writer.submit(lambda a=arrays, h=host: shard_writer.append({**h, **_to_numpy(a)}))
+                advance(len(ids) + len(bad))
+            writer.drain()
+            entry = shard_writer.commit({"seconds": time.perf_counter() - start, "skipped": skipped})
+        except BaseException:
+            with contextlib.suppress(BaseException):  # the original error is the one to report
+                writer.drain()
+            shard_writer.abort()
+            raise
+        self._written[entry["file"]] = entry
+
+    def _forward(self, forward, images, model_info, device, store_dtype) -> dict:
+        images = images.to(device, non_blocking=True)
+        layers_tok = model_info["token_layers"]
+        with torch.no_grad():
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = forward(images)
+            else:
+                out = forward(images)
+            packed = pack_outputs(out, layers_tok, store_dtype)
+        if device.type != "cuda":
+            return packed
+        # copy to pinned host memory without blocking; the writer thread waits on the event before reading
+        host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for k, v in packed.items()}
+        for k, v in packed.items():
+            host[k].copy_(v, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        host["__event__"] = event
+        return host
+
+
+def _to_numpy(arrays: dict) -> dict[str, np.ndarray]:
+    event = arrays.get("__event__")
+    if event is not None:
+        event.synchronize()
+    return {k: v.numpy() for k, v in arrays.items() if k != "__event__"}
+
+
+class _progress:
+    """Rich progress with throughput and ETA on the main rank; a no-op elsewhere."""
+
+    def __init__(self, enabled: bool, total: int, title: str):
+        self.enabled, self.total, self.title = enabled and total > 0, total, title
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("[bold]extract"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} img/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
+        self.bar.start()
+        self.task = self.bar.add_task(self.title, total=self.total, rate="-")
+        self.t0 = time.perf_counter()
+        self.done = 0
+
+        def advance(n: int) -> None:
+            self.done += n
+            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.update(self.task, advance=n, rate=f"{rate:.1f}")
+
+        return advance
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+
+def run_extract(spec: ExtractSpec, progress: bool = True, log=print) -> Path:
+    """Extract (or resume, or return at once when complete) and return the cache directory."""
+    return Extractor(spec, progress=progress, log=log).run()
+
+
+def spec_as_dict(spec: ExtractSpec) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(spec).items()}

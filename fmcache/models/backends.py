@@ -1,0 +1,254 @@
+"""Backend adapters: each turns one library's model into per-layer token sequences.
+
+An adapter's ``forward`` returns ``(tokens, normed, pooled)``: ``tokens`` holds every layer's raw output as
+(B, T, D) with prefix tokens (CLS, registers) first; ``normed`` the same after the model's final norm where that
+norm applies to the layer (so the last layer of a ViT gives exactly ``forward_features``); ``pooled`` the backend's
+own pooled output, or None. Weights are placed by :mod:`fmcache.models.foundation`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fmcache.errors import FmcacheError
+from fmcache.models.registry import ModelSpec
+from fmcache.models.weights import LoadReport, load_weights_file
+
+LayerOut = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]
+
+
+def _hub_error(spec: ModelSpec, exc: Exception) -> FmcacheError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    return FmcacheError(
+        f"could not get hub weights for {spec.name} ({spec.hub_id}): {first}; offline? pass --weights FILE, "
+        "or --random-init to run with random weights on purpose"
+    )
+
+
+def _flatten(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) feature map → (B, H·W, C) tokens."""
+    return t.flatten(2).transpose(1, 2)
+
+
+def _norm_tokens(norm: nn.Module | None, tokens: torch.Tensor) -> torch.Tensor:
+    """Apply a final norm to (B, T, D) tokens when it normalises D; otherwise return the tokens unchanged."""
+    if norm is None or isinstance(norm, nn.Identity):
+        return tokens
+    shape = getattr(norm, "normalized_shape", None)
+    if shape is None or tuple(shape) != (tokens.shape[-1],):
+        return tokens
+    if type(norm).__name__.endswith("2d"):  # channel norms on NCHW maps: same math on the last dim of NLC
+        return nn.functional.layer_norm(tokens, shape, norm.weight, norm.bias, norm.eps)
+    return norm(tokens)
+
+
+class TimmAdapter(nn.Module):
+    """timm models through ``forward_intermediates`` (ViTs in NLC with prefix tokens, CNNs/Hiera as stages)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        params = inspect.signature(model.forward_intermediates).parameters
+        self.vit_like = "return_prefix_tokens" in params
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0) if self.vit_like else 0
+        self.final_norm = getattr(model, "norm", None)
+
+    def forward(self, x: torch.Tensor) -> LayerOut:
+        if self.vit_like:
+            outs = self.model.forward_intermediates(
+                x, indices=None, norm=False, output_fmt="NLC", return_prefix_tokens=True, intermediates_only=True
+            )
+            tokens = [torch.cat([o[1], o[0]], dim=1) if isinstance(o, tuple) else o for o in outs]
+        else:
+            outs = self.model.forward_intermediates(
+                x, indices=None, norm=False, output_fmt="NCHW", intermediates_only=True
+            )
+            tokens = [_flatten(o) for o in outs]
+        normed = [_norm_tokens(self.final_norm, t) for t in tokens]
+        return tokens, normed, None
+
+
+class OpenClipAdapter(nn.Module):
+    """open_clip vision towers; the pooled output is CLIP's projection or CoCa's attention pooler."""
+
+    num_prefix_tokens = 1
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, x: torch.Tensor) -> LayerOut:
+        out = self.visual.forward_intermediates(x, output_fmt="NLC", output_extra_tokens=True)
+        prefix = out["image_intermediates_prefix"]
+        tokens = [torch.cat([p, t], dim=1) for p, t in zip(prefix, out["image_intermediates"], strict=True)]
+        normed = [_norm_tokens(self.visual.ln_post, t) for t in tokens]
+        return tokens, normed, out["image_features"]
+
+
+class HfAdapter(nn.Module):
+    """transformers vision models through ``output_hidden_states`` (hidden_states[0] is the embedding, skipped)."""
+
+    def __init__(self, model: nn.Module, patch_size: int, native_size: int):
+        super().__init__()
+        self.model = model
+        self.patch_size = patch_size
+        self.native_size = native_size
+        self.final_norm = getattr(model, "post_layernorm", None) or getattr(model, "layernorm", None)
+        self.num_prefix_tokens = -1  # known after the first forward (depends on CLS/register tokens)
+
+    def forward(self, x: torch.Tensor) -> LayerOut:
+        kwargs = {"interpolate_pos_encoding": True} if x.shape[-1] != self.native_size else {}
+        out = self.model(pixel_values=x, output_hidden_states=True, **kwargs)
+        tokens = list(out.hidden_states[1:])
+        grid = (x.shape[-2] // self.patch_size) * (x.shape[-1] // self.patch_size)
+        self.num_prefix_tokens = tokens[-1].shape[1] - grid
+        normed = [_norm_tokens(self.final_norm, t) for t in tokens]
+        return tokens, normed, None
+
+
+# -- builders -----------------------------------------------------------------------------------------------------
+
+
+def _timm_convert(model: nn.Module):
+    """timm's own checkpoint filter for the model's family: maps original-repo keys (DINOv2, MAE, FocalNet, …)
+    to timm's and resamples position embeddings to the built image size."""
+    module = sys.modules.get(type(model).__module__)
+    return getattr(module, "checkpoint_filter_fn", None)
+
+
+def _create_timm(name: str, pretrained: bool, img_size: int, kwargs: dict) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=pretrained, img_size=img_size, **kwargs)
+    except TypeError as exc:
+        if "img_size" not in str(exc):
+            raise
+    # CNNs and Hiera take any input size and have no img_size argument.
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def build_timm(spec: ModelSpec, source: str, img_size: int, weights: Path | None, overrides: dict):
+    import timm
+
+    name = f"{spec.arch}.{spec.tag}" if spec.tag else spec.arch
+    if not timm.is_model(spec.arch):
+        raise FmcacheError(f"unknown timm model '{spec.arch}'; see timm.list_models()")
+    try:
+        model = _create_timm(name, source == "hub", img_size, {"num_classes": 0, **spec.create_kwargs, **overrides})
+    except Exception as exc:
+        if source == "hub":
+            raise _hub_error(spec, exc) from exc
+        raise FmcacheError(f"cannot build timm model {name}: {exc}") from exc
+    report = load_weights_file(model, weights, convert=_timm_convert(model)) if source == "file" else None
+    return TimmAdapter(model), report
+
+
+def build_open_clip(spec: ModelSpec, source: str, img_size: int, weights: Path | None, overrides: dict):
+    import open_clip
+
+    if open_clip.get_model_config(spec.arch) is None:
+        raise FmcacheError(f"unknown open_clip architecture '{spec.arch}'; see open_clip.list_models()")
+    if source == "hub" and not spec.tag:
+        raise FmcacheError(f"{spec.name} names no pretrained tag; use open_clip:{spec.arch}:<tag> or --weights FILE")
+    if "vision_cfg" in overrides:  # a replaced vision config would otherwise drop force_image_size
+        overrides = {**overrides, "vision_cfg": {**overrides["vision_cfg"], "image_size": img_size}}
+    try:
+        model = open_clip.create_model(
+            spec.arch, pretrained=spec.tag if source == "hub" else None, force_image_size=img_size, **overrides
+        )
+    except Exception as exc:
+        if source == "hub":
+            raise _hub_error(spec, exc) from exc
+        raise FmcacheError(f"cannot build open_clip model {spec.arch}: {exc}") from exc
+    visual = model.visual
+    report = load_weights_file(visual, weights, convert=_open_clip_resize) if source == "file" else None
+    return OpenClipAdapter(visual), report
+
+
+def _open_clip_resize(state: dict[str, torch.Tensor], visual: nn.Module) -> dict[str, torch.Tensor]:
+    """Resample a checkpoint's position embedding to the built image size (open_clip's own routine)."""
+    from open_clip.model import resize_pos_embed
+
+    prefixed = {f"visual.{k}": v for k, v in state.items()}
+    resize_pos_embed(prefixed, nn.ModuleDict({"visual": visual}))
+    return {k[len("visual.") :]: v for k, v in prefixed.items()}
+
+
+# LAVIS names BLIP's vision tower the timm way; transformers' BlipVisionModel uses other names for the same tensors.
+_LAVIS_TO_HF = (
+    ("cls_token", "embeddings.class_embedding"),
+    ("pos_embed", "embeddings.position_embedding"),
+    ("patch_embed.proj.", "embeddings.patch_embedding."),
+    ("attn.qkv.", "self_attn.qkv."),
+    ("attn.proj.", "self_attn.projection."),
+    ("norm1.", "layer_norm1."),
+    ("norm2.", "layer_norm2."),
+)
+
+
+def _blip_convert(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    if not any(k.startswith("blocks.") for k in state):
+        return state
+    out = {}
+    for key, value in state.items():
+        new = key
+        if new.startswith("blocks."):
+            new = "encoder.layers." + new[len("blocks.") :]
+        elif new.startswith("norm."):
+            new = "post_layernorm." + new[len("norm.") :]
+        for old, rep in _LAVIS_TO_HF:
+            new = new.replace(old, rep)
+        out[new] = value
+    return out
+
+
+def build_hf(spec: ModelSpec, source: str, img_size: int, weights: Path | None, overrides: dict):
+    if spec.family == "blip":
+        from transformers import BlipVisionConfig, BlipVisionModel
+
+        if source == "hub":
+            try:
+                from transformers import BlipForConditionalGeneration
+
+                model = BlipForConditionalGeneration.from_pretrained(spec.arch).vision_model
+            except Exception as exc:
+                raise _hub_error(spec, exc) from exc
+        else:
+            # BLIP's config initialises with std 1e-10 (meant to be overwritten by weights), which would make random-init
+            # features constant; use a usual ViT std instead.
+            model = BlipVisionModel(BlipVisionConfig(**{"initializer_range": 0.02, **overrides}))
+        cfg = model.config
+        report = load_weights_file(model, weights, convert=_blip_convert) if source == "file" else None
+        return HfAdapter(model, cfg.patch_size, cfg.image_size), report
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        if source == "hub":
+            model = AutoModel.from_pretrained(spec.arch)
+        else:
+            model = AutoModel.from_config(AutoConfig.from_pretrained(spec.arch, **overrides))
+    except Exception as exc:
+        raise _hub_error(spec, exc) from exc
+    model = getattr(model, "vision_model", model)
+    cfg = model.config
+    report = load_weights_file(model, weights) if source == "file" else None
+    return HfAdapter(model, int(cfg.patch_size), int(cfg.image_size)), report
+
+
+BUILDERS = {"timm": build_timm, "open_clip": build_open_clip, "hf": build_hf}
+
+
+def build_backend(
+    spec: ModelSpec, source: str, img_size: int, weights: Path | None, overrides: dict
+) -> tuple[nn.Module, LoadReport | None]:
+    """Build the adapter for ``spec`` with weights from ``source`` ('hub', 'file' or 'random')."""
+    builder = BUILDERS.get(spec.backend)
+    if builder is None:
+        raise FmcacheError(f"unknown backend '{spec.backend}'; known: {', '.join(BUILDERS)}")
+    return builder(spec, source, img_size, weights, overrides)

@@ -1,0 +1,140 @@
+"""The ``Foundation`` wrapper: one call gives every layer's tokens and the pooled features the paper uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fmcache.errors import FmcacheError
+from fmcache.models.backends import build_backend
+from fmcache.models.registry import ModelSpec, get_spec
+
+
+@dataclass
+class FoundationOutput:
+    """Per-layer outputs for a batch.
+
+    ``tokens[l]`` is layer l's raw output (B, T, D_l), prefix tokens first (``num_prefix_tokens`` of them).
+    ``pooled_cls[l]`` is prefix token 0 after the final norm (None for models without a CLS token);
+    ``pooled_mean[l]`` the mean of the patch tokens after the final norm where it applies to that layer;
+    ``pooled`` is the paper's pooled feature (B, D_p).
+    """
+
+    tokens: list[torch.Tensor]
+    num_prefix_tokens: int
+    pooled_cls: list[torch.Tensor] | None
+    pooled_mean: list[torch.Tensor]
+    pooled: torch.Tensor
+
+
+class Foundation(nn.Module):
+    """A frozen foundation model seen as a stack of layers.
+
+    ``weights_source`` records where the weights came from (hub id, file and its sha256, or random) so that a
+    cache can never mix them up.
+    """
+
+    def __init__(self, spec: ModelSpec, adapter: nn.Module, img_size: int, weights_source: dict):
+        super().__init__()
+        self.spec = spec
+        self.adapter = adapter
+        self.img_size = img_size
+        self.weights_source = weights_source
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def forward(self, images: torch.Tensor) -> FoundationOutput:
+        if images.ndim != 4:
+            raise FmcacheError(f"expected a (B, C, H, W) batch, got shape {tuple(images.shape)}")
+        if images.shape[1] == 1:  # grayscale scans: the foundations were trained on RGB
+            images = images.expand(-1, 3, -1, -1)
+        tokens, normed, backend_pooled = self.adapter(images)
+        prefix = int(self.adapter.num_prefix_tokens)
+        cls = [t[:, 0] for t in normed] if prefix > 0 else None
+        mean = [t[:, prefix:].mean(dim=1) for t in normed]
+        if self.spec.pooled == "cls":
+            if cls is None:
+                raise FmcacheError(f"{self.spec.name} has no CLS token; its pooled feature must be 'mean'")
+            pooled = cls[-1]
+        elif self.spec.pooled == "mean":
+            pooled = mean[-1]
+        elif self.spec.pooled == "pooled":
+            pooled = backend_pooled if backend_pooled is not None else mean[-1]
+        else:
+            raise FmcacheError(f"unknown pooled kind '{self.spec.pooled}' for {self.spec.name}")
+        return FoundationOutput(tokens, prefix, cls, mean, pooled)
+
+
+def _weights_source(spec: ModelSpec, weights: Path | None, random_init: bool) -> str:
+    if weights is not None and random_init:
+        raise FmcacheError("--weights and --random-init exclude each other; pass one")
+    if weights is not None:
+        return "file"
+    if random_init:
+        return "random"
+    if not spec.hub:
+        raise FmcacheError(f"{spec.name} has no hub weights: {spec.notes}; pass --weights FILE (or --random-init)")
+    return "hub"
+
+
+def create_foundation(
+    name: str,
+    *,
+    weights: str | Path | None = None,
+    random_init: bool = False,
+    img_size: int | None = None,
+    arch_overrides: dict | None = None,
+) -> Foundation:
+    """Build a registry model in eval mode with weights from exactly one source.
+
+    Sources: the hub (default), a local ``weights`` file, or an explicit ``random_init``. There is no silent
+    fallback to random weights. ``arch_overrides`` are passed to the backend constructor (tests use them to build
+    the real architecture at a tiny depth/width).
+    """
+    spec = get_spec(name)
+    source = _weights_source(spec, Path(weights) if weights is not None else None, random_init)
+    size = int(img_size or spec.default_img_size)
+    adapter, report = build_backend(spec, source, size, Path(weights) if weights else None, dict(arch_overrides or {}))
+    if source == "file":
+        assert report is not None
+        info = {"source": "file", "path": report.path, "sha256": report.sha256, "report": report.summary()}
+        info["unexpected_keys"] = list(report.unexpected[:50])
+    elif source == "hub":
+        info = {"source": "hub", "id": spec.hub_id}
+    else:
+        info = {"source": "random", "id": "random-init"}
+    if arch_overrides:
+        info["arch_overrides"] = dict(arch_overrides)
+    model = Foundation(spec, adapter, size, info)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def weights_available_locally(spec: ModelSpec) -> bool:
+    """Whether the hub weights are already in the local Hugging Face cache (no network access)."""
+    repo = None
+    try:
+        if spec.backend == "timm":
+            import timm
+
+            cfg = timm.models.get_pretrained_cfg(f"{spec.arch}.{spec.tag}" if spec.tag else spec.arch)
+            repo = getattr(cfg, "hf_hub_id", None)
+        elif spec.backend == "open_clip":
+            import open_clip
+
+            repo = (open_clip.get_pretrained_cfg(spec.arch, spec.tag or "") or {}).get("hf_hub")
+        else:
+            repo = spec.arch
+    except Exception:
+        return False
+    if not repo:
+        return False
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    folder = Path(HF_HUB_CACHE) / ("models--" + repo.strip("/").replace("/", "--"))
+    return (folder / "snapshots").is_dir() and any((folder / "snapshots").iterdir())

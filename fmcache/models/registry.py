@@ -1,0 +1,159 @@
+"""Foundation registry: a name resolves to a backend call, its pooled feature and its preprocessing.
+
+Names follow PROTOCOLS.md. Escape hatches ``timm:<name>``, ``open_clip:<arch>[:<tag>]`` and ``hf:<repo>`` admit
+any other model. Routing is by exact name or by the escape-hatch prefix, never by substring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fmcache.errors import FmcacheError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+
+BACKENDS = ("timm", "open_clip", "hf")
+POOLED_KINDS = ("cls", "mean", "pooled")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a registry name means.
+
+    ``pooled`` is the paper's pooled feature: ``cls`` (prefix token 0 after the final norm), ``mean`` (mean of
+    the last layer's patch tokens) or ``pooled`` (the backend's own pooled output, e.g. CLIP's projection or
+    CoCa's attention pooler).
+    """
+
+    name: str
+    backend: str
+    arch: str
+    tag: str | None
+    pooled: str
+    family: str
+    layers: int
+    default_img_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    hub: bool = True  # weights can be fetched from a hub; False means --weights FILE is required
+    create_kwargs: dict = field(default_factory=dict)
+    notes: str = ""
+
+    @property
+    def hub_id(self) -> str:
+        """The pretrained identity recorded in caches: backend, architecture and tag."""
+        return f"{self.backend}:{self.arch}" + (f":{self.tag}" if self.tag else "")
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+# Names the papers list but which have no maintained implementation; asking for them explains why.
+UNAVAILABLE = {
+    "vmamba": (
+        "vmamba is not available: the follow-up paper lists it but its code ships no implementation, and no "
+        "maintained VMamba exists in timm, open_clip or transformers; pick another name from `fmcache models`"
+    ),
+}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"duplicate registry name {spec.name}")
+    if spec.backend not in BACKENDS or spec.pooled not in POOLED_KINDS:
+        raise ValueError(f"bad spec {spec}")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _timm(name: str, arch: str, tag: str, pooled: str, family: str, layers: int, **kw) -> None:
+    register(ModelSpec(name=name, backend="timm", arch=arch, tag=tag, pooled=pooled, family=family,
+                       layers=layers, **kw))  # fmt: skip
+
+
+for _size, _arch, _layers in (("s", "small", 12), ("b", "base", 12), ("l", "large", 24), ("g", "giant", 40)):
+    _timm(f"dinov2_vit{_size}14", f"vit_{_arch}_patch14_dinov2", "lvd142m", "cls", "dinov2", _layers)
+for _size, _arch, _layers in (("b", "base", 12), ("l", "large", 24), ("h", "huge", 32)):
+    _timm(f"sam_vit_{_size}", f"samvit_{_arch}_patch16", "sa1b", "mean", "sam", _layers,
+          notes="image encoder, neck dropped")  # fmt: skip
+_timm("sam2_b", "sam2_hiera_base_plus", "fb_r896_2pt1", "mean", "sam2", 4, notes="Hiera stages")
+_timm("sam2_l", "sam2_hiera_large", "fb_r1024_2pt1", "mean", "sam2", 4, notes="Hiera stages")
+_timm("focal", "focalnet_tiny_lrf", "ms_in1k", "mean", "focalnet", 4, hub=False,
+      notes="SEEM FocalNet-T backbone: pass the SEEM checkpoint with --weights (backbone.* keys)")  # fmt: skip
+for _size, _arch, _layers in (
+    ("b16", "base_patch16", 12),
+    ("l16", "large_patch16", 24),
+    ("h14", "huge_patch14", 32),
+):
+    _timm(f"mae_vit{_size}", f"vit_{_arch}_224", "mae", "mean", "mae", _layers)
+_timm("aimv2_l14", "aimv2_large_patch14_224", "apple_pt", "mean", "aimv2", 24, mean=CLIP_MEAN, std=CLIP_STD)
+_timm("aimv2_h14", "aimv2_huge_patch14_224", "apple_pt", "mean", "aimv2", 24, mean=CLIP_MEAN, std=CLIP_STD)
+_timm("deit_base", "deit_base_patch16_224", "fb_in1k", "cls", "deit", 12)
+_timm("dino_vitb16", "vit_base_patch16_224", "dino", "cls", "dino", 12)
+_timm(
+    "resnet50",
+    "resnet50",
+    "tv_in1k",
+    "mean",
+    "resnet",
+    5,
+    notes="stem + 4 stages; mean = global average pool",
+)
+_timm(
+    "resnet152",
+    "resnet152",
+    "tv_in1k",
+    "mean",
+    "resnet",
+    5,
+    notes="stem + 4 stages; mean = global average pool",
+)
+
+register(ModelSpec("clip_vitb16", "open_clip", "ViT-B-16", "laion2b_s34b_b88k", "pooled", "openclip", 12,
+                   mean=CLIP_MEAN, std=CLIP_STD))  # fmt: skip
+register(ModelSpec("coca_vitb32", "open_clip", "coca_ViT-B-32", "laion2b_s13b_b90k", "pooled", "coca", 12,
+                   mean=CLIP_MEAN, std=CLIP_STD, notes="attention-pooled output"))  # fmt: skip
+register(ModelSpec("coca_vitl14", "open_clip", "coca_ViT-L-14", "laion2b_s13b_b90k", "pooled", "coca", 24,
+                   mean=CLIP_MEAN, std=CLIP_STD, notes="attention-pooled output"))  # fmt: skip
+register(ModelSpec("blip_base", "hf", "Salesforce/blip-image-captioning-base", None, "cls", "blip", 12,
+                   default_img_size=384, mean=CLIP_MEAN, std=CLIP_STD,
+                   notes="vision encoder; CLS is token 0"))  # fmt: skip
+
+
+def list_models() -> list[ModelSpec]:
+    """Every registered name, in registration order."""
+    return list(_REGISTRY.values())
+
+
+def _escape_hatch(name: str) -> ModelSpec:
+    backend, _, rest = name.partition(":")
+    if not rest:
+        raise FmcacheError(f"model '{name}' names no model after '{backend}:'; e.g. timm:vit_small_patch16_224")
+    if backend == "timm":
+        arch, _, tag = rest.partition(".")
+        return ModelSpec(name, "timm", arch, tag or None, "cls", "timm", 0)
+    if backend == "open_clip":
+        arch, _, tag = rest.partition(":")
+        return ModelSpec(name, "open_clip", arch, tag or None, "pooled", "open_clip", 0,
+                         mean=CLIP_MEAN, std=CLIP_STD)  # fmt: skip
+    if backend == "hf":
+        return ModelSpec(name, "hf", rest, None, "cls", "hf", 0)
+    raise FmcacheError(f"unknown model backend '{backend}:' in '{name}'; use one of timm:, open_clip:, hf:")
+
+
+def get_spec(name: str) -> ModelSpec:
+    """Resolve a registry name or escape hatch; unknown names raise an error listing what exists."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name in UNAVAILABLE:
+        raise FmcacheError(UNAVAILABLE[name])
+    if ":" in name:
+        return _escape_hatch(name)
+    known = ", ".join(_REGISTRY)
+    raise FmcacheError(
+        f"unknown model '{name}'; known names: {known}; or use timm:<name>, open_clip:<arch>[:<tag>], hf:<repo>"
+    )

@@ -1,0 +1,205 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fmcache.errors import FmcacheError
+from fmcache.models import create_foundation, get_spec, list_models
+from fmcache.models.registry import UNAVAILABLE
+from tests.tiny_models import TINY
+
+PAPER_NAMES = [
+    "dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14", "sam_vit_b", "sam_vit_l", "sam_vit_h",
+    "sam2_b", "sam2_l", "focal", "clip_vitb16", "coca_vitb32", "coca_vitl14", "blip_base", "mae_vitb16",
+    "mae_vitl16", "mae_vith14", "aimv2_l14", "aimv2_h14", "deit_base", "dino_vitb16", "resnet152", "resnet50",
+]  # fmt: skip
+
+
+def tiny(name: str, **kw):
+    size, overrides, *_ = TINY[name]
+    return create_foundation(name, random_init=True, img_size=size, arch_overrides=overrides, **kw)
+
+
+def test_registry_lists_every_paper_name():
+    names = {s.name for s in list_models()}
+    assert set(PAPER_NAMES) <= names
+    assert {get_spec(n).family for n in PAPER_NAMES} >= {s and get_spec(s).family for s in TINY}
+
+
+def test_every_family_has_a_tiny_build():
+    assert {get_spec(n).family for n in PAPER_NAMES} == {get_spec(n).family for n in TINY}
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_family_builds_and_gives_per_layer_outputs(name: str):
+    size, _, n_layers, n_prefix, width = TINY[name]
+    model = tiny(name)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        out = model(x)
+    assert len(out.tokens) == n_layers == len(out.pooled_mean)
+    assert out.num_prefix_tokens == n_prefix
+    assert out.tokens[-1].shape[0] == 2 and out.tokens[-1].shape[-1] == width
+    assert out.tokens[-1].shape[1] > n_prefix
+    assert out.pooled.shape[0] == 2 and torch.isfinite(out.pooled).all()
+    spec = get_spec(name)
+    if spec.pooled == "cls":
+        assert out.pooled_cls is not None and torch.equal(out.pooled, out.pooled_cls[-1])
+    elif spec.pooled == "mean":
+        assert torch.equal(out.pooled, out.pooled_mean[-1])
+    if n_prefix == 0:
+        assert out.pooled_cls is None
+    assert model.weights_source["source"] == "random"
+
+
+def test_grayscale_input_is_repeated_to_rgb():
+    model = tiny("dinov2_vits14")
+    g = torch.randn(1, 1, 56, 56)
+    with torch.no_grad():
+        assert torch.allclose(model(g).pooled, model(g.expand(-1, 3, -1, -1)).pooled)
+
+
+def test_vit_last_layer_matches_forward_features():
+    """Consistency between two code paths: the wrapper's last normed CLS equals timm's forward_features CLS."""
+    model = tiny("dinov2_vits14")
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        out = model(x)
+        ref = model.adapter.model.forward_features(x)
+    assert torch.allclose(out.pooled_cls[-1], ref[:, 0], atol=1e-5)
+    assert torch.allclose(out.pooled_mean[-1], ref[:, 1:].mean(1), atol=1e-5)
+
+
+def test_cnn_mean_matches_global_average_pool():
+    for name in ("resnet50", "focal"):
+        model = tiny(name)
+        x = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            out = model(x)
+            ref = model.adapter.model.forward_head(model.adapter.model.forward_features(x), pre_logits=True)
+        assert torch.allclose(out.pooled, ref, atol=1e-4), name
+
+
+def test_open_clip_pooled_is_encode_image():
+    model = tiny("coca_vitb32")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        ref = model.adapter.visual(x)
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    assert torch.allclose(out.pooled, ref, atol=1e-5)
+
+
+def test_blip_cls_is_token_zero():
+    model = tiny("blip_base")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        hf = model.adapter.model(pixel_values=x)
+    # the paper's BLIP feature is the CLS (index 0) of the normed last hidden state, not a patch token
+    assert torch.allclose(out.pooled, hf.last_hidden_state[:, 0], atol=1e-6)
+    assert not torch.allclose(out.pooled, hf.last_hidden_state[:, 1], atol=1e-3)
+
+
+def test_image_size_interpolates_position_embeddings():
+    size, overrides, *_ = TINY["dinov2_vits14"]
+    model = create_foundation("dinov2_vits14", random_init=True, img_size=112, arch_overrides=overrides)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 112, 112))
+    assert out.tokens[-1].shape[1] == 1 + (112 // 14) ** 2
+
+
+def test_weights_roundtrip_with_module_prefix(tmp_path: Path):
+    model = tiny("deit_base")
+    state = {f"module.{k}": v for k, v in model.adapter.model.state_dict().items()}
+    path = tmp_path / "w.pt"
+    torch.save(state, path)
+    loaded = tiny("deit_base", weights=path) if False else None
+    size, overrides, *_ = TINY["deit_base"]
+    loaded = create_foundation("deit_base", weights=path, img_size=size, arch_overrides=overrides)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(model(x).pooled, loaded(x).pooled)
+    assert loaded.weights_source["source"] == "file" and len(loaded.weights_source["sha256"]) == 64
+    assert "module." in loaded.weights_source["report"]
+
+
+def test_weights_safetensors_roundtrip(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    model = tiny("clip_vitb16")
+    path = tmp_path / "w.safetensors"
+    save_file({f"visual.{k}": v.contiguous() for k, v in model.adapter.visual.state_dict().items()}, str(path))
+    size, overrides, *_ = TINY["clip_vitb16"]
+    loaded = create_foundation("clip_vitb16", weights=path, img_size=size, arch_overrides=overrides)
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(model(x).pooled, loaded(x).pooled)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickle_with_code_is_refused(tmp_path: Path):
+    path = tmp_path / "evil.pt"
+    torch.save({"x": _Evil()}, path)
+    size, overrides, *_ = TINY["deit_base"]
+    with pytest.raises(FmcacheError, match="refused"):
+        create_foundation("deit_base", weights=path, img_size=size, arch_overrides=overrides)
+
+
+def test_mismatched_weights_are_refused(tmp_path: Path):
+    other = tiny("dino_vitb16").adapter.model.state_dict()
+    other = {k: v for k, v in other.items() if not k.startswith("blocks.1.")}
+    path = tmp_path / "partial.pt"
+    torch.save(other, path)
+    size, overrides, *_ = TINY["deit_base"]
+    with pytest.raises(FmcacheError, match="missing"):
+        create_foundation("deit_base", weights=path, img_size=size, arch_overrides=overrides)
+
+
+def test_no_silent_random_fallback():
+    with pytest.raises(FmcacheError, match="--weights"):
+        create_foundation("focal")  # no hub weights: must not silently build random weights
+    with pytest.raises(FmcacheError, match="exclude"):
+        create_foundation("deit_base", weights="x.pt", random_init=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [("vmamba", "not available"), ("dinov3_vitb16", "unknown model"), ("foo:bar", "unknown model backend")],
+)
+def test_bad_names(name: str, match: str):
+    with pytest.raises(FmcacheError, match=match):
+        get_spec(name)
+
+
+@pytest.mark.parametrize(
+    ("name", "backend", "arch", "tag"),
+    [
+        ("timm:vit_small_patch16_224.augreg_in21k", "timm", "vit_small_patch16_224", "augreg_in21k"),
+        ("timm:resnet18", "timm", "resnet18", None),
+        ("open_clip:ViT-B-32:openai", "open_clip", "ViT-B-32", "openai"),
+        ("open_clip:ViT-B-32", "open_clip", "ViT-B-32", None),
+        ("hf:facebook/dinov2-small", "hf", "facebook/dinov2-small", None),
+    ],
+)
+def test_escape_hatches(name: str, backend: str, arch: str, tag: str | None):
+    spec = get_spec(name)
+    assert (spec.backend, spec.arch, spec.tag) == (backend, arch, tag)
+
+
+def test_escape_hatch_builds_timm_model():
+    model = create_foundation("timm:vit_tiny_patch16_224", random_init=True, img_size=32, arch_overrides={"depth": 1})
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 32, 32))
+    assert len(out.tokens) == 1 and out.num_prefix_tokens == 1
+
+
+def test_unavailable_names_are_not_registered():
+    assert not set(UNAVAILABLE) & {s.name for s in list_models()}
