@@ -1,0 +1,54 @@
+"""Datasets: official on-disk layouts, labels, deterministic splits, image reading and transforms.
+
+``load_dataset(name, root, **options)`` returns a :class:`DatasetIndex` (paths, labels, split in a canonical
+order); :class:`ImageDataset` with :func:`build_transform` turns it into tensors.
+"""
+
+from __future__ import annotations
+
+from fmcache.data.describe import describe, format_description
+from fmcache.data.images import IMAGE_EXTENSIONS, load_image
+from fmcache.data.index import SPLITS, DatasetIndex, random_split, split_code
+from fmcache.data.registry import (
+    DATASETS,
+    DatasetSpec,
+    dataset_metric,
+    dataset_names,
+    dataset_norm,
+    default_metric,
+    load_dataset,
+)
+from fmcache.data.torch_dataset import ImageDataset
+from fmcache.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_transform,
+    default_resize,
+    train_augmentation,
+    train_augmentation_spec,
+)
+
+__all__ = [
+    "DATASETS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "SPLITS",
+    "DatasetIndex",
+    "DatasetSpec",
+    "ImageDataset",
+    "build_transform",
+    "dataset_metric",
+    "dataset_names",
+    "dataset_norm",
+    "default_metric",
+    "default_resize",
+    "describe",
+    "format_description",
+    "load_dataset",
+    "load_image",
+    "random_split",
+    "split_code",
+    "train_augmentation",
+    "train_augmentation_spec",
+]

@@ -1,0 +1,389 @@
+"""CBIS-DDSM, binary (benign/normal vs malignant), in either of its two released layouts.
+
+``lists``: the seed's ``ddsm_raw_image_lists/{train,val,test}.txt`` with images under ``ddsm_raw/``; the label
+comes from the file-name prefix (``normal`` → 0, ``benign``/``cancer`` → 1) and the split from the list.
+
+``tcia``: the TCIA release, ``{mass,calc}_case_description_{train,test}_set.csv`` next to the downloaded
+``CBIS-DDSM/`` tree of DICOM files. Inner folders of that tree rarely match the CSV paths, so each row goes
+through its case folder (the CSV path's first component) to the single full-mammogram DICOM below it.
+One sample per mammogram: abnormality rows of one image merge (malignant if any row is), and so do the mass
+and calc copies of one breast view (``Mass-…_P_00001_LEFT_CC`` and ``Calc-…_P_00001_LEFT_CC``); a copy that
+is train in one set and test in the other stays in test, so no image is both trained on and tested.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from fmcache.data._io import SHOW_MISSING, cell, check_files_exist, layout_hint, read_csv
+from fmcache.data.index import TEST, TRAIN, VAL, DatasetIndex, build_index, check_choice, check_seed
+from fmcache.errors import FmcacheError
+
+NAME = "cbis_ddsm"
+LAYOUTS = ("auto", "lists", "tcia")
+AMBIGUOUS = ("error", "skip")
+
+LIST_DIR = "ddsm_raw_image_lists"
+RAW_DIR = "ddsm_raw"  # the seed resolves list entries under <root>/ddsm_raw
+LIST_SPLITS = {"train.txt": TRAIN, "val.txt": VAL, "test.txt": TEST}
+LIST_PREFIX = {"normal": 0, "benign": 1, "cancer": 1}
+
+CASE_CSVS = {
+    kind: (f"{kind}_case_description_train_set.csv", f"{kind}_case_description_test_set.csv")
+    for kind in ("mass", "calc")
+}
+PATHOLOGY = {"MALIGNANT": 1, "BENIGN": 0, "BENIGN_WITHOUT_CALLBACK": 0}
+PATH_COLUMN = "image file path"
+EXPECTED = f"{LIST_DIR}/ or the TCIA mass/calc_case_description_*_set.csv files"
+EXPECTED_NEITHER = f"{LIST_DIR}/ nor the TCIA mass/calc_case_description_*_set.csv files"
+
+
+def load_cbis_ddsm(
+    root: Path,
+    *,
+    layout: str = "auto",
+    seed: int = 42,
+    val_fraction: float = 0.1,
+    ambiguous: str = "error",
+) -> DatasetIndex:
+    """Binary CBIS-DDSM, ordered by image path.
+
+    ``layout`` picks "lists" or "tcia" ("auto" detects it; both present is an error). ``seed`` and
+    ``val_fraction`` only apply to "tcia": the official train/test split with ``val_fraction`` of the train
+    images (image level) moved to val; merges are reported in ``problems``. ``ambiguous="skip"`` drops TCIA rows whose case folder holds several
+    DICOM files none of which matches the CSV path (each skip is reported); the default makes that an error.
+    """
+    layout = _detect_layout(root, check_choice(layout, LAYOUTS, "layout", NAME))
+    if layout == "lists":
+        return _load_lists(root)
+    check_choice(ambiguous, AMBIGUOUS, "ambiguous", NAME)
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 <= val_fraction < 1:
+        raise FmcacheError(f"{NAME}: val_fraction must be a number in [0, 1), got {val_fraction!r}")
+    return _load_tcia(root, seed=check_seed(seed), val_fraction=float(val_fraction), ambiguous=ambiguous)
+
+
+def _detect_layout(root: Path, layout: str) -> str:
+    if layout != "auto":
+        return layout
+    has_lists = (root / LIST_DIR).is_dir()
+    has_tcia = any((root / name).is_file() for pair in CASE_CSVS.values() for name in pair)
+    if has_lists and has_tcia:
+        raise FmcacheError(
+            f"{NAME}: {root} holds both {LIST_DIR}/ and TCIA case-description CSVs; pass layout='lists' or 'tcia'"
+        )
+    if has_lists:
+        return "lists"
+    if has_tcia:
+        return "tcia"
+    raise FmcacheError(f"{NAME}: found neither {EXPECTED_NEITHER} in {root}; {layout_hint(root, NAME, EXPECTED)}")
+
+
+def _canonical_key(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The seed's list files
+
+
+def _list_label(entry: str, list_path: Path, line: int) -> int:
+    prefix = PurePosixPath(entry.replace("\\", "/")).name.split("_")[0]
+    if prefix not in LIST_PREFIX:
+        raise FmcacheError(
+            f"{list_path} line {line}: cannot tell the label of {entry!r} from its name "
+            f"(expected a normal_, benign_ or cancer_ prefix); fix or remove the line"
+        )
+    return LIST_PREFIX[prefix]
+
+
+def _resolve_list_entry(entry: str, root: Path, list_dir: Path) -> Path:
+    """Absolute entries as-is; relative ones under root/ddsm_raw, root, then the list folder (first that exists)."""
+    path = Path(entry)
+    if path.is_absolute():
+        return path
+    candidates = [root / RAW_DIR / path, root / path, list_dir / path]
+    return next((c for c in candidates if c.is_file()), candidates[0])
+
+
+def _read_list(list_path: Path, root: Path) -> list[tuple[int, Path, int]]:
+    """(line, resolved path, label) of every non-blank line of one list file."""
+    if not list_path.is_file():
+        raise FmcacheError(
+            f"{NAME}: {list_path} not found; the lists layout needs train.txt, val.txt and test.txt in {LIST_DIR}/"
+        )
+    text = list_path.read_text(encoding="utf-8-sig")
+    entries = [(n, raw.strip()) for n, raw in enumerate(text.splitlines(), start=1) if raw.strip()]
+    return [(n, _resolve_list_entry(e, root, list_path.parent), _list_label(e, list_path, n)) for n, e in entries]
+
+
+def _load_lists(root: Path) -> DatasetIndex:
+    samples: dict[Path, tuple[int, int, str]] = {}  # path -> (label, split, "file line n")
+    duplicates = 0
+    for file_name, code in LIST_SPLITS.items():
+        list_path = root / LIST_DIR / file_name
+        for line, path, label in _read_list(list_path, root):
+            where = f"{list_path} line {line}"
+            if path in samples:
+                if samples[path][1] != code:
+                    raise FmcacheError(
+                        f"{NAME}: {path} is listed in two splits ({samples[path][2]} and {where}); "
+                        "keep each image in one list"
+                    )
+                duplicates += 1
+                continue
+            samples[path] = (label, code, where)
+    if not samples:
+        raise FmcacheError(f"{NAME}: the list files in {root / LIST_DIR} are empty; use the complete lists")
+    paths = sorted(samples, key=lambda p: _canonical_key(p, root))
+    check_files_exist(
+        paths, str(root / LIST_DIR), f"list entries are looked up under {root / RAW_DIR}, {root} and {LIST_DIR}/"
+    )
+    problems = [f"{LIST_DIR}: merged {duplicates} repeated line(s)"] if duplicates else []
+    return build_index(
+        name=NAME,
+        root=root,
+        paths=paths,
+        labels=np.array([samples[p][0] for p in paths]),
+        split=np.array([samples[p][1] for p in paths]),
+        class_names=("normal", "abnormal"),
+        multilabel=False,
+        split_info={"mode": "lists", "files": [f"{LIST_DIR}/{f}" for f in LIST_SPLITS], "order": "path"},
+        options={"layout": "lists"},
+        problems=problems,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The TCIA release
+
+
+@dataclass
+class _Resolution:
+    path: Path | None
+    failure: str = ""  # "missing" or "ambiguous" when path is None
+    detail: str = ""
+
+
+def _tcia_csvs(root: Path) -> list[tuple[Path, int]]:
+    """(csv path, official split) for every case-description pair present; half a pair is an error."""
+    found: list[tuple[Path, int]] = []
+    for train_name, test_name in CASE_CSVS.values():
+        train, test = root / train_name, root / test_name
+        if train.is_file() != test.is_file():
+            missing = test if train.is_file() else train
+            raise FmcacheError(f"{NAME}: {missing} not found; the TCIA layout needs both train and test CSVs")
+        if train.is_file():
+            found += [(train, TRAIN), (test, TEST)]
+    if not found:
+        raise FmcacheError(f"{NAME}: no TCIA case-description CSVs in {root}; {layout_hint(root, NAME, EXPECTED)}")
+    return found
+
+
+class _CaseResolver:
+    """Finds the full-mammogram DICOM of a CSV path through its case folder, caching each folder's listing."""
+
+    def __init__(self, root: Path) -> None:
+        bases = [root, root / "CBIS-DDSM", *sorted(root.glob("manifest-*/CBIS-DDSM"))]
+        self.bases = [b for b in bases if b.is_dir()]
+        self._listing: dict[Path, list[Path]] = {}
+
+    def resolve(self, csv_value: str) -> _Resolution:
+        rel = PurePosixPath(csv_value.replace("\\", "/").strip("/"))
+        case = rel.parts[0]
+        folders = [b / case for b in self.bases if (b / case).is_dir()]
+        if not folders:
+            return _Resolution(None, "missing", f"case folder {case}")
+        if len(folders) > 1:
+            return _Resolution(None, "ambiguous", f"case folder {case} exists in {len(folders)} places")
+        dicoms = self._dicoms(folders[0])
+        if not dicoms:
+            return _Resolution(None, "missing", f"a .dcm file under {folders[0]}")
+        return self._pick(folders[0], dicoms, rel)
+
+    def _dicoms(self, folder: Path) -> list[Path]:
+        if folder not in self._listing:
+            self._listing[folder] = sorted(p for p in folder.rglob("*") if p.suffix.lower() == ".dcm")
+        return self._listing[folder]
+
+    def _pick(self, folder: Path, dicoms: list[Path], rel: PurePosixPath) -> _Resolution:
+        if len(dicoms) == 1:
+            return _Resolution(dicoms[0])
+        exact = folder.joinpath(*rel.parts[1:])
+        if exact in dicoms:
+            return _Resolution(exact)
+        # The CSV path is <case>/<StudyInstanceUID>/<SeriesInstanceUID>/<file>: match the series in the headers.
+        if len(rel.parts) >= 3:
+            series = [p for p in dicoms if _series_uid(p) == rel.parts[-2]]
+            if len(series) == 1:
+                return _Resolution(series[0])
+        return _Resolution(None, "ambiguous", f"{len(dicoms)} .dcm files under {folder}, none matching the CSV path")
+
+
+def _series_uid(path: Path) -> str:
+    import pydicom
+
+    try:
+        return str(
+            pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID
+        )
+    except Exception:  # an unreadable candidate just does not match; load_image reports it if it is ever used
+        return ""
+
+
+def _pathology(row: dict[str, str], csv_path: Path, line: int) -> int:
+    value = cell(row, "pathology", csv_path, line)
+    if value not in PATHOLOGY:
+        raise FmcacheError(
+            f"{csv_path} line {line}: pathology={value!r} is not one of {', '.join(PATHOLOGY)}; fix or remove the row"
+        )
+    return PATHOLOGY[value]
+
+
+def _examples(items: list[str]) -> str:
+    return "; ".join(items[:SHOW_MISSING])
+
+
+# A case folder names one breast view of one patient; its mass and calc folders hold the same mammogram.
+_CASE = re.compile(r"(?:Mass|Calc)-(?:Training|Test)_(P_\d+_(?:LEFT|RIGHT)_(?:CC|MLO))")
+
+
+@dataclass
+class _Sample:
+    path: Path
+    label: int
+    split: int
+    where: str
+
+
+@dataclass
+class _TciaSamples:
+    """One sample per mammogram, merging abnormality rows and the mass/calc copies of the same image."""
+
+    by_image: dict[str, _Sample] = field(default_factory=dict)
+    rows_merged: int = 0
+    copies_merged: int = 0
+    moved_to_test: int = 0
+
+    def add(self, csv_value: str, path: Path, label: int, split: int, where: str) -> None:
+        case = PurePosixPath(csv_value.replace("\\", "/").strip("/")).parts[0]
+        match = _CASE.fullmatch(case)
+        key = match.group(1) if match else path.as_posix()
+        sample = self.by_image.get(key)
+        if sample is None:
+            self.by_image[key] = _Sample(path, label, split, where)
+            return
+        sample.label = max(sample.label, label)  # malignant if any abnormality is
+        if path == sample.path:
+            self.rows_merged += 1
+            if sample.split != split:
+                raise FmcacheError(
+                    f"{NAME}: {path} belongs to both train and test ({sample.where}, {where}); use the official CSVs"
+                )
+            return
+        self.copies_merged += 1
+        sample.path = min(sample.path, path, key=str)  # keep one copy, the same one every time
+        if sample.split != split:
+            sample.split = TEST  # never train on an image that is also tested
+            self.moved_to_test += 1
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.rows_merged:
+            out.append(f"merged {self.rows_merged} abnormality rows that share a full mammogram (malignant if any is)")
+        if self.copies_merged:
+            out.append(f"merged {self.copies_merged} mammograms present in both the mass and calc sets")
+        if self.moved_to_test:
+            out.append(f"{self.moved_to_test} of them were train in one set and test in the other: kept in test")
+        return out
+
+
+def _load_tcia(root: Path, *, seed: int, val_fraction: float, ambiguous: str) -> DatasetIndex:
+    resolver = _CaseResolver(root)
+    samples = _TciaSamples()
+    missing: list[str] = []
+    unresolved: list[str] = []
+    n_rows = 0
+    csvs = _tcia_csvs(root)
+    for csv_path, code in csvs:
+        _, rows = read_csv(csv_path, ("pathology", PATH_COLUMN), dataset=NAME, root=root, expected=EXPECTED)
+        for line, row in rows:
+            n_rows += 1
+            label = _pathology(row, csv_path, line)
+            where = f"{csv_path.name} line {line}"
+            value = cell(row, PATH_COLUMN, csv_path, line)
+            found = resolver.resolve(value)
+            if found.path is None:
+                (missing if found.failure == "missing" else unresolved).append(f"{found.detail} ({where})")
+            else:
+                samples.add(value, found.path, label, code, where)
+    _raise_unresolved(root, n_rows, missing, unresolved, ambiguous)
+    problems = samples.problems()
+    if unresolved:
+        problems.append(f"skipped {len(unresolved)} ambiguous CSV row(s), e.g. {_examples(unresolved)}")
+    return _tcia_index(
+        root, list(samples.by_image.values()), csvs, problems, seed=seed, val_fraction=val_fraction, ambiguous=ambiguous
+    )
+
+
+def _raise_unresolved(root: Path, n_rows: int, missing: list[str], unresolved: list[str], ambiguous: str) -> None:
+    if missing:
+        bases = f"{root}, {root / 'CBIS-DDSM'} (or manifest-*/CBIS-DDSM)"
+        raise FmcacheError(
+            f"{NAME}: {len(missing)} of {n_rows} CSV rows point at files not found under {bases}: "
+            f"{_examples(missing)}; download the full-mammogram series of these cases or fix --data-root"
+        )
+    if unresolved and ambiguous == "error":
+        raise FmcacheError(
+            f"{NAME}: {len(unresolved)} of {n_rows} CSV rows stay ambiguous: {_examples(unresolved)}; keep only "
+            "the full-mammogram DICOM in each case folder, or pass ambiguous='skip' to drop these rows"
+        )
+
+
+def _tcia_index(
+    root: Path,
+    samples: list[_Sample],
+    csvs: list[tuple[Path, int]],
+    problems: list[str],
+    *,
+    seed: int,
+    val_fraction: float,
+    ambiguous: str,
+) -> DatasetIndex:
+    if not samples:
+        raise FmcacheError(f"{NAME}: no CSV row of {root} resolved to a DICOM file; check the download")
+    samples = sorted(samples, key=lambda s: _canonical_key(s.path, root))
+    official = np.array([s.split for s in samples], dtype=np.int8)
+    return build_index(
+        name=NAME,
+        root=root,
+        paths=[s.path for s in samples],
+        labels=np.array([s.label for s in samples]),
+        split=_val_from_train(official, val_fraction, seed),
+        class_names=("benign", "malignant"),
+        multilabel=False,
+        split_info={
+            "mode": "official+val",
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "sources": [p.name for p, _ in csvs],
+            "order": "path",
+        },
+        options={"layout": "tcia", "ambiguous": ambiguous},
+        problems=problems,
+    )
+
+
+def _val_from_train(official: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """Move ``val_fraction`` of the official train images (a seeded permutation, half up) to val."""
+    split = official.copy()
+    train = np.flatnonzero(official == TRAIN)
+    n_val = int(len(train) * val_fraction + 0.5)
+    split[train[np.random.RandomState(seed).permutation(len(train))[:n_val]]] = VAL
+    return split
