@@ -105,7 +105,7 @@ def test_blip_cls_is_token_zero():
 
 
 def test_image_size_interpolates_position_embeddings():
-    size, overrides, *_ = TINY["dinov2_vits14"]
+    _, overrides, *_ = TINY["dinov2_vits14"]
     model = create_foundation("dinov2_vits14", random_init=True, img_size=112, arch_overrides=overrides)
     with torch.no_grad():
         out = model(torch.randn(1, 3, 112, 112))
@@ -117,7 +117,6 @@ def test_weights_roundtrip_with_module_prefix(tmp_path: Path):
     state = {f"module.{k}": v for k, v in model.adapter.model.state_dict().items()}
     path = tmp_path / "w.pt"
     torch.save(state, path)
-    loaded = tiny("deit_base", weights=path) if False else None
     size, overrides, *_ = TINY["deit_base"]
     loaded = create_foundation("deit_base", weights=path, img_size=size, arch_overrides=overrides)
     x = torch.randn(2, 3, size, size)

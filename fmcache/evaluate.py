@@ -1,0 +1,199 @@
+"""Stage two from a cache: k-NN and the linear-probe grid, with results written as JSON, CSV and PNG.
+
+Only the cache reader is used here; no model backend is imported.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from fmcache import metrics
+from fmcache.cache.reader import CacheReader
+from fmcache.errors import FmcacheError
+from fmcache.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_evaluate, knn_rows
+from fmcache.results import plot_knn_vs_k, plot_knn_vs_layer, plot_probe_curves, plot_probe_vs_layer, write_results
+
+# The paper's warmup: 5 epochs for the small datasets, 1000 iterations for the large ones.
+WARMUP = {"isic2019": {"warmup_iters": 1000}, "chexpert": {"warmup_iters": 1000}}
+DEFAULT_WARMUP = {"warmup_epochs": 5}
+EVAL_SPLITS = ("val", "test")
+
+
+def results_dir(reader: CacheReader, out: Path) -> Path:
+    safe_model = reader.model.replace(":", "_").replace("/", "_")
+    return Path(out) / reader.dataset / safe_model / reader.key[:12]
+
+
+def resolve_pool(reader: CacheReader, pool: str) -> list[str]:
+    """``auto`` is the model's paper feature kind; ``cls+mean`` concatenates both."""
+    if pool == "auto":
+        kind = reader.manifest["model"]["pooled_kind"]
+        return [{"cls": "cls", "mean": "mean"}.get(kind, "paper")]
+    parts = pool.split("+")
+    for part in parts:
+        if part not in ("cls", "mean", "paper"):
+            raise FmcacheError(f"unknown --pool '{pool}'; use auto, cls, mean, paper or cls+mean")
+    return parts
+
+
+def resolve_layers(reader: CacheReader, layer: str | int) -> list[int | str]:
+    if str(layer) == "all":
+        return list(range(1, reader.num_layers + 1))
+    return [reader.resolve_layer(layer)]
+
+
+def features(reader: CacheReader, split: str, layer: int, pools: list[str]) -> np.ndarray:
+    parts = [reader.pooled(split, layer, kind) for kind in pools]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def dataset_metric(reader: CacheReader, metric: str | None) -> str:
+    if metric:
+        return metrics.check_metric(metric)
+    return metrics.metric_for(reader.dataset, reader.multilabel)
+
+
+def _settings_header(reader: CacheReader, **settings) -> dict:
+    import fmcache
+
+    return {
+        "fmcache_version": fmcache.__version__,
+        "cache": str(reader.path),
+        "cache_key": reader.key,
+        "dataset": reader.dataset,
+        "model": reader.model,
+        "weights": reader.manifest.get("weights", {}),
+        "extract_s_per_img": reader.manifest.get("timings", {}).get("s_per_img"),
+        "settings": settings,
+    }
+
+
+def _check_eval_splits(eval_splits: Sequence[str]) -> list[str]:
+    splits = [s for s in eval_splits if s]
+    bad = [s for s in splits if s not in ("train", "val", "test")]
+    if bad or not splits:
+        raise FmcacheError(f"bad --eval '{','.join(eval_splits)}'; use val, test or val,test")
+    return splits
+
+
+def run_knn(
+    reader: CacheReader,
+    out: Path = Path("results"),
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    layer: str | int = "last",
+    pool: str = "auto",
+    eval_splits: Sequence[str] = EVAL_SPLITS,
+    metric: str | None = None,
+    use_gpu: bool | None = None,
+) -> dict:
+    """Weighted k-NN (train split as the bank) for each requested layer; writes knn.{json,csv} and plots."""
+    metric = dataset_metric(reader, metric)
+    pools, layers = resolve_pool(reader, pool), resolve_layers(reader, layer)
+    splits = _check_eval_splits(eval_splits)
+    if "paper" in pools and len(layers) > 1:
+        raise FmcacheError(
+            "the paper pooled feature exists for the last layer only; use --pool cls or mean with --layer all"
+        )
+    start = time.perf_counter()
+    per_layer, rows = {}, []
+    for number in layers:
+        queries = {s: (features(reader, s, number, pools), reader.labels(s)) for s in splits}
+        result = knn_evaluate(
+            features(reader, "train", number, pools),
+            reader.labels("train"),
+            queries,
+            ks,
+            temperature=temperature,
+            metric=metric,
+            multilabel=reader.multilabel,
+            num_classes=len(reader.class_names),
+            label_names=reader.class_names if reader.multilabel else None,
+            use_gpu=use_gpu,
+        )
+        per_layer[number] = result
+        rows += knn_rows(result, layer=number, pool="+".join(pools))
+    folder = results_dir(reader, out)
+    payload = _settings_header(reader, ks=list(ks), temperature=temperature, layers=layers, pool=pools, metric=metric)
+    payload.update({"layers": per_layer, "total_seconds": time.perf_counter() - start})
+    write_results(folder, "knn", payload, rows)
+    plot_knn_vs_k(folder / "knn_vs_k.png", per_layer[layers[-1]])
+    if len(layers) > 1:
+        plot_knn_vs_layer(folder / "knn_vs_layer.png", per_layer)
+    return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows}
+
+
+def run_probe(
+    reader: CacheReader,
+    out: Path = Path("results"),
+    head: str = "linear",
+    lrs: Sequence[float] = (1e-5, 3e-5, 1e-4, 1e-3),
+    seeds: int | Sequence[int] = 5,
+    epochs: int = 100,
+    batch_size: int = 64,
+    layer: str | int = "last",
+    pool: str = "auto",
+    metric: str | None = None,
+    weight_decay: float = 1e-5,
+    schedule: str = "cosine",
+    sklearn: bool = False,
+    device: str | None = None,
+    standardize: bool = True,
+) -> dict:
+    """The paper's frozen linear protocol over the whole LR × seed grid, from cached pooled features.
+
+    ``standardize`` z-scores features with train-split statistics first (as a non-affine BatchNorm in MAE's
+    linear probe): feature scales differ by orders of magnitude across models and layers, and one LR grid must
+    serve them all.
+    """
+    from fmcache.probe import fit_sklearn_reference, train_linear_grid
+
+    if head != "linear":
+        raise FmcacheError(f"unknown --head '{head}'; this version trains linear heads (use --head linear)")
+    metric = dataset_metric(reader, metric)
+    pools, layers = resolve_pool(reader, pool), resolve_layers(reader, layer)
+    if "paper" in pools and len(layers) > 1:
+        raise FmcacheError(
+            "the paper pooled feature exists for the last layer only; use --pool cls or mean with --layer all"
+        )
+    warmup = WARMUP.get(reader.dataset, DEFAULT_WARMUP)
+    folder = results_dir(reader, out)
+    per_layer, rows = {}, []
+    for number in layers:
+        data = [(features(reader, s, number, pools), reader.labels(s)) for s in ("train", "val", "test")]
+        if standardize:
+            data = standardize_splits(data)
+        result = train_linear_grid(
+            *data[0], *data[1], *data[2],
+            lrs=lrs, seeds=seeds, num_classes=len(reader.class_names), metric=metric,
+            multilabel=reader.multilabel, epochs=epochs, batch_size=batch_size, weight_decay=weight_decay,
+            schedule=schedule, label_names=reader.class_names if reader.multilabel else None,
+            device=device, **warmup,
+        )  # fmt: skip
+        entry = result.to_dict()
+        if sklearn:
+            entry["sklearn"] = fit_sklearn_reference(*data[0], *data[1], *data[2], metric=metric)
+        per_layer[number] = entry
+        rows += [{"layer": number, "pool": "+".join(pools), **r} for r in result.rows()]
+        suffix = "" if len(layers) == 1 else f"_layer{number:02d}"
+        plot_probe_curves(folder / f"probe_linear_curves{suffix}.png", result.curves, metric=f"val {metric}")
+    payload = _settings_header(reader, head=head, lrs=list(lrs), seeds=seeds, epochs=epochs, batch_size=batch_size,
+                               layers=layers, pool=pools, metric=metric, weight_decay=weight_decay,
+                               schedule=schedule, standardize=standardize, **warmup)  # fmt: skip
+    payload["layers"] = per_layer
+    write_results(folder, "probe_linear", payload, rows)
+    if len(layers) > 1:
+        plot_probe_vs_layer(folder / "probe_linear_vs_layer.png", per_layer, metric)
+    return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows}
+
+
+def standardize_splits(data: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Z-score every split with the first (train) split's mean and std, computed in float64."""
+    train = data[0][0].astype(np.float64)
+    mean, std = train.mean(axis=0), train.std(axis=0)
+    std[std < 1e-12] = 1.0  # constant features (e.g. zero padding) stay constant rather than blow up
+    return [(((x - mean) / std).astype(np.float32), y) for x, y in data]
