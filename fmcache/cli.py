@@ -206,6 +206,129 @@ def ls_cmd(cache_root: Annotated[Path, typer.Option(help="Root folder of all cac
     console.print(table)
 
 
+# -- stage two ---------------------------------------------------------------------------------------------------
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise FmcacheError(f"bad {what} '{text}'; give comma-separated numbers, e.g. 1e-5,1e-4") from None
+    if not values:
+        raise FmcacheError(f"{what} is empty")
+    return values
+
+
+def _ints(text: str, what: str) -> list[int]:
+    values = _floats(text, what)
+    if any(v != int(v) or v < 1 for v in values):
+        raise FmcacheError(f"bad {what} '{text}'; give positive integers, e.g. 10,20,100,200")
+    return [int(v) for v in values]
+
+
+def _print_knn(result: dict) -> None:
+    table = Table(title=f"k-NN ({result['metric']}) → {result['folder']}")
+    for col in ("layer", "split", "k", result["metric"], "accuracy"):
+        table.add_column(col)
+    for row in result["rows"]:
+        table.add_row(str(row["layer"]), row["split"], str(row["k"]), f"{row['value']:.4f}", f"{row['accuracy']:.4f}")
+    console.print(table)
+
+
+def _print_probe(result: dict) -> None:
+    table = Table(
+        title=f"linear probe ({result['metric']}, test mean ± std over seeds at the best val LR) → {result['folder']}"
+    )
+    for col in ("layer", "best lr", "val", "test", "train s"):
+        table.add_column(col)
+    for layer, r in result["layers"].items():
+        table.add_row(
+            str(layer), f"{r['best_lr']:g}", f"{r['val_mean']:.4f} ± {r['val_std']:.4f}",
+            f"{r['test_mean']:.4f} ± {r['test_std']:.4f}", f"{r['timings']['train_seconds']:.1f}",
+        )  # fmt: skip
+        if "sklearn" in r:
+            ref = r["sklearn"]
+            table.add_row(str(layer), f"sklearn C={ref['best_C']:g}", f"{ref['val']:.4f}", f"{ref['value']:.4f}", "")
+    console.print(table)
+
+
+@app.command("knn")
+@cli_command
+def knn_cmd(
+    cache: Annotated[Path, typer.Argument(help="A cache directory (see `fmcache ls`).")],
+    k: Annotated[
+        str, typer.Option("--k", help="Comma-separated k values; one search at the largest serves all.")
+    ] = "10,20,100,200",
+    temperature: Annotated[float, typer.Option(help="Vote weight exp(sim/T); the seed used k=200, T=0.1.")] = 0.07,
+    layer: Annotated[str, typer.Option(help="last, all or a 1-based layer number.")] = "last",
+    pool: Annotated[str, typer.Option(help="auto (the model's paper feature), cls, mean, paper or cls+mean.")] = "auto",
+    eval: Annotated[str, typer.Option("--eval", help="Splits to evaluate: val, test or val,test.")] = "val,test",
+    metric: Annotated[str | None, typer.Option(help="Override the dataset's paper metric.")] = None,
+    out: Annotated[Path, typer.Option(help="Results root.")] = Path("results"),
+    cpu: Annotated[bool, typer.Option("--cpu", help="Force the FAISS CPU index even when a GPU exists.")] = False,
+) -> None:
+    """Weighted k-NN from a cache (FAISS, exact inner product on L2-normalised features)."""
+    from fmcache.cache.reader import CacheReader
+    from fmcache.evaluate import run_knn
+
+    reader = CacheReader(cache)
+    result = run_knn(
+        reader, out, _ints(k, "--k"), temperature, layer, pool, eval.split(","), metric, use_gpu=False if cpu else None
+    )
+    _print_knn(result)
+
+
+@app.command("probe")
+@cli_command
+def probe_cmd(
+    cache: Annotated[Path, typer.Argument(help="A cache directory (see `fmcache ls`).")],
+    head: Annotated[str, typer.Option(help="Head type: linear.")] = "linear",
+    lrs: Annotated[str, typer.Option(help="Comma-separated learning rates.")] = "1e-5,3e-5,1e-4,1e-3",
+    seeds: Annotated[int, typer.Option(help="Seeds per learning rate (0..N-1).")] = 5,
+    epochs: Annotated[int, typer.Option(help="Epochs; the best epoch per head is chosen on val.")] = 100,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
+    layer: Annotated[str, typer.Option(help="last, all or a 1-based layer number.")] = "last",
+    pool: Annotated[str, typer.Option(help="auto, cls, mean, paper or cls+mean.")] = "auto",
+    metric: Annotated[str | None, typer.Option(help="Override the dataset's paper metric.")] = None,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-5,
+    schedule: Annotated[str, typer.Option(help="cosine or constant after the linear warmup.")] = "cosine",
+    sklearn: Annotated[
+        bool, typer.Option("--sklearn", help="Also fit scikit-learn LogisticRegression (C sweep).")
+    ] = False,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    standardize: Annotated[bool, typer.Option(help="Z-score features with train statistics before the heads.")] = True,
+    out: Annotated[Path, typer.Option(help="Results root.")] = Path("results"),
+) -> None:
+    """Train every LR × seed linear head at once on cached features; report test mean ± std at the best LR."""
+    from fmcache.cache.reader import CacheReader
+    from fmcache.evaluate import run_probe
+
+    reader = CacheReader(cache)
+    result = run_probe(
+        reader, out, head, _floats(lrs, "--lrs"), seeds, epochs, batch_size, layer, pool, metric,
+        weight_decay, schedule, sklearn, device, standardize,
+    )  # fmt: skip
+    _print_probe(result)
+
+
+@app.command("demo")
+@cli_command
+def demo_cmd(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's data, cache and results.")] = Path("demo_out"),
+    model: Annotated[str, typer.Option(help="Registry model to extract (random weights offline).")] = "resnet50",
+    img_size: Annotated[int, typer.Option(help="Input size.")] = 32,
+    epochs: Annotated[int, typer.Option(help="Linear-probe epochs.")] = 30,
+) -> None:
+    """Offline demo: scikit-learn digits → extract → info → k-NN → linear probe."""
+    from fmcache.cache.info import format_info
+    from fmcache.demo import run_demo
+
+    result = run_demo(out, model, img_size, epochs=epochs, log=lambda m: err_console.print(m))
+    console.print(format_info(result["cache"]), highlight=False, soft_wrap=True)
+    _print_knn(result["knn"])
+    _print_probe(result["probe"])
+
+
 def main() -> None:
     """Console-script entry point; ``--verbose`` is accepted anywhere on the command line."""
     if "--verbose" in sys.argv[1:] or "-v" in sys.argv[1:]:
