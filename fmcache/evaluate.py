@@ -160,7 +160,7 @@ def run_probe(
         raise FmcacheError(
             "the paper pooled feature exists for the last layer only; use --pool cls or mean with --layer all"
         )
-    warmup = WARMUP.get(reader.dataset, DEFAULT_WARMUP)
+    warmup = fit_warmup(WARMUP.get(reader.dataset, DEFAULT_WARMUP), epochs, len(reader.rows("train")), batch_size)
     folder = results_dir(reader, out)
     per_layer, rows = {}, []
     for number in layers:
@@ -189,6 +189,16 @@ def run_probe(
     if len(layers) > 1:
         plot_probe_vs_layer(folder / "probe_linear_vs_layer.png", per_layer, metric)
     return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows}
+
+
+def fit_warmup(warmup: dict, epochs: int, n_train: int, batch_size: int) -> dict:
+    """The paper's warmup, shortened to a tenth of training when a short run would otherwise be all warmup."""
+    steps_per_epoch = -(-n_train // batch_size)
+    total = steps_per_epoch * epochs
+    steps = warmup.get("warmup_iters", round(warmup.get("warmup_epochs", 0) * steps_per_epoch))
+    if steps < total:
+        return warmup
+    return {"warmup_iters": total // 10}
 
 
 def standardize_splits(data: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -20,7 +20,7 @@ class FoundationOutput:
     ``tokens[l]`` is layer l's raw output (B, T, D_l), prefix tokens first (``num_prefix_tokens`` of them).
     ``pooled_cls[l]`` is prefix token 0 after the final norm (None for models without a CLS token);
     ``pooled_mean[l]`` the mean of the patch tokens after the final norm where it applies to that layer;
-    ``pooled`` is the paper's pooled feature (B, D_p).
+    ``pooled`` is the paper's pooled feature (B, D_p), of kind ``pooled_kind`` (cls, mean or pooled).
     """
 
     tokens: list[torch.Tensor]
@@ -28,6 +28,7 @@ class FoundationOutput:
     pooled_cls: list[torch.Tensor] | None
     pooled_mean: list[torch.Tensor]
     pooled: torch.Tensor
+    pooled_kind: str
 
 
 class Foundation(nn.Module):
@@ -57,17 +58,20 @@ class Foundation(nn.Module):
         prefix = int(self.adapter.num_prefix_tokens)
         cls = [t[:, 0] for t in normed] if prefix > 0 else None
         mean = [t[:, prefix:].mean(dim=1) for t in normed]
-        if self.spec.pooled == "cls":
+        kind = self.spec.pooled
+        if kind == "auto":
+            kind = "cls" if cls is not None else "mean"
+        if kind == "cls":
             if cls is None:
                 raise FmcacheError(f"{self.spec.name} has no CLS token; its pooled feature must be 'mean'")
             pooled = cls[-1]
-        elif self.spec.pooled == "mean":
+        elif kind == "mean":
             pooled = mean[-1]
-        elif self.spec.pooled == "pooled":
+        elif kind == "pooled":
             pooled = backend_pooled if backend_pooled is not None else mean[-1]
         else:
             raise FmcacheError(f"unknown pooled kind '{self.spec.pooled}' for {self.spec.name}")
-        return FoundationOutput(tokens, prefix, cls, mean, pooled)
+        return FoundationOutput(tokens, prefix, cls, mean, pooled, kind)
 
 
 def _weights_source(spec: ModelSpec, weights: Path | None, random_init: bool) -> str:

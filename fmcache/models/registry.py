@@ -18,7 +18,7 @@ INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
 BACKENDS = ("timm", "open_clip", "hf")
-POOLED_KINDS = ("cls", "mean", "pooled")
+POOLED_KINDS = ("cls", "mean", "pooled", "auto")
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class ModelSpec:
 
     ``pooled`` is the paper's pooled feature: ``cls`` (prefix token 0 after the final norm), ``mean`` (mean of
     the last layer's patch tokens) or ``pooled`` (the backend's own pooled output, e.g. CLIP's projection or
-    CoCa's attention pooler).
+    CoCa's attention pooler). Escape hatches use ``auto``: CLS when the model has one, else the mean.
     """
 
     name: str
@@ -135,13 +135,13 @@ def _escape_hatch(name: str) -> ModelSpec:
         raise FmcacheError(f"model '{name}' names no model after '{backend}:'; e.g. timm:vit_small_patch16_224")
     if backend == "timm":
         arch, _, tag = rest.partition(".")
-        return ModelSpec(name, "timm", arch, tag or None, "cls", "timm", 0)
+        return ModelSpec(name, "timm", arch, tag or None, "auto", "timm", 0)
     if backend == "open_clip":
         arch, _, tag = rest.partition(":")
         return ModelSpec(name, "open_clip", arch, tag or None, "pooled", "open_clip", 0,
                          mean=CLIP_MEAN, std=CLIP_STD)  # fmt: skip
     if backend == "hf":
-        return ModelSpec(name, "hf", rest, None, "cls", "hf", 0)
+        return ModelSpec(name, "hf", rest, None, "auto", "hf", 0)
     raise FmcacheError(f"unknown model backend '{backend}:' in '{name}'; use one of timm:, open_clip:, hf:")
 
 

@@ -1,0 +1,134 @@
+"""knn and probe from a real cache: result files, reference equality, the demo check, and CLI errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fmcache.cache.reader import CacheReader
+from fmcache.cli import app
+from fmcache.errors import FmcacheError
+from fmcache.evaluate import run_knn, run_probe, standardize_splits
+from fmcache.knn import knn_predict
+from fmcache.metrics import evaluate
+from fmcache.probe import fit_sklearn_reference
+
+runner = CliRunner()
+
+
+def test_knn_from_cache_writes_files_and_equals_the_library(tiny_cache: Path, tmp_path: Path):
+    reader = CacheReader(tiny_cache)
+    result = run_knn(reader, out=tmp_path, ks=(3, 5), temperature=0.1, layer="all", pool="cls")
+    folder = result["folder"]
+    for name in ("knn.json", "knn.csv", "knn_vs_k.png", "knn_vs_layer.png"):
+        assert (folder / name).is_file(), name
+    payload = json.loads((folder / "knn.json").read_text())
+    assert payload["cache_key"] == reader.key and payload["fmcache_version"]
+    # the stored numbers are those of k-NN on the cached features, scored by the dataset's metric (QWK)
+    bank, labels = reader.pooled("train", 2, "cls"), reader.labels("train")
+    scores = knn_predict(bank, labels, reader.pooled("test", 2, "cls"), (3, 5), temperature=0.1, num_classes=5)
+    expected = evaluate("qwk", reader.labels("test"), scores[5], False)["value"]
+    assert result["layers"][2]["splits"]["test"][5]["value"] == pytest.approx(expected)
+    assert result["metric"] == "qwk"
+
+
+def test_probe_from_cache_writes_files(tiny_cache: Path, tmp_path: Path):
+    reader = CacheReader(tiny_cache)
+    result = run_probe(reader, out=tmp_path, lrs=(1e-3, 1e-2), seeds=2, epochs=3, batch_size=8)
+    folder = result["folder"]
+    assert (folder / "probe_linear.json").is_file() and (folder / "probe_linear.csv").is_file()
+    assert (folder / "probe_linear_curves.png").is_file()
+    payload = json.loads((folder / "probe_linear.json").read_text())
+    layer = payload["layers"][str(reader.num_layers)]
+    assert layer["best_lr"] in (1e-3, 1e-2) and len(layer["per_lr"]) == 2
+    assert len(result["rows"]) == 4  # 2 LRs × 2 seeds
+
+
+def test_standardize_uses_train_statistics():
+    rng = np.random.default_rng(0)
+    data = [(rng.normal(5, 3, (50, 4)).astype(np.float32), None), (rng.normal(5, 3, (10, 4)).astype(np.float32), None)]
+    out = standardize_splits(data)
+    assert np.allclose(out[0][0].mean(0), 0, atol=1e-5) and np.allclose(out[0][0].std(0), 1, atol=1e-4)
+    mean, std = data[0][0].astype(np.float64).mean(0), data[0][0].astype(np.float64).std(0)
+    assert np.allclose(out[1][0], (data[1][0] - mean) / std, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory) -> Path:
+    """The demo's data (all 1,797 digit scans) through a random-init ResNet, as the demo does."""
+    from fmcache.demo import write_digits
+    from fmcache.extract import ExtractSpec, run_extract
+
+    tmp = tmp_path_factory.mktemp("digits")
+    root = write_digits(tmp / "digits")
+    spec = ExtractSpec(
+        dataset="imagefolder", data_root=root, model="timm:resnet18", random_init=True, img_size=32,
+        workers=0, batch_size=128, cache_root=tmp / "cache",
+    )  # fmt: skip
+    return run_extract(spec, progress=False, log=lambda m: None)
+
+
+@pytest.mark.slow
+def test_demo_cache_probe_is_within_two_points_of_sklearn(digits_cache: Path, tmp_path: Path):
+    reader = CacheReader(digits_cache)
+    result = run_probe(reader, out=tmp_path, lrs=(1e-3, 1e-2), seeds=2, epochs=40, layer=3, sklearn=True)
+    entry = result["layers"][3]
+    data = standardize_splits([(reader.pooled(s, 3, "mean"), reader.labels(s)) for s in ("train", "val", "test")])
+    reference = fit_sklearn_reference(*data[0], *data[1], *data[2], metric="accuracy")
+    assert entry["sklearn"]["value"] == pytest.approx(reference["value"])
+    assert reference["value"] > 0.8
+    assert abs(entry["test_mean"] - reference["value"]) <= 0.02
+
+
+def _cli(*args: str):
+    return runner.invoke(app, list(args))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["knn", "{missing}"], "no cache at"),
+        (["knn", "{cache}", "--layer", "9"], "layers 1..2"),
+        (["knn", "{cache}", "--pool", "bogus"], "unknown --pool"),
+        (["knn", "{cache}", "--metric", "f1"], "unknown metric"),
+        (["knn", "{cache}", "--k", "10,500"], "larger than the train bank"),
+        (["knn", "{cache}", "--eval", "holdout"], "bad --eval"),
+        (["probe", "{cache}", "--head", "mlp"], "unknown --head"),
+        (["probe", "{cache}", "--lrs", "a,b"], "bad --lrs"),
+        (["probe", "{cache}", "--layer", "0"], "layer 0 does not exist"),
+    ],
+)
+def test_stage_two_bad_input_is_one_line_and_exit_2(tiny_cache: Path, tmp_path: Path, args, message):
+    argv = [a.format(cache=tiny_cache, missing=tmp_path / "nope") for a in args] + ["--out", str(tmp_path / "r")]
+    result = _cli(*argv)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_pool_is_a_clear_error(tmp_path: Path, aptos_root: Path):
+    from fmcache.extract import ExtractSpec, run_extract
+    from tests.conftest import spec_kwargs
+    from tests.tiny_models import TINY
+
+    size, overrides, *_ = TINY["resnet50"]
+    kw = spec_kwargs(aptos_root, tmp_path / "cache", limit=3)
+    kw.update(model="resnet50", img_size=size, arch_overrides=overrides)
+    cache = run_extract(ExtractSpec(**kw), progress=False, log=lambda m: None)
+    with pytest.raises(FmcacheError, match="no 'cls' pooled features"):
+        run_knn(CacheReader(cache), out=tmp_path, ks=(1,), pool="cls")
+    result = run_knn(CacheReader(cache), out=tmp_path, ks=(1,))  # auto → the model's mean pooling
+    assert result["layers"][5]["splits"]["val"][1]["metric"] == "qwk"
+
+
+def test_knn_and_probe_cli_print_tables(tiny_cache: Path, tmp_path: Path):
+    result = _cli("knn", str(tiny_cache), "--k", "3,5", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert "k-NN (qwk)" in result.output
+    result = _cli("probe", str(tiny_cache), "--lrs", "1e-3", "--seeds", "2", "--epochs", "2", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert "linear probe (qwk" in result.output
