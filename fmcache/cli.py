@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import traceback
 from dataclasses import fields
@@ -176,7 +177,8 @@ def extract_cmd(
             merged[key] = Path(merged[key])
     spec = ExtractSpec(**merged, dataset_options=options)
     folder = run_extract(spec, progress=not quiet, log=lambda m: err_console.print(m))
-    console.print(str(folder), highlight=False, soft_wrap=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line for the whole job
+        console.print(str(folder), highlight=False, soft_wrap=True)
 
 
 @app.command("info")

@@ -34,6 +34,14 @@ class Dist:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def all_gather_object(self, obj: object) -> list:
+        """Every rank's ``obj`` (a collective, so also a barrier); ``[obj]`` with one process."""
+        if self.world == 1:
+            return [obj]
+        out: list = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
 
 def init_dist(requested_device: str | None = None) -> Dist:
     """Join the torchrun group when WORLD_SIZE > 1 (gloo on CPU, nccl on GPU)."""

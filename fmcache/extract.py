@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from fmcache.models import Foundation, FoundationOutput, create_foundation, get_
 
 DTYPES = {"fp16": np.float16, "fp32": np.float32}
 ON_BAD_IMAGE = ("error", "skip")
+RANDOM_INIT_SEED = 0  # --random-init weights are seeded so every process and every resume builds the same model
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ def weights_identity(spec: ExtractSpec) -> dict:
             raise FmcacheError(f"weights file {path} does not exist; check the --weights path")
         return {"source": "file", "sha256": sha256_file(path)}
     if spec.random_init:
-        return {"source": "random"}
+        return {"source": "random", "seed": RANDOM_INIT_SEED}
     return {"source": "hub", "id": model_spec.hub_id}
 
 
@@ -146,9 +148,11 @@ def key_inputs(spec: ExtractSpec, index: DatasetIndex, positions: np.ndarray, tr
         "dtype": spec.dtype,
         "layers": "all",
         "tokens": parse_tokens(spec.tokens),
+        "shard_size": spec.shard_size,  # the shard layout: a resume with another size would mix two layouts
         "dataset": {
             "name": index.name,
             "fingerprint": index.fingerprint(),
+            "labels": index.labels_fingerprint(),  # the cache stores labels: a relabelled CSV needs a new cache
             "split": index.split_info,
             "options": index.options,
             "limit": spec.limit,
@@ -190,7 +194,7 @@ def describe_model(model: Foundation, device: torch.device, img_size: int, layer
         "name": model.spec.name,
         "backend": model.spec.backend,
         "arch": model.spec.arch,
-        "pooled_kind": model.spec.pooled,
+        "pooled_kind": out.pooled_kind,
         "num_layers": num_layers,
         "layer_dims": [int(t.shape[-1]) for t in out.tokens],
         "num_prefix_tokens": out.num_prefix_tokens,
@@ -277,6 +281,11 @@ class Extractor:
     def run(self) -> Path:
         if self.is_complete():
             self.log(f"cache already complete: {self.folder}")
+            skipped = (read_manifest(self.folder) or {}).get("skipped", [])
+            if skipped and self.spec.on_bad_image == "error":
+                self.log(
+                    f"[yellow]note: this cache was built with {len(skipped)} bad image(s) skipped; see `fmcache info`[/]"
+                )
             return self.folder
         dist = init_dist(self.spec.device)
         lock = CacheLock(self.folder)
@@ -291,7 +300,8 @@ class Extractor:
                     self.log(f"removed {len(removed)} unfinished shard file(s) from an interrupted run")
             dist.barrier()
             self._extract(dist)
-            dist.barrier()
+            for part in dist.all_gather_object(self._written):  # also the barrier before the final manifest
+                self._written.update(part)
             if dist.main:
                 manifest = self._write_manifest()
                 if manifest["status"] != "complete":
@@ -312,14 +322,18 @@ class Extractor:
 
     def _build_model(self, device: torch.device) -> Foundation:
         spec = self.spec
-        model = create_foundation(
-            spec.model,
-            weights=spec.weights,
-            random_init=spec.random_init,
-            img_size=self.img_size,
-            arch_overrides=spec.arch_overrides or None,
-        ).to(device)
-        if spec.random_init:
+        # Random init is seeded: a resumed or multi-rank run must rebuild exactly the same random weights,
+        # otherwise shards written by different processes would come from different models.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = create_foundation(
+                spec.model,
+                weights=spec.weights,
+                random_init=spec.random_init,
+                img_size=self.img_size,
+                arch_overrides=spec.arch_overrides or None,
+            ).to(device)
+        if spec.random_init and int(os.environ.get("RANK", "0")) == 0:
             self.log(
                 f"[bold red]WARNING: {spec.model} runs with RANDOM weights (--random-init); "
                 "features are not pretrained[/]"
@@ -329,11 +343,25 @@ class Extractor:
         return model
 
     def _extract(self, dist: Dist) -> None:
-        spec = self.spec
         device = dist.device
         if device.type == "cpu":
-            # identical bytes across runs, resumes and process counts need deterministic kernels
+            # identical bytes across runs, resumes and process counts need deterministic kernels; the caller's
+            # setting is restored afterwards (this runs inside other programs and test sessions too)
+            previous = (
+                torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+            )
             torch.use_deterministic_algorithms(True, warn_only=True)
+            try:
+                self._extract_all(dist)
+            finally:
+                torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        else:
+            self._extract_all(dist)
+
+    def _extract_all(self, dist: Dist) -> None:
+        spec = self.spec
+        device = dist.device
         model = self._build_model(device)
         model_info = describe_model(model, device, self.img_size, self.inputs["tokens"])
         self._base = self._manifest_base(model, model_info)
@@ -413,7 +441,9 @@ class Extractor:
                     writer.submit(lambda a=arrays, h=host: shard_writer.append({**h, **_to_numpy(a)}))
                 advance(len(ids) + len(bad))
             writer.drain()
-            entry = shard_writer.commit({"seconds": time.perf_counter() - start, "skipped": skipped})
+            # no timing in the shard's attributes: identical inputs must give byte-identical shard files
+            entry = shard_writer.commit({"skipped": skipped})
+            entry["seconds"] = time.perf_counter() - start
         except BaseException:
             with contextlib.suppress(BaseException):  # the original error is the one to report
                 writer.drain()

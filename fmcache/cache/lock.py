@@ -33,6 +33,7 @@ class CacheLock:
     def __init__(self, folder: Path):
         self.path = folder / LOCK_NAME
         self.stale_message: str | None = None
+        self.held = False
 
     def acquire(self) -> CacheLock:
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -44,6 +45,7 @@ class CacheLock:
                 continue
             with os.fdopen(fd, "w") as fh:
                 json.dump(record, fh)
+            self.held = True
             return self
         raise FmcacheError(f"could not take the lock {self.path}; remove it if no extraction is running")
 
@@ -63,7 +65,10 @@ class CacheLock:
         )
 
     def release(self) -> None:
-        self.path.unlink(missing_ok=True)
+        """Remove the lock file, only if this object took it: a refused writer must not free another's lock."""
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
 
     def __enter__(self) -> CacheLock:
         return self.acquire()

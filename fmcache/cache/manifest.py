@@ -38,7 +38,9 @@ def shard_entries(folder: Path, key: str, known: dict[str, dict]) -> list[dict]:
         if attrs.get("key") != key:
             raise FmcacheError(f"{path} belongs to another cache (key mismatch); delete it and extract again")
         entry = known.get(path.name) or {"file": path.name, "n": int(attrs["n"]), "sha256": sha256_file(path)}
-        entry = {**entry, "index": index, "seconds": float(attrs.get("seconds", 0.0))}
+        # per-shard compute time lives in the manifest only (shard bytes must not depend on timing)
+        seconds = float(entry.get("seconds", attrs.get("seconds", 0.0)))
+        entry = {**entry, "index": index, "seconds": seconds}
         entry["skipped"] = json.loads(attrs.get("skipped", "[]"))
         entries.append(entry)
     return entries
@@ -55,7 +57,7 @@ def write_manifest(folder: Path, base: dict, entries: list[dict], planned_shards
         "status": "complete" if complete else "partial",
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "num_shards": planned_shards,
-        "shards": [{k: e[k] for k in ("file", "index", "n", "sha256")} for e in entries],
+        "shards": [{k: e[k] for k in ("file", "index", "n", "sha256", "seconds")} for e in entries],
         "skipped": [s for e in entries for s in e["skipped"]],
         "timings": {
             "extract_seconds": round(seconds, 3),

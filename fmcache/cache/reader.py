@@ -109,8 +109,9 @@ class CacheReader:
         splits, ids, where = [], [], []
         for s, path in enumerate(self.files):
             with h5py.File(path, "r") as fh:
-                splits.append(fh["split"][:])
-                ids.append(fh["ids"][:])
+                # a shard whose every image was skipped (--on-bad-image skip) holds no arrays at all
+                splits.append(fh["split"][:] if "ids" in fh else np.zeros(0, np.int8))
+                ids.append(fh["ids"][:] if "ids" in fh else np.zeros(0, np.int64))
             where.append(np.stack([np.full(len(ids[-1]), s), np.arange(len(ids[-1]))], axis=1))
         return np.concatenate(splits), np.concatenate(ids), np.concatenate(where)
 
@@ -128,7 +129,7 @@ class CacheReader:
         parts, start = [], 0
         for path in self.files:
             with h5py.File(path, "r") as fh:
-                n = fh["ids"].shape[0]
+                n = fh["ids"].shape[0] if "ids" in fh else 0
                 mask = wanted[start : start + n]
                 start += n
                 if mask.any():

@@ -34,7 +34,7 @@ def tmp_name(index: int) -> str:
 def remove_orphans(folder: Path) -> list[str]:
     """Delete temporary shard files left by a crashed writer (the caller holds the cache lock)."""
     removed = []
-    for path in folder.glob(".shard-*.h5.tmp-*"):
+    for path in [*folder.glob(".shard-*.h5.tmp-*"), *folder.glob(".manifest.json.tmp-*")]:
         path.unlink(missing_ok=True)
         removed.append(path.name)
     return removed
