@@ -60,19 +60,20 @@ def p2(n: int, workers: int) -> float:
                     model(b)
                 return n / (time.perf_counter() - t0)
 
-        first = bare_throughput()
-        spec = ExtractSpec(
-            dataset="imagefolder", data_root=root, model=model_name, random_init=True, img_size=size, norm="model",
-            batch_size=batch, workers=workers, shard_size=1024, cache_root=Path(tmp) / "cache", tokens="last",
-            arch_overrides=overrides,
-        )  # fmt: skip
-        folder = run_extract(spec, progress=False, log=lambda m: None)
-        manifest = json.loads((folder / "manifest.json").read_text())
-        full = n / manifest["timings"]["extract_seconds"]
-        # bare forward is measured before and after; the faster one is the bar (load on a shared box only slows)
-        bare = max(first, bare_throughput())
+        # a shared CPU only ever slows a measurement down, so both sides take the best of several tries
+        bare, full = bare_throughput(), 0.0
+        for attempt in range(2):
+            spec = ExtractSpec(
+                dataset="imagefolder", data_root=root, model=model_name, random_init=True, img_size=size,
+                norm="model", batch_size=batch, workers=workers, shard_size=1024,
+                cache_root=Path(tmp) / f"cache{attempt}", tokens="last", arch_overrides=overrides,
+            )  # fmt: skip
+            folder = run_extract(spec, progress=False, log=lambda m: None)
+            manifest = json.loads((folder / "manifest.json").read_text())
+            full = max(full, n / manifest["timings"]["extract_seconds"])
+            bare = max(bare, bare_throughput())
     ratio = full / bare
-    print(f"P2 extraction / bare forward throughput ({model_name} depth 6 @{size}px, n={n}, batch {batch}, "
+    print(f"P2 extraction / bare forward throughput (best of 2 vs best of 3, {model_name} depth 6 @{size}px, n={n}, batch {batch}, "
           f"{workers} workers, tokens last): {full:.1f} / {bare:.1f} img/s = {ratio:.2f}")  # fmt: skip
     return ratio
 

@@ -6,7 +6,6 @@ reported, never silently dropped, so a user sees when a checkpoint carries more 
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fmcache.cache.files import sha256_file
 from fmcache.errors import FmcacheError
 
 # Wrappers that training code puts around a backbone's keys; stripped when the stripped keys match better.
@@ -37,14 +37,6 @@ class LoadReport:
         extra = f", {len(self.unexpected)} unexpected keys ignored" if self.unexpected else ""
         strip = f", stripped {'+'.join(self.stripped_prefixes)}" if self.stripped_prefixes else ""
         return f"loaded {self.loaded} tensors from {self.path}{strip}{extra}"
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -141,4 +133,4 @@ def load_weights_file(
     unexpected = tuple(sorted(k for k in state if k not in expected))
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
     loaded = sum(k in state for k in expected)
-    return LoadReport(str(path), file_sha256(path), loaded, unexpected, tuple(stripped))
+    return LoadReport(str(path), sha256_file(path), loaded, unexpected, tuple(stripped))
