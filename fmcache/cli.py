@@ -202,7 +202,7 @@ def ls_cmd(cache_root: Annotated[Path, typer.Option(help="Root folder of all cac
         return
     table = Table(title=f"caches under {cache_root}")
     for col in ("path", "dataset", "model", "weights", "images", "status", "size"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for row in rows:
         table.add_row(*(str(row[c]) for c in ("path", "dataset", "model", "weights", "images", "status", "size")))
     console.print(table)

@@ -132,3 +132,20 @@ def test_knn_and_probe_cli_print_tables(tiny_cache: Path, tmp_path: Path):
     result = _cli("probe", str(tiny_cache), "--lrs", "1e-3", "--seeds", "2", "--epochs", "2", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
     assert "linear probe (qwk" in result.output
+
+
+def test_multilabel_chexpert_cache_knn_and_probe(tmp_path: Path):
+    """CheXpert end to end: NaN-aware multi-label k-NN and BCE heads, scored by mean AUC over usable labels."""
+    from fmcache.extract import ExtractSpec, run_extract
+    from tests.conftest import spec_kwargs
+    from tests.fixtures_data import make_chexpert
+
+    root = make_chexpert(tmp_path / "chexpert", n=60)
+    kw = spec_kwargs(root, tmp_path / "cache", dataset="chexpert", dataset_options={"uncertain": "ignore"})
+    reader = CacheReader(run_extract(ExtractSpec(**kw), progress=False, log=lambda m: None))
+    assert reader.multilabel and reader.labels("train").shape[1] == 14
+    knn = run_knn(reader, out=tmp_path / "r", ks=(3, 5))
+    entry = knn["layers"][2]["splits"]["test"][5]
+    assert entry["metric"] == "mean_auc" and 0.0 <= entry["value"] <= 1.0
+    probe = run_probe(reader, out=tmp_path / "r", lrs=(1e-3,), seeds=2, epochs=3, batch_size=16)
+    assert probe["metric"] == "mean_auc" and np.isfinite(probe["layers"][2]["test_mean"])
