@@ -201,10 +201,11 @@ def ls_cmd(cache_root: Annotated[Path, typer.Option(help="Root folder of all cac
         console.print(f"no caches under {cache_root}")
         return
     table = Table(title=f"caches under {cache_root}")
-    for col in ("path", "dataset", "model", "weights", "images", "status", "size"):
-        table.add_column(col, overflow="fold")
+    columns = ("dataset", "model", "weights", "images", "status", "size", "path")
+    for col in columns:
+        table.add_column(col, overflow="fold", no_wrap=col != "path")
     for row in rows:
-        table.add_row(*(str(row[c]) for c in ("path", "dataset", "model", "weights", "images", "status", "size")))
+        table.add_row(*(str(row[c]) for c in columns))
     console.print(table)
 
 
