@@ -231,10 +231,12 @@ def _ints(text: str, what: str) -> list[int]:
 
 def _print_knn(result: dict) -> None:
     table = Table(title=f"k-NN ({result['metric']}) → {result['folder']}")
-    for col in ("layer", "split", "k", result["metric"], "accuracy"):
+    extra = result["metric"] != "accuracy"  # accuracy is always reported; don't show it twice
+    for col in ("layer", "split", "k", result["metric"], *(["accuracy"] if extra else [])):
         table.add_column(col)
     for row in result["rows"]:
-        table.add_row(str(row["layer"]), row["split"], str(row["k"]), f"{row['value']:.4f}", f"{row['accuracy']:.4f}")
+        cells = [str(row["layer"]), row["split"], str(row["k"]), f"{row['value']:.4f}"]
+        table.add_row(*cells, *([f"{row['accuracy']:.4f}"] if extra else []))
     console.print(table)
 
 
