@@ -56,8 +56,9 @@ class Foundation(nn.Module):
             images = images.expand(-1, 3, -1, -1)
         tokens, normed, backend_pooled = self.adapter(images)
         prefix = int(self.adapter.num_prefix_tokens)
-        cls = [t[:, 0] for t in normed] if prefix > 0 else None
-        mean = [t[:, prefix:].mean(dim=1) for t in normed]
+        # pool in fp32: under bf16 autocast a mean over hundreds of tokens would lose precision
+        cls = [t[:, 0].float() for t in normed] if prefix > 0 else None
+        mean = [t[:, prefix:].float().mean(dim=1) for t in normed]
         kind = self.spec.pooled
         if kind == "auto":
             kind = "cls" if cls is not None else "mean"
@@ -68,7 +69,7 @@ class Foundation(nn.Module):
         elif kind == "mean":
             pooled = mean[-1]
         elif kind == "pooled":
-            pooled = backend_pooled if backend_pooled is not None else mean[-1]
+            pooled = backend_pooled.float() if backend_pooled is not None else mean[-1]
         else:
             raise FmcacheError(f"unknown pooled kind '{self.spec.pooled}' for {self.spec.name}")
         return FoundationOutput(tokens, prefix, cls, mean, pooled, kind)
