@@ -130,7 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="p2,p5,p6")
     parser.add_argument("--n", type=int, default=512, help="images for P2")
-    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers for P2")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for P2 (0: decode in-process)")
     parser.add_argument("--p5", default="1000,10000", help="small,large image counts for P5")
     parser.add_argument("--p6-n", type=int, default=32, help="images for P6 (ViT-B at 224 px)")
     args = parser.parse_args()

@@ -63,18 +63,25 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--noise", type=float, default=9.0, help="within-class spread (accuracy knob)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=2, help="runs per side; the best of each is compared")
     args = parser.parse_args()
 
     bank_x, bank_y, query_x, query_y = clustered_features(
         args.n, args.queries, args.dim, args.classes, args.noise, args.seed
     )
-    fm_seconds, fm_pred = time_fmcache(bank_x, bank_y, query_x, args.ks, args.temperature, args.classes)
-    sk_seconds, sk_pred = time_sklearn(bank_x, bank_y, query_x, args.ks, args.temperature)
+    # Load from other processes on a shared machine only slows a run down, so each side keeps its best time.
+    fm_seconds = sk_seconds = float("inf")
+    for _ in range(max(1, args.repeat)):
+        seconds, fm_pred = time_fmcache(bank_x, bank_y, query_x, args.ks, args.temperature, args.classes)
+        fm_seconds = min(fm_seconds, seconds)
+        seconds, sk_pred = time_sklearn(bank_x, bank_y, query_x, args.ks, args.temperature)
+        sk_seconds = min(sk_seconds, seconds)
     agreement = min(float(np.mean(fm_pred[k] == sk_pred[k])) for k in args.ks)
     identical = "True" if agreement == 1.0 else f"False (agreement {agreement:.5f})"
     accuracy = ", ".join(f"k={k} {np.mean(fm_pred[k] == query_y):.3f}" for k in args.ks)
     print(
-        f"P3 kNN fmcache vs sklearn (n={args.n}, d={args.dim}, {len(args.ks)} k): "
+        f"P3 kNN fmcache vs sklearn (n={args.n}, {args.queries} queries, d={args.dim}, {len(args.ks)} k, "
+        f"best of {args.repeat}): "
         f"{sk_seconds / fm_seconds:.1f}x, identical predictions: {identical} "
         f"[fmcache {fm_seconds:.2f} s, sklearn {sk_seconds:.2f} s; accuracy {accuracy}]"
     )
