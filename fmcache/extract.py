@@ -19,7 +19,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import fmcache
-from fmcache.cache.files import ensure_writable_dir, sha256_file
 from fmcache.cache.key import SCHEMA_VERSION, cache_key
 from fmcache.cache.lock import CacheLock
 from fmcache.cache.manifest import read_manifest, shard_entries, write_manifest
@@ -27,7 +26,9 @@ from fmcache.cache.shards import BackgroundWriter, ShardWriter, finished_shards,
 from fmcache.data import DatasetIndex, ImageDataset, build_transform, dataset_norm, default_metric, load_dataset
 from fmcache.dist import Dist, close_dist, init_dist
 from fmcache.errors import FmcacheError
+from fmcache.files import ensure_writable_dir, sha256_file
 from fmcache.models import Foundation, FoundationOutput, create_foundation, get_spec
+from fmcache.progress import progress_bar
 
 DTYPES = {"fp16": np.float16, "fp32": np.float32}
 ON_BAD_IMAGE = ("error", "skip")
@@ -374,7 +375,7 @@ class Extractor:
         total = sum(len(self.shard_positions(s)) for s in mine)
         writer = BackgroundWriter()
         try:
-            with _progress(self.progress and dist.main, total, f"{spec.model} → {self.folder}") as advance:
+            with progress_bar(self.progress and dist.main, total, f"{spec.model} → {self.folder}") as advance:
                 for shard in mine:
                     self._extract_shard(shard, forward, model_info, device, writer, advance)
                     if dist.world == 1:
@@ -479,50 +480,6 @@ def _to_numpy(arrays: dict) -> dict[str, np.ndarray]:
     if event is not None:
         event.synchronize()
     return {k: v.numpy() for k, v in arrays.items() if k != "__event__"}
-
-
-class _progress:
-    """Rich progress with throughput and ETA on the main rank; a no-op elsewhere."""
-
-    def __init__(self, enabled: bool, total: int, title: str):
-        self.enabled, self.total, self.title = enabled and total > 0, total, title
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(
-            TextColumn("[bold]extract"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]} img/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-        )
-        self.bar.start()
-        self.task = self.bar.add_task(self.title, total=self.total, rate="-")
-        self.t0 = time.perf_counter()
-        self.done = 0
-
-        def advance(n: int) -> None:
-            self.done += n
-            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-            self.bar.update(self.task, advance=n, rate=f"{rate:.1f}")
-
-        return advance
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.stop()
 
 
 def run_extract(spec: ExtractSpec, progress: bool = True, log=print) -> Path:

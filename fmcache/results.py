@@ -6,14 +6,11 @@ so a crash never leaves a half-written result that looks valid.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +19,7 @@ import numpy as np
 
 import fmcache
 from fmcache.errors import FmcacheError
+from fmcache.files import atomic_write_bytes, ensure_writable_dir
 
 
 def to_jsonable(obj):
@@ -52,35 +50,6 @@ def _key(k) -> str:
     return k if isinstance(k, str) else json.dumps(k) if isinstance(k, bool) else str(k)
 
 
-def _ensure_dir(out_dir: Path) -> Path:
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise FmcacheError(
-            f"cannot create results folder {out_dir}: {err.strerror or err}; choose a writable output folder"
-        ) from None
-    return out_dir
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    tmp = None
-    try:
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
-            tmp = f.name
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        raise FmcacheError(f"cannot write {path}: {err.strerror or err}; choose a writable output folder") from None
-
-
 def _csv_bytes(rows: Sequence[Mapping]) -> bytes:
     columns: dict[str, None] = {}
     for row in rows:
@@ -109,15 +78,15 @@ def write_results(out_dir: Path, stem: str, payload: Mapping, rows: Sequence[Map
     first-seen order. The CSV is written first, so an existing JSON always has its CSV. Returns the two
     paths; raises :class:`FmcacheError` if the folder cannot be written.
     """
-    out_dir = _ensure_dir(out_dir)
+    out_dir = ensure_writable_dir(Path(out_dir))
     document = {
         **to_jsonable(payload),
         "fmcache_version": fmcache.__version__,
         "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
-    _atomic_write(csv_path, _csv_bytes(rows))
-    _atomic_write(json_path, (json.dumps(document, indent=2, allow_nan=False) + "\n").encode())
+    atomic_write_bytes(csv_path, _csv_bytes(rows))
+    atomic_write_bytes(json_path, (json.dumps(document, indent=2, allow_nan=False) + "\n").encode())
     return json_path, csv_path
 
 
@@ -133,10 +102,10 @@ def _new_figure(n_panels: int = 1):
 
 def _save_png(fig, path: Path) -> Path:
     path = Path(path)
-    _ensure_dir(path.parent)
+    ensure_writable_dir(path.parent)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
-    _atomic_write(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 

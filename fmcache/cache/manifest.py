@@ -8,9 +8,9 @@ from pathlib import Path
 
 import h5py
 
-from fmcache.cache.files import atomic_write_json, sha256_file
 from fmcache.cache.shards import finished_shards
 from fmcache.errors import FmcacheError
+from fmcache.files import atomic_write_json, sha256_file
 
 MANIFEST = "manifest.json"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from fmcache.cache.files import disk_error, sha256_file
+from fmcache.files import disk_error, sha256_file
 
 SHARD_RE = re.compile(r"^shard-(\d{5})\.h5$")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fmcache.cache.files import sha256_file
 from fmcache.errors import FmcacheError
+from fmcache.files import sha256_file
 
 # Wrappers that training code puts around a backbone's keys; stripped when the stripped keys match better.
 PREFIXES = ("module.", "backbone.", "visual_encoder.", "encoder.", "model.", "visual.", "vision_model.")

@@ -1,4 +1,4 @@
-"""Small atomic file helpers shared by the cache and results writers."""
+"""Atomic file writes and clear disk errors, shared by the cache and the results writers."""
 
 from __future__ import annotations
 
@@ -11,18 +11,26 @@ from pathlib import Path
 from fmcache.errors import FmcacheError
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename over ``path``."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, then rename over ``path``.
+
+    A crash leaves at most a hidden temporary file, never a partial file under the real name.
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise disk_error(exc, path) from exc
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_json(path: Path, obj: object) -> None:
@@ -43,7 +51,7 @@ def disk_error(exc: OSError, path: Path) -> FmcacheError:
         return FmcacheError(f"no space left on device while writing {path}; free space or pass another --cache-root")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return FmcacheError(f"cannot write {path}: permission denied; pass a writable --cache-root / --out")
-    return FmcacheError(f"cannot write {path}: {exc.strerror or exc}")
+    return FmcacheError(f"cannot write {path}: {exc.strerror or exc}; choose a writable folder (--cache-root / --out)")
 
 
 def ensure_writable_dir(path: Path) -> Path:
