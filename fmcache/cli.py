@@ -311,7 +311,7 @@ def probe_cmd(
     reader = CacheReader(cache)
     result = run_probe(
         reader, out, head, _floats(lrs, "--lrs"), seeds, epochs, batch_size, layer, pool, metric,
-        weight_decay, schedule, sklearn, device, standardize,
+        weight_decay, schedule, sklearn, device, standardize, progress=True,
     )  # fmt: skip
     _print_probe(result)
 

@@ -15,6 +15,7 @@ from fmcache import metrics
 from fmcache.cache.reader import CacheReader
 from fmcache.errors import FmcacheError
 from fmcache.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_evaluate, knn_rows
+from fmcache.progress import progress_bar
 from fmcache.results import plot_knn_vs_k, plot_knn_vs_layer, plot_probe_curves, plot_probe_vs_layer, write_results
 
 # The paper's warmup: 5 epochs for the small datasets, 1000 iterations for the large ones.
@@ -143,6 +144,7 @@ def run_probe(
     sklearn: bool = False,
     device: str | None = None,
     standardize: bool = True,
+    progress: bool = False,
 ) -> dict:
     """The paper's frozen linear protocol over the whole LR × seed grid, from cached pooled features.
 
@@ -167,13 +169,17 @@ def run_probe(
         data = [(features(reader, s, number, pools), reader.labels(s)) for s in ("train", "val", "test")]
         if standardize:
             data = standardize_splits(data)
-        result = train_linear_grid(
-            *data[0], *data[1], *data[2],
-            lrs=lrs, seeds=seeds, num_classes=len(reader.class_names), metric=metric,
-            multilabel=reader.multilabel, epochs=epochs, batch_size=batch_size, weight_decay=weight_decay,
-            schedule=schedule, label_names=reader.class_names if reader.multilabel else None,
-            device=device, **warmup,
-        )  # fmt: skip
+        heads = len(lrs) * (seeds if isinstance(seeds, int) else len(seeds))
+        with progress_bar(
+            progress, epochs, f"layer {number}", f"probe {heads} heads, layer {number}", "epoch/s"
+        ) as advance:
+            result = train_linear_grid(
+                *data[0], *data[1], *data[2],
+                lrs=lrs, seeds=seeds, num_classes=len(reader.class_names), metric=metric,
+                multilabel=reader.multilabel, epochs=epochs, batch_size=batch_size, weight_decay=weight_decay,
+                schedule=schedule, label_names=reader.class_names if reader.multilabel else None,
+                device=device, on_epoch=lambda _: advance(1), **warmup,
+            )  # fmt: skip
         entry = result.to_dict()
         if sklearn:
             entry["sklearn"] = fit_sklearn_reference(*data[0], *data[1], *data[2], metric=metric)

@@ -351,12 +351,13 @@ def train_linear_grid(
     schedule: str = "cosine",
     label_names: Sequence[str] | None = None,
     device: str | torch.device | None = None,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> ProbeResult:
     """Train the linear-probe grid (every LR × every seed) in one pass; see the module doc.
 
     Features are (N, D) arrays (any float dtype; used as float32 on ``device``, default CUDA if
     available else CPU). Labels are (N,) class indices, or (N, C) 0/1 with NaN = unknown when
-    ``multilabel``. ``seeds`` is a list or a count n (seeds 0..n-1). ``metric`` is the paper metric used
+    ``multilabel``. ``on_epoch(epochs_done)`` is called after each epoch (progress display). ``seeds`` is a list or a count n (seeds 0..n-1). ``metric`` is the paper metric used
     for model selection (``metrics.METRICS``). ``grad_clip`` None or 0 disables clipping.
     """
     metrics.check_metric(metric)
@@ -390,6 +391,8 @@ def train_linear_grid(
     for epoch in range(epochs):
         run.train_epoch(batch_size, lambda step: lr_multiplier(step, total_steps, warmup, schedule))
         evaluator.evaluate_epoch(epoch, run.weight.detach(), run.bias.detach())
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
     return _summarise(metric, lrs, seeds, evaluator, settings, run.train_seconds)
 
 

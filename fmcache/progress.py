@@ -11,8 +11,8 @@ class progress_bar:
     ``with progress_bar(enabled, total, title, verb) as advance: advance(n)``.
     """
 
-    def __init__(self, enabled: bool, total: int, title: str, verb: str = "extract"):
-        self.enabled, self.total, self.title, self.verb = enabled and total > 0, total, title, verb
+    def __init__(self, enabled: bool, total: int, title: str, verb: str = "extract", unit: str = "img/s"):
+        self.enabled, self.total, self.title, self.verb, self.unit = enabled and total > 0, total, title, verb, unit
 
     def __enter__(self):
         if not self.enabled:
@@ -30,7 +30,7 @@ class progress_bar:
             TextColumn(f"[bold]{self.verb}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]} img/s"),
+            TextColumn("{task.fields[rate]} " + self.unit),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
