@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import fmcache
@@ -39,7 +40,7 @@ def cli_command(fn):
         except FmcacheError as exc:
             if STATE["verbose"]:
                 traceback.print_exc()
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]; rerun the same command to resume")
@@ -77,7 +78,7 @@ def models_cmd() -> None:
 
     table = Table(title="fmcache foundations")
     for col in ("name", "backend", "architecture", "pooled", "layers", "size", "local weights", "notes"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold", no_wrap=col == "name")
     for spec in list_models():
         local = "yes" if weights_available_locally(spec) else ("needs --weights" if not spec.hub else "no")
         arch = spec.arch + (
@@ -178,7 +179,7 @@ def extract_cmd(
     spec = ExtractSpec(**merged, dataset_options=options)
     folder = run_extract(spec, progress=not quiet, log=lambda m: err_console.print(m))
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line for the whole job
-        console.print(str(folder), highlight=False, soft_wrap=True)
+        console.print(str(folder), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("info")

@@ -29,27 +29,64 @@ def results_dir(reader: CacheReader, out: Path) -> Path:
     return Path(out) / reader.dataset / safe_model / reader.key[:12]
 
 
-def resolve_pool(reader: CacheReader, pool: str) -> list[str]:
-    """``auto`` is the model's paper feature kind; ``cls+mean`` concatenates both."""
-    if pool == "auto":
-        kind = reader.manifest["model"]["pooled_kind"]
-        return [{"cls": "cls", "mean": "mean"}.get(kind, "paper")]
-    parts = pool.split("+")
-    for part in parts:
-        if part not in ("cls", "mean", "paper"):
-            raise FmcacheError(f"unknown --pool '{pool}'; use auto, cls, mean, paper or cls+mean")
-    return parts
-
-
-def resolve_layers(reader: CacheReader, layer: str | int) -> list[int | str]:
+def resolve_layers(reader: CacheReader, layer: str | int) -> list[int]:
     if str(layer) == "all":
         return list(range(1, reader.num_layers + 1))
     return [reader.resolve_layer(layer)]
 
 
-def features(reader: CacheReader, split: str, layer: int, pools: list[str]) -> np.ndarray:
-    parts = [reader.pooled(split, layer, kind) for kind in pools]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+def resolve_pool(reader: CacheReader, pool: str, layers: list[int]) -> list[str]:
+    """Pooled kinds to read; ``cls+mean`` concatenates both.
+
+    ``auto`` is the model's paper feature. For a model whose paper feature is the backend's own pooled output
+    (CLIP's projection, CoCa's pooler), that exists at the last layer only, so a per-layer request uses the CLS
+    token (or the mean where there is none) at every layer, keeping the curve one kind of feature.
+    """
+    last_only = layers == [reader.num_layers]
+    if pool == "auto":
+        kind = reader.manifest["model"]["pooled_kind"]
+        if kind in ("cls", "mean"):
+            return [kind]
+        if kind == "pooled":
+            return ["paper"] if last_only else ["cls" if "cls" in reader.pools else "mean"]
+        raise FmcacheError(f"cache {reader.path} records an unknown pooled kind '{kind}'; extract it again")
+    parts = pool.split("+")
+    for part in parts:
+        if part not in ("cls", "mean", "paper"):
+            raise FmcacheError(f"unknown --pool '{pool}'; use auto, cls, mean, paper or cls+mean")
+    if "paper" in parts and not last_only:
+        raise FmcacheError(
+            f"the paper pooled feature exists for the last layer ({reader.num_layers}) only; "
+            "use --pool cls or mean for other layers"
+        )
+    return parts
+
+
+class FeatureSource:
+    """Pooled features per (split, layer) for the requested kinds.
+
+    With several layers, each split's (n, L, D) stack is read once and kept in its stored dtype when it fits in
+    a quarter of the available memory; otherwise each layer is read on its own (bounded memory, more I/O).
+    """
+
+    def __init__(self, reader: CacheReader, layers: list[int], pools: list[str]):
+        import psutil
+
+        self.reader, self.layers, self.pools = reader, layers, pools
+        needed = sum(reader.pooled_nbytes(k) for k in pools if k != "paper")
+        self.keep = len(layers) > 1 and needed < psutil.virtual_memory().available / 4
+        self._stacks: dict[tuple[str, str], np.ndarray] = {}
+
+    def _layer(self, split: str, layer: int, kind: str) -> np.ndarray:
+        if kind == "paper" or not self.keep:
+            return self.reader.pooled(split, layer, kind)
+        if (split, kind) not in self._stacks:
+            self._stacks[(split, kind)] = self.reader.pooled_stack(split, kind)
+        return self._stacks[(split, kind)][:, layer - 1, : self.reader.layer_dims[layer - 1]].astype(np.float32)
+
+    def get(self, split: str, layer: int) -> np.ndarray:
+        parts = [self._layer(split, layer, kind) for kind in self.pools]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 
 def dataset_metric(reader: CacheReader, metric: str | None) -> str:
@@ -75,7 +112,8 @@ def _settings_header(reader: CacheReader, **settings) -> dict:
 
 def _check_eval_splits(eval_splits: Sequence[str]) -> list[str]:
     splits = [s for s in eval_splits if s]
-    bad = [s for s in splits if s not in ("train", "val", "test")]
+    # the train split is the bank: querying it would let every sample find itself
+    bad = [s for s in splits if s not in ("val", "test")]
     if bad or not splits:
         raise FmcacheError(f"bad --eval '{','.join(eval_splits)}'; use val, test or val,test")
     return splits
@@ -94,18 +132,16 @@ def run_knn(
 ) -> dict:
     """Weighted k-NN (train split as the bank) for each requested layer; writes knn.{json,csv} and plots."""
     metric = dataset_metric(reader, metric)
-    pools, layers = resolve_pool(reader, pool), resolve_layers(reader, layer)
+    layers = resolve_layers(reader, layer)
+    pools = resolve_pool(reader, pool, layers)
     splits = _check_eval_splits(eval_splits)
-    if "paper" in pools and len(layers) > 1:
-        raise FmcacheError(
-            "the paper pooled feature exists for the last layer only; use --pool cls or mean with --layer all"
-        )
+    source = FeatureSource(reader, layers, pools)
     start = time.perf_counter()
     per_layer, rows = {}, []
     for number in layers:
-        queries = {s: (features(reader, s, number, pools), reader.labels(s)) for s in splits}
+        queries = {s: (source.get(s, number), reader.labels(s)) for s in splits}
         result = knn_evaluate(
-            features(reader, "train", number, pools),
+            source.get("train", number),
             reader.labels("train"),
             queries,
             ks,
@@ -157,16 +193,18 @@ def run_probe(
     if head != "linear":
         raise FmcacheError(f"unknown --head '{head}'; this version trains linear heads (use --head linear)")
     metric = dataset_metric(reader, metric)
-    pools, layers = resolve_pool(reader, pool), resolve_layers(reader, layer)
-    if "paper" in pools and len(layers) > 1:
-        raise FmcacheError(
-            "the paper pooled feature exists for the last layer only; use --pool cls or mean with --layer all"
-        )
+    layers = resolve_layers(reader, layer)
+    pools = resolve_pool(reader, pool, layers)
+    if batch_size < 1 or epochs < 1:
+        raise FmcacheError(f"--batch-size and --epochs must be at least 1, got {batch_size} and {epochs}")
+    if sklearn and reader.multilabel:
+        raise FmcacheError("--sklearn fits a single-label LogisticRegression; it does not apply to multi-label data")
+    source = FeatureSource(reader, layers, pools)
     warmup = fit_warmup(WARMUP.get(reader.dataset, DEFAULT_WARMUP), epochs, len(reader.rows("train")), batch_size)
     folder = results_dir(reader, out)
     per_layer, rows = {}, []
     for number in layers:
-        data = [(features(reader, s, number, pools), reader.labels(s)) for s in ("train", "val", "test")]
+        data = [(source.get(s, number), reader.labels(s)) for s in ("train", "val", "test")]
         if standardize:
             data = standardize_splits(data)
         heads = len(lrs) * (seeds if isinstance(seeds, int) else len(seeds))

@@ -20,10 +20,11 @@ from torch.utils.data import DataLoader, Dataset
 
 import fmcache
 from fmcache.cache.key import SCHEMA_VERSION, cache_key
-from fmcache.cache.lock import CacheLock
-from fmcache.cache.manifest import read_manifest, shard_entries, write_manifest
+from fmcache.cache.lock import LOCK_NAME, CacheLock
+from fmcache.cache.manifest import MANIFEST, read_manifest, shard_entries, write_manifest
 from fmcache.cache.shards import BackgroundWriter, ShardWriter, finished_shards, remove_orphans
 from fmcache.data import DatasetIndex, ImageDataset, build_transform, dataset_norm, default_metric, load_dataset
+from fmcache.data.transforms import INTERPOLATIONS
 from fmcache.dist import Dist, close_dist, init_dist
 from fmcache.errors import FmcacheError
 from fmcache.files import ensure_writable_dir, sha256_file
@@ -32,6 +33,8 @@ from fmcache.progress import progress_bar
 
 DTYPES = {"fp16": np.float16, "fp32": np.float32}
 ON_BAD_IMAGE = ("error", "skip")
+NORMS = ("dataset", "model")
+COMPRESSIONS = (None, "gzip", "lzf")
 RANDOM_INIT_SEED = 0  # --random-init weights are seeded so every process and every resume builds the same model
 
 
@@ -61,6 +64,33 @@ class ExtractSpec:
     device: str | None = None
     dataset_options: dict = field(default_factory=dict)
     arch_overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Check choices, types and ranges once, so bad values fail as one clear line before any work."""
+        for name, low in (("batch_size", 1), ("shard_size", 1), ("workers", 0)):
+            _check_int(name, getattr(self, name), low)
+        for name in ("img_size", "resize", "limit"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        choices = {
+            "norm": NORMS,
+            "dtype": tuple(DTYPES),
+            "on_bad_image": ON_BAD_IMAGE,
+            "compression": COMPRESSIONS,
+            "interpolation": tuple(INTERPOLATIONS),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                shown = ", ".join(str(a) for a in allowed if a is not None)
+                raise FmcacheError(f"unknown --{name.replace('_', '-')} '{getattr(self, name)}'; use {shown}")
+        if self.device not in (None, "auto", "cpu") and not str(self.device).startswith("cuda"):
+            raise FmcacheError(f"unknown --device '{self.device}'; use auto, cpu or cuda")
+        parse_tokens(self.tokens)
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise FmcacheError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
 
 
 # -- planning ----------------------------------------------------------------------------------------------------
@@ -182,7 +212,12 @@ def pack_outputs(out: FoundationOutput, layers_tok: list[int], dtype: torch.dtyp
         arrays["pooled/cls"] = _stack_padded(out.pooled_cls, width)
     for number in layers_tok:
         arrays[f"tokens/layer_{number:02d}"] = out.tokens[number - 1]
-    return {k: v.to(dtype) for k, v in arrays.items()}
+    packed = {k: v.to(dtype) for k, v in arrays.items()}
+    bad = [k for k, v in packed.items() if not bool(torch.isfinite(v).all())]
+    if bad:  # fp16 tops out at 65504; inf would turn into NaN after L2 normalisation downstream
+        hint = " (values exceed fp16's range; use --dtype fp32)" if dtype == torch.float16 else ""
+        raise FmcacheError(f"the model produced non-finite {bad[0]} features{hint}")
+    return packed
 
 
 def describe_model(model: Foundation, device: torch.device, img_size: int, layers_req: str | list[int]) -> dict:
@@ -253,10 +288,6 @@ class Extractor:
         self.spec = spec
         self.progress = progress
         self.log = log
-        if spec.on_bad_image not in ON_BAD_IMAGE:
-            raise FmcacheError(f"unknown --on-bad-image '{spec.on_bad_image}'; use error or skip")
-        if spec.shard_size < 1 or spec.batch_size < 1:
-            raise FmcacheError("--shard-size and --batch-size must be positive")
         self.index = load_dataset(spec.dataset, spec.data_root, **spec.dataset_options)
         self.positions = select_positions(self.index, spec.limit)
         model_spec = get_spec(spec.model)
@@ -290,6 +321,7 @@ class Extractor:
             return self.folder
         dist = init_dist(self.spec.device)
         lock = CacheLock(self.folder)
+        fresh = not self.folder.exists()
         try:
             if dist.main:
                 ensure_writable_dir(self.folder)
@@ -307,11 +339,27 @@ class Extractor:
                 manifest = self._write_manifest()
                 if manifest["status"] != "complete":
                     raise FmcacheError(f"extraction ended with missing shards in {self.folder}; rerun the command")
+        except BaseException:
+            if dist.main and fresh:
+                self._remove_if_empty()
+            raise
         finally:
             if dist.main:
                 lock.release()
             close_dist(dist)
         return self.folder
+
+    def _remove_if_empty(self) -> None:
+        """A run that failed before finishing any shard leaves no folder behind (only its partial manifest)."""
+        if not self.folder.is_dir() or finished_shards(self.folder):
+            return
+        (self.folder / MANIFEST).unlink(missing_ok=True)
+        remove_orphans(self.folder)
+        with contextlib.suppress(OSError):
+            (self.folder / LOCK_NAME).unlink(missing_ok=True)
+            self.folder.rmdir()
+            self.folder.parent.rmdir()  # <model>/ and <dataset>/ too, when nothing else lives there
+            self.folder.parent.parent.rmdir()
 
     # The manifest is rebuilt from the shard files, so every rank's finished work is listed after a crash too.
     def _write_manifest(self) -> dict:

@@ -549,13 +549,15 @@ def test_full_disk_is_a_clear_error_and_nothing_looks_valid(tmp_path, aptos_root
         run_extract(spec(aptos_root, tmp_path, tokens="last"), progress=False, log=quiet)
     folder = Extractor(spec(aptos_root, tmp_path, tokens="last")).folder
     # 7 datasets per batch and 2 batches per shard: write 17 falls in shard 1's first batch
-    expected = [] if fail_at_write == 1 else ["shard-00000.h5"]
-    assert [p.name for p in shard_files(folder)] == expected
-    assert not temp_files(folder) and not (folder / LOCK_NAME).exists()
-    manifest = assert_manifest_lists_only_complete_shards(folder)
-    assert manifest["status"] == "partial"
-    with pytest.raises(FmcacheError, match="incomplete"):
-        CacheReader(folder)
+    if fail_at_write == 1:  # nothing finished: the run leaves no folder at all
+        assert not folder.exists()
+    else:
+        assert [p.name for p in shard_files(folder)] == ["shard-00000.h5"]
+        assert not temp_files(folder) and not (folder / LOCK_NAME).exists()
+        manifest = assert_manifest_lists_only_complete_shards(folder)
+        assert manifest["status"] == "partial"
+        with pytest.raises(FmcacheError, match="incomplete"):
+            CacheReader(folder)
     # once there is space again, the same command finishes the cache
     monkeypatch.setattr(h5py.Dataset, "__setitem__", real)
     run_extract(spec(aptos_root, tmp_path, tokens="last"), progress=False, log=quiet)
@@ -611,10 +613,53 @@ def test_bad_options_are_clear_errors(tmp_path, aptos_root):
         ({"norm": "imagenet"}, "unknown --norm"),
         ({"tokens": "0"}, "layer numbers start at 1"),
         ({"on_bad_image": "ignore"}, "unknown --on-bad-image"),
-        ({"limit": 0}, "--limit must be at least 1"),
+        ({"limit": 0}, "--limit must be an integer >= 1"),
         ({"weights": tmp_path / "missing.pt", "random_init": False}, "does not exist"),
     ]:
         with pytest.raises(FmcacheError, match=pattern):
             Extractor(spec(aptos_root, tmp_path, **kw))
     with pytest.raises(FmcacheError, match="asks for layer 3 but the model has 2 layers"):
         run_extract(spec(aptos_root, tmp_path, tokens="3", limit=1), progress=False, log=quiet)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--compression", "foo", "unknown --compression"),
+        ("--device", "tpu", "unknown --device"),
+        ("--workers", "-1", "--workers must be an integer >= 0"),
+        ("--img-size", "0", "--img-size must be an integer >= 1"),
+        ("--dtype", "bf16", "unknown --dtype"),
+        ("--tokens", "x", "bad --tokens"),
+    ],
+)
+def test_bad_extract_values_are_one_line_and_leave_nothing(tmp_path, aptos_root, flag, value, message):
+    from typer.testing import CliRunner
+
+    from fmcache.cli import app
+
+    args = ["extract", "--dataset", "aptos2019", "--data-root", str(aptos_root), "--model", "dinov2_vits14"]
+    args += ["--random-init", "--cache-root", str(tmp_path / "cache"), flag, value]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("manifest.json"))
+
+
+def test_failed_run_leaves_no_empty_cache_folder(tmp_path, aptos_root):
+    spec = ExtractSpec(**spec_kwargs(aptos_root, tmp_path / "cache", tokens="9"))  # the tiny model has 2 layers
+    with pytest.raises(FmcacheError, match="has 2 layers"):
+        run_extract(spec, progress=False, log=quiet)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert not (tmp_path / "cache" / "aptos2019").exists()
+
+
+def test_yaml_values_of_the_wrong_type_are_clear_errors(tmp_path, aptos_root):
+    from typer.testing import CliRunner
+
+    from fmcache.cli import app
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"dataset: aptos2019\ndata_root: {aptos_root}\nmodel: dinov2_vits14\nimg_size: abc\n")
+    result = CliRunner().invoke(app, ["extract", "--config", str(config), "--random-init"])
+    assert result.exit_code == 2 and "--img-size must be an integer" in result.output

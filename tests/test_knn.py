@@ -171,5 +171,5 @@ def test_unwritable_results_folder_is_an_error(tmp_path):
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(FmcacheError, match="cannot write .*writable folder"):
+    with pytest.raises(FmcacheError, match=r"cannot write .*writable folder"):
         results.write_results(blocker / "out", "knn", {}, [])

@@ -57,27 +57,15 @@ def test_standardize_uses_train_statistics():
     assert np.allclose(out[1][0], (data[1][0] - mean) / std, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def digits_cache(tmp_path_factory) -> Path:
-    """The demo's data (all 1,797 digit scans) through a random-init ResNet, as the demo does."""
-    from fmcache.demo import write_digits
-    from fmcache.extract import ExtractSpec, run_extract
-
-    tmp = tmp_path_factory.mktemp("digits")
-    root = write_digits(tmp / "digits")
-    spec = ExtractSpec(
-        dataset="imagefolder", data_root=root, model="timm:resnet18", random_init=True, img_size=32,
-        workers=0, batch_size=128, cache_root=tmp / "cache",
-    )  # fmt: skip
-    return run_extract(spec, progress=False, log=lambda m: None)
-
-
 @pytest.mark.slow
-def test_demo_cache_probe_is_within_two_points_of_sklearn(digits_cache: Path, tmp_path: Path):
-    reader = CacheReader(digits_cache)
-    result = run_probe(reader, out=tmp_path, lrs=(1e-3, 1e-2), seeds=2, epochs=40, layer=3, sklearn=True)
-    entry = result["layers"][3]
-    data = standardize_splits([(reader.pooled(s, 3, "mean"), reader.labels(s)) for s in ("train", "val", "test")])
+def test_demo_probe_is_within_two_points_of_sklearn_on_the_demo_cache(tmp_path: Path):
+    """The demo itself (digits → random-init ResNet-50 → k-NN → probe with --sklearn), checked against sklearn."""
+    from fmcache.demo import run_demo
+
+    result = run_demo(tmp_path / "demo", log=lambda m: None)
+    ((layer, entry),) = result["probe"]["layers"].items()
+    reader = CacheReader(result["cache"])
+    data = standardize_splits([(reader.pooled(s, layer, "mean"), reader.labels(s)) for s in ("train", "val", "test")])
     reference = fit_sklearn_reference(*data[0], *data[1], *data[2], metric="accuracy")
     assert entry["sklearn"]["value"] == pytest.approx(reference["value"])
     assert reference["value"] > 0.8
@@ -100,6 +88,9 @@ def _cli(*args: str):
         (["probe", "{cache}", "--head", "mlp"], "unknown --head"),
         (["probe", "{cache}", "--lrs", "a,b"], "bad --lrs"),
         (["probe", "{cache}", "--layer", "0"], "layer 0 does not exist"),
+        (["probe", "{cache}", "--batch-size", "0"], "at least 1"),
+        (["knn", "{cache}", "--pool", "paper", "--layer", "1"], "last layer (2) only"),
+        (["knn", "{cache}", "--eval", "train,val"], "bad --eval"),
     ],
 )
 def test_stage_two_bad_input_is_one_line_and_exit_2(tiny_cache: Path, tmp_path: Path, args, message):
@@ -149,3 +140,27 @@ def test_multilabel_chexpert_cache_knn_and_probe(tmp_path: Path):
     assert entry["metric"] == "mean_auc" and 0.0 <= entry["value"] <= 1.0
     probe = run_probe(reader, out=tmp_path / "r", lrs=(1e-3,), seeds=2, epochs=3, batch_size=16)
     assert probe["metric"] == "mean_auc" and np.isfinite(probe["layers"][2]["test_mean"])
+
+
+def test_cli_empty_split_and_missing_pool_are_one_line_exit_2(tmp_path: Path, aptos_root: Path):
+    from fmcache.extract import ExtractSpec, run_extract
+    from tests.conftest import spec_kwargs
+    from tests.tiny_models import TINY
+
+    size, overrides, *_ = TINY["resnet50"]
+    kw = spec_kwargs(aptos_root, tmp_path / "cache", limit=3)
+    kw.update(model="resnet50", img_size=size, arch_overrides=overrides)
+    resnet = run_extract(ExtractSpec(**kw), progress=False, log=lambda m: None)
+    result = _cli("knn", str(resnet), "--pool", "cls", "--out", str(tmp_path / "r"))
+    assert result.exit_code == 2 and "no 'cls' pooled features" in result.output and "Traceback" not in result.output
+
+    from tests.fixtures_data import make_csv
+
+    root = make_csv(tmp_path / "csv", n=12)
+    lines = (root / "labels.csv").read_text().splitlines()
+    header, rows = lines[0], lines[1:]
+    (root / "labels.csv").write_text("\n".join([header + ",split"] + [r + ",train" for r in rows]) + "\n")
+    kw = spec_kwargs(root, tmp_path / "cache2", dataset="csv")
+    cache = run_extract(ExtractSpec(**kw), progress=False, log=lambda m: None)
+    result = _cli("knn", str(cache), "--out", str(tmp_path / "r"))
+    assert result.exit_code == 2 and "is empty" in result.output and "Traceback" not in result.output

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.markup import escape
+
 from fmcache.cache.manifest import MANIFEST, read_manifest
 from fmcache.errors import FmcacheError
 
@@ -22,7 +24,7 @@ def human_bytes(n: float) -> str:
 
 def _weights_text(weights: dict) -> str:
     if weights.get("source") == "file":
-        return f"file {weights.get('path')} (sha256 {str(weights.get('sha256'))[:12]}…)"
+        return f"file {escape(str(weights.get('path')))} (sha256 {str(weights.get('sha256'))[:12]}…)"
     if weights.get("source") == "random":
         return "RANDOM INIT (not pretrained)"
     return f"hub {weights.get('id')}"
@@ -38,7 +40,7 @@ def format_info(folder: str | Path) -> str:
     size = _size(folder)
     timings = manifest.get("timings", {})
     lines = [
-        f"[bold]cache[/] {folder}",
+        f"[bold]cache[/] {escape(str(folder))}",
         f"  status     {manifest['status']} ({len(manifest['shards'])}/{manifest['num_shards']} shards), key {manifest['key'][:12]}",
         f"  model      {model['name']} ({model['backend']}: {model['arch']}), pooled '{model['pooled_kind']}'",
         f"  weights    {_weights_text(manifest.get('weights', {}))}",
@@ -47,7 +49,7 @@ def format_info(folder: str | Path) -> str:
         f"  tokens     layers {model['token_layers'] or 'none'} {model.get('token_shapes') or ''}",
         f"  input      {model['img_size']}px, transform {inputs['transform'].get('steps')}, "
         f"mean {inputs['transform'].get('mean')}, std {inputs['transform'].get('std')} ({inputs['transform'].get('norm_source')})",
-        f"  dataset    {data['name']} at {data['root']}, splits {data['split_counts']}, "
+        f"  dataset    {data['name']} at {escape(str(data['root']))}, splits {data['split_counts']}, "
         f"{'multi-label' if data['multilabel'] else 'single-label'} {len(data['class_names'])} classes, metric {data['metric']}",
         f"  storage    {manifest['dtype']}, {images} images, {human_bytes(size)} ({human_bytes(size / max(images, 1))}/image)",
         f"  time       {timings.get('extract_seconds')} s, {timings.get('s_per_img')} s/image",
@@ -55,7 +57,7 @@ def format_info(folder: str | Path) -> str:
     skipped = manifest.get("skipped", [])
     if skipped:
         lines.append(f"  [yellow]skipped    {len(skipped)} bad image(s):[/]")
-        lines += [f"    {s['path']}: {s['reason']}" for s in skipped[:20]]
+        lines += [f"    {escape(str(s['path']))}: {escape(str(s['reason']))}" for s in skipped[:20]]
     return "\n".join(lines)
 
 

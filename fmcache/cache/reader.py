@@ -160,8 +160,21 @@ class CacheReader:
         self._check_pool(kind)
         if kind == "paper":
             raise FmcacheError("the 'paper' pooled feature has no per-layer form; use cls or mean with --layer all")
-        stacked = self._gather(f"pooled/{kind}", split)
+        stacked = self.pooled_stack(split, kind)
         return [stacked[:, i, :d].astype(np.float32) for i, d in enumerate(self.layer_dims)]
+
+    def pooled_stack(self, split: str, kind: str = "cls") -> np.ndarray:
+        """(n, L, D_max) pooled features of every layer in the stored dtype (zero-padded; see ``layer_dims``)."""
+        self._check_pool(kind)
+        if kind == "paper":
+            raise FmcacheError("the 'paper' pooled feature has no per-layer form; use cls or mean with --layer all")
+        return self._gather(f"pooled/{kind}", split)
+
+    def pooled_nbytes(self, kind: str = "cls") -> int:
+        """Bytes of one pooled kind over all splits, as stored (for memory planning)."""
+        rows = len(self._index[0])
+        itemsize = 2 if self.manifest.get("dtype") == "fp16" else 4
+        return rows * self.num_layers * max(self.layer_dims) * itemsize
 
     def tokens(self, split: str, layer: int | str) -> TokenDataset:
         number = self.resolve_layer(layer)

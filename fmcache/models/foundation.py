@@ -69,7 +69,9 @@ class Foundation(nn.Module):
         elif kind == "mean":
             pooled = mean[-1]
         elif kind == "pooled":
-            pooled = backend_pooled.float() if backend_pooled is not None else mean[-1]
+            if backend_pooled is None:
+                raise FmcacheError(f"{self.spec.name}: the backend returned no pooled output")
+            pooled = backend_pooled.float()
         else:
             raise FmcacheError(f"unknown pooled kind '{self.spec.pooled}' for {self.spec.name}")
         return FoundationOutput(tokens, prefix, cls, mean, pooled, kind)
