@@ -239,6 +239,11 @@ def _print_knn(result: dict) -> None:
         cells = [str(row["layer"]), row["split"], str(row["k"]), f"{row['value']:.4f}"]
         table.add_row(*cells, *([f"{row['accuracy']:.4f}"] if extra else []))
     console.print(table)
+    skipped = sorted({name for row in result["rows"] for name in row.get("skipped", "").split(";") if name})
+    if skipped:  # never scored 0.5 silently: say which labels had a single class in some split
+        console.print(
+            f"[yellow]labels left out of the mean AUC in some split (one class only): {', '.join(skipped)}[/]"
+        )
 
 
 def _print_probe(result: dict) -> None:
