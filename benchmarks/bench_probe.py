@@ -6,8 +6,8 @@ The protocol is 4 learning rates × 5 seeds × E epochs (E=20), with validation 
   train batch of every epoch, plus every val pass, plus the test pass, as the original code does.
 
 By default all 20 seed-style runs are timed in full. Every run costs the same (same images, same forwards), so
-``--seed-runs N`` times only N of them and scales by 20/N for a quicker estimate (the output says which). Model: a registry model at random init (default ``resnet50`` at
-32 px). Data: scikit-learn digits written as PNGs (``--per-class`` × 10 images).
+``--seed-runs N`` times only N of them and scales by 20/N for a quicker estimate (the output says which).
+Model: a registry model at random init (default ``resnet50`` at 32 px). Data: scikit-learn digits written as PNGs (``--per-class`` × 10 images).
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def main() -> None:
     print(f"P1 setup: {args.model} random-init @{args.img_size}px, {n} images, {len(LRS)} LRs × {SEEDS} seeds × "
           f"{args.epochs} epochs")  # fmt: skip
     print(f"  fmcache: extract {t_extract:.1f} s + probe (all 20 heads) {t_probe:.1f} s = {cached:.1f} s")
-    print(f"  seed-style: {len(runs)} run(s) measured {measured:.1f} s → 20 runs {recompute:.1f} s")
+    scaled = "" if len(runs) == 20 else f" (estimate: {len(runs)} measured, scaled ×{20 / len(runs):g})"
+    print(f"  seed-style: {len(runs)} run(s) measured {measured:.1f} s → 20 runs {recompute:.1f} s{scaled}")
     print(f"P1 cached protocol vs recompute-every-epoch: {recompute / cached:.0f}×")
 
 
