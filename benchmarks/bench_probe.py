@@ -98,7 +98,8 @@ def main() -> None:
         t_extract = time.perf_counter() - t0
         reader = CacheReader(folder)
         t1 = time.perf_counter()
-        run_probe(reader, Path(tmp) / "results", lrs=LRS, seeds=SEEDS, epochs=args.epochs, pool="paper")
+        # plots are presentation, not protocol: the seed-style loop draws none either
+        run_probe(reader, Path(tmp) / "results", lrs=LRS, seeds=SEEDS, epochs=args.epochs, pool="paper", plots=False)
         t_probe = time.perf_counter() - t1
         cached = t_extract + t_probe
 
@@ -114,7 +115,9 @@ def main() -> None:
     n = len(index)
     print(f"P1 setup: {args.model} random-init @{args.img_size}px, {n} images, {len(LRS)} LRs × {SEEDS} seeds × "
           f"{args.epochs} epochs")  # fmt: skip
-    print(f"  fmcache: extract {t_extract:.1f} s + probe (all 20 heads) {t_probe:.1f} s = {cached:.1f} s")
+    print(
+        f"  fmcache: extract {t_extract:.1f} s + probe (all 20 heads, results written, plots off) {t_probe:.1f} s = {cached:.1f} s"
+    )
     scaled = "" if len(runs) == 20 else f" (estimate: {len(runs)} measured, scaled ×{20 / len(runs):g})"
     print(f"  seed-style: {len(runs)} run(s) measured {measured:.1f} s → 20 runs {recompute:.1f} s{scaled}")
     print(f"P1 cached protocol vs recompute-every-epoch: {recompute / cached:.0f}×")

@@ -277,6 +277,7 @@ def knn_cmd(
     metric: Annotated[str | None, typer.Option(help="Override the dataset's paper metric.")] = None,
     out: Annotated[Path, typer.Option(help="Results root.")] = Path("results"),
     cpu: Annotated[bool, typer.Option("--cpu", help="Force the FAISS CPU index even when a GPU exists.")] = False,
+    plots: Annotated[bool, typer.Option(help="Write PNG plots next to the JSON/CSV results.")] = True,
 ) -> None:
     """Weighted k-NN from a cache (FAISS, exact inner product on L2-normalised features)."""
     from fmcache.cache.reader import CacheReader
@@ -284,8 +285,9 @@ def knn_cmd(
 
     reader = CacheReader(cache)
     result = run_knn(
-        reader, out, _ints(k, "--k"), temperature, layer, pool, eval.split(","), metric, use_gpu=False if cpu else None
-    )
+        reader, out, _ints(k, "--k"), temperature, layer, pool, eval.split(","), metric,
+        use_gpu=False if cpu else None, plots=plots,
+    )  # fmt: skip
     _print_knn(result)
 
 
@@ -308,6 +310,7 @@ def probe_cmd(
     ] = False,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     standardize: Annotated[bool, typer.Option(help="Z-score features with train statistics before the heads.")] = True,
+    plots: Annotated[bool, typer.Option(help="Write PNG plots next to the JSON/CSV results.")] = True,
     out: Annotated[Path, typer.Option(help="Results root.")] = Path("results"),
 ) -> None:
     """Train every LR × seed linear head at once on cached features; report test mean ± std at the best LR."""
@@ -317,7 +320,7 @@ def probe_cmd(
     reader = CacheReader(cache)
     result = run_probe(
         reader, out, head, _floats(lrs, "--lrs"), seeds, epochs, batch_size, layer, pool, metric,
-        weight_decay, schedule, sklearn, device, standardize, progress=True,
+        weight_decay, schedule, sklearn, device, standardize, progress=True, plots=plots,
     )  # fmt: skip
     _print_probe(result)
 

@@ -129,6 +129,7 @@ def run_knn(
     eval_splits: Sequence[str] = EVAL_SPLITS,
     metric: str | None = None,
     use_gpu: bool | None = None,
+    plots: bool = True,
 ) -> dict:
     """Weighted k-NN (train split as the bank) for each requested layer; writes knn.{json,csv} and plots."""
     metric = dataset_metric(reader, metric)
@@ -158,8 +159,9 @@ def run_knn(
     payload = _settings_header(reader, ks=list(ks), temperature=temperature, layers=layers, pool=pools, metric=metric)
     payload.update({"layers": per_layer, "total_seconds": time.perf_counter() - start})
     write_results(folder, "knn", payload, rows)
-    plot_knn_vs_k(folder / "knn_vs_k.png", per_layer[layers[-1]])
-    if len(layers) > 1:
+    if plots:
+        plot_knn_vs_k(folder / "knn_vs_k.png", per_layer[layers[-1]])
+    if plots and len(layers) > 1:
         plot_knn_vs_layer(folder / "knn_vs_layer.png", per_layer)
     return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows}
 
@@ -181,6 +183,7 @@ def run_probe(
     device: str | None = None,
     standardize: bool = True,
     progress: bool = False,
+    plots: bool = True,
 ) -> dict:
     """The paper's frozen linear protocol over the whole LR × seed grid, from cached pooled features.
 
@@ -224,13 +227,14 @@ def run_probe(
         per_layer[number] = entry
         rows += [{"layer": number, "pool": "+".join(pools), **r} for r in result.rows()]
         suffix = "" if len(layers) == 1 else f"_layer{number:02d}"
-        plot_probe_curves(folder / f"probe_linear_curves{suffix}.png", result.curves, metric=f"val {metric}")
+        if plots:
+            plot_probe_curves(folder / f"probe_linear_curves{suffix}.png", result.curves, metric=f"val {metric}")
     payload = _settings_header(reader, head=head, lrs=list(lrs), seeds=seeds, epochs=epochs, batch_size=batch_size,
                                layers=layers, pool=pools, metric=metric, weight_decay=weight_decay,
                                schedule=schedule, standardize=standardize, **warmup)  # fmt: skip
     payload["layers"] = per_layer
     write_results(folder, "probe_linear", payload, rows)
-    if len(layers) > 1:
+    if plots and len(layers) > 1:
         plot_probe_vs_layer(folder / "probe_linear_vs_layer.png", per_layer, metric)
     return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows}
 
