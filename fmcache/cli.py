@@ -123,10 +123,6 @@ def datasets_cmd(
 # -- extract / info / ls -----------------------------------------------------------------------------------------
 
 
-def _tokens_opt(value: str | None) -> str | None:
-    return value
-
-
 @app.command("extract")
 @cli_command
 def extract_cmd(

@@ -11,7 +11,7 @@ import contextlib
 import importlib.metadata
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -533,7 +533,3 @@ def _to_numpy(arrays: dict) -> dict[str, np.ndarray]:
 def run_extract(spec: ExtractSpec, progress: bool = True, log=print) -> Path:
     """Extract (or resume, or return at once when complete) and return the cache directory."""
     return Extractor(spec, progress=progress, log=log).run()
-
-
-def spec_as_dict(spec: ExtractSpec) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(spec).items()}
