@@ -41,6 +41,7 @@ class CacheReader:
                 "shards); rerun the same `fmcache extract` command to finish it"
             )
         self.manifest = manifest
+        self._labels: dict[str, np.ndarray] = {}
         self.files = [self.path / s["file"] for s in manifest["shards"]]
         missing = [f.name for f in self.files if not f.is_file()]
         if missing:
@@ -140,11 +141,18 @@ class CacheReader:
         return np.concatenate(parts)
 
     def ids(self, split: str) -> np.ndarray:
-        return self._gather("ids", split)
+        return self._index[1][self.rows(split)]  # already read with the split codes; no shard I/O
 
     def labels(self, split: str) -> np.ndarray:
-        """int64 (n,) class labels, or float32 (n, C) multi-label targets with NaN for unknown."""
-        return self._gather("labels", split)
+        """int64 (n,) class labels, or float32 (n, C) multi-label targets with NaN for unknown (read-only).
+
+        Read once per split: stage two asks for the same labels for every layer it evaluates.
+        """
+        if split not in self._labels:
+            labels = self._gather("labels", split)
+            labels.setflags(write=False)
+            self._labels[split] = labels
+        return self._labels[split]
 
     def pooled(self, split: str, layer: int | str = "last", kind: str = "cls") -> np.ndarray:
         """float32 (n, D) pooled features of one layer; ``kind`` is cls, mean or paper (``paper`` has no layer)."""
@@ -198,7 +206,7 @@ class TokenDataset(torch.utils.data.Dataset):
         self.name = f"tokens/layer_{layer:02d}"
         rows = reader.rows(split)
         self.where = reader._index[2][rows]
-        self.labels = reader.labels(split)
+        self.labels = reader.labels(split).copy()  # writable: DataLoader tensors share its memory
         self.ids = reader.ids(split)
         self._handles: dict[int, h5py.File] = {}
         self._pid = -1
