@@ -144,14 +144,12 @@ class CacheReader:
         return self._index[1][self.rows(split)]  # already read with the split codes; no shard I/O
 
     def labels(self, split: str) -> np.ndarray:
-        """int64 (n,) class labels, or float32 (n, C) multi-label targets with NaN for unknown (read-only).
+        """int64 (n,) class labels, or float32 (n, C) multi-label targets with NaN for unknown.
 
-        Read once per split: stage two asks for the same labels for every layer it evaluates.
+        Read once per split (stage two asks again for every layer it evaluates); callers must not modify it.
         """
         if split not in self._labels:
-            labels = self._gather("labels", split)
-            labels.setflags(write=False)
-            self._labels[split] = labels
+            self._labels[split] = self._gather("labels", split)
         return self._labels[split]
 
     def pooled(self, split: str, layer: int | str = "last", kind: str = "cls") -> np.ndarray:
@@ -206,7 +204,7 @@ class TokenDataset(torch.utils.data.Dataset):
         self.name = f"tokens/layer_{layer:02d}"
         rows = reader.rows(split)
         self.where = reader._index[2][rows]
-        self.labels = reader.labels(split).copy()  # writable: DataLoader tensors share its memory
+        self.labels = reader.labels(split)
         self.ids = reader.ids(split)
         self._handles: dict[int, h5py.File] = {}
         self._pid = -1
