@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from fmcache.knn import knn_predict
+from fmcache.frozen.knn import knn_predict
 
 
 def clustered_features(

@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 from fmcache.cache.reader import CacheReader  # noqa: E402
 from fmcache.data import ImageDataset, build_transform, load_dataset  # noqa: E402
 from fmcache.demo import write_digits  # noqa: E402
-from fmcache.evaluate import run_probe  # noqa: E402
 from fmcache.extract import ExtractSpec, run_extract  # noqa: E402
+from fmcache.frozen.run import run_probe  # noqa: E402
 from fmcache.metrics import evaluate  # noqa: E402
 from fmcache.models import create_foundation  # noqa: E402
 

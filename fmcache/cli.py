@@ -277,7 +277,7 @@ def knn_cmd(
 ) -> None:
     """Weighted k-NN from a cache (FAISS, exact inner product on L2-normalised features)."""
     from fmcache.cache.reader import CacheReader
-    from fmcache.evaluate import run_knn
+    from fmcache.frozen.run import run_knn
 
     reader = CacheReader(cache)
     result = run_knn(
@@ -300,7 +300,9 @@ def probe_cmd(
     pool: Annotated[str, typer.Option(help="auto, cls, mean, paper or cls+mean.")] = "auto",
     metric: Annotated[str | None, typer.Option(help="Override the dataset's paper metric.")] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-5,
-    schedule: Annotated[str, typer.Option(help="cosine or constant after the linear warmup.")] = "cosine",
+    schedule: Annotated[
+        str, typer.Option(help="After the linear warmup: constant (the seed's, the paper's code) or cosine.")
+    ] = "constant",
     sklearn: Annotated[
         bool, typer.Option("--sklearn", help="Also fit scikit-learn LogisticRegression (C sweep).")
     ] = False,
@@ -311,7 +313,7 @@ def probe_cmd(
 ) -> None:
     """Train every LR × seed linear head at once on cached features; report test mean ± std at the best LR."""
     from fmcache.cache.reader import CacheReader
-    from fmcache.evaluate import run_probe
+    from fmcache.frozen.run import run_probe
 
     reader = CacheReader(cache)
     result = run_probe(

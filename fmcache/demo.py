@@ -44,8 +44,8 @@ def run_demo(
 ) -> dict:
     """Digits → extract → knn → probe; returns the results and writes them under ``out``."""
     from fmcache.cache.reader import CacheReader
-    from fmcache.evaluate import run_knn, run_probe
     from fmcache.extract import ExtractSpec, run_extract
+    from fmcache.frozen.run import run_knn, run_probe
 
     out = Path(out)
     data_root = out / "digits"

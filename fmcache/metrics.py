@@ -1,8 +1,9 @@
 """The paper's evaluation metrics, in plain numpy.
 
-Each dataset has one "paper metric" (:data:`DATASET_METRIC`): quadratic-weighted Cohen kappa for APTOS2019,
-ROC-AUC for CBIS-DDSM, macro recall for ISIC2019 and mean ROC-AUC over the labels for CheXpert. Stage two
-calls :func:`evaluate` with class scores and gets that metric plus accuracy in one dict.
+Metrics are known by name (:data:`METRICS`); which one a dataset reports is the dataset's own business (its
+``metric`` in :mod:`fmcache.data.registry`: quadratic-weighted Cohen kappa for APTOS2019, ROC-AUC for CBIS-DDSM,
+macro recall for ISIC2019, mean ROC-AUC over the labels for CheXpert). Stage two calls :func:`evaluate` with class
+scores and gets that metric plus accuracy in one dict.
 
 Unlike the seed code, an AUC that cannot be computed (one class only) is never scored 0.5: a binary AUC
 raises :class:`FmcacheError`, and a multi-label column is skipped and reported in ``skipped``.
@@ -18,14 +19,6 @@ from fmcache.errors import FmcacheError
 
 METRICS = ("qwk", "auc", "macro_recall", "mean_auc", "accuracy")
 
-DATASET_METRIC = {
-    "aptos2019": "qwk",
-    "cbis_ddsm": "auc",
-    "isic2019": "macro_recall",
-    "chexpert": "mean_auc",
-    "csv": "accuracy",
-    "imagefolder": "accuracy",
-}
 
 # Metrics defined on one integer label per sample; "mean_auc" is the only multi-label one.
 _SINGLE_LABEL_METRICS = ("qwk", "auc", "macro_recall", "accuracy")
@@ -38,25 +31,19 @@ def check_metric(metric: str) -> str:
     return metric
 
 
-def metric_for(dataset: str, multilabel: bool) -> str:
-    """The paper metric for a dataset name (a key of :data:`DATASET_METRIC`).
+def metric_for_labels(metric: str, multilabel: bool, owner: str = "this data") -> str:
+    """The metric to report when ``owner`` (a dataset, for messages) names ``metric`` and has this label kind.
 
-    Generic datasets (``csv``, ``imagefolder``) use accuracy when single-label and mean AUC when
-    multi-label. A paper dataset whose metric does not fit the label kind is an error.
+    ``accuracy`` becomes mean AUC for multi-label data (generic layouts name accuracy but may hold several
+    label columns). Any other metric that does not fit the label kind is an error.
     """
-    if dataset not in DATASET_METRIC:
-        raise FmcacheError(
-            f"no paper metric for dataset {dataset!r}; known datasets: {', '.join(DATASET_METRIC)}"
-            " (or pass a metric explicitly)"
-        )
-    metric = DATASET_METRIC[dataset]
+    check_metric(metric)
     if multilabel and metric == "accuracy":
         return "mean_auc"
     if multilabel != (metric == "mean_auc"):
         kind = "multi-label" if multilabel else "single-label"
         raise FmcacheError(
-            f"dataset {dataset!r} uses metric {metric!r}, which does not fit {kind} labels;"
-            " check the dataset's label mode"
+            f"{owner} uses metric {metric!r}, which does not fit {kind} labels; check the dataset's label mode"
         )
     return metric
 
@@ -129,6 +116,19 @@ def macro_recall(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     support = cm.sum(1)
     in_truth = support > 0
     return float(np.mean(np.diag(cm)[in_truth] / support[in_truth]))
+
+
+def macro_recall_seed(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """The seed's macro recall: sklearn ``recall_score(average='macro')`` over the classes in truth or prediction.
+
+    A class that is predicted but never true counts with recall 0, so this is at most :func:`macro_recall`.
+    """
+    y_true, y_pred = _as_int_labels(y_true, "y_true"), _as_int_labels(y_pred, "y_pred")
+    _check_same_length(y_true, y_pred)
+    cm = _confusion(y_true, y_pred, np.union1d(y_true, y_pred))
+    support = cm.sum(1)
+    recall = np.divide(np.diag(cm), support, out=np.zeros(len(support)), where=support > 0)
+    return float(np.mean(recall))
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
@@ -270,6 +270,7 @@ def _evaluate_single_label(metric: str, y_true: np.ndarray, scores: np.ndarray) 
     if y.min() < 0 or y.max() >= num_classes:
         raise FmcacheError(f"labels must lie in 0..{num_classes - 1} for {num_classes} score columns")
     y_pred = np.argmax(scores, axis=1)
+    extra: dict[str, float] = {}
     if metric == "qwk":
         value = quadratic_kappa(y, y_pred, num_classes)
     elif metric == "auc":
@@ -278,10 +279,13 @@ def _evaluate_single_label(metric: str, y_true: np.ndarray, scores: np.ndarray) 
         value = roc_auc_binary(y, scores[:, 1])
     elif metric == "macro_recall":
         value = macro_recall(y, y_pred)
+        # The seed's sklearn recall_score(average="macro") also averages in classes that are only predicted
+        # (recall 0); report it beside ours so the paper's number can be compared when the two differ.
+        extra["macro_recall_seed"] = macro_recall_seed(y, y_pred)
     elif metric == "accuracy":
         value = accuracy(y, y_pred)
     elif metric == "mean_auc":
         raise FmcacheError("metric 'mean_auc' needs multi-label data; use auc, qwk, macro_recall or accuracy")
     else:
         raise FmcacheError(f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}")
-    return {"metric": metric, "value": value, metric: value, "accuracy": accuracy(y, y_pred)}
+    return {"metric": metric, "value": value, metric: value, "accuracy": accuracy(y, y_pred), **extra}

@@ -6,8 +6,8 @@ import faiss
 import numpy as np
 import pytest
 
-from fmcache import knn
 from fmcache.errors import FmcacheError
+from fmcache.frozen import knn
 
 KS = [1, 5, 10, 20, 100, 200]
 

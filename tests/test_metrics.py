@@ -57,6 +57,15 @@ def test_macro_recall_averages_classes_present_in_truth():
     assert metrics.macro_recall(y_true, y_pred) == pytest.approx(expected) == pytest.approx(0.75)
 
 
+def test_seed_macro_recall_counts_predicted_only_classes():
+    y_true = np.array([0, 0, 1, 1])
+    y_pred = np.array([0, 2, 1, 1])
+    seed_value = recall_score(y_true, y_pred, average="macro", zero_division=0)  # the seed's call: labels in either
+    assert metrics.macro_recall_seed(y_true, y_pred) == pytest.approx(seed_value) == pytest.approx(0.5)
+    out = metrics.evaluate("macro_recall", y_true, np.eye(3)[y_pred], multilabel=False)
+    assert out["value"] == pytest.approx(0.75) and out["macro_recall_seed"] == pytest.approx(0.5)
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_accuracy_equals_sklearn(seed):
     y_true, y_pred = _labels(seed)
@@ -162,11 +171,18 @@ def test_unknown_metric_lists_valid_names():
     ],
 )
 def test_metric_for_dataset(dataset, multilabel, expected):
-    assert metrics.metric_for(dataset, multilabel) == expected
+    # each dataset names its own metric; metrics.py only adapts the name to the label kind
+    from fmcache.data.registry import metric_for
+
+    assert metric_for(dataset, multilabel) == expected
 
 
 def test_metric_for_rejects_unknown_dataset_and_mismatched_label_kind():
-    with pytest.raises(FmcacheError, match="known datasets"):
-        metrics.metric_for("mnist", False)
+    from fmcache.data.registry import metric_for
+
+    with pytest.raises(FmcacheError, match="unknown dataset 'mnist'"):
+        metric_for("mnist", False)
     with pytest.raises(FmcacheError, match="does not fit"):
-        metrics.metric_for("aptos2019", True)
+        metric_for("aptos2019", True)
+    with pytest.raises(FmcacheError, match="unknown metric"):
+        metrics.metric_for_labels("kappa", False)

@@ -12,10 +12,11 @@ from typer.testing import CliRunner
 from fmcache.cache.reader import CacheReader
 from fmcache.cli import app
 from fmcache.errors import FmcacheError
-from fmcache.evaluate import run_knn, run_probe, standardize_splits
-from fmcache.knn import knn_predict
+from fmcache.frozen.features import standardize_splits
+from fmcache.frozen.knn import knn_predict
+from fmcache.frozen.linear import fit_sklearn_reference
+from fmcache.frozen.run import run_knn, run_probe
 from fmcache.metrics import evaluate
-from fmcache.probe import fit_sklearn_reference
 
 runner = CliRunner()
 

@@ -28,12 +28,14 @@ def _gray(mean: float, std: float) -> Norm:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One registered dataset; its paper metric lives in :mod:`fmcache.metrics` (``DATASET_METRIC``)."""
+    """One registered dataset. ``metric`` is the paper's metric name (:data:`fmcache.metrics.METRICS`); the generic
+    layouts name accuracy, which becomes mean AUC when their labels are multi-label (:func:`metric_for`)."""
 
     name: str
     loader: Callable[..., DatasetIndex]
     description: str
     norm: Norm | None
+    metric: str = "accuracy"
 
     def option_defaults(self) -> dict[str, object]:
         """The loader's keyword options and their defaults (the valid ``load_dataset`` options)."""
@@ -49,15 +51,17 @@ DATASETS: dict[str, DatasetSpec] = {
             load_aptos2019,
             "APTOS 2019 diabetic retinopathy, 5 grades",
             ((0.415, 0.221, 0.073), (0.275, 0.150, 0.081)),
+            metric="qwk",
         ),
-        DatasetSpec("cbis_ddsm", load_cbis_ddsm, "CBIS-DDSM mammograms, binary", _gray(0.286, 0.267)),
+        DatasetSpec("cbis_ddsm", load_cbis_ddsm, "CBIS-DDSM mammograms, binary", _gray(0.286, 0.267), "auc"),
         DatasetSpec(
             "isic2019",
             load_isic2019,
             "ISIC 2019 dermoscopy, 8 classes",
             ((0.6678, 0.5296, 0.5243), (0.2238, 0.2036, 0.2154)),
+            metric="macro_recall",
         ),
-        DatasetSpec("chexpert", load_chexpert, "CheXpert chest X-rays, 14 labels", _gray(0.503, 0.292)),
+        DatasetSpec("chexpert", load_chexpert, "CheXpert chest X-rays, 14 labels", _gray(0.503, 0.292), "mean_auc"),
         DatasetSpec("csv", load_csv, "any images listed in a CSV manifest", None),
         DatasetSpec("imagefolder", load_imagefolder, "any images in class folders", None),
     )
@@ -114,14 +118,16 @@ def dataset_norm(name: str) -> Norm | None:
 
 def dataset_metric(name: str) -> str:
     """The paper's metric name for a dataset (generic layouts: accuracy, or mean AUC when multi-label)."""
-    from fmcache.metrics import DATASET_METRIC
+    return get_spec(name).metric
 
-    get_spec(name)
-    return DATASET_METRIC[name]
+
+def metric_for(name: str, multilabel: bool) -> str:
+    """The metric a dataset reports for its label kind (multi-label csv/imagefolder: mean AUC)."""
+    from fmcache.metrics import metric_for_labels
+
+    return metric_for_labels(dataset_metric(name), multilabel, owner=f"dataset {name!r}")
 
 
 def default_metric(index: DatasetIndex) -> str:
     """The metric to report for a loaded index, by dataset and label kind."""
-    from fmcache.metrics import metric_for
-
     return metric_for(index.name, index.multilabel)

@@ -1,4 +1,4 @@
-"""Stage two from a cache: k-NN and the linear-probe grid, with results written as JSON, CSV and PNG.
+"""Stage two's runners: each protocol read from a cache, with results written as JSON, CSV and PNG.
 
 Only the cache reader is used here; no model backend is imported.
 """
@@ -9,18 +9,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from fmcache import metrics
 from fmcache.cache.reader import CacheReader
 from fmcache.errors import FmcacheError
-from fmcache.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_evaluate, knn_rows
+from fmcache.frozen.features import FeatureSource, resolve_layers, resolve_pool, standardize_splits
+from fmcache.frozen.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_evaluate, knn_rows
 from fmcache.progress import progress_bar
 from fmcache.results import plot_knn_vs_k, plot_knn_vs_layer, plot_probe_curves, plot_probe_vs_layer, write_results
+from fmcache.training import fit_warmup, paper_warmup
 
-# The paper's warmup: 5 epochs for the small datasets, 1000 iterations for the large ones.
-WARMUP = {"isic2019": {"warmup_iters": 1000}, "chexpert": {"warmup_iters": 1000}}
-DEFAULT_WARMUP = {"warmup_epochs": 5}
 EVAL_SPLITS = ("val", "test")
 
 
@@ -29,70 +26,19 @@ def results_dir(reader: CacheReader, out: Path) -> Path:
     return Path(out) / reader.dataset / safe_model / reader.key[:12]
 
 
-def resolve_layers(reader: CacheReader, layer: str | int) -> list[int]:
-    if str(layer) == "all":
-        return list(range(1, reader.num_layers + 1))
-    return [reader.resolve_layer(layer)]
-
-
-def resolve_pool(reader: CacheReader, pool: str, layers: list[int]) -> list[str]:
-    """Pooled kinds to read; ``cls+mean`` concatenates both.
-
-    ``auto`` is the model's paper feature. For a model whose paper feature is the backend's own pooled output
-    (CLIP's projection, CoCa's pooler), that exists at the last layer only, so a per-layer request uses the CLS
-    token (or the mean where there is none) at every layer, keeping the curve one kind of feature.
-    """
-    last_only = layers == [reader.num_layers]
-    if pool == "auto":
-        kind = reader.manifest["model"]["pooled_kind"]
-        if kind in ("cls", "mean"):
-            return [kind]
-        if kind == "pooled":
-            return ["paper"] if last_only else ["cls" if "cls" in reader.pools else "mean"]
-        raise FmcacheError(f"cache {reader.path} records an unknown pooled kind '{kind}'; extract it again")
-    parts = pool.split("+")
-    for part in parts:
-        if part not in ("cls", "mean", "paper"):
-            raise FmcacheError(f"unknown --pool '{pool}'; use auto, cls, mean, paper or cls+mean")
-    if "paper" in parts and not last_only:
-        raise FmcacheError(
-            f"the paper pooled feature exists for the last layer ({reader.num_layers}) only; "
-            "use --pool cls or mean for other layers"
-        )
-    return parts
-
-
-class FeatureSource:
-    """Pooled features per (split, layer) for the requested kinds.
-
-    With several layers, each split's (n, L, D) stack is read once and kept in its stored dtype when it fits in
-    a quarter of the available memory; otherwise each layer is read on its own (bounded memory, more I/O).
-    """
-
-    def __init__(self, reader: CacheReader, layers: list[int], pools: list[str]):
-        import psutil
-
-        self.reader, self.layers, self.pools = reader, layers, pools
-        needed = sum(reader.pooled_nbytes(k) for k in pools if k != "paper")
-        self.keep = len(layers) > 1 and needed < psutil.virtual_memory().available / 4
-        self._stacks: dict[tuple[str, str], np.ndarray] = {}
-
-    def _layer(self, split: str, layer: int, kind: str) -> np.ndarray:
-        if kind == "paper" or not self.keep:
-            return self.reader.pooled(split, layer, kind)
-        if (split, kind) not in self._stacks:
-            self._stacks[(split, kind)] = self.reader.pooled_stack(split, kind)
-        return self._stacks[(split, kind)][:, layer - 1, : self.reader.layer_dims[layer - 1]].astype(np.float32)
-
-    def get(self, split: str, layer: int) -> np.ndarray:
-        parts = [self._layer(split, layer, kind) for kind in self.pools]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-
-
 def dataset_metric(reader: CacheReader, metric: str | None) -> str:
+    """``metric`` if given, else the metric the dataset names for its label kind.
+
+    The cache records that metric at extraction; older manifests without it ask the dataset registry.
+    """
     if metric:
         return metrics.check_metric(metric)
-    return metrics.metric_for(reader.dataset, reader.multilabel)
+    recorded = reader.manifest["dataset"].get("metric")
+    if recorded:
+        return metrics.metric_for_labels(recorded, reader.multilabel, owner=f"dataset {reader.dataset!r}")
+    from fmcache.data.registry import metric_for
+
+    return metric_for(reader.dataset, reader.multilabel)
 
 
 def _settings_header(reader: CacheReader, **settings) -> dict:
@@ -178,7 +124,7 @@ def run_probe(
     pool: str = "auto",
     metric: str | None = None,
     weight_decay: float = 1e-5,
-    schedule: str = "cosine",
+    schedule: str = "constant",
     sklearn: bool = False,
     device: str | None = None,
     standardize: bool = True,
@@ -191,7 +137,7 @@ def run_probe(
     linear probe): feature scales differ by orders of magnitude across models and layers, and one LR grid must
     serve them all.
     """
-    from fmcache.probe import fit_sklearn_reference, train_linear_grid
+    from fmcache.frozen.linear import fit_sklearn_reference, train_linear_grid
 
     if head != "linear":
         raise FmcacheError(f"unknown --head '{head}'; this version trains linear heads (use --head linear)")
@@ -203,7 +149,7 @@ def run_probe(
     if sklearn and reader.multilabel:
         raise FmcacheError("--sklearn fits a single-label LogisticRegression; it does not apply to multi-label data")
     source = FeatureSource(reader, layers, pools)
-    warmup = fit_warmup(WARMUP.get(reader.dataset, DEFAULT_WARMUP), epochs, len(reader.rows("train")), batch_size)
+    warmup = fit_warmup(paper_warmup(reader.dataset), epochs, len(reader.rows("train")), batch_size)
     folder = results_dir(reader, out)
     per_layer, rows = {}, []
     for number in layers:
@@ -237,21 +183,3 @@ def run_probe(
     if plots and len(layers) > 1:
         plot_probe_vs_layer(folder / "probe_linear_vs_layer.png", per_layer, metric)
     return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows}
-
-
-def fit_warmup(warmup: dict, epochs: int, n_train: int, batch_size: int) -> dict:
-    """The paper's warmup, shortened to a tenth of training when a short run would otherwise be all warmup."""
-    steps_per_epoch = -(-n_train // batch_size)
-    total = steps_per_epoch * epochs
-    steps = warmup.get("warmup_iters", round(warmup.get("warmup_epochs", 0) * steps_per_epoch))
-    if steps < total:
-        return warmup
-    return {"warmup_iters": total // 10}
-
-
-def standardize_splits(data: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Z-score every split with the first (train) split's mean and std, computed in float64."""
-    train = data[0][0].astype(np.float64)
-    mean, std = train.mean(axis=0), train.std(axis=0)
-    std[std < 1e-12] = 1.0  # constant features (e.g. zero padding) stay constant rather than blow up
-    return [(((x - mean) / std).astype(np.float32), y) for x, y in data]

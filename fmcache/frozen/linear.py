@@ -12,7 +12,7 @@ it):
   batch's known (non-NaN) labels;
 - ``torch.optim.AdamW`` (betas 0.9/0.999, eps 1e-8, decoupled weight decay on weight and bias) after
   ``clip_grad_norm_(head.parameters(), grad_clip)``;
-- lr = base lr × :func:`lr_multiplier` (linear warmup, then cosine to 0 or constant), stepped per batch.
+- lr = base lr × :func:`fmcache.training.lr_multiplier` (linear warmup, then cosine to 0 or constant), stepped per batch.
 
 Heads that share a seed share init and data order, so within a seed the LR is the only difference.
 Training runs in float32 without mixed precision: a linear head on cached features is cheap, and fp32
@@ -38,9 +38,16 @@ from torch import nn
 
 from fmcache import metrics
 from fmcache.errors import FmcacheError
+from fmcache.training import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    clip_per_head,
+    lr_multiplier,
+    pick_device,
+    select_best,
+    warmup_steps_for,
+)
 
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
 STD_DDOF = 1
 # Rows per chunk when computing eval logits for all heads at once: bounds the (H, rows, C) block.
 _EVAL_CHUNK = 16384
@@ -113,60 +120,6 @@ class ProbeResult:
         return rows
 
 
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` if given ("cpu", "cuda", "cuda:1", ...), else (None or "auto") CUDA when available, else CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise FmcacheError(f"unknown device {device!r}; use auto, cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FmcacheError("device cuda was requested but CUDA is not available; use cpu or auto")
-    return dev
-
-
-def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """Factor on the base LR for 0-based optimiser step ``step``.
-
-    Warmup rises linearly (step + 1) / warmup_steps, reaching 1 at the last warmup step; then "cosine"
-    decays as 0.5 (1 + cos(π p)) with p going from 0 towards 1 over the remaining steps, and
-    "constant" stays at 1.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    if schedule == "cosine":
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise FmcacheError(f"unknown LR schedule {schedule!r}; choose 'cosine' or 'constant'")
-
-
-def warmup_steps_for(
-    warmup_epochs: float | None, warmup_iters: int | None, steps_per_epoch: int, total_steps: int
-) -> int:
-    """Warmup length in optimiser steps from epochs (rounded) or iterations; at most one may be given."""
-    if warmup_epochs is not None and warmup_iters is not None:
-        raise FmcacheError("give either warmup epochs or warmup iterations, not both")
-    if warmup_epochs is not None:
-        if warmup_epochs < 0:
-            raise FmcacheError(f"warmup epochs must be >= 0, got {warmup_epochs}")
-        steps = round(warmup_epochs * steps_per_epoch)
-    elif warmup_iters is not None:
-        if warmup_iters < 0:
-            raise FmcacheError(f"warmup iterations must be >= 0, got {warmup_iters}")
-        steps = int(warmup_iters)
-    else:
-        steps = 0
-    if steps >= total_steps and steps > 0:
-        raise FmcacheError(
-            f"warmup ({steps} steps) is not shorter than training ({total_steps} steps);"
-            " lower the warmup or train for more epochs"
-        )
-    return steps
-
-
 def init_linear(seed: int, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight (C, D), bias (C,)) of ``nn.Linear(D, C)`` created under ``torch.manual_seed(seed)``.
 
@@ -224,14 +177,6 @@ def head_losses(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> torc
     target = torch.where(known, y, torch.zeros_like(y))
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * known
     return bce.sum((1, 2)) / known.sum((1, 2)).clamp(min=1)
-
-
-def _clip_per_head(grads: list[torch.Tensor], max_norm: float) -> None:
-    # Same formula as clip_grad_norm_, with each head's weight and bias grads forming its own vector.
-    sq = sum(g.pow(2).reshape(g.shape[0], -1).sum(1) for g in grads)
-    coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
 
 
 class _BatchedAdamW:
@@ -293,18 +238,6 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), std
 
 
-def select_best(val_curves: np.ndarray, lrs: Sequence[float], n_seeds: int) -> tuple[np.ndarray, int]:
-    """Best epoch index per head (first maximum of its val curve) and the index of the best LR.
-
-    ``val_curves`` is (H, epochs) with heads ordered LR-major (head = lr_index × n_seeds + seed_index).
-    The best LR has the highest mean over seeds of each head's best val value; ties go to the first LR.
-    """
-    best_epoch = np.argmax(val_curves, axis=1)
-    best_val = val_curves[np.arange(len(val_curves)), best_epoch]
-    mean_by_lr = best_val.reshape(len(lrs), n_seeds).mean(1)
-    return best_epoch, int(np.argmax(mean_by_lr))
-
-
 @dataclass
 class _Split:
     x: torch.Tensor
@@ -348,7 +281,7 @@ def train_linear_grid(
     warmup_epochs: float | None = None,
     warmup_iters: int | None = None,
     grad_clip: float | None = 1.0,
-    schedule: str = "cosine",
+    schedule: str = "constant",
     label_names: Sequence[str] | None = None,
     device: str | torch.device | None = None,
     on_epoch: Callable[[int], None] | None = None,
@@ -447,7 +380,7 @@ class LinearHeadGrid:
         # Summing per-head mean losses keeps every head's gradient its own.
         head_losses(logits, yb, self.multilabel).sum().backward()
         if self.grad_clip:
-            _clip_per_head([self.weight.grad, self.bias.grad], self.grad_clip)
+            clip_per_head([self.weight.grad, self.bias.grad], self.grad_clip)
         self.optimizer.step(self.base_lr * multiplier)
         self.weight.grad = None
         self.bias.grad = None

@@ -1,0 +1,4 @@
+"""Stage two, from the cache only: feature selection, k-NN, the linear grid, CKA and the runners that write results.
+
+Nothing here imports :mod:`fmcache.models`: stage two reads what ``fmcache extract`` wrote.
+"""
