@@ -74,13 +74,18 @@ def test_vit_last_layer_matches_forward_features():
 
 
 def test_cnn_mean_matches_global_average_pool():
-    for name in ("resnet50", "focal"):
-        model = tiny(name)
-        x = torch.randn(2, 3, 64, 64)
-        with torch.no_grad():
-            out = model(x)
-            ref = model.adapter.model.forward_head(model.adapter.model.forward_features(x), pre_logits=True)
-        assert torch.allclose(out.pooled, ref, atol=1e-4), name
+    model = tiny("resnet50")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        ref = model.adapter.model.forward_head(model.adapter.model.forward_features(x), pre_logits=True)
+    assert torch.allclose(out.pooled, ref, atol=1e-4), "resnet50"
+    # SEEM's FocalNet (our own module): the pooled feature is the spatial mean of the normed last stage (res5)
+    model = tiny("focal")
+    with torch.no_grad():
+        out = model(x)
+        ref = model.adapter.model(x)["res5"].mean(dim=(2, 3))
+    assert torch.allclose(out.pooled, ref, atol=1e-5), "focal"
 
 
 def test_open_clip_pooled_is_encode_image():
@@ -162,9 +167,15 @@ def test_mismatched_weights_are_refused(tmp_path: Path):
         create_foundation("deit_base", weights=path, img_size=size, arch_overrides=overrides)
 
 
-def test_no_silent_random_fallback():
+def test_no_silent_random_fallback(monkeypatch: pytest.MonkeyPatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(FmcacheError, match="--weights"):
-        create_foundation("focal")  # no hub weights: must not silently build random weights
+        create_foundation("focal")  # hub unreachable: must not silently build random weights
     with pytest.raises(FmcacheError, match="exclude"):
         create_foundation("deit_base", weights="x.pt", random_init=True)
 

@@ -29,7 +29,7 @@ TINY = {
         64,
     ),
     "sam2_b": (64, {}, 4, 0, 896),
-    "focal": (64, {}, 4, 0, 768),
+    "focal": (64, {"embed_dim": 16, "depths": (1, 1, 1, 1)}, 4, 0, 128),
     "clip_vitb16": (64, _open_clip_tiny(_CLIP, pooler=False), 2, 1, 64),
     "coca_vitb32": (64, _open_clip_tiny(_COCA, pooler=True), 2, 1, 64),
     "blip_base": (

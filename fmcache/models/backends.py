@@ -22,11 +22,23 @@ from fmcache.models.weights import LoadReport, load_weights_file
 LayerOut = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]
 
 
+_NETWORK_ERRORS = ("ConnectionError", "ConnectTimeout", "ReadTimeout", "LocalEntryNotFoundError", "OfflineModeIsEnabled")
+
+
 def _hub_error(spec: ModelSpec, exc: Exception) -> FmcacheError:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    """Say what failed while getting hub weights; blame the network only when the error is a network error."""
+    chain = [exc, *([exc.__cause__] if exc.__cause__ else []), *([exc.__context__] if exc.__context__ else [])]
+    network = any(type(e).__name__ in _NETWORK_ERRORS for e in chain)
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    what = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    if network:
+        return FmcacheError(
+            f"could not download hub weights for {spec.name} ({spec.hub_id}): no connection to the hub ({what}); "
+            "pass --weights FILE, or --random-init to run with random weights on purpose"
+        )
     return FmcacheError(
-        f"could not get hub weights for {spec.name} ({spec.hub_id}): {first}; offline? pass --weights FILE, "
-        "or --random-init to run with random weights on purpose"
+        f"loading hub weights for {spec.name} ({spec.hub_id}) failed: {what}; pass --weights FILE with the "
+        "original checkpoint, or report this"
     )
 
 
@@ -139,8 +151,11 @@ def build_timm(spec: ModelSpec, source: str, img_size: int, weights: Path | None
     name = f"{spec.arch}.{spec.tag}" if spec.tag else spec.arch
     if not timm.is_model(spec.arch):
         raise FmcacheError(f"unknown timm model '{spec.arch}'; see timm.list_models()")
+    # Models whose checkpoints carry tables for one size (SAM: 64×64 position table and relative-position tables
+    # for 1024 px) are built at that size so the tables load as released; timm resamples them at run time.
+    build_size = spec.native_img_size or img_size
     try:
-        model = _create_timm(name, source == "hub", img_size, {"num_classes": 0, **spec.create_kwargs, **overrides})
+        model = _create_timm(name, source == "hub", build_size, {"num_classes": 0, **spec.create_kwargs, **overrides})
     except Exception as exc:
         if source == "hub":
             raise _hub_error(spec, exc) from exc
@@ -192,8 +207,31 @@ _LAVIS_TO_HF = (
 )
 
 
+# BLIP's own ViT (timm-style, LayerNorm eps 1e-6); transformers' port defaults to 1e-5.
+BLIP_ORIGINAL_EPS = 1e-6
+
+
+def _resample_grid_table(table: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """(1, 1 + g², D) position table → (1, num_positions, D): bicubic on the grid, the CLS row kept."""
+    if table.shape[1] == num_positions:
+        return table
+    old, new = round((table.shape[1] - 1) ** 0.5), round((num_positions - 1) ** 0.5)
+    if old * old + 1 != table.shape[1] or new * new + 1 != num_positions:
+        raise FmcacheError(f"cannot resample a position table of {table.shape[1]} rows to {num_positions}")
+    grid = table[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    grid = nn.functional.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, -1).to(table.dtype)
+    return torch.cat([table[:, :1], grid], dim=1)
+
+
+def _is_blip_original(state: dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith("blocks.") for k in state) and "pos_embed" in state
+
+
 def _blip_convert(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    if not any(k.startswith("blocks.") for k in state):
+    """BLIP's release layout (``visual_encoder.`` stripped: timm-style ViT names) → transformers' names, with the
+    position table resampled to the built image size (BLIP's model_base.pth is made at 224)."""
+    if not _is_blip_original(state):
         return state
     out = {}
     for key, value in state.items():
@@ -205,27 +243,48 @@ def _blip_convert(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str,
         for old, rep in _LAVIS_TO_HF:
             new = new.replace(old, rep)
         out[new] = value
+    key = "embeddings.position_embedding"
+    target = model.state_dict().get(key)
+    if key in out and target is not None and out[key].ndim == 3:
+        out[key] = _resample_grid_table(out[key], target.shape[1])
     return out
+
+
+def _build_blip(spec: ModelSpec, source: str, img_size: int, weights: Path | None, overrides: dict):
+    from transformers import BlipVisionConfig, BlipVisionModel
+
+    if source == "hub":
+        try:
+            from transformers import BlipForConditionalGeneration
+
+            model = BlipForConditionalGeneration.from_pretrained(spec.arch).vision_model
+        except Exception as exc:
+            raise _hub_error(spec, exc) from exc
+        return HfAdapter(model, model.config.patch_size, model.config.image_size), None
+    # BLIP's config initialises with std 1e-10 (meant to be overwritten by weights), which would make random-init
+    # features constant; use a usual ViT std instead. Built at the requested size (224 or 384).
+    config = {"initializer_range": 0.02, "image_size": img_size, **overrides}
+    model = BlipVisionModel(BlipVisionConfig(**config))
+    report = None
+    if source == "file":
+        raw_layout = {"original": False}
+
+        def convert(state: dict[str, torch.Tensor], m: nn.Module) -> dict[str, torch.Tensor]:
+            raw_layout["original"] = raw_layout["original"] or _is_blip_original(state)
+            return _blip_convert(state, m)
+
+        report = load_weights_file(model, weights, convert=convert)
+        if raw_layout["original"]:  # BLIP's own ViT normalises with eps 1e-6; keep its numbers
+            model.config.layer_norm_eps = BLIP_ORIGINAL_EPS
+            for module in model.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.eps = BLIP_ORIGINAL_EPS
+    return HfAdapter(model, model.config.patch_size, model.config.image_size), report
 
 
 def build_hf(spec: ModelSpec, source: str, img_size: int, weights: Path | None, overrides: dict):
     if spec.family == "blip":
-        from transformers import BlipVisionConfig, BlipVisionModel
-
-        if source == "hub":
-            try:
-                from transformers import BlipForConditionalGeneration
-
-                model = BlipForConditionalGeneration.from_pretrained(spec.arch).vision_model
-            except Exception as exc:
-                raise _hub_error(spec, exc) from exc
-        else:
-            # BLIP's config initialises with std 1e-10 (meant to be overwritten by weights), which would make random-init
-            # features constant; use a usual ViT std instead.
-            model = BlipVisionModel(BlipVisionConfig(**{"initializer_range": 0.02, **overrides}))
-        cfg = model.config
-        report = load_weights_file(model, weights, convert=_blip_convert) if source == "file" else None
-        return HfAdapter(model, cfg.patch_size, cfg.image_size), report
+        return _build_blip(spec, source, img_size, weights, overrides)
     from transformers import AutoConfig, AutoModel
 
     try:
@@ -241,7 +300,28 @@ def build_hf(spec: ModelSpec, source: str, img_size: int, weights: Path | None, 
     return HfAdapter(model, int(cfg.patch_size), int(cfg.image_size)), report
 
 
-BUILDERS = {"timm": build_timm, "open_clip": build_open_clip, "hf": build_hf}
+def build_sam2(spec: ModelSpec, source: str, img_size: int, weights: Path | None, overrides: dict):
+    """SAM2's image encoder from its release file (hub: the ``<repo>/<file>`` in the tag; or --weights)."""
+    # img_size is not needed: Hiera resamples its position table to the input at run time, as SAM2 does.
+    from fmcache.models import sam2
+
+    try:
+        encoder = sam2.build_encoder(spec.arch, overrides)
+    except Exception as exc:
+        raise FmcacheError(f"cannot build SAM2 encoder {spec.arch}: {exc}") from exc
+    report = None
+    if source == "hub":
+        try:
+            path = sam2.hub_file(spec.tag or "")
+        except Exception as exc:
+            raise _hub_error(spec, exc) from exc
+        load_weights_file(encoder, path, convert=sam2.convert_release)
+    elif source == "file":
+        report = load_weights_file(encoder, weights, convert=sam2.convert_release)
+    return sam2.Sam2Adapter(encoder), report
+
+
+BUILDERS = {"timm": build_timm, "open_clip": build_open_clip, "hf": build_hf, "sam2": build_sam2}
 
 
 def build_backend(
@@ -252,3 +332,68 @@ def build_backend(
     if builder is None:
         raise FmcacheError(f"unknown backend '{spec.backend}'; known: {', '.join(BUILDERS)}")
     return builder(spec, source, img_size, weights, overrides)
+
+
+# -- SEEM's FocalNet-T (our own implementation, fmcache.models.seem_focal) -------------------------------------------
+
+SEEM_PREFIX = "backbone."  # SEEM checkpoints hold the whole SEEM model; its image backbone is under this prefix
+
+
+class SeemAdapter(nn.Module):
+    """SEEM's FocalNet stages as layers: each (B, C, H, W) map flattened to (B, H·W, C) tokens, no prefix tokens.
+
+    ``normed`` is ``tokens``: every stage already went through its own output norm (norm0..norm3), and there is no
+    final norm. No pooled output: the paper's feature is the mean of the last stage's tokens.
+    """
+
+    num_prefix_tokens = 0
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> LayerOut:
+        tokens = [_flatten(t) for t in self.model.forward_stages(x)]
+        return tokens, tokens, None
+
+
+def _load_seem_hub(model: nn.Module, spec: ModelSpec) -> None:
+    """Download SEEM's checkpoint and load its ``backbone.*`` tensors strictly, as the paper's seed does."""
+    from huggingface_hub import hf_hub_download
+
+    from fmcache.models.weights import read_state_dict
+
+    try:
+        path = hf_hub_download(spec.arch, spec.tag or "")
+    except Exception as exc:
+        raise _hub_error(spec, exc) from exc
+    state = read_state_dict(Path(path))
+    backbone = {k[len(SEEM_PREFIX) :]: v for k, v in state.items() if k.startswith(SEEM_PREFIX)}
+    if not backbone:
+        raise FmcacheError(f"{path} ({spec.hub_id}) holds no '{SEEM_PREFIX}*' tensors; is it a SEEM checkpoint?")
+    try:
+        model.load_state_dict(backbone, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0][:300]
+        raise FmcacheError(
+            f"refused {path} ({spec.hub_id}): its backbone does not match SEEM FocalNet: {first}"
+        ) from exc
+
+
+def build_seem(spec: ModelSpec, source: str, img_size: int, weights: Path | None, overrides: dict):
+    # img_size is not needed: the network has no position tables and takes any size (padded to strides 4 and 2).
+    from fmcache.models.seem_focal import SeemFocalNet
+
+    try:
+        model = SeemFocalNet(**overrides)
+    except (TypeError, ValueError) as exc:
+        raise FmcacheError(f"cannot build SEEM FocalNet with {overrides}: {exc}") from exc
+    report = None
+    if source == "hub":
+        _load_seem_hub(model, spec)
+    elif source == "file":
+        report = load_weights_file(model, weights)  # strips backbone. and refuses missing or mis-shaped tensors
+    return SeemAdapter(model), report
+
+
+BUILDERS["seem"] = build_seem

@@ -17,7 +17,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
-BACKENDS = ("timm", "open_clip", "hf")
+BACKENDS = ("timm", "open_clip", "hf", "seem", "sam2")
 POOLED_KINDS = ("cls", "mean", "pooled", "auto")
 
 
@@ -43,6 +43,11 @@ class ModelSpec:
     hub: bool = True  # weights can be fetched from a hub; False means --weights FILE is required
     create_kwargs: dict = field(default_factory=dict)
     notes: str = ""
+    # The size the released checkpoint's position tables are made for; the model is built there and resampled at
+    # run time (None: built at the requested size).
+    native_img_size: int | None = None
+    # Set when the hub weights are not the checkpoint the paper used: what the paper used and how to get it.
+    paper_weights: str = ""
 
     @property
     def hub_id(self) -> str:
@@ -78,12 +83,18 @@ def _timm(name: str, arch: str, tag: str, pooled: str, family: str, layers: int,
 for _size, _arch, _layers in (("s", "small", 12), ("b", "base", 12), ("l", "large", 24), ("g", "giant", 40)):
     _timm(f"dinov2_vit{_size}14", f"vit_{_arch}_patch14_dinov2", "lvd142m", "cls", "dinov2", _layers)
 for _size, _arch, _layers in (("b", "base", 12), ("l", "large", 24), ("h", "huge", 32)):
-    _timm(f"sam_vit_{_size}", f"samvit_{_arch}_patch16", "sa1b", "mean", "sam", _layers,
-          notes="image encoder, neck dropped")  # fmt: skip
-_timm("sam2_b", "sam2_hiera_base_plus", "fb_r896_2pt1", "mean", "sam2", 4, notes="Hiera stages")
-_timm("sam2_l", "sam2_hiera_large", "fb_r1024_2pt1", "mean", "sam2", 4, notes="Hiera stages")
-_timm("focal", "focalnet_tiny_lrf", "ms_in1k", "mean", "focalnet", 4, hub=False,
-      notes="SEEM FocalNet-T backbone: pass the SEEM checkpoint with --weights (backbone.* keys)")  # fmt: skip
+    _timm(f"sam_vit_{_size}", f"samvit_{_arch}_patch16", "sa1b", "mean", "sam", _layers, native_img_size=1024,
+          notes="image encoder (blocks; neck not used); built at 1024, tables resampled to the input size")  # fmt: skip
+for _name, _arch, _file in (
+    ("sam2_b", "sam2_hiera_base_plus", "facebook/sam2.1-hiera-base-plus/sam2.1_hiera_base_plus.pt"),
+    ("sam2_l", "sam2_hiera_large", "facebook/sam2.1-hiera-large/sam2.1_hiera_large.pt"),
+):
+    register(ModelSpec(_name, "sam2", _arch, _file, "pooled", "sam2", 4,
+                       notes="layers: the 4 Hiera trunk stages; paper pooled: mean of the FPN neck's 256-d "
+                       "vision_features (stride 16)"))  # fmt: skip
+register(ModelSpec("focal", "seem", "xdecoder/SEEM", "seem_focalt_v0.pt", "mean", "focalnet", 4, hub=True,
+                   notes="SEEM's FocalNet-T backbone (fmcache's own implementation), from xdecoder/SEEM "
+                   "seem_focalt_v0.pt (backbone.* keys, loaded strictly); stages res2..res5 after their norms"))  # fmt: skip
 for _size, _arch, _layers in (
     ("b16", "base_patch16", 12),
     ("l16", "large_patch16", 24),
@@ -120,8 +131,10 @@ register(ModelSpec("coca_vitb32", "open_clip", "coca_ViT-B-32", "laion2b_s13b_b9
 register(ModelSpec("coca_vitl14", "open_clip", "coca_ViT-L-14", "laion2b_s13b_b90k", "pooled", "coca", 24,
                    mean=CLIP_MEAN, std=CLIP_STD, notes="attention-pooled output"))  # fmt: skip
 register(ModelSpec("blip_base", "hf", "Salesforce/blip-image-captioning-base", None, "cls", "blip", 12,
-                   default_img_size=384, mean=CLIP_MEAN, std=CLIP_STD,
-                   notes="vision encoder; CLS is token 0"))  # fmt: skip
+                   mean=CLIP_MEAN, std=CLIP_STD, notes="vision encoder; CLS is token 0; 224 (paper) or 384",
+                   paper_weights="the paper used BLIP's pretrained model_base.pth (ViT-B/16 at 224), which no hub id "
+                   "holds; the hub default is the captioning-fine-tuned Salesforce/blip-image-captioning-base: "
+                   "pass --weights model_base.pth to match the paper"))  # fmt: skip
 
 
 def list_models() -> list[ModelSpec]:
