@@ -93,6 +93,13 @@ def models_cmd() -> None:
     console.print("Any other model: timm:<name>, open_clip:<arch>[:<tag>], hf:<repo>")
 
 
+SPLIT_HELP = (
+    "Split mode. aptos2019, isic2019: seed (default: the paper's row shuffle, or <data-root>/val_ids.json) or "
+    "random; isic2019 also lesion (by lesion_id). cbis_ddsm: official (default) or patient (TCIA layout). "
+    "chexpert: seed (default) or patient. Any dataset: file:FILE.csv (written by datasets --export-split)."
+)
+
+
 def _dataset_options(uncertain: str | None, split: str | None, layout: str | None, csv: str | None) -> dict:
     opts = {"uncertain": uncertain, "split": split, "layout": layout, "csv": csv}
     return {k: v for k, v in opts.items() if v is not None}
@@ -104,20 +111,28 @@ def datasets_cmd(
     dataset: Annotated[str, typer.Option(help="aptos2019, cbis_ddsm, isic2019, chexpert, csv or imagefolder")],
     data_root: Annotated[Path, typer.Option(help="Folder laid out like the official release.")],
     uncertain: Annotated[str | None, typer.Option(help="CheXpert uncertain labels: zeros, ones or ignore.")] = None,
-    split: Annotated[str | None, typer.Option(help="CheXpert split: seed or patient.")] = None,
+    split: Annotated[str | None, typer.Option(help=SPLIT_HELP)] = None,
     layout: Annotated[str | None, typer.Option(help="CBIS-DDSM layout: auto, lists or tcia.")] = None,
     csv: Annotated[str | None, typer.Option(help="CSV manifest file name for --dataset csv.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+    export_split: Annotated[
+        Path | None,
+        typer.Option(help="Also write the split as CSV (id,path,split,label); read it back with --split file:FILE."),
+    ] = None,
 ) -> None:
     """Describe a dataset found on disk: counts per split and class, and problems."""
-    from fmcache.data import describe, format_description, load_dataset
+    from fmcache.data import describe, format_description, load_dataset, write_split_csv
 
     index = load_dataset(dataset, data_root, **_dataset_options(uncertain, split, layout, csv))
     desc = describe(index)
+    if export_split is not None:
+        desc["exported_split"] = str(write_split_csv(index, export_split))
     if as_json:
         print(json.dumps(desc, indent=2, default=str))
     else:
         console.print(format_description(desc))
+        if export_split is not None:
+            console.print(f"split of {len(index)} samples written to {desc['exported_split']}", markup=False)
 
 
 # -- extract / info / ls -----------------------------------------------------------------------------------------
@@ -151,7 +166,7 @@ def extract_cmd(
     compile: Annotated[bool | None, typer.Option("--compile", help="torch.compile the model (GPU).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     uncertain: Annotated[str | None, typer.Option(help="CheXpert uncertain labels: zeros, ones or ignore.")] = None,
-    split: Annotated[str | None, typer.Option(help="CheXpert split: seed or patient.")] = None,
+    split: Annotated[str | None, typer.Option(help=SPLIT_HELP)] = None,
     layout: Annotated[str | None, typer.Option(help="CBIS-DDSM layout: auto, lists or tcia.")] = None,
     csv: Annotated[str | None, typer.Option(help="CSV manifest file name for --dataset csv.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,

@@ -124,8 +124,13 @@ def make_aptos(root: Path, n: int = 40, seed: int = 0) -> Path:
     return root
 
 
-def make_isic(root: Path, n: int = 40, seed: int = 0) -> Path:
-    """ISIC 2019: one-hot ground-truth CSV (UNK always 0.0) + ``ISIC_2019_Training_Input/<image>.jpg``."""
+def make_isic(root: Path, n: int = 40, seed: int = 0, metadata: bool = False) -> Path:
+    """ISIC 2019: one-hot ground-truth CSV (UNK always 0.0) + ``ISIC_2019_Training_Input/<image>.jpg``.
+
+    With ``metadata``, also ``ISIC_2019_Training_Metadata.csv`` (image, age_approx, anatom_site_general,
+    lesion_id, sex): image i belongs to lesion ``BCN_{i // 3}`` (three photographs per lesion), except that every
+    fifth image has a blank lesion_id, as many non-HAM images do in the release.
+    """
     rng = np.random.RandomState(seed)
     root.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -135,6 +140,13 @@ def make_isic(root: Path, n: int = 40, seed: int = 0) -> Path:
         write_image(root / "ISIC_2019_Training_Input" / f"{image}.jpg", rng)
     rng.shuffle(rows)
     write_csv(root / "ISIC_2019_Training_GroundTruth.csv", ("image", *ISIC_COLUMNS), rows)
+    if metadata:
+        meta = [
+            [f"ISIC_{i * 7 + 1000:07d}", "55.0", "anterior torso", "" if i % 5 == 4 else f"BCN_{i // 3:07d}", "male"]
+            for i in range(n)
+        ]
+        header = ("image", "age_approx", "anatom_site_general", "lesion_id", "sex")
+        write_csv(root / "ISIC_2019_Training_Metadata.csv", header, meta)
     return root
 
 
@@ -157,18 +169,22 @@ def make_ddsm_lists(root: Path, n: int = 30, seed: int = 0) -> Path:
     return root
 
 
-def _tcia_case(kind: str, split: str, i: int) -> str:
+def _tcia_case(kind: str, split: str, i: int, per_patient: int = 1) -> str:
+    # Up to 3 consecutive cases differ in side or view, so with per_patient <= 3 no patient repeats a view.
     side, view = ("LEFT", "RIGHT")[i % 2], ("CC", "MLO")[(i // 2) % 2]
-    return f"{kind.capitalize()}-{'Training' if split == 'train' else 'Test'}_P_{i:05d}_{side}_{view}"
+    patient = i // per_patient
+    return f"{kind.capitalize()}-{'Training' if split == 'train' else 'Test'}_P_{patient:05d}_{side}_{view}"
 
 
-def make_ddsm_tcia(root: Path, n: int = 12, seed: int = 0) -> Path:
+def make_ddsm_tcia(root: Path, n: int = 12, seed: int = 0, per_patient: int = 1) -> Path:
     """CBIS-DDSM, TCIA layout, with ``n`` full mammograms (DICOM) half train, half test, mass and calc alternating.
 
     On disk the inner folders differ from the CSV paths (as in real NBIA downloads):
     ``CBIS-DDSM/<case>/07-20-2016-DDSM-NNNNN/1.000000-full mammogram images-NNNNN/1-1.dcm``, next to cropped/ROI
     ``<case>_1/`` folders. Cases cycle through four abnormality patterns (see ``patterns``): case i is malignant
-    iff i % 4 < 2, and cases with i % 2 == 1 have two CSV rows for the same full mammogram.
+    iff i % 4 < 2, and cases with i % 2 == 1 have two CSV rows for the same full mammogram. Case i belongs to
+    patient ``P_{i // per_patient}`` (1 to 3 views of one patient), so with ``per_patient`` > 1 a patient can
+    have views in both the official train and test sets.
     """
     rng = np.random.RandomState(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -182,7 +198,7 @@ def make_ddsm_tcia(root: Path, n: int = 12, seed: int = 0) -> Path:
     rows: dict[str, list[list[str]]] = {}
     for i in range(n):
         kind, split = ("mass", "calc")[i % 2], ("train", "test")[int(i >= n // 2)]
-        case = _tcia_case(kind, split, i)
+        case = _tcia_case(kind, split, i, per_patient)
         csv_path = f"{case}/1.3.6.1.4.1.9590.100.1.2.{1000 + i}/1.3.6.1.4.1.9590.100.1.2.{2000 + i}/000000.dcm"
         pixels = rng.randint(0, 4096, (SIZE, SIZE))
         series = root / "CBIS-DDSM" / case / f"07-20-2016-DDSM-{rng.randint(99999):05d}"
@@ -190,7 +206,16 @@ def make_ddsm_tcia(root: Path, n: int = 12, seed: int = 0) -> Path:
         write_dicom(root / "CBIS-DDSM" / f"{case}_1" / "x" / "1.000000-ROI mask images-1" / "1-1.dcm", pixels)
         crop = f"{case}_1/1.3.6.1.4.1.9590.100.1.2.{3000 + i}/1.3.6.1.4.1.9590.100.1.2.{4000 + i}/000000.dcm"
         for a, pathology in enumerate(patterns[i % 4], start=1):
-            row = [f"P_{i:05d}", "3", case.split("_")[-2], case.split("_")[-1], str(a), kind, "OVAL", "SPICULATED"]
+            row = [
+                f"P_{i // per_patient:05d}",
+                "3",
+                case.split("_")[-2],
+                case.split("_")[-1],
+                str(a),
+                kind,
+                "OVAL",
+                "SPICULATED",
+            ]
             rows.setdefault(f"{kind}_case_description_{split}_set.csv", []).append(
                 [*row, "4", pathology, "3", csv_path, crop, crop]
             )

@@ -111,7 +111,9 @@ def test_unknown_dataset_lists_valid_names(tmp_path: Path) -> None:
 
 
 def test_unknown_option_and_bad_values(aptos_root: Path) -> None:
-    with pytest.raises(FmcacheError, match=r"unknown option\(s\) bogus for dataset aptos2019; valid options: seed"):
+    with pytest.raises(
+        FmcacheError, match=r"unknown option\(s\) bogus for dataset aptos2019; valid options: split, seed"
+    ):
         load_dataset("aptos2019", aptos_root, bogus=1)
     with pytest.raises(FmcacheError, match="fractions must be three non-negative numbers"):
         load_dataset("aptos2019", aptos_root, fractions=[0.5, 0.2, 0.2])
@@ -138,8 +140,18 @@ def test_aptos_labels_order_and_split(aptos_root: Path) -> None:
     assert index.labels.dtype == np.int64 and index.split.dtype == np.int8
     assert index.labels.tolist() == [rows[i] for i in ids]
     assert index.class_names[0] == "No DR" and not index.multilabel
+    # The default is the seed's split: int(40 * 0.3) = 12 held out, halved into val and test.
     assert split_sizes(index) == (28, 6, 6)
-    assert index.split_info == {"mode": "random", "seed": 42, "fractions": [0.7, 0.15, 0.15], "order": "id_code"}
+    assert index.split_info == {
+        "mode": "seed",
+        "holdout": 0.3,
+        "seed": 42,
+        "source": "random.Random(42).shuffle of the CSV rows",
+        "order": "id_code",
+    }
+    random = load_dataset("aptos2019", aptos_root, split="random")
+    assert split_sizes(random) == (28, 6, 6)
+    assert random.split_info == {"mode": "random", "seed": 42, "fractions": [0.7, 0.15, 0.15], "order": "id_code"}
     json.dumps(index.split_info), json.dumps(index.options)
     assert default_metric(index) == "qwk"
 
@@ -152,9 +164,11 @@ def test_split_is_deterministic_and_ignores_global_rng(aptos_root: Path) -> None
     torch.rand(5)
     second = load_dataset("aptos2019", aptos_root)
     assert np.array_equal(first.split, second.split) and first.paths == second.paths
-    other = load_dataset("aptos2019", aptos_root, seed=7)
-    assert not np.array_equal(first.split, other.split)
-    assert split_sizes(other) == split_sizes(first)
+    for mode in ("seed", "random"):
+        base = load_dataset("aptos2019", aptos_root, split=mode)
+        other = load_dataset("aptos2019", aptos_root, split=mode, seed=7)
+        assert not np.array_equal(base.split, other.split)
+        assert split_sizes(other) == split_sizes(base)
 
 
 def test_aptos_errors(tmp_path: Path) -> None:
@@ -178,11 +192,14 @@ def test_aptos_duplicate_rows(tmp_path: Path) -> None:
     root = make_aptos(tmp_path, n=10)
     rows = read_rows(root / "train.csv")
     rewrite_rows(root / "train.csv", [*rows, rows[0]])
-    index = load_dataset("aptos2019", root)
+    # The seed split is defined over CSV rows: a repeated row would be a second sample there, so it is refused.
+    with pytest.raises(FmcacheError, match=r"appears on lines 2 and 12 of .*train.csv; the seed split is defined"):
+        load_dataset("aptos2019", root)
+    index = load_dataset("aptos2019", root, split="random")
     assert len(index) == 10 and any("merged 1 duplicate" in p for p in index.problems)
     rewrite_rows(root / "train.csv", [*rows, {**rows[0], "diagnosis": str((int(rows[0]["diagnosis"]) + 1) % 5)}])
     with pytest.raises(FmcacheError, match="appears on lines 2 and 12 with different labels"):
-        load_dataset("aptos2019", root)
+        load_dataset("aptos2019", root, split="random")
 
 
 def test_wrong_layout_hints(tmp_path: Path) -> None:
@@ -206,7 +223,7 @@ def test_isic_argmax(tmp_path: Path) -> None:
     for path, label in zip(index.paths, index.labels, strict=True):
         assert rows[path.stem][index.class_names[label]] == "1.0"
     assert index.class_names == ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")
-    assert split_sizes(index) == (20, 2, 2)
+    assert split_sizes(index) == (20, 2, 2)  # seed split: int(24 * 0.2) = 4 held out
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """Datasets: official on-disk layouts, labels, deterministic splits, image reading and transforms.
 
 ``load_dataset(name, root, **options)`` returns a :class:`DatasetIndex` (paths, labels, split in a canonical
-order); :class:`ImageDataset` with :func:`build_transform` turns it into tensors.
+order); :class:`ImageDataset` with :func:`build_transform` turns it into tensors. :func:`write_split_csv`
+exports a split that the ``split="file:FILE.csv"`` option of every loader reads back.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fmcache.data.registry import (
     default_metric,
     load_dataset,
 )
+from fmcache.data.splits import read_split_csv, write_split_csv
 from fmcache.data.torch_dataset import ImageDataset
 from fmcache.data.transforms import (
     IMAGENET_MEAN,
@@ -48,7 +50,9 @@ __all__ = [
     "load_dataset",
     "load_image",
     "random_split",
+    "read_split_csv",
     "split_code",
     "train_augmentation",
     "train_augmentation_spec",
+    "write_split_csv",
 ]

@@ -31,6 +31,7 @@ from fmcache.data.index import (
     check_seed,
     random_split,
 )
+from fmcache.data.splits import apply_split_file, parse_split
 from fmcache.errors import FmcacheError
 
 NAME = "chexpert"
@@ -175,16 +176,22 @@ def load_chexpert(
     """14-label CheXpert from train.csv, ordered by Path (see the module docstring for valid.csv).
 
     ``uncertain``: "zeros" | "ones" | "ignore" (see :func:`apply_uncertainty`). ``split``: "seed" (see
-    :func:`seed_split`) or "patient" (``fractions`` of patients by ``seed``). ``valid``: "report" | "test".
+    :func:`seed_split`), "patient" (``fractions`` of patients by ``seed``) or "file:FILE.csv".
+    ``valid``: "report" | "test".
     """
     check_choice(uncertain, UNCERTAIN, "uncertain", NAME)
-    check_choice(split, SPLIT_MODES, "split", NAME)
+    mode, split_file = parse_split(split, SPLIT_MODES, NAME)
     check_choice(valid, VALID_MODES, "valid", NAME)
     seed, fractions = check_seed(seed), check_fractions(fractions)
     chex_dir = find_chexpert_dir(root)
     train_csv, valid_csv = chex_dir / "train.csv", chex_dir / "valid.csv"
     keys, raw, problems = _read_rows(train_csv, root)
-    codes = seed_split(len(keys)) if split == "seed" else patient_split(keys, train_csv, fractions, seed)
+    if mode == "file":
+        codes = np.full(len(keys), TRAIN, dtype=np.int8)  # replaced by the file's split below
+    elif mode == "seed":
+        codes = seed_split(len(keys))
+    else:
+        codes = patient_split(keys, train_csv, fractions, seed)
     paths = [_image_path(k, chex_dir, train_csv) for k in keys]
     check_files_exist(paths, str(train_csv), f"Path values are resolved inside {chex_dir}")
     if valid == "test":
@@ -198,11 +205,11 @@ def load_chexpert(
         problems += valid_problems
     else:
         problems.append(_valid_note(valid_csv))
-    split_info = {"mode": split, "valid": valid, "order": "Path"}
-    if split == "patient":
+    split_info = {"mode": mode, "valid": valid, "order": "Path"}
+    if mode == "patient":
         split_info.update(seed=seed, fractions=list(fractions))
     # The CheXpert folder is the index root whichever form --data-root took, so fingerprints agree.
-    return build_index(
+    index = build_index(
         name=NAME,
         root=chex_dir,
         paths=paths,
@@ -214,6 +221,7 @@ def load_chexpert(
         options={"uncertain": uncertain},
         problems=problems,
     )
+    return apply_split_file(index, split_file) if split_file else index
 
 
 def _valid_note(valid_csv: Path) -> str:

@@ -1,14 +1,22 @@
-"""CBIS-DDSM, binary (benign/normal vs malignant), in either of its two released layouts.
+"""CBIS-DDSM, binary, in two layouts that pose **two different tasks**.
 
-``lists``: the seed's ``ddsm_raw_image_lists/{train,val,test}.txt`` with images under ``ddsm_raw/``; the label
-comes from the file-name prefix (``normal`` → 0, ``benign``/``cancer`` → 1) and the split from the list.
+``lists`` (the paper's task): the seed's ``ddsm_raw_image_lists/{train,val,test}.txt`` with images under
+``ddsm_raw/``; **normal vs abnormal**: the label comes from the file-name prefix (``normal`` → 0,
+``benign``/``cancer`` → 1) and the split from the list.
 
 ``tcia``: the TCIA release, ``{mass,calc}_case_description_{train,test}_set.csv`` next to the downloaded
-``CBIS-DDSM/`` tree of DICOM files. Inner folders of that tree rarely match the CSV paths, so each row goes
-through its case folder (the CSV path's first component) to the single full-mammogram DICOM below it.
-One sample per mammogram: abnormality rows of one image merge (malignant if any row is), and so do the mass
-and calc copies of one breast view (``Mass-…_P_00001_LEFT_CC`` and ``Calc-…_P_00001_LEFT_CC``); a copy that
-is train in one set and test in the other stays in test, so no image is both trained on and tested.
+``CBIS-DDSM/`` tree of DICOM files. It has no normal mammograms: every image holds an abnormality, so the task
+is **benign vs malignant** (``pathology`` MALIGNANT → 1, BENIGN / BENIGN_WITHOUT_CALLBACK → 0), not comparable
+with the paper's numbers. Inner folders of the tree rarely match the CSV paths, so each row goes through its
+case folder (the CSV path's first component) to the single full-mammogram DICOM below it. One sample per
+mammogram: abnormality rows of one image merge (malignant if any row is), and so do the mass and calc copies
+of one breast view (``Mass-…_P_00001_LEFT_CC`` and ``Calc-…_P_00001_LEFT_CC``); a copy that is train in one
+set and test in the other stays in test, so no image is both trained on and tested.
+
+TCIA splits: ``official`` keeps the official train/test and moves ``val_fraction`` of the train images to val
+(image by image: views of one patient can land in train, val and test). ``patient`` groups by the ``P_NNNNN``
+patient id: a patient with any image in the official test set goes to test with all their images, and
+``val_fraction`` of the remaining train patients go to val, so no patient crosses splits.
 """
 
 from __future__ import annotations
@@ -21,11 +29,15 @@ import numpy as np
 
 from fmcache.data._io import SHOW_MISSING, cell, check_files_exist, layout_hint, read_csv
 from fmcache.data.index import TEST, TRAIN, VAL, DatasetIndex, build_index, check_choice, check_seed
+from fmcache.data.splits import apply_split_file, parse_split
 from fmcache.errors import FmcacheError
 
 NAME = "cbis_ddsm"
 LAYOUTS = ("auto", "lists", "tcia")
 AMBIGUOUS = ("error", "skip")
+SPLIT_MODES = ("official", "patient")
+TASK_LISTS = "normal vs abnormal (benign+cancer), the seed's lists: the paper's task"
+TASK_TCIA = "benign vs malignant (TCIA pathology; no normal images): not the paper's normal vs abnormal task"
 
 LIST_DIR = "ddsm_raw_image_lists"
 RAW_DIR = "ddsm_raw"  # the seed resolves list entries under <root>/ddsm_raw
@@ -46,24 +58,40 @@ def load_cbis_ddsm(
     root: Path,
     *,
     layout: str = "auto",
+    split: str = "official",
     seed: int = 42,
     val_fraction: float = 0.1,
     ambiguous: str = "error",
 ) -> DatasetIndex:
-    """Binary CBIS-DDSM, ordered by image path.
+    """Binary CBIS-DDSM, ordered by image path (the two layouts are two tasks: see the module docstring).
 
-    ``layout`` picks "lists" or "tcia" ("auto" detects it; both present is an error). ``seed`` and
-    ``val_fraction`` only apply to "tcia": the official train/test split with ``val_fraction`` of the train
-    images (image level) moved to val; merges are reported in ``problems``. ``ambiguous="skip"`` drops TCIA rows whose case folder holds several
-    DICOM files none of which matches the CSV path (each skip is reported); the default makes that an error.
+    ``layout`` picks "lists" or "tcia" ("auto" detects it; both present is an error). ``split``: "official"
+    (the lists as given; for "tcia" the official train/test with ``val_fraction`` of the train images moved to
+    val by ``seed``), "patient" ("tcia" only: no patient in two splits) or "file:FILE.csv". Merges are reported
+    in ``problems``. ``ambiguous="skip"`` drops TCIA rows whose case folder holds several DICOM files none of
+    which matches the CSV path (each skip is reported); the default makes that an error.
     """
+    mode, split_file = parse_split(split, SPLIT_MODES, NAME)
     layout = _detect_layout(root, check_choice(layout, LAYOUTS, "layout", NAME))
     if layout == "lists":
-        return _load_lists(root)
-    check_choice(ambiguous, AMBIGUOUS, "ambiguous", NAME)
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 <= val_fraction < 1:
-        raise FmcacheError(f"{NAME}: val_fraction must be a number in [0, 1), got {val_fraction!r}")
-    return _load_tcia(root, seed=check_seed(seed), val_fraction=float(val_fraction), ambiguous=ambiguous)
+        if mode == "patient":
+            raise FmcacheError(
+                f"{NAME}: split='patient' needs the TCIA layout (patient ids); the seed's lists carry their own "
+                "split: use --split official"
+            )
+        index = _load_lists(root)
+    else:
+        check_choice(ambiguous, AMBIGUOUS, "ambiguous", NAME)
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 <= val_fraction < 1:
+            raise FmcacheError(f"{NAME}: val_fraction must be a number in [0, 1), got {val_fraction!r}")
+        index = _load_tcia(
+            root,
+            seed=check_seed(seed),
+            val_fraction=float(val_fraction),
+            ambiguous=ambiguous,
+            by_patient=mode == "patient",
+        )
+    return apply_split_file(index, split_file) if split_file else index
 
 
 def _detect_layout(root: Path, layout: str) -> str:
@@ -154,7 +182,12 @@ def _load_lists(root: Path) -> DatasetIndex:
         split=np.array([samples[p][1] for p in paths]),
         class_names=("normal", "abnormal"),
         multilabel=False,
-        split_info={"mode": "lists", "files": [f"{LIST_DIR}/{f}" for f in LIST_SPLITS], "order": "path"},
+        split_info={
+            "mode": "lists",
+            "files": [f"{LIST_DIR}/{f}" for f in LIST_SPLITS],
+            "order": "path",
+            "task": TASK_LISTS,
+        },
         options={"layout": "lists"},
         problems=problems,
     )
@@ -252,6 +285,7 @@ def _examples(items: list[str]) -> str:
 
 # A case folder names one breast view of one patient; its mass and calc folders hold the same mammogram.
 _CASE = re.compile(r"(?:Mass|Calc)-(?:Training|Test)_(P_\d+_(?:LEFT|RIGHT)_(?:CC|MLO))")
+_PATIENT = re.compile(r"(?:^|_)(P_\d+)(?:_|$)")
 
 
 @dataclass
@@ -260,6 +294,7 @@ class _Sample:
     label: int
     split: int
     where: str
+    case: str
 
 
 @dataclass
@@ -277,7 +312,7 @@ class _TciaSamples:
         key = match.group(1) if match else path.as_posix()
         sample = self.by_image.get(key)
         if sample is None:
-            self.by_image[key] = _Sample(path, label, split, where)
+            self.by_image[key] = _Sample(path, label, split, where, case)
             return
         sample.label = max(sample.label, label)  # malignant if any abnormality is
         if path == sample.path:
@@ -304,7 +339,7 @@ class _TciaSamples:
         return out
 
 
-def _load_tcia(root: Path, *, seed: int, val_fraction: float, ambiguous: str) -> DatasetIndex:
+def _load_tcia(root: Path, *, seed: int, val_fraction: float, ambiguous: str, by_patient: bool) -> DatasetIndex:
     resolver = _CaseResolver(root)
     samples = _TciaSamples()
     missing: list[str] = []
@@ -328,7 +363,14 @@ def _load_tcia(root: Path, *, seed: int, val_fraction: float, ambiguous: str) ->
     if unresolved:
         problems.append(f"skipped {len(unresolved)} ambiguous CSV row(s), e.g. {_examples(unresolved)}")
     return _tcia_index(
-        root, list(samples.by_image.values()), csvs, problems, seed=seed, val_fraction=val_fraction, ambiguous=ambiguous
+        root,
+        list(samples.by_image.values()),
+        csvs,
+        problems,
+        seed=seed,
+        val_fraction=val_fraction,
+        ambiguous=ambiguous,
+        by_patient=by_patient,
     )
 
 
@@ -355,29 +397,74 @@ def _tcia_index(
     seed: int,
     val_fraction: float,
     ambiguous: str,
+    by_patient: bool,
 ) -> DatasetIndex:
     if not samples:
         raise FmcacheError(f"{NAME}: no CSV row of {root} resolved to a DICOM file; check the download")
     samples = sorted(samples, key=lambda s: _canonical_key(s.path, root))
     official = np.array([s.split for s in samples], dtype=np.int8)
+    split_info: dict = {
+        "mode": "official+val",
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "val_unit": "image",
+        "sources": [p.name for p, _ in csvs],
+        "order": "path",
+        "task": TASK_TCIA,
+    }
+    if by_patient:
+        codes, moved = _patient_split([_patient_of(s) for s in samples], official, val_fraction, seed)
+        split_info.update(mode="patient", val_unit="patient", patients_moved_to_test=moved[0])
+        if moved[0]:
+            problems = [
+                *problems,
+                f"{moved[0]} patient(s) had images in both the official train and test sets: "
+                f"all their images are in test ({moved[1]} image(s) moved from train)",
+            ]
+    else:
+        codes = _val_from_train(official, val_fraction, seed)
     return build_index(
         name=NAME,
         root=root,
         paths=[s.path for s in samples],
         labels=np.array([s.label for s in samples]),
-        split=_val_from_train(official, val_fraction, seed),
+        split=codes,
         class_names=("benign", "malignant"),
         multilabel=False,
-        split_info={
-            "mode": "official+val",
-            "seed": seed,
-            "val_fraction": val_fraction,
-            "sources": [p.name for p, _ in csvs],
-            "order": "path",
-        },
+        split_info=split_info,
         options={"layout": "tcia", "ambiguous": ambiguous},
         problems=problems,
     )
+
+
+def _patient_of(sample: _Sample) -> str:
+    match = _PATIENT.search(sample.case)
+    if match is None:
+        raise FmcacheError(
+            f"{NAME}: no patient id P_NNNNN in case folder {sample.case!r} ({sample.where}); "
+            "split='patient' needs the official case names"
+        )
+    return match.group(1)
+
+
+def _patient_split(
+    patients: list[str], official: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Codes with no patient in two splits, and (patients, images) moved from official train to test.
+
+    A patient with any official test image goes to test entirely (the official test set is what results are
+    compared on, so it keeps every image it had). ``val_fraction`` of the other patients (sorted ids, seeded
+    permutation, half up) go to val.
+    """
+    in_test = {p for p, code in zip(patients, official, strict=True) if code == TEST}
+    crossing = {p for p, code in zip(patients, official, strict=True) if code == TRAIN and p in in_test}
+    train_patients = sorted({p for p in patients if p not in in_test})
+    n_val = int(len(train_patients) * val_fraction + 0.5)
+    order = np.random.RandomState(seed).permutation(len(train_patients))
+    val_patients = {train_patients[i] for i in order[:n_val]}
+    codes = np.array([TEST if p in in_test else VAL if p in val_patients else TRAIN for p in patients], dtype=np.int8)
+    moved_images = int(sum(1 for p, code in zip(patients, official, strict=True) if code == TRAIN and p in crossing))
+    return codes, (len(crossing), moved_images)
 
 
 def _val_from_train(official: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:

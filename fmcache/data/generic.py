@@ -20,7 +20,11 @@ from fmcache.data.index import (
     random_split,
     random_split_info,
 )
+from fmcache.data.splits import apply_split_file, parse_split
 from fmcache.errors import FmcacheError
+
+# "auto": the layout's own split (split column / split folders) when present, else a seeded random split.
+SPLIT_MODES = ("auto",)
 
 _INT = re.compile(r"[+-]?\d+")
 _MULTI_VALUES = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "": math.nan, "nan": math.nan, "NaN": math.nan}
@@ -87,6 +91,7 @@ def load_csv(
     *,
     csv: str = "labels.csv",
     label_columns: Sequence[str] | str | None = None,
+    split: str = "auto",
     seed: int = 42,
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
 ) -> DatasetIndex:
@@ -95,7 +100,9 @@ def load_csv(
     Single-label: a ``label`` column of integers (the value is the class index) or class names (sorted).
     Multi-label: ``label_columns`` names the 0/1 columns, blank meaning unknown (NaN). An optional ``split``
     column (train/val/test) fixes the split; otherwise ``fractions`` by ``seed`` over rows sorted by path.
+    ``split="file:FILE.csv"`` replaces either with an exported split.
     """
+    _, split_file = parse_split(split, SPLIT_MODES, "csv")
     seed, fractions = check_seed(seed), check_fractions(fractions)
     columns = _label_columns(label_columns)
     csv_path = root / csv
@@ -125,7 +132,7 @@ def load_csv(
     else:
         codes = random_split(len(paths), fractions, seed)
         split_info = random_split_info(seed, fractions, "path")
-    return build_index(
+    index = build_index(
         name="csv",
         root=root,
         paths=paths,
@@ -137,6 +144,7 @@ def load_csv(
         options={"csv": csv, "label_columns": columns},
         problems=problems + merged,
     )
+    return apply_split_file(index, split_file) if split_file else index
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -194,11 +202,15 @@ def _folder_samples(root: Path) -> tuple[list[tuple[Path, str, int]], list[str],
     return samples, sorted(names), ignored
 
 
-def load_imagefolder(root: Path, *, seed: int = 42, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> DatasetIndex:
+def load_imagefolder(
+    root: Path, *, split: str = "auto", seed: int = 42, fractions: Sequence[float] = (0.8, 0.1, 0.1)
+) -> DatasetIndex:
     """Class folders ``root/<class>/...`` (split ``fractions`` by ``seed``) or ``root/{train,val,test}/<class>/...``.
 
     Class names are the sorted folder names; images are found recursively by extension and ordered by path.
+    ``split="file:FILE.csv"`` replaces the split with an exported one.
     """
+    _, split_file = parse_split(split, SPLIT_MODES, "imagefolder")
     seed, fractions = check_seed(seed), check_fractions(fractions)
     known = detect_layouts(root)
     if known:
@@ -224,7 +236,7 @@ def load_imagefolder(root: Path, *, seed: int = 42, fractions: Sequence[float] =
     else:
         codes = random_split(len(samples), fractions, seed)
         split_info = random_split_info(seed, fractions, "path")
-    return build_index(
+    index = build_index(
         name="imagefolder",
         root=root,
         paths=[path for path, _, _ in samples],
@@ -235,3 +247,4 @@ def load_imagefolder(root: Path, *, seed: int = 42, fractions: Sequence[float] =
         split_info=split_info,
         problems=problems,
     )
+    return apply_split_file(index, split_file) if split_file else index

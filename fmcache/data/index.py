@@ -1,7 +1,8 @@
 """The dataset index: one immutable list of images with labels and a split, shared by every stage.
 
-Every loader returns a :class:`DatasetIndex`. Its order is canonical (sorted by the dataset's own id or path)
-and its split depends only on that order and a seed, so caches of different models align sample by sample.
+Every loader returns a :class:`DatasetIndex`. Its order is canonical (sorted by the dataset's own id or path),
+so caches of different models align sample by sample. The split is a pure function of the files on disk and the
+split options (see :mod:`fmcache.data.splits`; the seed's split follows the label CSV's row order).
 """
 
 from __future__ import annotations
