@@ -22,11 +22,11 @@ EPOCHS = 4
 BATCH = 32  # 150 = 4 × 32 + 22: the last partial batch is kept
 
 
-def _reference_head(x, y, seed, lr, *, multilabel, warmup, schedule, grad_clip=1.0, val=None):
+def _reference_head(x, y, seed, lr, *, multilabel, warmup, schedule, grad_clip=1.0, val=None, weight_decay=1e-5):
     """One head trained the ordinary way; returns (weight (C, D), bias (C,), per-epoch val metric)."""
     torch.manual_seed(seed)
     model = nn.Linear(x.shape[1], C)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
+    opt = torch.optim.AdamW(training.adamw_param_groups(model.named_parameters(), weight_decay), lr=lr)
     total = math.ceil(len(x) / BATCH) * EPOCHS
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: training.lr_multiplier(step, total, warmup, schedule))
     gen = torch.Generator().manual_seed(seed)
@@ -86,6 +86,24 @@ def test_batched_heads_equal_independent_heads(multilabel, schedule, warmup, gra
             head = i * len(SEEDS) + j
             torch.testing.assert_close(grid.weight[head].detach(), w, atol=1e-5, rtol=0)
             torch.testing.assert_close(grid.bias[head].detach(), b, atol=1e-5, rtol=0)
+
+
+def test_weight_decay_on_weights_only():
+    # a large decay makes the seed's grouping visible: decaying the bias too would move it by ~lr·wd per step
+    x, y = _data()
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y, dtype=torch.int64)
+    grid = probe.LinearHeadGrid(xt, yt, LRS, SEEDS, C, False, 0.5, 1.0, torch.device("cpu"))
+    total = math.ceil(N / BATCH) * EPOCHS
+    for _ in range(EPOCHS):
+        grid.train_epoch(BATCH, lambda step: training.lr_multiplier(step, total, 0, "constant"))
+    w, b, _ = _reference_head(
+        xt, yt, SEEDS[0], LRS[0], multilabel=False, warmup=0, schedule="constant", weight_decay=0.5
+    )
+    torch.testing.assert_close(grid.weight[0].detach(), w, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grid.bias[0].detach(), b, atol=1e-5, rtol=0)
+    groups = training.adamw_param_groups(nn.Linear(3, 2).named_parameters(), 0.5)
+    assert [len(g["params"]) for g in groups] == [1, 1] and [g["weight_decay"] for g in groups] == [0.5, 0.0]
+    assert not training.decays("norm.weight", (768,)) and training.decays("proj.weight", (768, 64))
 
 
 def test_heads_with_same_seed_share_init():

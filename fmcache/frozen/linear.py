@@ -10,7 +10,8 @@ it):
   ``batch_size`` in that order, the last partial batch kept;
 - loss: cross-entropy averaged over the batch, or for multi-label BCE-with-logits averaged over the
   batch's known (non-NaN) labels;
-- ``torch.optim.AdamW`` (betas 0.9/0.999, eps 1e-8, decoupled weight decay on weight and bias) after
+- ``torch.optim.AdamW`` (betas 0.9/0.999, eps 1e-8) over :func:`fmcache.training.adamw_param_groups`
+  (decoupled weight decay on the weight, none on the bias, as the seed) after
   ``clip_grad_norm_(head.parameters(), grad_clip)``;
 - lr = base lr × :func:`fmcache.training.lr_multiplier` (linear warmup, then cosine to 0 or constant), stepped per batch.
 
@@ -42,6 +43,7 @@ from fmcache.training import (
     ADAM_BETAS,
     ADAM_EPS,
     clip_per_head,
+    decays,
     lr_multiplier,
     pick_device,
     select_best,
@@ -180,13 +182,17 @@ def head_losses(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> torc
 
 
 class _BatchedAdamW:
-    """torch.optim.AdamW's update for stacked per-head parameters, with one LR per head."""
+    """torch.optim.AdamW's update for stacked per-head parameters, with one LR per head.
 
-    def __init__(self, params: list[torch.Tensor], weight_decay: float):
-        self.params = params
-        self.weight_decay = weight_decay
-        self.exp_avg = [torch.zeros_like(p) for p in params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+    ``params`` maps a name to a stacked parameter (heads on dim 0); each gets weight decay by the shared rule
+    (:func:`fmcache.training.decays` on one head's slice), so the bias gets none, as in the seed's AdamW groups.
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor], weight_decay: float):
+        self.params = list(params.values())
+        self.weight_decays = [weight_decay if decays(n, p.shape[1:]) else 0.0 for n, p in params.items()]
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         self.step_count = 0
 
     @torch.no_grad()
@@ -195,9 +201,9 @@ class _BatchedAdamW:
         self.step_count += 1
         bias1 = 1 - beta1**self.step_count
         bias2_sqrt = math.sqrt(1 - beta2**self.step_count)
-        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
+        for p, m, v, decay in zip(self.params, self.exp_avg, self.exp_avg_sq, self.weight_decays, strict=True):
             head_lr = lr.view(-1, *([1] * (p.dim() - 1)))
-            p.mul_(1 - head_lr * self.weight_decay)
+            p.mul_(1 - head_lr * decay)
             m.lerp_(p.grad, 1 - beta1)
             v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
             denom = (v.sqrt() / bias2_sqrt).add_(ADAM_EPS)
@@ -356,7 +362,7 @@ class LinearHeadGrid:
         inits = [init_linear(s, x.shape[1], num_classes) for s in seeds]
         self.weight = torch.stack([w for w, _ in inits])[self.head_seed.cpu()].to(device).requires_grad_()
         self.bias = torch.stack([b for _, b in inits])[self.head_seed.cpu()].to(device).requires_grad_()
-        self.optimizer = _BatchedAdamW([self.weight, self.bias], weight_decay)
+        self.optimizer = _BatchedAdamW({"weight": self.weight, "bias": self.bias}, weight_decay)
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
         self.step = 0
         self.train_seconds = 0.0
