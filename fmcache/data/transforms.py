@@ -26,6 +26,25 @@ INTERPOLATIONS: dict[str, T.InterpolationMode] = {
 PAPER_CROP_SCALE: tuple[float, float] = (0.8, 1.2)
 CROP_SCALE: tuple[float, float] = (0.8, 1.0)
 
+# How a grayscale scan meets a model trained on RGB. "repeat" (fmcache's default) feeds the one channel three times.
+# "seed" reproduces the original code, which keeps one channel and cuts the first layer down to its red-channel
+# kernel: a first layer is linear in its input channels, so that equals feeding (gray, 0, 0) after normalisation.
+GRAY_MODES: tuple[str, ...] = ("repeat", "seed")
+# The paper's datasets released as single-channel scans; --gray seed only makes sense for these.
+GRAYSCALE_DATASETS: tuple[str, ...] = ("cbis_ddsm", "chexpert")
+
+
+def _check_gray(gray: str) -> str:
+    if gray not in GRAY_MODES:
+        raise FmcacheError(f"unknown --gray {gray!r}; choose one of {', '.join(GRAY_MODES)}")
+    return gray
+
+
+def _red_channel_only(x: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(x)
+    out[0] = x[0]
+    return out
+
 
 def default_resize(img_size: int) -> int:
     """The resize before the center crop that keeps the paper's 256→224 framing at any input size."""
@@ -62,12 +81,15 @@ def build_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     interpolation: str = "bilinear",
+    gray: str = "repeat",
 ) -> tuple[Callable[[Image.Image], torch.Tensor], dict]:
     """The evaluation transform and a JSON-able dict that fully describes it (for the cache key).
 
     Resize to a ``resize``×``resize`` square (default ``round(img_size*256/224)``, antialiased), center crop
-    ``img_size``, convert to a float32 CHW tensor in [0, 1], normalise with ``mean``/``std``.
+    ``img_size``, convert to a float32 CHW tensor in [0, 1], normalise with ``mean``/``std``. ``gray="seed"``
+    then keeps only the first channel (see :data:`GRAY_MODES`); use it for grayscale datasets only.
     """
+    gray = _check_gray(gray)
     img_size = _check_size(img_size, "img_size")
     resize = default_resize(img_size) if resize is None else _check_size(resize, "resize")
     if resize < img_size:
@@ -79,10 +101,11 @@ def build_transform(
             T.CenterCrop(img_size),
             T.ToTensor(),
             T.Normalize(mean_l, std_l),
+            *([T.Lambda(_red_channel_only)] if gray == "seed" else []),
         ]
     )
     spec = {
-        "steps": ["resize", "center_crop", "to_tensor", "normalize"],
+        "steps": ["resize", "center_crop", "to_tensor", "normalize", *(["gray_seed"] if gray == "seed" else [])],
         "resize": [resize, resize],
         "crop": img_size,
         "interpolation": interpolation,
@@ -94,35 +117,51 @@ def build_transform(
 
 
 def train_augmentation(
-    img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    img_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    gray: str = "repeat",
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """PROTOCOLS.md train augmentations: random resized crop, V+H flips, colour jitter, then normalise.
+    """PROTOCOLS.md train augmentations, in the seed's order.
 
-    RandomResizedCrop(img_size, scale=:data:`CROP_SCALE`) — see the note there on the paper's 0.8–1.2 —
-    vertical and horizontal flips each with p=0.5, ColorJitter(0.2, 0.2, 0.1, 0.1) applied with p=0.8.
-    Randomness comes from torch's RNG; seed it (and each DataLoader worker) for reproducible views.
+    The seed first resizes and center-crops exactly as the evaluation transform does (256 → 224 at the paper's
+    size), then draws RandomResizedCrop(img_size, scale=:data:`CROP_SCALE`) from that crop — see the note there on
+    the paper's 0.8–1.2 —, vertical and horizontal flips each with p=0.5, ColorJitter(0.2, 0.2, 0.1, 0.1) with
+    p=0.8, then normalises. Randomness comes from torch's RNG; seed it (and each DataLoader worker) for
+    reproducible views.
     """
     img_size = _check_size(img_size, "img_size")
     mean_l, std_l = check_norm(mean, std)
+    gray = _check_gray(gray)
+    resize = default_resize(img_size)
     return T.Compose(
         [
+            T.Resize((resize, resize), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+            T.CenterCrop(img_size),
             T.RandomResizedCrop(img_size, scale=CROP_SCALE, antialias=True),
             T.RandomVerticalFlip(p=0.5),
             T.RandomHorizontalFlip(p=0.5),
             T.RandomApply([T.ColorJitter(0.2, 0.2, 0.1, 0.1)], p=0.8),
             T.ToTensor(),
             T.Normalize(mean_l, std_l),
+            *([T.Lambda(_red_channel_only)] if gray == "seed" else []),
         ]
     )
 
 
 def train_augmentation_spec(
-    img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    img_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    gray: str = "repeat",
 ) -> dict:
     """JSON-able description of :func:`train_augmentation` (for the key of cached augmented views)."""
     mean_l, std_l = check_norm(mean, std)
+    gray = _check_gray(gray)
+    steps = ["resize", "center_crop", "random_resized_crop", "vflip", "hflip", "color_jitter", "to_tensor"]
     return {
-        "steps": ["random_resized_crop", "vflip", "hflip", "color_jitter", "to_tensor", "normalize"],
+        "steps": [*steps, "normalize", *(["gray_seed"] if gray == "seed" else [])],
+        "resize": [default_resize(_check_size(img_size, "img_size"))] * 2,
         "crop": _check_size(img_size, "img_size"),
         "crop_scale": list(CROP_SCALE),
         "paper_crop_scale": list(PAPER_CROP_SCALE),

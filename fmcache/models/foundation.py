@@ -113,6 +113,8 @@ def create_foundation(
         info["unexpected_keys"] = list(report.unexpected[:50])
     elif source == "hub":
         info = {"source": "hub", "id": spec.hub_id}
+        if spec.paper_weights:  # recorded in the manifest, so every result made from this cache names it
+            info["differs_from_paper"] = spec.paper_weights
     else:
         info = {"source": "random", "id": "random-init"}
     if arch_overrides:
@@ -135,6 +137,8 @@ def weights_available_locally(spec: ModelSpec) -> bool:
             import open_clip
 
             repo = (open_clip.get_pretrained_cfg(spec.arch, spec.tag or "") or {}).get("hf_hub")
+        elif spec.backend == "sam2":
+            repo = (spec.tag or "").rpartition("/")[0]
         else:
             repo = spec.arch
     except Exception:

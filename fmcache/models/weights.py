@@ -32,11 +32,12 @@ class LoadReport:
     loaded: int
     unexpected: tuple[str, ...]
     stripped_prefixes: tuple[str, ...]
+    total: int = 0
 
     def summary(self) -> str:
         extra = f", {len(self.unexpected)} unexpected keys ignored" if self.unexpected else ""
         strip = f", stripped {'+'.join(self.stripped_prefixes)}" if self.stripped_prefixes else ""
-        return f"loaded {self.loaded} tensors from {self.path}{strip}{extra}"
+        return f"loaded {self.loaded}/{self.total} model tensors from {self.path}{strip}{extra}"
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -76,29 +77,62 @@ def _unnest(obj: object, path: Path) -> dict[str, torch.Tensor]:
     raise FmcacheError(f"{path} holds no state dict of tensors; save model.state_dict() instead")
 
 
-def _strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Strip wrapper prefixes while doing so increases the number of keys the model expects."""
-    stripped: list[str] = []
-    while True:
-        best, best_hits = None, sum(k in expected for k in state)
-        for prefix in PREFIXES:
-            keys = [k for k in state if k.startswith(prefix)]
-            if not keys:
+def _candidates(state: dict[str, torch.Tensor], levels: int = 2) -> list[tuple[tuple[str, ...], dict]]:
+    """The state dict as it is and with up to ``levels`` wrapper prefixes stripped (``module.backbone.`` …)."""
+    found: list[tuple[tuple[str, ...], dict]] = [((), state)]
+    frontier = found[:]
+    for _ in range(levels):
+        deeper = []
+        for stripped, current in frontier:
+            for prefix in PREFIXES:
+                inner = {k[len(prefix) :]: v for k, v in current.items() if k.startswith(prefix)}
+                if inner:
+                    deeper.append(((*stripped, prefix), inner))
+        found += deeper
+        frontier = deeper
+    return found
+
+
+Convert = Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
+
+
+def match_layout(
+    state: dict[str, torch.Tensor], model: nn.Module, convert: Convert | None = None
+) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """The reading of ``state`` that fills the most of ``model``'s tensors: with or without wrapper prefixes, each
+    passed through ``convert`` (an original-layout → model-layout mapping) before it is scored.
+
+    Scoring after the conversion matters: an original layout (LAVIS BLIP's ``visual_encoder.blocks.…``) matches
+    nothing until it is both unwrapped and renamed, so stripping only when raw names match would never fire.
+    """
+    expected = model.state_dict()
+    best: tuple[int, int, tuple[str, ...], dict] | None = None
+    first_error: Exception | None = None
+    for stripped, candidate in _candidates(state):
+        if convert is not None:
+            try:
+                candidate = convert(dict(candidate), model)
+            except Exception as exc:  # a reading the converter does not understand scores nothing
+                first_error = first_error or exc
                 continue
-            candidate = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            hits = sum(k in expected for k in candidate)
-            if hits > best_hits:
-                best, best_hits = (prefix, candidate), hits
-        if best is None:
-            return state, stripped
-        stripped.append(best[0])
-        state = best[1]
+        hits = sum(k in candidate and tuple(candidate[k].shape) == tuple(v.shape) for k, v in expected.items())
+        named = sum(k in candidate for k in expected)
+        score = (hits, named)
+        if best is None or score > best[:2]:
+            best = (hits, named, stripped, candidate)
+    if best is None:
+        raise FmcacheError(f"cannot convert it to this model's layout: {first_error}")
+    return best[3], best[2]
+
+
+def _is_counter(key: str) -> bool:
+    return key.endswith("num_batches_tracked")
 
 
 def load_weights_file(
     model: nn.Module,
     path: Path,
-    convert: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None,
+    convert: Convert | None = None,
     ignore_missing: Callable[[str], bool] = lambda key: False,
 ) -> LoadReport:
     """Load ``path`` into ``model``; refuse on missing parameters or shape mismatches.
@@ -109,15 +143,13 @@ def load_weights_file(
     path = Path(path)
     raw = read_state_dict(path)
     expected = model.state_dict()
-    state, stripped = _strip_prefixes(raw, set(expected))
-    if convert is not None:
-        try:
-            state = convert(state, model)
-        except Exception as exc:
-            raise FmcacheError(f"cannot convert {path} to this model's layout: {exc}") from exc
-        state, more = _strip_prefixes(state, set(expected))
-        stripped += more
-    missing = [k for k in expected if k not in state and not ignore_missing(k)]
+    try:
+        state, stripped = match_layout(raw, model, convert)
+    except FmcacheError as exc:
+        raise FmcacheError(f"{path}: {exc}") from exc
+    # BatchNorm's step counter is bookkeeping, not a weight, and releases older than it (torchvision's ResNet
+    # files) lack it; it never changes an eval forward.
+    missing = [k for k in expected if k not in state and not ignore_missing(k) and not _is_counter(k)]
     if missing:
         raise FmcacheError(
             f"refused {path}: {len(missing)} of {len(expected)} model tensors are missing from it "
@@ -132,5 +164,6 @@ def load_weights_file(
         )
     unexpected = tuple(sorted(k for k in state if k not in expected))
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
-    loaded = sum(k in state for k in expected)
-    return LoadReport(str(path), sha256_file(path), loaded, unexpected, tuple(stripped))
+    loaded = sum(k in state for k in expected if not _is_counter(k))
+    total = sum(not _is_counter(k) for k in expected)
+    return LoadReport(str(path), sha256_file(path), loaded, unexpected, tuple(stripped), total)
