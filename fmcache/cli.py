@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 import traceback
 from dataclasses import fields
@@ -28,6 +29,8 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 STATE = {"verbose": False}
+# terminal escape sequences: OSC (titles, links), CSI (colours) and two-byte ones
+_ANSI = re.compile(r"\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 
 
 def cli_command(fn):
@@ -40,7 +43,9 @@ def cli_command(fn):
         except FmcacheError as exc:
             if STATE["verbose"]:
                 traceback.print_exc()
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            # messages built from foreign errors (torch, h5py) may carry colour codes and line breaks: one plain line
+            message = " ".join(_ANSI.sub("", str(exc)).split())
+            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]; rerun the same command to resume")
@@ -84,8 +89,9 @@ def models_cmd() -> None:
         arch = spec.arch + (
             f".{spec.tag}" if spec.tag and spec.backend == "timm" else f":{spec.tag}" if spec.tag else ""
         )
+        notes = f"{spec.notes}. {spec.paper_weights}" if spec.paper_weights else spec.notes
         table.add_row(
-            spec.name, spec.backend, arch, spec.pooled, str(spec.layers), str(spec.default_img_size), local, spec.notes
+            spec.name, spec.backend, arch, spec.pooled, str(spec.layers), str(spec.default_img_size), local, notes
         )
     for name, why in UNAVAILABLE.items():
         table.add_row(name, "-", "-", "-", "-", "-", "unavailable", why.split(":")[0])
@@ -125,6 +131,7 @@ def datasets_cmd(
 
     index = load_dataset(dataset, data_root, **_dataset_options(uncertain, split, layout, csv))
     desc = describe(index)
+    _warn_empty_split(index)
     if export_split is not None:
         desc["exported_split"] = str(write_split_csv(index, export_split))
     if as_json:
@@ -133,6 +140,15 @@ def datasets_cmd(
         console.print(format_description(desc))
         if export_split is not None:
             console.print(f"split of {len(index)} samples written to {desc['exported_split']}", markup=False)
+
+
+def _warn_empty_split(index) -> None:
+    """The warning `extract` turns into an error (stderr, so --json output stays parseable)."""
+    from fmcache.data.describe import SPLITS, empty_split_warning
+
+    warning = empty_split_warning(index.name, {s: len(index.indices(s)) for s in SPLITS})
+    if warning:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
 
 
 # -- extract / info / ls -----------------------------------------------------------------------------------------
@@ -153,6 +169,10 @@ def extract_cmd(
         int | None, typer.Option(help="Resize before the center crop (default img_size·256/224).")
     ] = None,
     norm: Annotated[str | None, typer.Option(help="Normalisation: dataset (the seed's) or model.")] = None,
+    gray: Annotated[
+        str | None,
+        typer.Option(help="Grayscale scans: repeat (3 equal channels) or seed (red-channel kernel, as the seed)."),
+    ] = None,
     tokens: Annotated[str | None, typer.Option(help="Token layers to cache: none, last, all or e.g. 4,8,12.")] = None,
     dtype: Annotated[str | None, typer.Option(help="Storage dtype: fp16 or fp32.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per forward pass.")] = None,
@@ -169,6 +189,15 @@ def extract_cmd(
     split: Annotated[str | None, typer.Option(help=SPLIT_HELP)] = None,
     layout: Annotated[str | None, typer.Option(help="CBIS-DDSM layout: auto, lists or tcia.")] = None,
     csv: Annotated[str | None, typer.Option(help="CSV manifest file name for --dataset csv.")] = None,
+    fingerprint: Annotated[
+        str | None, typer.Option(help="Dataset identity in the key: stat (path, size, mtime) or content (bytes).")
+    ] = None,
+    verify: Annotated[
+        bool | None, typer.Option("--verify", help="Hash-check every finished shard first (as `fmcache verify`).")
+    ] = None,
+    allow_empty_split: Annotated[
+        bool | None, typer.Option("--allow-empty-split", help="Extract even when train, val or test is empty.")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Run a frozen foundation once over a dataset and write the keyed, resumable HDF5 cache."""
@@ -219,6 +248,38 @@ def ls_cmd(cache_root: Annotated[Path, typer.Option(help="Root folder of all cac
     for row in rows:
         table.add_row(*(str(row[c]) for c in columns))
     console.print(table)
+
+
+@app.command("verify")
+@cli_command
+def verify_cmd(
+    cache: Annotated[Path, typer.Argument(help="A cache directory (see `fmcache ls`).")],
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Move damaged shards to damaged/ and mark the cache partial.")
+    ] = False,
+) -> None:
+    """Check every shard against the manifest: exists, size, sha256, opens, datasets and shapes (exit 2 if damaged)."""
+    from fmcache.cache.info import human_bytes
+    from fmcache.cache.verify import OK, damage_error, repair_cache, repair_message, verify_cache
+
+    report = verify_cache(cache, full=True)
+    table = Table(title=f"shards of {cache}")
+    for col in ("shard", "rows", "size", "state", "problem"):
+        table.add_column(col, overflow="fold", no_wrap=col != "problem")
+    for c in report.checks:
+        state = {OK: "[green]ok[/]", "damaged": "[bold red]damaged[/]"}.get(c.state, c.state)
+        size = human_bytes(c.size) if c.size is not None else "-"
+        table.add_row(c.file, "-" if c.n is None else str(c.n), size, state, escape(c.problem))
+    console.print(table)
+    if not report.damaged:
+        status = report.manifest.get("status")
+        pending = f"; {len(report.pending)} shard(s) not extracted yet" if report.pending else ""
+        console.print(f"{len(report.checks) - len(report.pending)} shard(s) ok, cache {status}{pending}", markup=False)
+        return
+    if not repair:
+        raise damage_error(report)
+    moved = repair_cache(report)
+    console.print(repair_message(report, moved), markup=False, highlight=False, soft_wrap=True)
 
 
 # -- stage two ---------------------------------------------------------------------------------------------------
@@ -336,6 +397,52 @@ def probe_cmd(
         weight_decay, schedule, sklearn, device, standardize, progress=True, plots=plots,
     )  # fmt: skip
     _print_probe(result)
+
+
+def _print_cka(result: dict) -> None:
+    kind = "debiased" if result["debiased"] else "biased"
+    table = Table(title=f"linear CKA ({kind}, {result['estimator']}, n={result['n']}) → {result['folder']}")
+    table.add_column("A \\ B")
+    for label in result["col_layers"]:
+        table.add_column(str(label), justify="right")
+    for label, values in zip(result["row_layers"], result["matrix"], strict=True):
+        table.add_row(str(label), *(f"{v:.3f}" for v in values))
+    console.print(table)
+
+
+@app.command("cka")
+@cli_command
+def cka_cmd(
+    cache: Annotated[Path, typer.Argument(help="A cache directory (see `fmcache ls`).")],
+    cache_b: Annotated[
+        Path | None, typer.Argument(help="A second cache of the same samples: layers of A × layers of B.")
+    ] = None,
+    layers: Annotated[str, typer.Option(help="all, last or 1-based layers such as 4,8,12.")] = "all",
+    layers_b: Annotated[str | None, typer.Option(help="Layers of the second cache (default: --layers).")] = None,
+    pool: Annotated[
+        str, typer.Option(help="auto, cls, mean, paper or tokens (the cached token maps, flattened).")
+    ] = "auto",
+    split: Annotated[str, typer.Option(help="test, val, train or all.")] = "test",
+    estimator: Annotated[
+        str | None, typer.Option(help="exact or minibatch (default: exact for pooled, minibatch for tokens).")
+    ] = None,
+    debiased: Annotated[
+        bool, typer.Option("--debiased/--biased", help="Unbiased HSIC (default) or Kornblith 2019's biased CKA.")
+    ] = True,
+    batch_size: Annotated[int, typer.Option(help="Minibatch estimator only: samples per batch.")] = 256,
+    out: Annotated[Path, typer.Option(help="Results root.")] = Path("results"),
+    plots: Annotated[bool, typer.Option(help="Write the heatmap PNG next to the JSON/CSV results.")] = True,
+) -> None:
+    """Linear CKA between every pair of layers of one cache, or of two caches aligned by sample id."""
+    from fmcache.cache.reader import CacheReader
+    from fmcache.frozen.run import run_cka
+
+    reader = CacheReader(cache)
+    reader_b = None if cache_b is None else CacheReader(cache_b)
+    result = run_cka(
+        reader, reader_b, out, layers, layers_b, pool, split, estimator, debiased, batch_size, plots=plots
+    )
+    _print_cka(result)
 
 
 @app.command("demo")

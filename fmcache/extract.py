@@ -8,23 +8,28 @@ every shard from exactly the same batches and gives the same bytes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
+from rich.markup import escape
 from torch.utils.data import DataLoader, Dataset
 
 import fmcache
 from fmcache.cache.key import SCHEMA_VERSION, cache_key
-from fmcache.cache.lock import LOCK_NAME, CacheLock
+from fmcache.cache.lock import CacheLock
 from fmcache.cache.manifest import MANIFEST, read_manifest, shard_entries, write_manifest
 from fmcache.cache.shards import BackgroundWriter, ShardWriter, finished_shards, remove_orphans
+from fmcache.cache.verify import DAMAGED_DIR, ShardCheck, drop_from_manifest, quarantine, verify_cache
 from fmcache.data import DatasetIndex, ImageDataset, build_transform, dataset_norm, default_metric, load_dataset
-from fmcache.data.transforms import INTERPOLATIONS
+from fmcache.data.describe import empty_split_warning
+from fmcache.data.transforms import GRAY_MODES, GRAYSCALE_DATASETS, INTERPOLATIONS
 from fmcache.dist import Dist, close_dist, init_dist
 from fmcache.errors import FmcacheError
 from fmcache.files import ensure_writable_dir, sha256_file
@@ -35,6 +40,7 @@ DTYPES = {"fp16": np.float16, "fp32": np.float32}
 ON_BAD_IMAGE = ("error", "skip")
 NORMS = ("dataset", "model")
 COMPRESSIONS = (None, "gzip", "lzf")
+FINGERPRINTS = ("stat", "content")  # path + size + mtime (cheap), or the bytes of every image
 RANDOM_INIT_SEED = 0  # --random-init weights are seeded so every process and every resume builds the same model
 
 
@@ -50,6 +56,7 @@ class ExtractSpec:
     img_size: int | None = None
     resize: int | None = None
     interpolation: str = "bilinear"
+    gray: str = "repeat"  # repeat | seed (grayscale datasets: the seed's red-channel kernel, see data/transforms.py)
     norm: str = "dataset"  # dataset | model; csv/imagefolder have no dataset statistics and use the model's
     tokens: str = "none"  # none | last | all | comma-separated 1-based layer numbers
     dtype: str = "fp16"
@@ -62,6 +69,9 @@ class ExtractSpec:
     compression: str | None = None  # None or gzip / lzf
     compile: bool = False
     device: str | None = None
+    fingerprint: str = "stat"  # stat | content; content hashes every image's bytes into the key
+    verify: bool = False  # hash-check every finished shard before trusting or resuming the cache
+    allow_empty_split: bool = False  # an empty train/val/test split is refused unless the user means it
     dataset_options: dict = field(default_factory=dict)
     arch_overrides: dict = field(default_factory=dict)
 
@@ -78,6 +88,8 @@ class ExtractSpec:
             "on_bad_image": ON_BAD_IMAGE,
             "compression": COMPRESSIONS,
             "interpolation": tuple(INTERPOLATIONS),
+            "fingerprint": FINGERPRINTS,
+            "gray": GRAY_MODES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -161,10 +173,47 @@ def weights_identity(spec: ExtractSpec) -> dict:
     return {"source": "hub", "id": model_spec.hub_id}
 
 
-def key_inputs(spec: ExtractSpec, index: DatasetIndex, positions: np.ndarray, transform_desc: dict) -> dict:
+def content_fingerprint(index: DatasetIndex, log=print) -> str:
+    """sha256 over (relative path, sha256 of the bytes) of every image, in index order (``--fingerprint content``).
+
+    Unlike the default (path, size, mtime), it catches an image edited in place that kept its size and mtime,
+    and it survives a copy that resets mtimes; the price is reading every image once per run.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    log(f"hashing {len(index)} image files (--fingerprint content)")
+
+    def one(path: Path) -> str:
+        try:
+            return sha256_file(path)
+        except OSError as exc:
+            raise FmcacheError(
+                f"cannot fingerprint dataset {index.name}: {path} is not readable ({exc.strerror}); "
+                "restore the file or reload the dataset"
+            ) from exc
+
+    digest = hashlib.sha256()
+    with ThreadPoolExecutor(max_workers=8) as pool:  # hashlib releases the GIL; file reads overlap
+        for path, file_hash in zip(index.paths, pool.map(one, index.paths), strict=True):
+            digest.update(f"{index.relative(path)}\t{file_hash}\n".encode())
+    return digest.hexdigest()
+
+
+def key_inputs(spec: ExtractSpec, index: DatasetIndex, positions: np.ndarray, transform_desc: dict, log=print) -> dict:
     model_spec = get_spec(spec.model)
     if spec.dtype not in DTYPES:
         raise FmcacheError(f"unknown --dtype '{spec.dtype}'; use {' or '.join(DTYPES)}")
+    dataset = {
+        "name": index.name,
+        "fingerprint": index.fingerprint() if spec.fingerprint == "stat" else content_fingerprint(index, log),
+        "labels": index.labels_fingerprint(),  # the cache stores labels: a relabelled CSV needs a new cache
+        "split": index.split_info,
+        "options": index.options,
+        "limit": spec.limit,
+        "n": len(positions),
+    }
+    if spec.fingerprint != "stat":  # only when asked for, so every existing default key stays the same
+        dataset["fingerprint_mode"] = spec.fingerprint
     return {
         "schema": SCHEMA_VERSION,
         "model": {
@@ -180,15 +229,7 @@ def key_inputs(spec: ExtractSpec, index: DatasetIndex, positions: np.ndarray, tr
         "layers": "all",
         "tokens": parse_tokens(spec.tokens),
         "shard_size": spec.shard_size,  # the shard layout: a resume with another size would mix two layouts
-        "dataset": {
-            "name": index.name,
-            "fingerprint": index.fingerprint(),
-            "labels": index.labels_fingerprint(),  # the cache stores labels: a relabelled CSV needs a new cache
-            "split": index.split_info,
-            "options": index.options,
-            "limit": spec.limit,
-            "n": len(positions),
-        },
+        "dataset": dataset,
     }
 
 
@@ -271,6 +312,15 @@ def _collate(items: list) -> tuple[torch.Tensor | None, list[int], list[tuple[in
 # -- the run -----------------------------------------------------------------------------------------------------
 
 
+def _open_check(path: Path, index: int) -> ShardCheck:
+    """Without a manifest, a finished shard counts as damaged only when it does not open as HDF5."""
+    try:
+        with h5py.File(path, "r"):
+            return ShardCheck(index=index, file=path.name, state="ok")
+    except Exception as exc:  # h5py raises several types for a broken file
+        return ShardCheck(index=index, file=path.name, state="damaged", problem=f"does not open ({exc})")
+
+
 def _versions() -> dict:
     out = {"fmcache": fmcache.__version__, "torch": torch.__version__}
     for pkg in ("timm", "open_clip_torch", "transformers", "h5py", "numpy"):
@@ -293,32 +343,60 @@ class Extractor:
         model_spec = get_spec(spec.model)
         self.img_size = int(spec.img_size or model_spec.default_img_size)
         mean, std, self.norm_source = resolve_norm(spec)
-        self.transform, desc = build_transform(self.img_size, spec.resize, mean, std, interpolation=spec.interpolation)
+        if spec.gray == "seed" and spec.dataset not in GRAYSCALE_DATASETS:
+            raise FmcacheError(
+                f"--gray seed applies to grayscale datasets (cbis_ddsm, chexpert), not {spec.dataset}; drop the flag"
+            )
+        self.transform, desc = build_transform(
+            self.img_size, spec.resize, mean, std, interpolation=spec.interpolation, gray=spec.gray
+        )
         self.transform_desc = {**desc, "norm_source": self.norm_source}
-        self.inputs = key_inputs(spec, self.index, self.positions, self.transform_desc)
+        self.inputs = key_inputs(spec, self.index, self.positions, self.transform_desc, log)
         self.key = cache_key(self.inputs)
         self.folder = cache_dir(spec.cache_root, self.index.name, model_spec.name, self.key)
         self.num_shards = max(1, -(-len(self.positions) // spec.shard_size))
 
+    def split_counts(self) -> dict[str, int]:
+        """Samples of each split that this run caches (after --limit)."""
+        return {s: int(np.isin(self.positions, self.index.indices(s)).sum()) for s in ("train", "val", "test")}
+
+    def previous_manifest(self, quiet: bool = False) -> dict | None:
+        """The manifest on disk, or None; an unreadable one is rebuilt from the shard files, not fatal."""
+        if not self.folder.is_dir():
+            return None
+        try:
+            manifest = read_manifest(self.folder)
+        except FmcacheError as exc:
+            if not quiet:
+                self.log(f"[yellow]{escape(str(exc).split(';')[0])}; rebuilding it from the shard files[/]")
+            return None
+        return manifest if manifest and manifest.get("key") == self.key else None
+
     def is_complete(self) -> bool:
-        manifest = read_manifest(self.folder) if self.folder.is_dir() else None
-        if not manifest or manifest.get("status") != "complete" or manifest.get("key") != self.key:
+        """The manifest says complete and every shard passes the cheap checks (or the full ones with --verify)."""
+        manifest = self.previous_manifest(quiet=True)
+        if not manifest or manifest.get("status") != "complete":
             return False
-        return all((self.folder / s["file"]).is_file() for s in manifest["shards"])
+        return not verify_cache(self.folder, full=self.spec.verify, manifest=manifest).damaged
 
     def shard_positions(self, shard: int) -> np.ndarray:
         size = self.spec.shard_size
         return self.positions[shard * size : (shard + 1) * size]
 
     def run(self) -> Path:
-        if self.is_complete():
-            self.log(f"cache already complete: {self.folder}")
-            skipped = (read_manifest(self.folder) or {}).get("skipped", [])
-            if skipped and self.spec.on_bad_image == "error":
-                self.log(
-                    f"[yellow]note: this cache was built with {len(skipped)} bad image(s) skipped; see `fmcache info`[/]"
-                )
-            return self.folder
+        counts = self.split_counts()
+        empty = empty_split_warning(self.index.name, counts)
+        if empty and not self.spec.allow_empty_split:  # refused before any model is built or file written
+            raise FmcacheError(f"{empty}; or pass --allow-empty-split if you mean it")
+        manifest = self.previous_manifest()
+        if manifest and manifest.get("status") == "complete":
+            # cheap by default (a stat and a metadata read per shard); --verify also compares every sha256
+            report = verify_cache(self.folder, full=self.spec.verify, manifest=manifest)
+            if not report.damaged:
+                self.log(f"cache already complete: {self.folder}")
+                self._log_skipped(manifest, already=True)
+                return self.folder
+            self.log(f"[yellow]{escape(report.summary())}; recomputing them[/]")
         dist = init_dist(self.spec.device)
         lock = CacheLock(self.folder)
         fresh = not self.folder.exists()
@@ -331,6 +409,7 @@ class Extractor:
                 removed = remove_orphans(self.folder)
                 if removed:
                     self.log(f"removed {len(removed)} unfinished shard file(s) from an interrupted run")
+                self._set_aside_damaged()
             dist.barrier()
             self._extract(dist)
             for part in dist.all_gather_object(self._written):  # also the barrier before the final manifest
@@ -339,9 +418,11 @@ class Extractor:
                 manifest = self._write_manifest()
                 if manifest["status"] != "complete":
                     raise FmcacheError(f"extraction ended with missing shards in {self.folder}; rerun the command")
+                self._log_skipped(manifest)
         except BaseException:
-            if dist.main and fresh:
-                self._remove_if_empty()
+            # only a run that held the lock may clean up: a refused run must not touch the winner's files
+            if dist.main and fresh and lock.held:
+                self._remove_if_empty(lock)
             raise
         finally:
             if dist.main:
@@ -349,21 +430,59 @@ class Extractor:
             close_dist(dist)
         return self.folder
 
-    def _remove_if_empty(self) -> None:
-        """A run that failed before finishing any shard leaves no folder behind (only its partial manifest)."""
+    def _set_aside_damaged(self) -> None:
+        """Under the lock: finished shards that fail the checks move to damaged/, so this run recomputes them."""
+        if not finished_shards(self.folder):
+            return
+        manifest = self.previous_manifest(quiet=True)
+        if manifest is None:  # no usable manifest: all that can be checked is that each shard opens
+            checks = [_open_check(path, index) for index, path in sorted(finished_shards(self.folder).items())]
+        else:
+            checks = verify_cache(self.folder, full=self.spec.verify, manifest=manifest).checks
+        moved = quarantine(self.folder, checks)
+        if moved:
+            names = ", ".join(f"{file} ({c.problem})" for file, _ in moved for c in checks if c.file == file)
+            self.log(
+                f"[yellow]moved {len(moved)} damaged shard(s) to {DAMAGED_DIR}/ for recomputation: {escape(names)}[/]"
+            )
+            if manifest is not None:
+                drop_from_manifest(self.folder, manifest)  # partial at once, even if this run is interrupted
+
+    def _log_skipped(self, manifest: dict, already: bool = False) -> None:
+        """One line: how many bad images were left out, and the first few paths (``fmcache info`` lists all)."""
+        skipped = manifest.get("skipped", [])
+        if not skipped:
+            return
+        if already and self.spec.on_bad_image == "error":
+            self.log(
+                f"[yellow]note: this cache was built with {len(skipped)} bad image(s) skipped; see `fmcache info`[/]"
+            )
+            return
+        first = ", ".join(str(s["path"]) for s in skipped[:3])
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        self.log(
+            f"[yellow]skipped {len(skipped)} bad image(s) (--on-bad-image skip): {escape(first)}{more}; "
+            f"`fmcache info {escape(str(self.folder))}` lists them all[/]"
+        )
+
+    def _remove_if_empty(self, lock: CacheLock) -> None:
+        """A fresh run that failed before finishing any shard leaves no folder behind.
+
+        Called only while this run holds the lock, so the manifest and temporary files are its own.
+        """
         if not self.folder.is_dir() or finished_shards(self.folder):
             return
         (self.folder / MANIFEST).unlink(missing_ok=True)
         remove_orphans(self.folder)
+        lock.release()
         with contextlib.suppress(OSError):
-            (self.folder / LOCK_NAME).unlink(missing_ok=True)
-            self.folder.rmdir()
+            self.folder.rmdir()  # fails harmlessly when another run has put its lock in it meanwhile
             self.folder.parent.rmdir()  # <model>/ and <dataset>/ too, when nothing else lives there
             self.folder.parent.parent.rmdir()
 
     # The manifest is rebuilt from the shard files, so every rank's finished work is listed after a crash too.
     def _write_manifest(self) -> dict:
-        previous = read_manifest(self.folder) or {}
+        previous = self.previous_manifest(quiet=True) or {}
         known = {s["file"]: s for s in previous.get("shards", []) if "sha256" in s}
         known.update(getattr(self, "_written", {}))
         entries = shard_entries(self.folder, self.key, known)
@@ -382,6 +501,9 @@ class Extractor:
                 img_size=self.img_size,
                 arch_overrides=spec.arch_overrides or None,
             ).to(device)
+        differs = model.weights_source.get("differs_from_paper")
+        if differs and int(os.environ.get("RANK", "0")) == 0:
+            self.log(f"[yellow]note: {escape(differs)}[/]")
         if spec.random_init and int(os.environ.get("RANK", "0")) == 0:
             self.log(
                 f"[bold red]WARNING: {spec.model} runs with RANDOM weights (--random-init); "

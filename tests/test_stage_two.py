@@ -161,7 +161,7 @@ def test_cli_empty_split_and_missing_pool_are_one_line_exit_2(tmp_path: Path, ap
     lines = (root / "labels.csv").read_text().splitlines()
     header, rows = lines[0], lines[1:]
     (root / "labels.csv").write_text("\n".join([header + ",split"] + [r + ",train" for r in rows]) + "\n")
-    kw = spec_kwargs(root, tmp_path / "cache2", dataset="csv")
+    kw = spec_kwargs(root, tmp_path / "cache2", dataset="csv", allow_empty_split=True)
     cache = run_extract(ExtractSpec(**kw), progress=False, log=lambda m: None)
     result = _cli("knn", str(cache), "--out", str(tmp_path / "r"))
     assert result.exit_code == 2 and "is empty" in result.output and "Traceback" not in result.output

@@ -7,6 +7,8 @@ from pathlib import Path
 from rich.markup import escape
 
 from fmcache.cache.manifest import MANIFEST, read_manifest
+from fmcache.cache.messages import repair_hint
+from fmcache.cache.verify import quick_problems
 from fmcache.errors import FmcacheError
 
 
@@ -30,6 +32,16 @@ def _weights_text(weights: dict) -> str:
     return f"hub {weights.get('id')}"
 
 
+def _status_text(folder: Path, manifest: dict) -> str:
+    """complete / partial, or damaged naming each shard that is missing or has the wrong size (one stat each)."""
+    counts = f"{len(manifest['shards'])}/{manifest['num_shards']} shards"
+    problems = quick_problems(folder, manifest)
+    if not problems:
+        return f"{manifest['status']} ({counts})"
+    named = "; ".join(f"{file} {why}" for file, why in problems)
+    return f"[bold red]damaged[/] ({counts}; {escape(named)})"
+
+
 def format_info(folder: str | Path) -> str:
     folder = Path(folder)
     manifest = read_manifest(folder) if folder.is_dir() else None
@@ -41,7 +53,8 @@ def format_info(folder: str | Path) -> str:
     timings = manifest.get("timings", {})
     lines = [
         f"[bold]cache[/] {escape(str(folder))}",
-        f"  status     {manifest['status']} ({len(manifest['shards'])}/{manifest['num_shards']} shards), key {manifest['key'][:12]}",
+        f"  status     {_status_text(folder, manifest)}, key {manifest['key'][:12]}",
+        *([f"  repair     {escape(repair_hint(folder))}"] if quick_problems(folder, manifest) else []),
         f"  model      {model['name']} ({model['backend']}: {model['arch']}), pooled '{model['pooled_kind']}'",
         f"  weights    {_weights_text(manifest.get('weights', {}))}",
         f"  layers     {model['num_layers']} (widths {sorted(set(model['layer_dims']))}), "
@@ -57,7 +70,7 @@ def format_info(folder: str | Path) -> str:
     skipped = manifest.get("skipped", [])
     if skipped:
         lines.append(f"  [yellow]skipped    {len(skipped)} bad image(s):[/]")
-        lines += [f"    {escape(str(s['path']))}: {escape(str(s['reason']))}" for s in skipped[:20]]
+        lines += [f"    {escape(str(s['path']))}: {escape(str(s['reason']))}" for s in skipped]
     return "\n".join(lines)
 
 
@@ -68,7 +81,10 @@ def list_caches(cache_root: str | Path) -> list[dict]:
     rows = []
     for manifest_path in sorted(root.glob(f"*/*/*/{MANIFEST}")):
         folder = manifest_path.parent
-        manifest = read_manifest(folder) or {}
+        try:
+            manifest = read_manifest(folder) or {}
+        except FmcacheError:  # one unreadable manifest must not hide every other cache
+            manifest = {"status": "damaged"}
         rows.append(
             {
                 "path": str(folder),
@@ -76,7 +92,7 @@ def list_caches(cache_root: str | Path) -> list[dict]:
                 "model": manifest.get("model", {}).get("name", "?"),
                 "weights": manifest.get("weights", {}).get("source", "?"),
                 "images": sum(s["n"] for s in manifest.get("shards", [])),
-                "status": manifest.get("status", "?"),
+                "status": "damaged" if quick_problems(folder, manifest) else manifest.get("status", "?"),
                 "size": human_bytes(_size(folder)),
             }
         )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import h5py
 
+from fmcache.cache.messages import damaged_shard
 from fmcache.cache.shards import finished_shards
 from fmcache.errors import FmcacheError
 from fmcache.files import atomic_write_json, sha256_file
@@ -22,7 +23,10 @@ def read_manifest(folder: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except ValueError as exc:
-        raise FmcacheError(f"{path} is not valid JSON ({exc}); delete the cache folder and extract again") from exc
+        raise FmcacheError(
+            f"{path} is not valid JSON ({exc}); rerun the same `fmcache extract` command: "
+            "it rebuilds the manifest from the shard files"
+        ) from exc
 
 
 def shard_entries(folder: Path, key: str, known: dict[str, dict]) -> list[dict]:
@@ -33,11 +37,16 @@ def shard_entries(folder: Path, key: str, known: dict[str, dict]) -> list[dict]:
     """
     entries = []
     for index, path in sorted(finished_shards(folder).items()):
-        with h5py.File(path, "r") as fh:
-            attrs = dict(fh.attrs)
+        try:
+            with h5py.File(path, "r") as fh:
+                attrs = dict(fh.attrs)
+        except OSError as exc:  # callers check shards first; this is the last line of defence
+            raise damaged_shard(path, exc) from exc
         if attrs.get("key") != key:
             raise FmcacheError(f"{path} belongs to another cache (key mismatch); delete it and extract again")
         entry = known.get(path.name) or {"file": path.name, "n": int(attrs["n"]), "sha256": sha256_file(path)}
+        if "size" not in entry:  # manifests written before sizes were recorded
+            entry = {**entry, "size": path.stat().st_size}
         # per-shard compute time lives in the manifest only (shard bytes must not depend on timing)
         seconds = float(entry.get("seconds", attrs.get("seconds", 0.0)))
         entry = {**entry, "index": index, "seconds": seconds}
@@ -57,7 +66,7 @@ def write_manifest(folder: Path, base: dict, entries: list[dict], planned_shards
         "status": "complete" if complete else "partial",
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "num_shards": planned_shards,
-        "shards": [{k: e[k] for k in ("file", "index", "n", "sha256", "seconds")} for e in entries],
+        "shards": [{k: e[k] for k in ("file", "index", "n", "size", "sha256", "seconds")} for e in entries],
         "skipped": [s for e in entries for s in e["skipped"]],
         "timings": {
             "extract_seconds": round(seconds, 3),

@@ -5,7 +5,9 @@ Stage two never imports a model backend; it only reads what ``fmcache extract`` 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 
@@ -14,9 +16,28 @@ import numpy as np
 import torch
 
 from fmcache.cache.manifest import read_manifest
+from fmcache.cache.messages import damaged_shard
+from fmcache.cache.verify import quick_problems
 from fmcache.errors import FmcacheError
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+
+
+@contextlib.contextmanager
+def read_shard(path: Path) -> Iterator[h5py.File]:
+    """Open a shard for reading; any HDF5 or OS error inside becomes one line naming the shard and the fix.
+
+    Errors raised by the body that are not about the file (FmcacheError, bugs) pass through unchanged.
+    """
+    try:
+        fh = h5py.File(path, "r")
+    except (OSError, KeyError, RuntimeError, ValueError) as exc:
+        raise damaged_shard(path, exc) from exc
+    try:
+        with fh:
+            yield fh
+    except (OSError, KeyError, RuntimeError) as exc:  # truncated data, a failed checksum, a missing dataset
+        raise damaged_shard(path, exc) from exc
 
 
 def split_code(split: str) -> int:
@@ -43,9 +64,9 @@ class CacheReader:
         self.manifest = manifest
         self._labels: dict[str, np.ndarray] = {}
         self.files = [self.path / s["file"] for s in manifest["shards"]]
-        missing = [f.name for f in self.files if not f.is_file()]
-        if missing:
-            raise FmcacheError(f"cache {self.path} lacks shard files {missing[:3]}; rerun `fmcache extract`")
+        # one stat per shard: a deleted or truncated file is named now, not deep inside an evaluation
+        for file, problem in quick_problems(self.path, manifest):
+            raise damaged_shard(self.path / file, problem)
 
     # -- metadata -------------------------------------------------------------------------------------------------
     @property
@@ -109,7 +130,7 @@ class CacheReader:
         """Per row of the concatenated shards: split code, global id, shard number and row within the shard."""
         splits, ids, where = [], [], []
         for s, path in enumerate(self.files):
-            with h5py.File(path, "r") as fh:
+            with read_shard(path) as fh:
                 # a shard whose every image was skipped (--on-bad-image skip) holds no arrays at all
                 splits.append(fh["split"][:] if "ids" in fh else np.zeros(0, np.int8))
                 ids.append(fh["ids"][:] if "ids" in fh else np.zeros(0, np.int64))
@@ -129,7 +150,7 @@ class CacheReader:
             raise FmcacheError(f"split '{split}' of cache {self.path.name} is empty; check the dataset split / --limit")
         parts, start = [], 0
         for path in self.files:
-            with h5py.File(path, "r") as fh:
+            with read_shard(path) as fh:
                 n = fh["ids"].shape[0] if "ids" in fh else 0
                 mask = wanted[start : start + n]
                 start += n
@@ -221,7 +242,10 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         shard, row = self.where[i]
-        tokens = self._file(int(shard))[self.name][int(row)]
+        try:
+            tokens = self._file(int(shard))[self.name][int(row)]
+        except (OSError, KeyError, RuntimeError, ValueError) as exc:
+            raise damaged_shard(Path(self.files[int(shard)]), exc) from exc
         return torch.from_numpy(tokens.astype(np.float32)), torch.as_tensor(self.labels[i]), int(self.ids[i])
 
     def __getstate__(self) -> dict:

@@ -80,3 +80,18 @@ def format_description(desc: dict) -> str:
     lines += _table(header, body)
     lines += [f"[yellow]note:[/yellow] {escape(p)}" for p in desc["problems"]]
     return "\n".join(lines)
+
+
+def empty_split_warning(name: str, counts: dict[str, int]) -> str | None:
+    """One line when the train, val or test split is empty (``extract`` refuses it, ``datasets`` warns), else None.
+
+    Shared by both commands so the user sees the same counts and fix before and during extraction.
+    """
+    empty = [s for s in SPLITS if not counts.get(s, 0)]
+    if not empty:
+        return None
+    shown = ", ".join(f"{s} {counts.get(s, 0)}" for s in SPLITS)
+    return (
+        f"dataset {name} has an empty {' and '.join(empty)} split ({shown}); k-NN and probes need all three: "
+        "add images, or change the split (--split, its fractions) or --limit"
+    )
