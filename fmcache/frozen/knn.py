@@ -313,6 +313,8 @@ def knn_rows(result: dict, **extra) -> list[dict]:
         for k, m in per_k.items():
             row = {**extra, "split": split, "k": k, "temperature": result["temperature"]}
             row.update({"metric": m["metric"], "value": m["value"], "accuracy": m["accuracy"]})
+            if "macro_recall_seed" in m:  # the seed's variant, beside ours (README: where fmcache differs)
+                row["macro_recall_seed"] = m["macro_recall_seed"]
             if m.get("skipped"):
                 row["skipped"] = ";".join(m["skipped"])
             rows.append(row)

@@ -119,6 +119,8 @@ class ProbeResult:
                         "is_best_lr": lr == self.best_lr,
                     }
                 )
+                if "macro_recall_seed" in r["test_metrics"][i]:  # the seed's variant, beside ours
+                    rows[-1]["test_macro_recall_seed"] = r["test_metrics"][i]["macro_recall_seed"]
         return rows
 
 
