@@ -177,3 +177,21 @@ def plot_probe_vs_layer(path: Path, per_layer: Mapping, metric: str) -> Path:
     ax.set_ylabel(f"test {metric} (best LR, mean ± std over seeds)")
     ax.set_title("linear probe per layer")
     return _save_png(fig, path)
+
+
+def plot_cka_heatmap(
+    path: Path, matrix: np.ndarray, row_labels: Sequence, col_labels: Sequence, title: str, ylabel: str, xlabel: str
+) -> Path:
+    """PNG heatmap of a CKA matrix: rows and columns labelled with their layers, a colour bar from 0 to 1."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    fig, (ax,) = _new_figure()
+    fig.set_size_inches(max(4.5, 0.35 * len(col_labels) + 2.5), max(4.0, 0.35 * len(row_labels) + 1.5))
+    # row 0 at the bottom, as in the paper's layer-by-layer figures
+    image = ax.imshow(matrix, origin="lower", vmin=0.0, vmax=1.0, cmap="magma", aspect="auto")
+    ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels])
+    ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="linear CKA")
+    return _save_png(fig, path)

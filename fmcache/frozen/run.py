@@ -183,3 +183,81 @@ def run_probe(
     if plots and len(layers) > 1:
         plot_probe_vs_layer(folder / "probe_linear_vs_layer.png", per_layer, metric)
     return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows}
+
+
+def _cache_summary(reader: CacheReader) -> dict:
+    return {"cache": str(reader.path), "cache_key": reader.key, "dataset": reader.dataset, "model": reader.model}
+
+
+def cka_dir(a: CacheReader, b: CacheReader | None, out: Path) -> Path:
+    """Self-CKA sits beside the cache's other protocols; A × B gets a folder named after B, so runs never collide."""
+    folder = results_dir(a, out)
+    if b is None:
+        return folder
+    return folder / f"cka_vs_{b.model.replace(':', '_').replace('/', '_')}_{b.key[:12]}"
+
+
+def run_cka(
+    reader: CacheReader,
+    reader_b: CacheReader | None = None,
+    out: Path = Path("results"),
+    layers: str = "all",
+    layers_b: str | None = None,
+    pool: str = "auto",
+    split: str = "test",
+    estimator: str | None = None,
+    debiased: bool = True,
+    batch_size: int = 256,
+    plots: bool = True,
+    device: str | None = None,
+) -> dict:
+    """Linear CKA of the layers of one cache (every pair) or of two caches (A × B); writes cka.{json,csv} and a heatmap.
+
+    ``estimator`` None picks exact for pooled features and minibatch for token maps. Every check runs before anything
+    is written.
+    """
+    from fmcache.frozen.cka import compute_cka, select
+    from fmcache.results import plot_cka_heatmap
+    from fmcache.training import pick_device
+
+    start = time.perf_counter()
+    sel_a = select(reader, layers, pool)
+    sel_b = None if reader_b is None else select(reader_b, layers_b or layers, pool)
+    estimator = estimator or ("minibatch" if pool == "tokens" else "exact")
+    dev = pick_device(device)
+    result = compute_cka(sel_a, sel_b, split, estimator, debiased, batch_size, dev)
+    matrix = result["matrix"]
+    labels_b = sel_a.labels if sel_b is None else sel_b.labels
+    rows = [
+        {"layer_a": la, "layer_b": lb, "cka": float(matrix[i, j])}
+        for i, la in enumerate(sel_a.labels)
+        for j, lb in enumerate(labels_b)
+    ]
+    settings = {"layers": sel_a.labels, "layers_b": labels_b, "pool": sel_a.pool,
+                "pool_b": (sel_b or sel_a).pool, "split": split, "estimator": estimator, "debiased": debiased,
+                "batch_size": batch_size if estimator == "minibatch" else None, "device": str(dev)}  # fmt: skip
+    payload = _settings_header(reader, **settings)
+    payload.update(
+        cache_a=_cache_summary(reader),
+        cache_b=_cache_summary(reader_b or reader),
+        split=split,
+        n=result["n"],
+        row_layers=sel_a.labels,
+        col_layers=labels_b,
+        matrix=matrix,
+        timings={**result["timings"], "total_seconds": time.perf_counter() - start},
+    )
+    if "batches" in result:
+        payload["batches"] = result["batches"]
+    folder = cka_dir(reader, reader_b, out)
+    write_results(folder, "cka", payload, rows)
+    if plots:
+        model_b = (reader_b or reader).model
+        kind = "debiased" if debiased else "biased"
+        plot_cka_heatmap(
+            folder / "cka_heatmap.png", matrix, sel_a.labels, labels_b,
+            title=f"linear CKA ({kind}, {estimator}), {split}, n={result['n']}",
+            ylabel=f"{reader.model} layer ({sel_a.pool})", xlabel=f"{model_b} layer ({(sel_b or sel_a).pool})",
+        )  # fmt: skip
+    return {"folder": folder, "matrix": matrix, "rows": rows, "n": result["n"], "row_layers": sel_a.labels,
+            "col_layers": labels_b, "estimator": estimator, "debiased": debiased}  # fmt: skip

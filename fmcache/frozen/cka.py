@@ -1,0 +1,521 @@
+"""Linear CKA between layers of one or two caches, streamed over shards in one pass.
+
+Two estimators:
+
+- **exact** works in feature space. For centred features X (n, p) and Y (n, q), biased linear CKA (Kornblith et al.
+  2019) is ‖XᵀY‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F), so only the p × q cross-products are accumulated, never an n × n gram. The
+  debiased variant uses the unbiased HSIC of Song et al. (2012) on the grams K = XXᵀ, L = YYᵀ with zeroed diagonals,
+
+      HSIC_u = [tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1) / ((n-1)(n-2)) - 2/(n-2) · 1ᵀK̃L̃1] / (n(n-3)),
+
+  and every term is a feature-space sum. With a_i = ‖x_i‖², b_i = ‖y_i‖², s_x = Xᵀ1, s_y = Yᵀ1:
+
+      tr(K̃L̃)  = ‖XᵀY‖²_F - aᵀb
+      1ᵀK̃1    = ‖s_x‖² - Σa
+      1ᵀK̃L̃1  = (X s_x - a)ᵀ(Y s_y - b) = s_xᵀ(XᵀY)s_y - s_xᵀ(Xᵀb) - (Yᵀa)ᵀs_y + aᵀb.
+
+  So one pass accumulates, in float64, XᵀY for every needed pair of layers, Xᵀ1, Xᵀ(norms of every layer), and the
+  norms' own cross-products. Memory depends on the feature widths, not on n.
+- **minibatch** (Nguyen, Raghu & Kornblith 2021) sums unbiased HSIC over batches and takes the ratio of the sums (not
+  the mean of per-batch CKA, the seed's biased choice). Each layer's batch gram is computed once and serves every pair.
+  Batches follow the canonical sample order; a last batch of fewer than 4 samples joins the previous one, since
+  unbiased HSIC needs n ≥ 4. This serves token maps, too wide for feature space.
+
+Features are shifted by the first block's mean before accumulating: CKA and unbiased HSIC are invariant to a constant
+shift, and the shift keeps the float64 sums from cancelling when features have a large mean.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+import torch
+
+from fmcache.cache.reader import SPLIT_CODES, CacheReader
+from fmcache.errors import FmcacheError
+from fmcache.frozen.features import resolve_pool
+
+POOLS = ("auto", "cls", "mean", "paper", "tokens")
+ESTIMATORS = ("exact", "minibatch")
+SPLITS = ("test", "val", "train", "all")
+MIN_SAMPLES = 4  # unbiased HSIC divides by n(n-3)
+# Feature-space accumulators beyond this many float64 values (about 4 GB) are refused in favour of minibatch.
+_MAX_EXACT_VALUES = 1 << 29
+
+
+# -- what to read ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The features CKA reads from one cache: 1-based ``layers``, one ``pool`` kind, each layer's true ``widths``."""
+
+    reader: CacheReader
+    layers: list[int]
+    pool: str
+    widths: list[int]
+
+    @property
+    def labels(self) -> list[int]:
+        return list(self.layers)
+
+
+def parse_layers(reader: CacheReader, spec: str) -> list[int]:
+    """``all``, ``last`` or comma-separated 1-based numbers; errors name the cache's layer range."""
+    text = str(spec).strip()
+    if text == "all":
+        return list(range(1, reader.num_layers + 1))
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise FmcacheError(f"bad --layers '{spec}'; use all, last or numbers such as 4,8,12")
+    layers = [reader.resolve_layer(p) for p in parts]
+    if len(set(layers)) != len(layers):
+        raise FmcacheError(f"--layers '{spec}' repeats a layer")
+    return layers
+
+
+def select(reader: CacheReader, layers_spec: str, pool: str) -> Selection:
+    """Resolve ``--layers`` and ``--pool`` for one cache, checking that it holds what is asked for."""
+    if pool not in POOLS:
+        raise FmcacheError(f"unknown --pool '{pool}'; use {', '.join(POOLS)}")
+    layers = parse_layers(reader, layers_spec)
+    if pool == "tokens":
+        return _select_tokens(reader, layers)
+    (kind,) = resolve_pool(reader, pool, layers)
+    if kind not in reader.pools:
+        raise FmcacheError(
+            f"cache {reader.path.name} ({reader.model}) has no '{kind}' pooled features; "
+            f"available: {', '.join(reader.pools)}"
+        )
+    if kind == "paper":
+        return Selection(reader, layers, kind, [_stored_shape(reader, "pooled/paper")[-1]])
+    # hierarchical models pad narrower stages with zeros up to the widest; CKA must see each stage's own width
+    stored = _stored_shape(reader, f"pooled/{kind}")[-1]
+    dims = reader.manifest["model"].get("layer_dims") or [stored] * reader.num_layers
+    return Selection(reader, layers, kind, [int(dims[n - 1]) for n in layers])
+
+
+def _select_tokens(reader: CacheReader, layers: list[int]) -> Selection:
+    missing = [n for n in layers if n not in reader.token_layers]
+    if missing:
+        have = ",".join(map(str, reader.token_layers)) or "none"
+        want = ",".join(map(str, layers))
+        raise FmcacheError(
+            f"cache {reader.path.name} holds tokens for layers {have}, not {','.join(map(str, missing))}; "
+            f"extract again with `fmcache extract ... --tokens {want}`"
+        )
+    widths = [int(np.prod(_stored_shape(reader, f"tokens/layer_{n:02d}")[1:])) for n in layers]
+    return Selection(reader, layers, "tokens", widths)
+
+
+def _stored_shape(reader: CacheReader, name: str) -> tuple[int, ...]:
+    for path in reader.files:
+        with _open(path) as fh:
+            if name in fh:
+                return tuple(fh[name].shape)
+    raise FmcacheError(f"cache {reader.path.name} stores no '{name}' in any shard; extract it again")
+
+
+def _open(path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise FmcacheError(f"cannot read shard {path}: {exc}; run `fmcache verify` on the cache") from exc
+
+
+# -- streaming ------------------------------------------------------------------------------------------------------
+
+
+def _split_codes(split: str) -> list[int]:
+    if split == "all":
+        return sorted(SPLIT_CODES.values())
+    if split not in SPLIT_CODES:
+        raise FmcacheError(f"unknown --split '{split}'; use {', '.join(SPLITS)}")
+    return [SPLIT_CODES[split]]
+
+
+def _shard_masks(reader: CacheReader, split: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Ids of ``split`` in the cache's canonical order, and each shard's row mask for it."""
+    codes = _split_codes(split)
+    ids, masks = [], []
+    for path in reader.files:
+        with _open(path) as fh:
+            if "ids" not in fh:  # every image of this shard was skipped at extraction
+                masks.append(np.zeros(0, bool))
+                continue
+            mask = np.isin(fh["split"][...], codes)
+            masks.append(mask)
+            ids.append(fh["ids"][...][mask])
+    return (np.concatenate(ids) if ids else np.zeros(0, np.int64)), masks
+
+
+def _blocks(selection: Selection, masks: list[np.ndarray]) -> Iterator[list[np.ndarray]]:
+    """Per shard, one (rows, width) array per selected layer in the stored dtype; shards without rows are skipped."""
+    for path, mask in zip(selection.reader.files, masks, strict=True):
+        if not mask.any():
+            continue
+        with _open(path) as fh:
+            if selection.pool == "tokens":
+                # one layer at a time: a shard of token maps is large, and each is flattened per sample
+                yield [fh[f"tokens/layer_{n:02d}"][...][mask].reshape(int(mask.sum()), -1) for n in selection.layers]
+            elif selection.pool == "paper":
+                yield [fh["pooled/paper"][...][mask]]
+            else:
+                stack = fh[f"pooled/{selection.pool}"][...][mask]  # one contiguous read of (rows, L, D_max)
+                yield [stack[:, n - 1, :w] for n, w in zip(selection.layers, selection.widths, strict=True)]
+
+
+def check_alignment(a: CacheReader, b: CacheReader) -> None:
+    """Two caches can be compared sample by sample only if they hold the same dataset files and split."""
+    if a.dataset != b.dataset:
+        raise FmcacheError(
+            f"the caches hold different datasets ({a.dataset} vs {b.dataset}); CKA needs the same samples"
+        )
+    inputs_a, inputs_b = (r.manifest.get("inputs", {}).get("dataset", {}) for r in (a, b))
+    if a.manifest["dataset"].get("fingerprint") != b.manifest["dataset"].get("fingerprint"):
+        raise FmcacheError(
+            f"the caches were extracted from different files of {a.dataset} (the dataset fingerprints differ)"
+        )
+    if "split" in inputs_a and "split" in inputs_b and inputs_a["split"] != inputs_b["split"]:
+        raise FmcacheError(
+            f"the caches use different splits of {a.dataset} ({inputs_a['split']} vs {inputs_b['split']}); "
+            "extract both with the same split"
+        )
+
+
+def _check_same_ids(ids_a: np.ndarray, ids_b: np.ndarray, split: str, a: CacheReader, b: CacheReader) -> None:
+    if np.array_equal(ids_a, ids_b):
+        return
+    for x, y, rx, ry in ((ids_a, ids_b, a, b), (ids_b, ids_a, b, a)):
+        lacking = np.setdiff1d(x, y)
+        if lacking.size:
+            shown = ", ".join(map(str, lacking[:5])) + (", …" if lacking.size > 5 else "")
+            raise FmcacheError(
+                f"cache {ry.path} lacks {lacking.size} of the {x.size} '{split}' samples of cache {rx.path} "
+                f"(ids {shown}); extract both from the same samples (same --limit and split)"
+            )
+    raise FmcacheError(f"the caches hold the same '{split}' samples in a different order; extract them again")
+
+
+def aligned_ids(a: Selection, b: Selection | None, split: str) -> tuple[np.ndarray, list, list | None]:
+    """The ids CKA compares, and each cache's per-shard masks; refuses misaligned caches and tiny splits."""
+    ids_a, masks_a = _shard_masks(a.reader, split)
+    masks_b = None
+    if b is not None:
+        check_alignment(a.reader, b.reader)
+        ids_b, masks_b = _shard_masks(b.reader, split)
+        _check_same_ids(ids_a, ids_b, split, a.reader, b.reader)
+    if ids_a.size < MIN_SAMPLES:
+        raise FmcacheError(
+            f"split '{split}' of cache {a.reader.path.name} has {ids_a.size} samples; CKA needs at least {MIN_SAMPLES}"
+        )
+    return ids_a, masks_a, masks_b
+
+
+def paired_blocks(
+    a: Selection, b: Selection | None, masks_a: list, masks_b: list | None
+) -> Iterator[tuple[list[np.ndarray], list[np.ndarray] | None]]:
+    """Row-aligned blocks of both caches (their shards may differ in size), in canonical order; B is None for self-CKA."""
+    stream_a = _blocks(a, masks_a)
+    if b is None:
+        for block in stream_a:
+            yield block, None
+        return
+    stream_b = _blocks(b, masks_b)
+    block_a, block_b = next(stream_a, None), next(stream_b, None)
+    while block_a is not None and block_b is not None:
+        rows = min(len(block_a[0]), len(block_b[0]))
+        yield [x[:rows] for x in block_a], [y[:rows] for y in block_b]
+        # the longer block keeps its unused tail for the next round
+        block_a = [x[rows:] for x in block_a] if len(block_a[0]) > rows else next(stream_a, None)
+        block_b = [y[rows:] for y in block_b] if len(block_b[0]) > rows else next(stream_b, None)
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """Minibatch boundaries over n samples; a last batch under 4 samples joins the one before it."""
+    if batch_size < MIN_SAMPLES:
+        raise FmcacheError(f"--batch-size must be at least {MIN_SAMPLES} (unbiased HSIC needs n ≥ 4), got {batch_size}")
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < MIN_SAMPLES:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
+def rebatch(
+    stream: Iterator[tuple[list[np.ndarray], list[np.ndarray] | None]], n: int, batch_size: int
+) -> Iterator[tuple[list[np.ndarray], list[np.ndarray] | None]]:
+    """Regroup row-aligned blocks into the minibatches of :func:`batch_bounds`."""
+    bounds = iter(batch_bounds(n, batch_size))
+    start, stop = next(bounds)
+    pending: list[tuple[list[np.ndarray], list[np.ndarray] | None]] = []
+    have = 0
+    for block_a, block_b in stream:
+        pending.append((block_a, block_b))
+        have += len(block_a[0])
+        while have >= stop - start:
+            size = stop - start
+            yield _take(pending, size)
+            have -= size
+            if stop == n:
+                return
+            start, stop = next(bounds)
+
+
+def _take(pending: list, size: int) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """Pop the first ``size`` rows off the pending blocks (in place), joined per layer."""
+    parts_a, parts_b, need = [], [], size
+    while need:
+        block_a, block_b = pending[0]
+        rows = len(block_a[0])
+        take = min(rows, need)
+        parts_a.append([x[:take] for x in block_a])
+        parts_b.append(None if block_b is None else [y[:take] for y in block_b])
+        if take == rows:
+            pending.pop(0)
+        else:
+            pending[0] = ([x[take:] for x in block_a], None if block_b is None else [y[take:] for y in block_b])
+        need -= take
+    joined_a = [np.concatenate(layer) for layer in zip(*parts_a, strict=True)]
+    joined_b = None if parts_b[0] is None else [np.concatenate(layer) for layer in zip(*parts_b, strict=True)]
+    return joined_a, joined_b
+
+
+# -- estimators -----------------------------------------------------------------------------------------------------
+
+
+class ExactCka:
+    """Feature-space accumulators for the whole L × L' matrix (see the module doc); feed blocks, read the matrix.
+
+    ``dims_b`` None means self-CKA: the second set of layers is the first, and only the upper triangle of pairs is
+    accumulated. All sums are float64 on ``device``.
+    """
+
+    def __init__(self, dims_a: Sequence[int], dims_b: Sequence[int] | None = None, device: torch.device | None = None):
+        self.same = dims_b is None
+        self.la = len(dims_a)
+        self.dims = [*dims_a, *([] if self.same else dims_b)]
+        self.device = device or torch.device("cpu")
+        self.offsets = np.concatenate([[0], np.cumsum(self.dims)]).astype(int)
+        count = len(self.dims)
+        if self.same:
+            cross = sum(d * int(self.offsets[-1] - self.offsets[i]) for i, d in enumerate(self.dims))
+        else:
+            cross = sum(dims_a) * sum(dims_b) + sum(d * d for d in self.dims)
+        if cross > _MAX_EXACT_VALUES:
+            raise FmcacheError(
+                f"exact CKA over these widths needs {cross * 8 / 2**30:.0f} GiB of float64 cross-products; "
+                "use --estimator minibatch (the default for --pool tokens)"
+            )
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)  # noqa: E731
+        self.n = 0
+        self.shift: list[torch.Tensor] | None = None
+        self.sums = [zeros(d) for d in self.dims]
+        self.norm_cross = [zeros(d, count) for d in self.dims]  # Xᵀ(squared row norms of every layer)
+        self.norm_gram = zeros(count, count)
+        self.norm_sums = zeros(count)
+        if self.same:  # row i holds Xᵢᵀ[Xᵢ … X_L]
+            self.rows = [zeros(d, int(self.offsets[-1] - self.offsets[i])) for i, d in enumerate(self.dims)]
+        else:  # row i holds Xᵢᵀ[Y₁ … Y_L'], plus every layer's own gram
+            width_b = int(self.offsets[-1] - self.offsets[self.la])
+            self.rows = [zeros(d, width_b) for d in self.dims[: self.la]]
+            self.grams = [zeros(d, d) for d in self.dims]
+
+    def update(self, blocks_a: Sequence[np.ndarray], blocks_b: Sequence[np.ndarray] | None = None) -> None:
+        feats = [self._tensor(x) for x in blocks_a]
+        if not self.same:
+            if blocks_b is None or len(blocks_b[0]) != len(blocks_a[0]):
+                raise FmcacheError("CKA blocks of the two caches must have the same rows")
+            feats += [self._tensor(y) for y in blocks_b]
+        if self.shift is None:
+            self.shift = [f.mean(0) for f in feats]
+        feats = [f - c for f, c in zip(feats, self.shift, strict=True)]
+        norms = torch.stack([(f * f).sum(1) for f in feats], dim=1)  # (rows, layers)
+        self.n += len(feats[0])
+        self.norm_gram += norms.T @ norms
+        self.norm_sums += norms.sum(0)
+        for k, f in enumerate(feats):
+            self.sums[k] += f.sum(0)
+            self.norm_cross[k] += f.T @ norms
+        if self.same:
+            z = torch.cat(feats, dim=1)
+            for i, f in enumerate(feats):
+                self.rows[i] += f.T @ z[:, self.offsets[i] :]
+        else:
+            z_b = torch.cat(feats[self.la :], dim=1)
+            for i in range(self.la):
+                self.rows[i] += feats[i].T @ z_b
+            for k, f in enumerate(feats):
+                self.grams[k] += f.T @ f
+
+    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(x)).to(self.device, torch.float64)
+
+    def _cross(self, k1: int, k2: int) -> torch.Tensor:
+        """Accumulated X_k1ᵀ X_k2 (feature indices over A then B)."""
+        if k1 == k2 and not self.same:
+            return self.grams[k1]
+        if self.same:
+            i, j = min(k1, k2), max(k1, k2)
+            block = self.rows[i][:, self.offsets[j] - self.offsets[i] : self.offsets[j + 1] - self.offsets[i]]
+            return block if i == k1 else block.T
+        start = self.offsets[k2] - self.offsets[self.la]
+        return self.rows[k1][:, start : start + self.dims[k2]]
+
+    def hsic(self, k1: int, k2: int, debiased: bool) -> float:
+        """HSIC of features k1 and k2 up to a factor common to every pair (it cancels in CKA)."""
+        n, cross = self.n, self._cross(k1, k2)
+        s1, s2 = self.sums[k1], self.sums[k2]
+        if not debiased:
+            centred = cross - torch.outer(s1, s2) / n
+            return float((centred * centred).sum())
+        if n < MIN_SAMPLES:
+            raise FmcacheError(f"debiased CKA needs at least {MIN_SAMPLES} samples, got {n}")
+        norms_dot = self.norm_gram[k1, k2]
+        trace = (cross * cross).sum() - norms_dot
+        sum_k = s1 @ s1 - self.norm_sums[k1]
+        sum_l = s2 @ s2 - self.norm_sums[k2]
+        row_dot = s1 @ cross @ s2 - s1 @ self.norm_cross[k1][:, k2] - self.norm_cross[k2][:, k1] @ s2 + norms_dot
+        value = trace + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * row_dot
+        return float(value / (n * (n - 3)))
+
+    def matrix(self, debiased: bool = True) -> np.ndarray:
+        """(L, L') CKA of every layer of A against every layer of B (or of A, for self-CKA)."""
+        cols = range(self.la) if self.same else range(self.la, len(self.dims))
+        own = {k: self.hsic(k, k, debiased) for k in range(len(self.dims))}
+        out = np.empty((self.la, len(cols)))
+        for i in range(self.la):
+            for c, j in enumerate(cols):
+                if self.same and j < i:
+                    out[i, c] = out[c, i]
+                    continue
+                out[i, c] = _ratio(self.hsic(i, j, debiased), own[i], own[j])
+        return out
+
+
+def _ratio(cross: float, own_a: float, own_b: float) -> float:
+    denom = np.sqrt(own_a * own_b) if own_a > 0 and own_b > 0 else 0.0
+    return float(cross / denom) if denom > 0 else float("nan")  # a constant layer has no CKA
+
+
+def unbiased_hsic_matrix(grams_a: torch.Tensor, grams_b: torch.Tensor) -> torch.Tensor:
+    """Unbiased HSIC (Song et al. 2012) of every gram in ``grams_a`` (L, n, n) against every one in ``grams_b``."""
+    n = grams_a.shape[-1]
+    ka, kb = _zero_diagonal(grams_a), _zero_diagonal(grams_b)
+    trace = ka.reshape(len(ka), -1) @ kb.reshape(len(kb), -1).T
+    sums = torch.outer(ka.sum((1, 2)), kb.sum((1, 2)))
+    rows = ka.sum(2) @ kb.sum(2).T
+    return (trace + sums / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * rows) / (n * (n - 3))
+
+
+def _zero_diagonal(grams: torch.Tensor) -> torch.Tensor:
+    out = grams.clone()
+    out.diagonal(dim1=-2, dim2=-1).zero_()
+    return out
+
+
+class MinibatchCka:
+    """Nguyen et al.'s estimator: unbiased HSIC summed over minibatches, then the ratio of the sums."""
+
+    def __init__(self, layers_a: int, layers_b: int | None = None, device: torch.device | None = None):
+        self.same = layers_b is None
+        self.device = device or torch.device("cpu")
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)  # noqa: E731
+        self.cross = zeros(layers_a, layers_a if self.same else layers_b)
+        self.own_a = zeros(layers_a)
+        self.own_b = self.own_a if self.same else zeros(layers_b)
+        self.batches = 0
+
+    def _grams(self, batch: Sequence[np.ndarray]) -> torch.Tensor:
+        # one gram per layer per batch, reused for every pair; each layer goes to float64 on its own (token maps).
+        # Unbiased HSIC is exactly invariant to a constant shift, so centring the batch only removes cancellation.
+        grams = []
+        for x in batch:
+            t = torch.as_tensor(np.asarray(x)).to(self.device, torch.float64)
+            t = t - t.mean(0)
+            grams.append(t @ t.T)
+        return torch.stack(grams)
+
+    def update(self, batch_a: Sequence[np.ndarray], batch_b: Sequence[np.ndarray] | None = None) -> None:
+        if len(batch_a[0]) < MIN_SAMPLES:
+            raise FmcacheError(f"a CKA minibatch needs at least {MIN_SAMPLES} samples, got {len(batch_a[0])}")
+        grams_a = self._grams(batch_a)
+        grams_b = grams_a if self.same else self._grams(batch_b)
+        cross = unbiased_hsic_matrix(grams_a, grams_b)
+        self.cross += cross
+        self.own_a += cross.diagonal() if self.same else unbiased_hsic_matrix(grams_a, grams_a).diagonal()
+        if not self.same:
+            self.own_b += unbiased_hsic_matrix(grams_b, grams_b).diagonal()
+        self.batches += 1
+
+    def matrix(self) -> np.ndarray:
+        cross, own_a, own_b = (t.cpu().numpy() for t in (self.cross, self.own_a, self.own_b))
+        out = np.empty(cross.shape)
+        for i in range(cross.shape[0]):
+            for j in range(cross.shape[1]):
+                out[i, j] = _ratio(cross[i, j], own_a[i], own_b[j])
+        return out
+
+
+# -- arrays and caches ----------------------------------------------------------------------------------------------
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray, debiased: bool = False) -> float:
+    """Exact linear CKA of two (n, p) and (n, q) feature arrays (Kornblith's ``feature_space_linear_cka``)."""
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
+        raise FmcacheError(f"CKA needs two (n, d) arrays with the same n, got {x.shape} and {y.shape}")
+    acc = ExactCka([x.shape[1]], [y.shape[1]])
+    acc.update([x], [y])
+    return float(acc.matrix(debiased)[0, 0])
+
+
+def compute_cka(
+    a: Selection,
+    b: Selection | None,
+    split: str = "test",
+    estimator: str = "exact",
+    debiased: bool = True,
+    batch_size: int = 256,
+    device: torch.device | None = None,
+) -> dict:
+    """CKA of every selected layer of ``a`` against every one of ``b`` (of ``a`` when ``b`` is None), in one pass.
+
+    Returns ``matrix`` (L, L'), ``n``, ``batches`` (minibatch) and ``timings`` (read and compute seconds).
+    """
+    if estimator not in ESTIMATORS:
+        raise FmcacheError(f"unknown --estimator '{estimator}'; use {' or '.join(ESTIMATORS)}")
+    if estimator == "minibatch" and not debiased:
+        raise FmcacheError(
+            "the minibatch estimator sums unbiased HSIC (Nguyen et al. 2021); --biased needs --estimator exact"
+        )
+    ids, masks_a, masks_b = aligned_ids(a, b, split)
+    device = device or torch.device("cpu")
+    dims_b = None if b is None else b.widths
+    if estimator == "exact":
+        acc = ExactCka(a.widths, dims_b, device)
+        stream = paired_blocks(a, b, masks_a, masks_b)
+    else:
+        batch_bounds(len(ids), batch_size)  # rejects a bad batch size before any reading
+        acc = MinibatchCka(len(a.layers), None if b is None else len(b.layers), device)
+        stream = rebatch(paired_blocks(a, b, masks_a, masks_b), len(ids), batch_size)
+    read_s = compute_s = 0.0
+    start = time.perf_counter()
+    for block_a, block_b in stream:
+        got = time.perf_counter()
+        read_s += got - start
+        acc.update(block_a, block_b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        compute_s += start - got
+    matrix = acc.matrix(debiased) if estimator == "exact" else acc.matrix()
+    if estimator == "exact" and acc.n != len(ids):
+        raise FmcacheError(f"read {acc.n} of {len(ids)} samples from the shards; run `fmcache verify` on the cache")
+    out = {"matrix": matrix, "n": len(ids), "timings": {"read_seconds": read_s, "compute_seconds": compute_s}}
+    if estimator == "minibatch":
+        out["batches"] = acc.batches
+    return out
