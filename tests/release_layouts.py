@@ -30,7 +30,9 @@ def fill(shapes: Shapes, seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def _vit_blocks(prefix: str, depth: int, dim: int, hidden: int, *, layer_scale: bool = False) -> Shapes:
+def _vit_blocks(
+    prefix: str, depth: int, dim: int, hidden: int, *, layer_scale: bool = False, swiglu: bool = False
+) -> Shapes:
     shapes: Shapes = {}
     for i in range(depth):
         b = f"{prefix}blocks.{i}."
@@ -39,9 +41,17 @@ def _vit_blocks(prefix: str, depth: int, dim: int, hidden: int, *, layer_scale: 
             b + "attn.qkv.weight": (3 * dim, dim), b + "attn.qkv.bias": (3 * dim,),
             b + "attn.proj.weight": (dim, dim), b + "attn.proj.bias": (dim,),
             b + "norm2.weight": (dim,), b + "norm2.bias": (dim,),
-            b + "mlp.fc1.weight": (hidden, dim), b + "mlp.fc1.bias": (hidden,),
-            b + "mlp.fc2.weight": (dim, hidden), b + "mlp.fc2.bias": (dim,),
         })  # fmt: skip
+        if swiglu:  # DINOv2-g's fused SwiGLU: w12 holds both gates
+            shapes.update({
+                b + "mlp.w12.weight": (2 * hidden, dim), b + "mlp.w12.bias": (2 * hidden,),
+                b + "mlp.w3.weight": (dim, hidden), b + "mlp.w3.bias": (dim,),
+            })  # fmt: skip
+        else:
+            shapes.update({
+                b + "mlp.fc1.weight": (hidden, dim), b + "mlp.fc1.bias": (hidden,),
+                b + "mlp.fc2.weight": (dim, hidden), b + "mlp.fc2.bias": (dim,),
+            })  # fmt: skip
         if layer_scale:
             shapes[b + "ls1.gamma"] = (dim,)
             shapes[b + "ls2.gamma"] = (dim,)
@@ -62,14 +72,16 @@ def timm_style_vit(depth: int, *, dim: int = 768, patch: int = 16, grid: int = 1
 
 
 def dinov2_release(depth: int, dim: int = 768) -> dict:
-    """``dinov2_vit?14_pretrain.pth``: a flat dict, made at 518 px (37 × 37 grid), with mask token and layer scale."""
+    """``dinov2_vit?14_pretrain.pth``: a flat dict, made at 518 px (37 × 37 grid), with mask token and layer scale;
+    the giant (width 1536) has a fused SwiGLU MLP of hidden width 4096."""
+    giant = dim == 1536
     shapes = {
         "cls_token": (1, 1, dim),
         "pos_embed": (1, 1 + 37 * 37, dim),
         "mask_token": (1, dim),
         "patch_embed.proj.weight": (dim, 3, 14, 14),
         "patch_embed.proj.bias": (dim,),
-        **_vit_blocks("", depth, dim, 4 * dim, layer_scale=True),
+        **_vit_blocks("", depth, dim, 4096 if giant else 4 * dim, layer_scale=True, swiglu=giant),
         "norm.weight": (dim,),
         "norm.bias": (dim,),
     }

@@ -125,6 +125,12 @@ def test_dinov2_release_loads_at_224(tmp_path: Path):
     assert _forward(model, 224).tokens[-1].shape == (1, 1 + 16 * 16, 768)
 
 
+def test_dinov2_giant_swiglu_release_loads(tmp_path: Path):
+    model = load_release(tmp_path, "dinov2_vitg14", rl.dinov2_release(DEPTH, dim=1536), 224, {"depth": DEPTH},
+                         resampled=("pos_embed",))  # fmt: skip
+    assert _forward(model, 224).tokens[-1].shape == (1, 1 + 16 * 16, 1536)
+
+
 @pytest.mark.slow
 def test_dinov2_release_loads_at_1024(tmp_path: Path):
     model = load_release(tmp_path, "dinov2_vitb14", rl.dinov2_release(DEPTH), 1022, {"depth": DEPTH},
