@@ -22,7 +22,13 @@ from fmcache.models.weights import LoadReport, load_weights_file
 LayerOut = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]
 
 
-_NETWORK_ERRORS = ("ConnectionError", "ConnectTimeout", "ReadTimeout", "LocalEntryNotFoundError", "OfflineModeIsEnabled")
+_NETWORK_ERRORS = (
+    "ConnectionError",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "LocalEntryNotFoundError",
+    "OfflineModeIsEnabled",
+)
 
 
 def _hub_error(spec: ModelSpec, exc: Exception) -> FmcacheError:
