@@ -6,13 +6,16 @@ functions, so the seed's recipe (PROTOCOLS.md, "Training") lives in one place:
 - AdamW (betas 0.9/0.999, eps 1e-8), weight decay on weights only: biases and 1-D parameters get none;
 - linear warmup (5 epochs, or 1000 iterations for ISIC/CheXpert), then constant (the seed's) or cosine;
 - gradient clipping at 1.0;
-- the best epoch is the first maximum of the validation metric.
+- the best epoch is the first maximum of the validation metric;
+- a resumable per-epoch checkpoint (:func:`save_checkpoint` / :func:`load_checkpoint`): atomic, with the RNG
+  states and the settings it was made under, so a rerun continues exactly or refuses to mix settings.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -146,3 +149,103 @@ def select_best(val_curves: np.ndarray, lrs: Sequence[float], n_seeds: int) -> t
     best_val = val_curves[np.arange(len(val_curves)), best_epoch]
     mean_by_lr = best_val.reshape(len(lrs), n_seeds).mean(1)
     return best_epoch, int(np.argmax(mean_by_lr))
+
+
+# -- resumable checkpoints ----------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = 1
+
+
+def rng_states() -> dict:
+    """Every global RNG a trainer draws from (torch CPU and CUDA, numpy, Python), in a ``weights_only``-safe form."""
+    import random
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_states(states: dict) -> None:
+    """Put back what :func:`rng_states` saved (CUDA states only where this machine has as many devices)."""
+    import random
+
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))  # a checkpoint may hand tuples back as lists
+
+
+def _canonical(settings: dict) -> str:
+    import json
+
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+def save_checkpoint(path: Path, state: dict, settings: dict) -> None:
+    """Write a resumable checkpoint atomically: ``state`` (tensors, numbers, strings, lists, dicts) with the
+    ``settings`` it was made under and every global RNG state.
+
+    The file is written under a temporary name, fsynced and renamed, so a kill at any instant leaves either the
+    previous checkpoint or the new one, never a torn file. ``settings`` must be JSON-able; :func:`load_checkpoint`
+    refuses a checkpoint whose settings differ, so a rerun with other settings never mixes two runs.
+    """
+    import io
+
+    from fmcache.files import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    payload = {"format": CHECKPOINT_FORMAT, "settings": _canonical(settings), "rng": rng_states(), "state": state}
+    torch.save(payload, buffer)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def _read_checkpoint(path: Path, mmap: bool) -> dict:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:
+        what = " ".join(str(exc).split())[:160]
+        raise FmcacheError(f"cannot read checkpoint {path} ({what}); delete it or rerun with --no-resume") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise FmcacheError(f"{path} is not an fmcache checkpoint of format {CHECKPOINT_FORMAT}; rerun with --no-resume")
+    return payload
+
+
+def check_checkpoint(path: Path, settings: dict) -> bool:
+    """Whether a checkpoint exists at ``path``; raises a one-line error when it was made with other settings.
+
+    Cheap (the file is memory-mapped, tensors are not read), so a runner can check every checkpoint before it
+    writes anything.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return False
+    import json
+
+    saved = json.loads(_read_checkpoint(path, mmap=True)["settings"])
+    if saved != json.loads(_canonical(settings)):
+        keys = sorted(set(saved) | set(settings), key=str)
+        diff = next((k for k in keys if saved.get(k) != json.loads(_canonical(settings)).get(k)), "?")
+        raise FmcacheError(
+            f"checkpoint {path} was made with other settings ({diff}: {saved.get(diff)!r} there, "
+            f"{settings.get(diff)!r} now); rerun with the same settings, or pass --no-resume to start over"
+        )
+    return True
+
+
+def load_checkpoint(path: Path, settings: dict, restore_rng: bool = True) -> dict | None:
+    """The ``state`` saved by :func:`save_checkpoint` at ``path`` (None when there is none), after checking that it
+    was made with the same ``settings``; restores the global RNG states too unless ``restore_rng`` is False."""
+    if not check_checkpoint(path, settings):
+        return None
+    payload = _read_checkpoint(Path(path), mmap=False)
+    if restore_rng:
+        restore_rng_states(payload["rng"])
+    return payload["state"]
