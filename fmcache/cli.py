@@ -198,9 +198,15 @@ def extract_cmd(
     allow_empty_split: Annotated[
         bool | None, typer.Option("--allow-empty-split", help="Extract even when train, val or test is empty.")
     ] = None,
+    views: Annotated[
+        str | None,
+        typer.Option(help="K seeded augmented views of every train image, besides its center crop (default 0)."),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Run a frozen foundation once over a dataset and write the keyed, resumable HDF5 cache."""
+    # parsed here, not by typer, so a bad value is one line (ExtractSpec names the rule) rather than a usage box
+    views = int(views) if views is not None and views.strip().lstrip("-").isdigit() else views  # type: ignore[assignment]
     flags = {k: v for k, v in locals().items() if k not in ("config", "quiet", "uncertain", "split", "layout", "csv")}
     from fmcache.config import load_config, merge
     from fmcache.extract import ExtractSpec, run_extract

@@ -27,9 +27,19 @@ from fmcache.cache.lock import CacheLock
 from fmcache.cache.manifest import MANIFEST, read_manifest, shard_entries, write_manifest
 from fmcache.cache.shards import BackgroundWriter, ShardWriter, finished_shards, remove_orphans
 from fmcache.cache.verify import DAMAGED_DIR, ShardCheck, drop_from_manifest, quarantine, verify_cache
+from fmcache.cache.views import IDS as VIEW_IDS
+from fmcache.cache.views import SEED as VIEWS_SEED
+from fmcache.cache.views import views_datasets
 from fmcache.data import DatasetIndex, ImageDataset, build_transform, dataset_norm, default_metric, load_dataset
 from fmcache.data.describe import empty_split_warning
-from fmcache.data.transforms import GRAY_MODES, GRAYSCALE_DATASETS, INTERPOLATIONS
+from fmcache.data.transforms import (
+    GRAY_MODES,
+    GRAYSCALE_DATASETS,
+    INTERPOLATIONS,
+    train_augmentation,
+    train_augmentation_spec,
+)
+from fmcache.data.views import ViewsImageDataset
 from fmcache.dist import Dist, close_dist, init_dist
 from fmcache.errors import FmcacheError
 from fmcache.files import ensure_writable_dir, sha256_file
@@ -72,12 +82,13 @@ class ExtractSpec:
     fingerprint: str = "stat"  # stat | content; content hashes every image's bytes into the key
     verify: bool = False  # hash-check every finished shard before trusting or resuming the cache
     allow_empty_split: bool = False  # an empty train/val/test split is refused unless the user means it
+    views: int = 0  # K seeded augmented views of every train image, besides its center crop (cache/views.py)
     dataset_options: dict = field(default_factory=dict)
     arch_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Check choices, types and ranges once, so bad values fail as one clear line before any work."""
-        for name, low in (("batch_size", 1), ("shard_size", 1), ("workers", 0)):
+        for name, low in (("batch_size", 1), ("shard_size", 1), ("workers", 0), ("views", 0)):
             _check_int(name, getattr(self, name), low)
         for name in ("img_size", "resize", "limit"):
             if getattr(self, name) is not None:
@@ -302,11 +313,14 @@ class _Guarded(Dataset):
             return None, int(self.inner.indices[i]), str(exc)
 
 
-def _collate(items: list) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
+def _collate(items: list) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]], tuple | None]:
+    """Center crops, their ids, failures, and (views (m·K, C, H, W), their m ids) when the items carry views."""
     good = [it for it in items if it[0] is not None]
     bad = [(it[1], it[2]) for it in items if it[0] is None]
     images = torch.stack([it[0] for it in good]) if good else None
-    return images, [it[1] for it in good], bad
+    with_views = [it for it in good if len(it) == 3 and it[2] is not None]
+    views = (torch.cat([it[2] for it in with_views]), [it[1] for it in with_views]) if with_views else None
+    return images, [it[1] for it in good], bad, views
 
 
 # -- the run -----------------------------------------------------------------------------------------------------
@@ -352,6 +366,13 @@ class Extractor:
         )
         self.transform_desc = {**desc, "norm_source": self.norm_source}
         self.inputs = key_inputs(spec, self.index, self.positions, self.transform_desc, log)
+        # views: PROTOCOLS' train augmentation (the one finetune uses), K draws per train image, seeded per view
+        self.augment = train_augmentation(self.img_size, mean, std, gray=spec.gray) if spec.views else None
+        self.inputs["views"] = {"k": spec.views}
+        if spec.views:
+            self.inputs["views"].update(
+                seed=VIEWS_SEED, augmentation=train_augmentation_spec(self.img_size, mean, std, gray=spec.gray)
+            )
         self.key = cache_key(self.inputs)
         self.folder = cache_dir(spec.cache_root, self.index.name, model_spec.name, self.key)
         self.num_shards = max(1, -(-len(self.positions) // spec.shard_size))
@@ -576,6 +597,7 @@ class Extractor:
             "shard_size": self.spec.shard_size,
             "dtype": self.spec.dtype,
             "versions": _versions(),
+            **({"views": {**self.inputs["views"], "splits": ["train"]}} if self.spec.views else {}),
         }
 
     def _extract_shard(self, shard, forward, model_info, device, writer, advance) -> None:
@@ -585,7 +607,11 @@ class Extractor:
         attrs = {"key": self.key, "schema": SCHEMA_VERSION, "shard": shard}
         shard_writer = ShardWriter(self.folder, shard, len(positions), attrs, spec.compression)
         loader = DataLoader(
-            _Guarded(ImageDataset(self.index, positions, self.transform)),
+            _Guarded(
+                ViewsImageDataset(self.index, positions, self.transform, self.augment, spec.views, VIEWS_SEED)
+                if spec.views
+                else ImageDataset(self.index, positions, self.transform)
+            ),
             batch_size=spec.batch_size,
             shuffle=False,
             num_workers=spec.workers,
@@ -596,7 +622,7 @@ class Extractor:
         skipped: list[dict] = []
         start = time.perf_counter()
         try:
-            for images, ids, bad in loader:
+            for images, ids, bad, views in loader:
                 for gidx, reason in bad:
                     if spec.on_bad_image == "error":
                         raise FmcacheError(f"{reason} (or pass --on-bad-image skip to leave it out)")
@@ -609,6 +635,8 @@ class Extractor:
                         "split": self.index.split[ids_np].astype(np.int8),
                         "labels": self.index.labels[ids_np],
                     }
+                    if spec.views:
+                        arrays.update(self._forward_views(forward, views, model_info, device, store_dtype))
                     writer.submit(lambda a=arrays, h=host: shard_writer.append({**h, **_to_numpy(a)}))
                 advance(len(ids) + len(bad))
             writer.drain()
@@ -621,6 +649,24 @@ class Extractor:
             shard_writer.abort()
             raise
         self._written[entry["file"]] = entry
+
+    def _forward_views(self, forward, views, model_info, device, store_dtype) -> dict:
+        """Features of a batch's train views, forwarded in chunks of --batch-size (same chunks on every rerun).
+
+        Returned under one ``__views__`` entry that the writer thread turns into the ``views/`` arrays.
+        """
+        k = self.spec.views
+        ids, parts = [], []
+        if views is not None:
+            images, ids = views
+            chunks = images.split(self.spec.batch_size)
+            parts = [self._forward(forward, c, model_info, device, store_dtype) for c in chunks]
+        # shapes of an empty batch's arrays, so a batch (or shard) without train images still writes every dataset
+        feat = np.float16 if store_dtype == torch.float16 else np.float32
+        empty = {}
+        for name, shape in views_datasets(model_info, k).items():
+            empty[name.removeprefix("views/")] = (shape[1:], feat)
+        return {"__views__": (parts, ids, k, empty)}
 
     def _forward(self, forward, images, model_info, device, store_dtype) -> dict:
         images = images.to(device, non_blocking=True)
@@ -649,7 +695,23 @@ def _to_numpy(arrays: dict) -> dict[str, np.ndarray]:
     event = arrays.get("__event__")
     if event is not None:
         event.synchronize()
-    return {k: v.numpy() for k, v in arrays.items() if k != "__event__"}
+    out = {k: v.numpy() for k, v in arrays.items() if k not in ("__event__", "__views__")}
+    if "__views__" in arrays:
+        out.update(_views_to_numpy(*arrays["__views__"]))
+    return out
+
+
+def _views_to_numpy(parts: list[dict], ids: list[int], k: int, empty: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """The views/ arrays of one batch: each view forward's outputs concatenated, then reshaped to (m, K, ...)."""
+    out = {VIEW_IDS: np.asarray(ids, dtype=np.int64)}
+    if not parts:  # no train image in this batch: zero rows, so every shard still holds every views dataset
+        out.update({f"views/{name}": np.zeros((0, k, *shape), dtype) for name, (shape, dtype) in empty.items()})
+        return out
+    numpy_parts = [_to_numpy(p) for p in parts]
+    for name in numpy_parts[0]:
+        joined = np.concatenate([p[name] for p in numpy_parts])
+        out[f"views/{name}"] = joined.reshape(len(ids), k, *joined.shape[1:])
+    return out
 
 
 def run_extract(spec: ExtractSpec, progress: bool = True, log=print) -> Path:

@@ -9,6 +9,7 @@ from rich.markup import escape
 from fmcache.cache.manifest import MANIFEST, read_manifest
 from fmcache.cache.messages import repair_hint
 from fmcache.cache.verify import quick_problems
+from fmcache.cache.views import views_datasets, views_k, views_nbytes
 from fmcache.errors import FmcacheError
 
 
@@ -42,6 +43,18 @@ def _status_text(folder: Path, manifest: dict) -> str:
     return f"[bold red]damaged[/] ({counts}; {escape(named)})"
 
 
+def _views_text(folder: Path, manifest: dict) -> str:
+    """K augmented views per train image: which datasets, and the bytes they take (the center crops are the rest)."""
+    k = views_k(manifest)
+    if not k:
+        return "none (center crops only; `fmcache extract ... --views K` adds K augmented views per train image)"
+    names = ", ".join(n.removeprefix("views/") for n in views_datasets(manifest["model"], k))
+    nbytes = views_nbytes(folder, manifest)
+    size = "? (a shard cannot be read)" if nbytes is None else human_bytes(nbytes)
+    train = manifest["dataset"]["split_counts"].get("train", 0)
+    return f"{k} per train image ({train} images; val/test: center crop only): {names}; {size}"
+
+
 def format_info(folder: str | Path) -> str:
     folder = Path(folder)
     manifest = read_manifest(folder) if folder.is_dir() else None
@@ -66,6 +79,7 @@ def format_info(folder: str | Path) -> str:
         f"{'multi-label' if data['multilabel'] else 'single-label'} {len(data['class_names'])} classes, metric {data['metric']}",
         f"  storage    {manifest['dtype']}, {images} images, {human_bytes(size)} ({human_bytes(size / max(images, 1))}/image)",
         f"  time       {timings.get('extract_seconds')} s, {timings.get('s_per_img')} s/image",
+        f"  views      {_views_text(folder, manifest)}",
     ]
     skipped = manifest.get("skipped", [])
     if skipped:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the optional views/ group (cache/views.py); schema-1 caches read unchanged
 
 
 def canonical_json(obj: object) -> str:

@@ -18,6 +18,7 @@ import torch
 from fmcache.cache.manifest import read_manifest
 from fmcache.cache.messages import damaged_shard
 from fmcache.cache.verify import quick_problems
+from fmcache.cache.views import no_views_error, views_k
 from fmcache.errors import FmcacheError
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -202,6 +203,42 @@ class CacheReader:
         rows = len(self._index[0])
         itemsize = 2 if self.manifest.get("dtype") == "fp16" else 4
         return rows * self.num_layers * max(self.layer_dims) * itemsize
+
+    # -- augmented views (schema 2, ``--views K``; train rows only) ------------------------------------------------
+    @property
+    def views_k(self) -> int:
+        """K augmented views per train sample; 0 for a cache without views (every schema-1 cache)."""
+        return views_k(self.manifest)
+
+    def _gather_views(self, name: str, select: tuple = ()) -> np.ndarray:
+        """(n_train, K, ...) of ``views/<name>``, rows in the order of ``ids("train")``."""
+        if not self.views_k:
+            raise no_views_error(self.path)
+        wanted = self._index[0] == SPLIT_CODES["train"]
+        if not wanted.any():
+            raise FmcacheError(f"split 'train' of cache {self.path.name} is empty; check the dataset split / --limit")
+        parts, start = [], 0
+        for path in self.files:
+            with read_shard(path) as fh:
+                n = fh["ids"].shape[0] if "ids" in fh else 0
+                m = int(wanted[start : start + n].sum())
+                start += n
+                if m:
+                    # the group holds exactly the shard's train rows, in row order (fmcache verify checks the ids)
+                    data = fh[f"views/{name}"][...]
+                    if len(data) != m:
+                        raise damaged_shard(path, f"views/{name} has {len(data)} rows, the shard {m} train rows")
+                    parts.append(data[(slice(None), slice(None), *select)])
+        return np.concatenate(parts)
+
+    def views_pooled(self, layer: int | str = "last", kind: str = "cls") -> np.ndarray:
+        """float32 (n_train, K, D) pooled features of the K augmented views of every train sample (one layer)."""
+        self._check_pool(kind)
+        if kind == "paper":
+            return self._gather_views("pooled/paper").astype(np.float32)
+        number = self.resolve_layer(layer)
+        dim = self.layer_dims[number - 1]
+        return self._gather_views(f"pooled/{kind}", (number - 1, slice(0, dim))).astype(np.float32)
 
     def tokens(self, split: str, layer: int | str) -> TokenDataset:
         number = self.resolve_layer(layer)

@@ -2,7 +2,8 @@
 
 One shard holds a fixed slice of the dataset's canonical order. Arrays:
 ``ids`` (n,) int64 global sample index, ``split`` (n,) int8, ``labels`` (n,) int64 or (n, C) float32 with NaN,
-``pooled/cls`` and ``pooled/mean`` (n, L, D) and ``pooled/paper`` (n, D_p), ``tokens/layer_XX`` (n, T, D).
+``pooled/cls`` and ``pooled/mean`` (n, L, D) and ``pooled/paper`` (n, D_p), ``tokens/layer_XX`` (n, T, D),
+and with ``--views`` the ``views/`` group of train rows only (see :mod:`fmcache.cache.views`).
 """
 
 from __future__ import annotations
@@ -62,8 +63,11 @@ class ShardWriter:
     def _dataset(self, name: str, sample_shape: tuple[int, ...], dtype: np.dtype) -> h5py.Dataset:
         if name in self.file:
             return self.file[name]
-        # one sample per chunk for token maps (whole-sample reads); a few hundred rows for small arrays
-        rows = 1 if len(sample_shape) >= 2 and name.startswith("tokens/") else min(self.planned, 256)
+        # one sample per chunk for token maps (whole-sample reads); a few hundred rows for small arrays, and
+        # K times fewer for a sample's K augmented views, so a chunk stays as large as a center-crop one
+        rows = 1 if len(sample_shape) >= 2 and "tokens/" in name else min(self.planned, 256)
+        if name.startswith("views/") and sample_shape:
+            rows = max(1, rows // sample_shape[0])
         return self.file.create_dataset(
             name,
             shape=(0, *sample_shape),
@@ -83,8 +87,11 @@ class ShardWriter:
         try:
             for name, value in arrays.items():
                 ds = self._dataset(name, value.shape[1:], value.dtype)
-                ds.resize(self.rows + n, axis=0)
-                ds[self.rows : self.rows + n] = value
+                # each dataset's own length: the views/ group holds train rows only, so it may grow by fewer rows
+                start = ds.shape[0]
+                if len(value):
+                    ds.resize(start + len(value), axis=0)
+                    ds[start : start + len(value)] = value
         except OSError as exc:
             raise disk_error(exc, self.tmp) from exc
         self.rows += n

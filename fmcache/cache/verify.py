@@ -22,6 +22,8 @@ from fmcache.cache.lock import CacheLock
 from fmcache.cache.manifest import MANIFEST, read_manifest, shard_entries, write_manifest
 from fmcache.cache.messages import one_line, repair_hint
 from fmcache.cache.shards import finished_shards, shard_name
+from fmcache.cache.views import IDS as VIEW_IDS
+from fmcache.cache.views import views_datasets, views_k
 from fmcache.errors import FmcacheError
 from fmcache.files import sha256_file
 
@@ -115,6 +117,30 @@ def _layout_problem(fh: h5py.File, manifest: dict, index: int, n_listed: int | N
             return f"dataset {name} has shape {getattr(ds, 'shape', '?')}, expected {(n, *shape)}"
         if ds.dtype != np.dtype(dtype):
             return f"dataset {name} has dtype {ds.dtype}, expected {dtype}"
+    return _views_problem(fh, manifest)
+
+
+def _views_problem(fh: h5py.File, manifest: dict) -> str:
+    """'' when the views/ group holds the shard's train rows (ids in row order) with the expected shapes, or the
+    cache has no views; else the first problem."""
+    k = views_k(manifest)
+    if not k:
+        return ""
+    train = fh["split"][...] == 0
+    want_ids = fh["ids"][...][train]
+    if VIEW_IDS not in fh or not isinstance(fh[VIEW_IDS], h5py.Dataset):
+        return f"lacks dataset {VIEW_IDS}"
+    if fh[VIEW_IDS].shape != want_ids.shape or not np.array_equal(fh[VIEW_IDS][...], want_ids):
+        return f"dataset {VIEW_IDS} does not list the shard's {len(want_ids)} train rows"
+    feat = "float16" if manifest.get("dtype", "fp16") == "fp16" else "float32"
+    for name, shape in views_datasets(manifest["model"], k).items():
+        if name not in fh:
+            return f"lacks dataset {name}"
+        ds = fh[name]
+        if not isinstance(ds, h5py.Dataset) or ds.shape != (len(want_ids), *shape):
+            return f"dataset {name} has shape {getattr(ds, 'shape', '?')}, expected {(len(want_ids), *shape)}"
+        if ds.dtype != np.dtype(feat):
+            return f"dataset {name} has dtype {ds.dtype}, expected {feat}"
     return ""
 
 

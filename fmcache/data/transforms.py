@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -172,3 +173,24 @@ def train_augmentation_spec(
         "mean": mean_l,
         "std": std_l,
     }
+
+
+def view_seed(sample_id: int, view: int, seed: int) -> int:
+    """The RNG seed of augmented view ``view`` of global sample ``sample_id`` under a cache's views ``seed``.
+
+    A hash of the three numbers rather than one running generator: a view depends on nothing else, so a resumed,
+    distributed or re-batched extraction draws every view bit for bit the same.
+    """
+    digest = hashlib.sha256(f"fmcache-view:{int(seed)}:{int(sample_id)}:{int(view)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: torch.manual_seed takes any non-negative int64
+
+
+def draw_view(augment: Callable[[Image.Image], torch.Tensor], image: Image.Image, seed: int) -> torch.Tensor:
+    """One draw of ``augment`` (e.g. :func:`train_augmentation`) on ``image``, fully determined by ``seed``.
+
+    torchvision's random transforms draw from torch's global CPU RNG, so the draw runs inside a forked RNG state:
+    the caller's RNG (and every other view) is untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return augment(image)

@@ -1,0 +1,72 @@
+"""Cached augmented views: the ``views/`` group of a shard (schema 2).
+
+A cache extracted with ``--views K`` holds, besides every sample's center crop, K augmented views of every TRAIN
+sample. Only train rows have views, so the group has its own row count m (the shard's train rows, in row order):
+
+- ``views/ids`` (m,) int64: the global ids of those rows (equal to ``ids[split == 0]``);
+- ``views/pooled/<kind>`` (m, K, L, D) for cls and mean, ``views/pooled/paper`` (m, K, D_p);
+- ``views/tokens/layer_XX`` (m, K, T, D) for every ``--tokens`` layer.
+
+Val and test rows have no views at all (no zero padding to store or mistake for features).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fmcache.errors import FmcacheError
+
+GROUP = "views"
+IDS = "views/ids"
+SEED = 0  # the views seed recorded in the key; view v of sample i is drawn from hash(i, v, SEED)
+
+
+def views_k(manifest: dict) -> int:
+    """K of a cache (0 for a cache without views, including every schema-1 cache)."""
+    return int((manifest.get("views") or {}).get("k", 0))
+
+
+def views_datasets(model: dict, k: int) -> dict[str, tuple[int, ...]]:
+    """Name → shape after the row axis of every ``views/`` feature dataset, from the manifest's ``model`` entry."""
+    width = max(int(d) for d in model["layer_dims"])
+    out: dict[str, tuple[int, ...]] = {}
+    for pool in model["pools"]:
+        if pool == "paper":
+            if "paper_dim" in model:
+                out[f"{GROUP}/pooled/paper"] = (k, int(model["paper_dim"]))
+        else:
+            out[f"{GROUP}/pooled/{pool}"] = (k, int(model["num_layers"]), width)
+    for layer in model.get("token_layers", []):
+        shape = model.get("token_shapes", {}).get(str(layer))
+        if shape is not None:
+            out[f"{GROUP}/tokens/layer_{int(layer):02d}"] = (k, *(int(d) for d in shape))
+    return out
+
+
+def no_views_error(path: object) -> FmcacheError:
+    return FmcacheError(
+        f"cache {path} has no augmented views; extract them with the same `fmcache extract` command plus "
+        "--views K (e.g. --views 10), or pass --views off"
+    )
+
+
+def views_nbytes(folder: Path, manifest: dict) -> int | None:
+    """Bytes the ``views/`` datasets take on disk over all listed shards; None when a shard cannot be read."""
+    import h5py
+
+    total = 0
+    for entry in manifest.get("shards", []):
+        try:
+            with h5py.File(Path(folder) / entry["file"], "r") as fh:
+                if GROUP in fh:
+                    group = fh[GROUP]
+                    sizes: list[int] = []
+                    group.visititems(
+                        lambda _n, obj, out=sizes: (
+                            out.append(obj.id.get_storage_size()) if isinstance(obj, h5py.Dataset) else None
+                        )
+                    )
+                    total += sum(sizes)
+        except (OSError, KeyError, RuntimeError, ValueError):  # info must work on a damaged cache too
+            return None
+    return total
