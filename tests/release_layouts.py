@@ -181,7 +181,7 @@ def aimv2_release(depth: int, dim: int = 1024, hidden: int = 2816) -> dict:
     return fill(shapes)
 
 
-SAM2_STAGES = {"b": ((1, 2, 11, 2), 112, 2), "l": ((2, 6, 36, 4), 144, 2)}
+SAM2_STAGES = {"b": ((2, 3, 16, 3), 112, 2), "l": ((2, 6, 36, 4), 144, 2)}  # stages, width, heads
 
 
 def sam2_release(stages: tuple[int, ...], dim: int = 112, heads: int = 2) -> dict:
