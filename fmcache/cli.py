@@ -367,6 +367,8 @@ def knn_cmd(
         use_gpu=False if cpu else None, plots=plots,
     )  # fmt: skip
     _print_knn(result)
+    if result.get("views_note"):
+        console.print(f"note: {result['views_note']}")
 
 
 @app.command("probe")
@@ -392,6 +394,10 @@ def probe_cmd(
     standardize: Annotated[bool, typer.Option(help="Z-score features with train statistics before the heads.")] = True,
     plots: Annotated[bool, typer.Option(help="Write PNG plots next to the JSON/CSV results.")] = True,
     out: Annotated[Path, typer.Option(help="Results root.")] = Path("results"),
+    views: Annotated[
+        str | None,
+        typer.Option(help="Train on the cache's augmented views: on or off (default: on when the cache has them)."),
+    ] = None,
 ) -> None:
     """Train every LR × seed linear head at once on cached features; report test mean ± std at the best LR."""
     from fmcache.cache.reader import CacheReader
@@ -400,9 +406,19 @@ def probe_cmd(
     reader = CacheReader(cache)
     result = run_probe(
         reader, out, head, _floats(lrs, "--lrs"), seeds, epochs, batch_size, layer, pool, metric,
-        weight_decay, schedule, sklearn, device, standardize, progress=True, plots=plots,
+        weight_decay, schedule, sklearn, device, standardize, progress=True, plots=plots, views=views,
     )  # fmt: skip
     _print_probe(result)
+    _print_views(result)
+
+
+def _print_views(result: dict) -> None:
+    """Which inputs the heads trained on: cached augmented views, or center crops only."""
+    used = result.get("views") or {}
+    if used.get("used"):
+        console.print(f"train: one of {used['k']} cached augmented views per sample per epoch; val/test: center crops")
+    else:
+        console.print("train, val and test: center crops (no augmented views)")
 
 
 def _print_cka(result: dict) -> None:

@@ -259,3 +259,74 @@ def test_torchrun_two_processes_with_views_gives_the_same_cache(tmp_path, aptos_
     assert_same_arrays(folder, random_views_reference)
     for path in shard_files(random_views_reference):
         assert sha256(path) == sha256(folder / path.name), f"{path.name} is not byte-identical"
+
+
+# -- stage two: probe trains on views, knn ignores them ---------------------------------------------------------------
+
+PROBE = {"lrs": [1e-3, 1e-2], "seeds": 2, "epochs": 4, "batch_size": 8, "plots": False}
+
+
+def _probe(folder: Path, tmp_path: Path, **kw) -> dict:
+    from fmcache.frozen.run import run_probe
+
+    return run_probe(CacheReader(folder), tmp_path / "results", **PROBE, **kw)
+
+
+def _numbers(result: dict) -> list:
+    return [(r["lr"], r["seed"], r["best_epoch"], r["val"], r["test"]) for r in result["rows"]]
+
+
+def test_views_off_gives_exactly_the_numbers_of_a_cache_without_views(views_cache, plain_cache, tmp_path):
+    plain = _probe(plain_cache, tmp_path / "a")
+    off = _probe(views_cache, tmp_path / "b", views="off")
+    assert plain["views"] == off["views"] == {"used": False, "k": 0}
+    assert _numbers(off) == _numbers(plain)
+    curves = [plain["layers"][2]["curves"], off["layers"][2]["curves"]]
+    assert all(np.array_equal(curves[0][lr], curves[1][lr]) for lr in curves[0])
+    on = _probe(views_cache, tmp_path / "c")  # the default when the cache has views
+    assert on["views"] == {"used": True, "k": K} and on["layers"][2]["settings"]["views"] == K
+    assert _numbers(on) != _numbers(off)
+
+
+def test_identical_views_train_exactly_as_the_center_crops():
+    """With K copies of the center features, the views path reproduces the plain grid bit for bit."""
+    from fmcache.frozen.linear import train_linear_grid
+
+    rng = np.random.default_rng(0)
+    x = {s: rng.normal(size=(n, 6)).astype(np.float32) for s, n in (("train", 30), ("val", 10), ("test", 10))}
+    y = {s: rng.integers(0, 3, len(v)) for s, v in x.items()}
+    kw = {"lrs": [1e-3, 1e-2], "seeds": [0, 3], "num_classes": 3, "metric": "accuracy", "epochs": 3, "batch_size": 7}
+    args = (x["train"], y["train"], x["val"], y["val"], x["test"], y["test"])
+    plain = train_linear_grid(*args, **kw)
+    copies = train_linear_grid(*args, train_views=np.repeat(x["train"][:, None], 3, axis=1), **kw)
+    assert plain.per_lr == copies.per_lr
+    assert copies.settings["views"] == 3 and plain.settings["views"] == 0
+    with pytest.raises(FmcacheError, match="train views must be"):
+        train_linear_grid(*args, train_views=np.zeros((29, 3, 6)), **kw)
+
+
+def test_view_choice_is_seeded_per_head_seed_and_epoch():
+    from fmcache.frozen.views import epoch_views
+
+    a = epoch_views(0, 1, 1000, 10)
+    assert torch.equal(a, epoch_views(0, 1, 1000, 10)) and int(a.min()) == 0 and int(a.max()) == 9
+    assert not torch.equal(a, epoch_views(0, 2, 1000, 10)) and not torch.equal(a, epoch_views(1, 0, 1000, 10))
+
+
+def test_cli_probe_views_and_knn_note(views_cache, plain_cache, tmp_path):
+    args = ["--lrs", "1e-3", "--seeds", "1", "--epochs", "2", "--no-plots", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, ["probe", str(views_cache), *args], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert f"one of {K} cached augmented views per sample per epoch" in result.output
+    result = CliRunner().invoke(app, ["probe", str(plain_cache), *args, "--views", "on"], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "has no augmented views" in result.output and "--views K" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    result = CliRunner().invoke(app, ["probe", str(views_cache), *args, "--views", "maybe"])
+    assert result.exit_code == 2 and "unknown --views 'maybe'" in result.output
+    result = CliRunner().invoke(
+        app, ["knn", str(views_cache), "--k", "5", "--no-plots", "--out", str(tmp_path)], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    assert "ignores the cache's 2 augmented views" in " ".join(result.output.split())
+    saved = json.loads(next(tmp_path.rglob("knn.json")).read_text())
+    assert "center crops" in saved["views"]

@@ -71,9 +71,15 @@ class FeatureSource:
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 
-def standardize_splits(data: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Z-score every split with the first (train) split's mean and std, computed in float64."""
-    train = data[0][0].astype(np.float64)
+def train_stats(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std (float64) of the train split's features, for z-scoring every split alike."""
+    train = train.astype(np.float64)
     mean, std = train.mean(axis=0), train.std(axis=0)
     std[std < 1e-12] = 1.0  # constant features (e.g. zero padding) stay constant rather than blow up
+    return mean, std
+
+
+def standardize_splits(data: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Z-score every split with the first (train) split's mean and std, computed in float64."""
+    mean, std = train_stats(data[0][0])
     return [(((x - mean) / std).astype(np.float32), y) for x, y in data]

@@ -293,6 +293,7 @@ def train_linear_grid(
     label_names: Sequence[str] | None = None,
     device: str | torch.device | None = None,
     on_epoch: Callable[[int], None] | None = None,
+    train_views: np.ndarray | None = None,
 ) -> ProbeResult:
     """Train the linear-probe grid (every LR × every seed) in one pass; see the module doc.
 
@@ -300,6 +301,8 @@ def train_linear_grid(
     available else CPU). Labels are (N,) class indices, or (N, C) 0/1 with NaN = unknown when
     ``multilabel``. ``on_epoch(epochs_done)`` is called after each epoch (progress display). ``seeds`` is a list or a count n (seeds 0..n-1). ``metric`` is the paper metric used
     for model selection (``metrics.METRICS``). ``grad_clip`` None or 0 disables clipping.
+    ``train_views`` (N, K, D): cached augmented views of the train rows; each epoch every head trains on one view
+    per sample (:func:`fmcache.frozen.views.epoch_views`) instead of ``train_x``. None trains on ``train_x``.
     """
     metrics.check_metric(metric)
     lrs, seeds = _check_lists(lrs, seeds)
@@ -308,6 +311,12 @@ def train_linear_grid(
     lr_multiplier(0, 1, 0, schedule)  # rejects an unknown schedule before any work
     dev = pick_device(device)
     x, y, val, test = _prepare((train_x, train_y), (val_x, val_y), (test_x, test_y), num_classes, multilabel, dev)
+    views = None
+    if train_views is not None:
+        views = torch.as_tensor(np.ascontiguousarray(train_views, dtype=np.float32))
+        if views.ndim != 3 or views.shape[0] != len(x) or views.shape[2] != x.shape[1] or views.shape[1] < 1:
+            raise FmcacheError(f"train views must be ({len(x)}, K, {x.shape[1]}), got {tuple(views.shape)}")
+        views = views.to(dev)
     steps_per_epoch = math.ceil(len(x) / batch_size)
     total_steps = steps_per_epoch * epochs
     warmup = warmup_steps_for(warmup_epochs, warmup_iters, steps_per_epoch, total_steps)
@@ -326,8 +335,9 @@ def train_linear_grid(
         "n_train": len(x),
         "n_val": len(val.x),
         "n_test": len(test.x),
+        "views": 0 if views is None else int(views.shape[1]),
     }
-    run = LinearHeadGrid(x, y, lrs, seeds, num_classes, multilabel, weight_decay, grad_clip, dev)
+    run = LinearHeadGrid(x, y, lrs, seeds, num_classes, multilabel, weight_decay, grad_clip, dev, views=views)
     evaluator = _Evaluator(val, test, metric, multilabel, label_names, len(lrs) * len(seeds), epochs)
     for epoch in range(epochs):
         run.train_epoch(batch_size, lambda step: lr_multiplier(step, total_steps, warmup, schedule))
@@ -355,8 +365,10 @@ class LinearHeadGrid:
         weight_decay: float,
         grad_clip: float | None,
         device: torch.device,
+        views: torch.Tensor | None = None,
     ):
         self.x, self.y, self.multilabel, self.grad_clip, self.device = x, y, multilabel, grad_clip, device
+        self.views, self.seeds, self.epoch = views, list(seeds), 0  # views (N, K, D): one per sample per epoch
         n_seeds = len(seeds)
         # Heads are LR-major: head = lr_index * n_seeds + seed_index.
         self.head_seed = torch.arange(n_seeds).repeat(len(lrs)).to(device)
@@ -376,10 +388,19 @@ class LinearHeadGrid:
         n = len(self.x)
         order = torch.stack([torch.randperm(n, generator=g) for g in self.generators]).to(self.device)
         head_order = order[self.head_seed]  # (H, N): each head's data order, by its seed
+        if self.views is not None:
+            from fmcache.frozen.views import epoch_views
+
+            k = self.views.shape[1]
+            # its own generator per (seed, epoch), so the data order is the same as without views
+            chosen = torch.stack([epoch_views(s, self.epoch, n, k) for s in self.seeds]).to(self.device)
+            head_view = chosen[self.head_seed]  # (H, N): the view of each sample, by the head's seed
         for begin in range(0, n, batch_size):
             idx = head_order[:, begin : begin + batch_size]
-            self._train_step(self.x[idx], self.y[idx], multiplier(self.step))
+            xb = self.x[idx] if self.views is None else self.views[idx, head_view.gather(1, idx)]
+            self._train_step(xb, self.y[idx], multiplier(self.step))
             self.step += 1
+        self.epoch += 1
         _sync(self.device)
         self.train_seconds += time.perf_counter() - start
 

@@ -9,16 +9,19 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from fmcache import metrics
 from fmcache.cache.reader import CacheReader
 from fmcache.errors import FmcacheError
-from fmcache.frozen.features import FeatureSource, resolve_layers, resolve_pool, standardize_splits
+from fmcache.frozen.features import FeatureSource, resolve_layers, resolve_pool, standardize_splits, train_stats
 from fmcache.frozen.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_evaluate, knn_rows
 from fmcache.progress import progress_bar
 from fmcache.results import plot_knn_vs_k, plot_knn_vs_layer, plot_probe_curves, plot_probe_vs_layer, write_results
 from fmcache.training import fit_warmup, paper_warmup
 
 EVAL_SPLITS = ("val", "test")
+VIEWS_IGNORED = "k-NN ignores the cache's {k} augmented views per train image: bank and queries are center crops"
 
 
 def results_dir(reader: CacheReader, out: Path) -> Path:
@@ -104,12 +107,14 @@ def run_knn(
     folder = results_dir(reader, out)
     payload = _settings_header(reader, ks=list(ks), temperature=temperature, layers=layers, pool=pools, metric=metric)
     payload.update({"layers": per_layer, "total_seconds": time.perf_counter() - start})
+    if reader.views_k:  # the bank and the queries are center crops; augmented views are for trained heads
+        payload["views"] = VIEWS_IGNORED.format(k=reader.views_k)
     write_results(folder, "knn", payload, rows)
     if plots:
         plot_knn_vs_k(folder / "knn_vs_k.png", per_layer[layers[-1]])
     if plots and len(layers) > 1:
         plot_knn_vs_layer(folder / "knn_vs_layer.png", per_layer)
-    return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows}
+    return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows, "views_note": payload.get("views")}
 
 
 def run_probe(
@@ -130,8 +135,12 @@ def run_probe(
     standardize: bool = True,
     progress: bool = False,
     plots: bool = True,
+    views: str | None = None,
 ) -> dict:
     """The paper's frozen linear protocol over the whole LR × seed grid, from cached pooled features.
+
+    ``views`` on (the default when the cache has augmented views) trains every head on one cached view per train
+    sample per epoch (:mod:`fmcache.frozen.views`); off, or a cache without views, trains on the center crops.
 
     ``standardize`` z-scores features with train-split statistics first (as a non-affine BatchNorm in MAE's
     linear probe): feature scales differ by orders of magnitude across models and layers, and one LR grid must
@@ -148,12 +157,20 @@ def run_probe(
         raise FmcacheError(f"--batch-size and --epochs must be at least 1, got {batch_size} and {epochs}")
     if sklearn and reader.multilabel:
         raise FmcacheError("--sklearn fits a single-label LogisticRegression; it does not apply to multi-label data")
+    from fmcache.frozen.views import pooled_views, use_views
+
+    with_views = use_views(reader, views)
     source = FeatureSource(reader, layers, pools)
     warmup = fit_warmup(paper_warmup(reader.dataset), epochs, len(reader.rows("train")), batch_size)
     folder = results_dir(reader, out)
     per_layer, rows = {}, []
     for number in layers:
         data = [(source.get(s, number), reader.labels(s)) for s in ("train", "val", "test")]
+        train_views = pooled_views(reader, number, pools) if with_views else None
+        if standardize and train_views is not None:
+            # the center crops' train statistics, so val and test are scaled exactly as with --views off
+            mean, std = train_stats(data[0][0])
+            train_views = ((train_views - mean) / std).astype(np.float32)
         if standardize:
             data = standardize_splits(data)
         heads = len(lrs) * (seeds if isinstance(seeds, int) else len(seeds))
@@ -165,7 +182,7 @@ def run_probe(
                 lrs=lrs, seeds=seeds, num_classes=len(reader.class_names), metric=metric,
                 multilabel=reader.multilabel, epochs=epochs, batch_size=batch_size, weight_decay=weight_decay,
                 schedule=schedule, label_names=reader.class_names if reader.multilabel else None,
-                device=device, on_epoch=lambda _: advance(1), **warmup,
+                device=device, on_epoch=lambda _: advance(1), train_views=train_views, **warmup,
             )  # fmt: skip
         entry = result.to_dict()
         if sklearn:
@@ -178,11 +195,13 @@ def run_probe(
     payload = _settings_header(reader, head=head, lrs=list(lrs), seeds=seeds, epochs=epochs, batch_size=batch_size,
                                layers=layers, pool=pools, metric=metric, weight_decay=weight_decay,
                                schedule=schedule, standardize=standardize, **warmup)  # fmt: skip
+    payload["settings"]["views"] = {"used": with_views, "k": reader.views_k if with_views else 0}
     payload["layers"] = per_layer
     write_results(folder, "probe_linear", payload, rows)
     if plots and len(layers) > 1:
         plot_probe_vs_layer(folder / "probe_linear_vs_layer.png", per_layer, metric)
-    return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows}
+    views_used = payload["settings"]["views"]
+    return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows, "views": views_used}
 
 
 def _cache_summary(reader: CacheReader) -> dict:
