@@ -330,3 +330,17 @@ def test_cli_probe_views_and_knn_note(views_cache, plain_cache, tmp_path):
     assert "ignores the cache's 2 augmented views" in " ".join(result.output.split())
     saved = json.loads(next(tmp_path.rglob("knn.json")).read_text())
     assert "center crops" in saved["views"]
+
+
+def test_view_tokens_stream_every_view_of_every_train_sample(views_cache, plain_cache):
+    reader = CacheReader(views_cache)
+    data = reader.view_tokens("last")
+    stacked = reader._gather_views("tokens/layer_02")
+    assert len(data) == len(reader.ids("train")) * K and stacked.shape[:2] == (len(reader.ids("train")), K)
+    for j in (0, 1, 5, len(data) - 1):
+        tokens, label, sample = data[j]
+        i, v = divmod(j, K)
+        assert np.array_equal(tokens.numpy(), stacked[i, v].astype(np.float32))
+        assert sample == reader.ids("train")[i] and int(label) == reader.labels("train")[i]
+    with pytest.raises(FmcacheError, match="has no augmented views"):
+        CacheReader(plain_cache).view_tokens("last")

@@ -240,6 +240,14 @@ class CacheReader:
         dim = self.layer_dims[number - 1]
         return self._gather_views(f"pooled/{kind}", (number - 1, slice(0, dim))).astype(np.float32)
 
+    def view_tokens(self, layer: int | str) -> ViewTokenDataset:
+        """Streams the token maps of the train views; item ``i * K + v`` is view v of train sample i."""
+        number = self.resolve_layer(layer)
+        if not self.views_k:
+            raise no_views_error(self.path)
+        self.tokens("train", number)  # the same checks: the layer's tokens were cached
+        return ViewTokenDataset(self, number)
+
     def tokens(self, split: str, layer: int | str) -> TokenDataset:
         number = self.resolve_layer(layer)
         if number not in self.token_layers:
@@ -287,6 +295,31 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_handles": {}, "_pid": -1}
+
+
+class ViewTokenDataset(TokenDataset):
+    """Streams (tokens (T, D) float32, label, id) of the train views of one layer; item ``i * K + v`` is view v of
+    train sample i (the order of ``ids("train")``), one contiguous read each."""
+
+    def __init__(self, reader: CacheReader, layer: int):
+        super().__init__(reader, "train", layer)
+        self.name, self.k = f"views/tokens/layer_{layer:02d}", reader.views_k
+        # a train row's place in its shard's views group: how many train rows of that shard come before it
+        shards = self.where[:, 0]
+        rank = np.arange(len(shards)) - np.searchsorted(shards, shards, side="left")
+        self.where = np.stack([shards, rank], axis=1)
+
+    def __len__(self) -> int:
+        return len(self.where) * self.k
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        i, view = divmod(int(j), self.k)
+        shard, row = self.where[i]
+        try:
+            tokens = self._file(int(shard))[self.name][int(row), view]
+        except (OSError, KeyError, RuntimeError, ValueError) as exc:
+            raise damaged_shard(Path(self.files[int(shard)]), exc) from exc
+        return torch.from_numpy(tokens.astype(np.float32)), torch.as_tensor(self.labels[i]), int(self.ids[i])
 
 
 def align(a: CacheReader, b: CacheReader, split: str) -> tuple[np.ndarray, np.ndarray]:
