@@ -511,6 +511,111 @@ def cka_cmd(
     _print_cka(result)
 
 
+def _print_finetune(result: dict) -> None:
+    table = Table(
+        title=f"fine-tuning ({result['metric']}, test mean ± std over seeds at the best val LR) → {result['folder']}"
+    )
+    for col in ("layer", "best lr", "val", "test", "train s/epoch", "effective batch"):
+        table.add_column(col)
+    for layer, r in result["layers"].items():
+        t = r["timings"]
+        table.add_row(
+            str(layer), f"{r['best_lr']:g}", f"{r['val_mean']:.4f} ± {r['val_std']:.4f}",
+            f"{r['test_mean']:.4f} ± {r['test_std']:.4f}", f"{t['train_s_per_epoch']:.2f}", str(t["effective_batch_size"]),
+        )  # fmt: skip
+    console.print(table)
+
+
+FINETUNE_FREEZE_HELP = (
+    "none | all | K. none: every block trains; all: frozen foundation (online baseline); K: blocks 1..K frozen "
+    "(run under no_grad). Patch/position embedding and the final norm are frozen whenever any block is, as in the seed."
+)
+
+
+@app.command("finetune")
+@cli_command
+def finetune_cmd(
+    dataset: Annotated[str | None, typer.Option(help="Dataset name (see `fmcache datasets`).")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Dataset folder in the official layout.")] = None,
+    model: Annotated[str | None, typer.Option(help="Registry name (see `fmcache models`).")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Local foundation weights file.")] = None,
+    random_init: Annotated[
+        bool | None, typer.Option("--random-init", help="Random foundation weights (the same as extract's).")
+    ] = None,
+    head: Annotated[str | None, typer.Option(help="linear (on the pooled feature) or deit (stacked DeiT-B).")] = None,
+    head_weights: Annotated[
+        str | None, typer.Option(help="DeiT head: imagenet (default, the seed's DeiT-B/16) or a weights FILE.")
+    ] = None,
+    head_random_init: Annotated[
+        bool | None, typer.Option("--head-random-init", help="DeiT head with random weights, on purpose.")
+    ] = None,
+    head_depth: Annotated[int | None, typer.Option(help="Blocks of the DeiT head (the seed's 12).")] = None,
+    freeze: Annotated[str | None, typer.Option(help=FINETUNE_FREEZE_HELP)] = None,
+    drop_after: Annotated[
+        int | None, typer.Option(help="Decapitate: stop after block I; its tokens / pooled feature feed the head.")
+    ] = None,
+    lrs: Annotated[str | None, typer.Option(help="Comma-separated learning rates.")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Seeds per learning rate (0..N-1).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs; the best epoch is chosen on val.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size per process.")] = None,
+    accum: Annotated[int | None, typer.Option(help="Gradient accumulation steps.")] = None,
+    img_size: Annotated[int | None, typer.Option(help="Input size.")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="After warmup: constant (the seed's) or cosine.")] = None,
+    clip: Annotated[float | None, typer.Option(help="Gradient-norm clipping (0: off).")] = None,
+    amp: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, off on CPU), bf16, fp16 or off.")] = None,
+    layer_decay: Annotated[float | None, typer.Option(help="Layer-wise LR decay (1.0: none, the seed's).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay on weights.")] = None,
+    norm: Annotated[str | None, typer.Option(help="Normalisation: dataset (the seed's) or model.")] = None,
+    gray: Annotated[str | None, typer.Option(help="Grayscale scans: repeat or seed.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N samples of each split.")] = None,
+    metric: Annotated[str | None, typer.Option(help="Override the dataset's paper metric.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Runs root.")] = None,
+    resume: Annotated[
+        bool | None, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint (default).")
+    ] = None,
+    from_cache: Annotated[
+        Path | None, typer.Option(help="Train blocks K+1.. and the head from this cache's layer-K tokens.")
+    ] = None,
+    tensorboard: Annotated[bool | None, typer.Option("--tensorboard", help="Also log to TensorBoard.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    uncertain: Annotated[str | None, typer.Option(help="CheXpert uncertain labels: zeros, ones or ignore.")] = None,
+    split: Annotated[str | None, typer.Option(help=SPLIT_HELP)] = None,
+    layout: Annotated[str | None, typer.Option(help="CBIS-DDSM layout: auto, lists or tcia.")] = None,
+    csv: Annotated[str | None, typer.Option(help="CSV manifest file name for --dataset csv.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file of these options; flags override it.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Fine-tune a foundation end to end (unfrozen, first K blocks frozen, or decapitated) with a linear or DeiT head.
+
+    Patch/position embedding and the final norm are frozen whenever any block is frozen.
+    """
+    flags = {k: v for k, v in locals().items() if k not in ("config", "quiet", "uncertain", "split", "layout", "csv")}
+    from fmcache.config import load_config, merge
+    from fmcache.finetune.run import FinetuneSpec, run_finetune
+
+    allowed = {f.name for f in fields(FinetuneSpec)} | {"uncertain", "split", "layout", "csv"}
+    merged = merge({}, load_config(config), flags, allowed, source=str(config))
+    options = {**merged.pop("dataset_options", {})}
+    options.update(_dataset_options(*(merged.pop(k, None) for k in ("uncertain", "split", "layout", "csv"))))
+    options.update(_dataset_options(uncertain, split, layout, csv))
+    for key in ("data_root", "weights", "out", "from_cache"):
+        if merged.get(key) is not None:
+            merged[key] = Path(merged[key])
+    if isinstance(merged.get("lrs"), str):
+        merged["lrs"] = tuple(_floats(merged["lrs"], "--lrs"))
+    elif merged.get("lrs") is not None:
+        merged["lrs"] = tuple(_floats(",".join(str(v) for v in merged["lrs"]), "--lrs"))
+    if merged.get("freeze") is not None:
+        merged["freeze"] = str(merged["freeze"])
+    if merged.get("head_weights") is not None:
+        merged["head_weights"] = str(merged["head_weights"])
+    spec = FinetuneSpec(**merged, dataset_options=options)
+    result = run_finetune(spec, progress=not quiet, log=lambda m: err_console.print(m))
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_finetune(result)
+
+
 @app.command("demo")
 @cli_command
 def demo_cmd(

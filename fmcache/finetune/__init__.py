@@ -1,0 +1,1 @@
+"""End-to-end fine-tuning: freezing, decapitation, resumable training loop, DDP, export (issue 12)."""

@@ -1,0 +1,373 @@
+"""One fine-tuning run (one LR, one seed): AMP, accumulation, clipping, per-epoch checkpoint, best epoch, export.
+
+The recipe is ``fmcache.training``'s (AdamW groups, warmup + schedule, clip 1.0, first maximum of val), the same
+code the frozen heads use. What is specific here:
+
+- data order and augmentation are seeded per (seed, epoch): the sampler by ``set_epoch``, the augmentation RNG
+  (main process and DataLoader workers) by a generator reseeded each epoch, so an epoch's batches do not depend on
+  how the run got there, and a resumed run draws exactly what an uninterrupted one would;
+- after every epoch the ``last`` checkpoint is written atomically (``checkpoint.py``); on a val improvement the
+  test split is scored and the foundation is exported as ``foundation.safetensors`` (its own key layout, which
+  ``fmcache extract --weights`` loads), so the export is always the best epoch's, also after a kill;
+- under torchrun each process takes its DistributedSampler share; val/test predictions are gathered so every rank
+  sees the same best epoch; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from fmcache import metrics
+from fmcache.dist import Dist
+from fmcache.errors import FmcacheError
+from fmcache.files import atomic_write_bytes, atomic_write_json
+from fmcache.finetune.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fmcache.finetune.model import FineTuneModel, root_module
+from fmcache.frozen.linear import head_losses
+from fmcache.training import ADAM_BETAS, ADAM_EPS, adamw_param_groups, lr_multiplier, warmup_steps_for
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+EXPORT = "foundation.safetensors"
+HEAD_EXPORT = "head.safetensors"
+RESULT = "run.json"
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    lr: float
+    seed: int
+    epochs: int
+    batch_size: int
+    accum: int
+    clip: float
+    amp: str
+    schedule: str
+    warmup: dict
+    weight_decay: float
+    layer_decay: float
+    metric: str
+    multilabel: bool
+    label_names: list[str] | None = None
+    workers: int = 0
+    from_cache: bool = False
+    export: bool = True
+    extra: dict = field(default_factory=dict)  # everything else that identifies the run (model, data, freezing)
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """auto = bf16 on GPU, off on CPU; fp16 needs a GPU (its GradScaler is a CUDA feature)."""
+    if amp not in AMP_MODES:
+        raise FmcacheError(f"unknown --amp '{amp}'; use {', '.join(AMP_MODES)}")
+    if amp == "auto":
+        return "bf16" if device.type == "cuda" else "off"
+    if amp == "fp16" and device.type != "cuda":
+        raise FmcacheError("--amp fp16 needs a GPU; use --amp off (or bf16) on CPU")
+    return amp
+
+
+def _autocast(amp: str, device: torch.device):
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def param_groups(model: FineTuneModel, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups (decay on weights only, ``training.adamw_param_groups``), split by layer for layer-wise decay.
+
+    Layer l of depth+1 gets the scale ``layer_decay ** (depth + 1 - l)`` (embedding 0, block i i+1, final norm and
+    head depth+1); 1.0 (the seed's) gives one group pair at scale 1.
+    """
+    named = list(model.trainable_named_parameters())
+    if not named:
+        raise FmcacheError("nothing to train: every parameter is frozen")
+    if layer_decay == 1.0:
+        groups = adamw_param_groups(named, weight_decay)
+        return [dict(g, lr_scale=1.0) for g in groups if g["params"]]
+    ids = model.layer_ids()
+    top = max(ids.values())
+    groups = []
+    for layer in sorted(set(ids.values())):
+        subset = [(n, p) for n, p in named if ids[n] == layer]
+        scale = layer_decay ** (top - layer)
+        groups += [dict(g, lr_scale=scale) for g in adamw_param_groups(subset, weight_decay) if g["params"]]
+    return groups
+
+
+class _Labelled(Dataset):
+    """(input, label) pairs from an ImageDataset (label looked up by global index) or a TokenDataset."""
+
+    def __init__(self, inner: Dataset, labels: np.ndarray | None):
+        self.inner, self.labels = inner, labels
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        item = self.inner[i]
+        if self.labels is None:  # TokenDataset: (tokens, label, id)
+            return item[0], item[1]
+        return item[0], torch.as_tensor(self.labels[item[1]])
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + 17) % (2**63)
+
+
+class Trainer:
+    """Trains one (lr, seed) run to completion, resuming from ``folder/last.pt`` when allowed."""
+
+    def __init__(
+        self,
+        model: FineTuneModel,
+        data: dict[str, Dataset],
+        settings: RunSettings,
+        folder: Path,
+        dist: Dist,
+        resume: bool = True,
+        on_images: Callable[[int], None] = lambda n: None,
+        log: Callable[[str], None] = print,
+        tensorboard: object | None = None,
+    ):
+        self.model, self.data, self.s, self.folder, self.dist = model, data, settings, Path(folder), dist
+        self.resume, self.on_images, self.log, self.tb = resume, on_images, log, tensorboard
+        self.device = dist.device
+        self.amp = resolve_amp(settings.amp, self.device)
+        settings_doc = {k: v for k, v in settings.__dict__.items() if k != "workers"}
+        settings_doc["world_size"] = dist.world  # the effective batch depends on it
+        self.settings_doc = json.loads(json.dumps(settings_doc, default=str))
+        self.settings_hash = _hash(self.settings_doc)
+
+    # -- data -----------------------------------------------------------------------------------------------------
+    def _train_loader(self, generator: torch.Generator) -> tuple[DataLoader, DistributedSampler]:
+        sampler = DistributedSampler(
+            self.data["train"], num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=self.s.seed
+        )
+        loader = DataLoader(
+            self.data["train"], batch_size=self.s.batch_size, sampler=sampler, num_workers=self.s.workers,
+            generator=generator, pin_memory=self.device.type == "cuda", drop_last=False,
+        )  # fmt: skip
+        return loader, sampler
+
+    def _predict(self, split: str) -> np.ndarray:
+        """(N, C) probabilities for a split in dataset order; each rank scores a share, all ranks get all rows."""
+        dataset = self.data[split]
+        positions = np.arange(self.dist.rank, len(dataset), self.dist.world)
+        loader = DataLoader(Subset(dataset, positions.tolist()), batch_size=self.s.batch_size, shuffle=False,
+                            num_workers=self.s.workers, pin_memory=self.device.type == "cuda")  # fmt: skip
+        self.model.eval()
+        outs = []
+        start = time.perf_counter()
+        with torch.no_grad():
+            for x, _ in loader:
+                with _autocast(self.amp, self.device):
+                    logits = self._forward(self.model, x.to(self.device, non_blocking=True))
+                logits = logits.float()
+                probs = torch.sigmoid(logits) if self.s.multilabel else torch.softmax(logits, dim=-1)
+                outs.append(probs.cpu().numpy())
+        self.eval_seconds += time.perf_counter() - start
+        self.eval_images += len(positions)
+        mine = np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+        parts = self.dist.all_gather_object((positions, mine))
+        rows = max(p[1].shape[1] for p in parts if len(p[0])) if parts else 0
+        probs = np.zeros((len(dataset), rows), np.float32)
+        for pos, p in parts:
+            if len(pos):
+                probs[pos] = p
+        return probs
+
+    def _labels(self, split: str) -> np.ndarray:
+        ds = self.data[split]
+        if isinstance(ds, _Labelled) and ds.labels is not None:
+            return ds.labels[np.asarray(ds.inner.indices)]
+        return np.asarray(ds.inner.labels)
+
+    def _evaluate(self, split: str) -> dict:
+        probs = self._predict(split)
+        return metrics.evaluate(self.s.metric, self._labels(split), probs, self.s.multilabel, self.s.label_names)
+
+    def _forward(self, module, x: torch.Tensor) -> torch.Tensor:
+        if self.s.from_cache:
+            return module(x, tokens=True) if module is not self.model else self.model.forward_tokens(x)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return module(x)
+
+    # -- training -------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        if self.dist.main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        done = self.folder / RESULT
+        if self.resume and done.is_file():
+            result = json.loads(done.read_text())
+            if result.get("settings_hash") == self.settings_hash:
+                self.log(f"run {self.folder.name} already finished; reusing its result")
+                return result
+        self.eval_seconds, self.eval_images = 0.0, 0
+        model = self.model.to(self.device)
+        if self.device.type == "cuda" and not self.s.from_cache:
+            model.to(memory_format=torch.channels_last)
+        groups = param_groups(model, self.s.weight_decay, self.s.layer_decay)
+        optimizer = torch.optim.AdamW(groups, lr=self.s.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
+        trainable = [p for g in groups for p in g["params"]]
+        wrapped = _ddp(model, self.dist, self.s.from_cache)
+        generator = torch.Generator()
+        loader, sampler = self._train_loader(generator)
+        batches = len(loader)
+        steps_per_epoch = math.ceil(batches / self.s.accum)
+        total = steps_per_epoch * self.s.epochs
+        warmup = warmup_steps_for(self.s.warmup.get("warmup_epochs"), self.s.warmup.get("warmup_iters"),
+                                  steps_per_epoch, total)  # fmt: skip
+        state = {"epoch": 0, "step": 0, "best_val": -math.inf, "best_epoch": -1, "curve": [], "test": None,
+                 "epoch_seconds": [], "eval_seconds": 0.0, "eval_images": 0}  # fmt: skip
+        ckpt = load_checkpoint(self.folder, self.settings_hash, self.settings_doc) if self.resume else None
+        if ckpt is not None:
+            missing = set(n for n, _ in model.trainable_named_parameters()) - set(ckpt["trainable"])
+            if missing:
+                raise FmcacheError(f"checkpoint in {self.folder} lacks {sorted(missing)[0]}; pass --no-resume")
+            model.load_state_dict(ckpt["trainable"], strict=False)
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            state.update(ckpt["loop"])
+            set_rng_state(ckpt["rng"])
+            self.eval_seconds, self.eval_images = state["eval_seconds"], state["eval_images"]
+            self.log(f"resumed {self.folder.name} after epoch {state['epoch']} of {self.s.epochs}")
+        for epoch in range(state["epoch"], self.s.epochs):
+            start = time.perf_counter()
+            sampler.set_epoch(epoch)
+            generator.manual_seed(_epoch_seed(self.s.seed, epoch))
+            torch.manual_seed(_epoch_seed(self.s.seed, epoch))  # augmentation in the main process (workers=0)
+            model.train()
+            losses = []
+            for i, (x, y) in enumerate(loader):
+                group_start = (i // self.s.accum) * self.s.accum
+                group_size = min(self.s.accum, batches - group_start)
+                boundary = i == group_start + group_size - 1
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                sync = contextlib.nullcontext() if boundary or wrapped is model else wrapped.no_sync()
+                with sync:
+                    with _autocast(self.amp, self.device):
+                        logits = self._forward(wrapped, x)
+                    loss = head_losses(logits.float()[None], y[None], self.s.multilabel)[0] / group_size
+                    scaler.scale(loss).backward()
+                losses.append(float(loss.detach()) * group_size)
+                if boundary:
+                    mult = lr_multiplier(state["step"], total, warmup, self.s.schedule)
+                    for g in optimizer.param_groups:
+                        g["lr"] = self.s.lr * mult * g["lr_scale"]
+                    if self.s.clip > 0:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(trainable, self.s.clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    state["step"] += 1
+                self.on_images(len(x) * self.dist.world)
+            if not all(math.isfinite(v) for v in losses):
+                raise FmcacheError(f"the training loss became non-finite in epoch {epoch + 1}; lower the LR")
+            state["epoch_seconds"].append(time.perf_counter() - start)
+            val = self._evaluate("val")
+            state["curve"].append(float(val["value"]))
+            if val["value"] > state["best_val"]:  # first maximum wins, as training.best_epochs
+                state["best_val"], state["best_epoch"] = float(val["value"]), epoch
+                state["test"] = self._evaluate("test")
+                if self.dist.main:
+                    self._export(model)
+            state["epoch"] = epoch + 1
+            state["eval_seconds"], state["eval_images"] = self.eval_seconds, self.eval_images
+            if self.tb is not None and self.dist.main:
+                self.tb.add_scalar(f"{self.folder.name}/train_loss", float(np.mean(losses)), epoch + 1)
+                self.tb.add_scalar(f"{self.folder.name}/val_{self.s.metric}", val["value"], epoch + 1)
+            if self.dist.main:
+                save_checkpoint(self.folder, {
+                    "settings_hash": self.settings_hash,
+                    "settings": self.settings_doc,
+                    "trainable": {n: p.detach().cpu() for n, p in model.trainable_named_parameters()},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": {"step": state["step"], "total": total, "warmup": warmup},
+                    "scaler": scaler.state_dict(),
+                    "sampler": {"seed": self.s.seed, "epoch": epoch + 1, "position": 0},
+                    "loop": state,
+                    "rng": rng_state(),
+                })  # fmt: skip
+            self.dist.barrier()
+        return self._finish(state, steps_per_epoch)
+
+    def _export(self, model: FineTuneModel) -> None:
+        from safetensors.torch import save
+
+        head = {k: v.detach().cpu().contiguous().clone() for k, v in model.head.state_dict().items()}
+        atomic_write_bytes(self.folder / HEAD_EXPORT, save(head))
+        if self.s.export:
+            root = root_module(model.foundation)
+            tensors = {k: v.detach().float().cpu().contiguous().clone() for k, v in root.state_dict().items()}
+            atomic_write_bytes(self.folder / EXPORT, save(tensors))
+
+    def _finish(self, state: dict, steps_per_epoch: int) -> dict:
+        seconds = state["epoch_seconds"]
+        result = {
+            "settings_hash": self.settings_hash,
+            "lr": self.s.lr,
+            "seed": self.s.seed,
+            "curve": state["curve"],
+            "best_epoch": state["best_epoch"] + 1,
+            "val": state["best_val"],
+            "test": state["test"],
+            "steps_per_epoch": steps_per_epoch,
+            "effective_batch_size": self.s.batch_size * self.s.accum * self.dist.world,
+            "export": str(self.folder / EXPORT) if self.s.export else None,
+            "timings": {
+                "train_seconds": float(sum(seconds)),
+                "train_s_per_epoch": float(np.mean(seconds)) if seconds else None,
+                "inference_s_per_img": self.eval_seconds / max(1, self.eval_images),
+                "peak_memory_bytes": peak_memory_bytes(self.device),
+            },
+        }
+        if self.dist.main:
+            atomic_write_json(self.folder / RESULT, result)
+        return result
+
+
+def _hash(doc: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+class _TokenForward(torch.nn.Module):
+    """Lets DDP wrap the from-cache path: ``forward(x, tokens=True)`` runs ``FineTuneModel.forward_tokens``."""
+
+    def __init__(self, model: FineTuneModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, tokens: bool = False) -> torch.Tensor:
+        return self.model.forward_tokens(x) if tokens else self.model(x)
+
+
+def _ddp(model: FineTuneModel, dist: Dist, from_cache: bool):
+    """The module the train step calls: the model itself, or its DDP wrapper under torchrun."""
+    if dist.world == 1:
+        return _TokenForward(model) if from_cache else model
+    from torch.nn.parallel import DistributedDataParallel
+
+    module = _TokenForward(model) if from_cache else model
+    ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids)

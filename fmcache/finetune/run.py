@@ -1,0 +1,394 @@
+"""``fmcache finetune``: the LR × seed grid of end-to-end runs, and its results in the probe's JSON/CSV schema.
+
+Every run starts from the same foundation: the registry model with weights from exactly one source, built the way
+``extract`` builds it (``--random-init`` under ``extract.RANDOM_INIT_SEED``), so a cache of the starting point
+and a cache of the export compare layer by layer. Results go to ``<out>/<dataset>/<model>/<key12>/``, one
+subfolder per (lr, seed) with its checkpoint, export and ``run.json``; the key covers every setting but the LR
+and seed lists, so a grid that grows reuses the runs it already finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fmcache.errors import FmcacheError
+from fmcache.files import ensure_writable_dir
+from fmcache.finetune.loop import AMP_MODES, RunSettings, Trainer, _Labelled, resolve_amp
+from fmcache.finetune.model import FineTuneModel, parse_freeze
+from fmcache.frozen.linear import ProbeResult
+from fmcache.progress import progress_bar
+
+HEADS = ("linear", "deit")
+SCHEDULES = ("constant", "cosine")
+STD_DDOF = 1
+# Left out of the folder key but in each run's checkpoint: a rerun that changes one of these in the same --out is
+# refused by --resume (it would continue another run) and starts over with --no-resume.
+TRAINING_ONLY = ("epochs", "batch_size", "accum", "clip", "amp", "schedule", "layer_decay", "weight_decay")
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """Everything ``fmcache finetune`` needs; a YAML config or the CLI flags fill it in."""
+
+    dataset: str | None = None
+    data_root: Path | None = None
+    model: str | None = None
+    weights: Path | None = None
+    random_init: bool = False
+    head: str = "linear"
+    head_weights: str | None = None  # deit: "imagenet" (default) or a file
+    head_random_init: bool = False
+    head_depth: int = 12  # DeiT blocks in the stacked head (the seed's 12; tests use fewer)
+    freeze: str = "none"
+    drop_after: int | None = None
+    lrs: tuple[float, ...] = (1e-4,)
+    seeds: int = 1
+    epochs: int = 100
+    batch_size: int = 64
+    accum: int = 1
+    img_size: int | None = None
+    workers: int = 2
+    schedule: str = "constant"
+    clip: float = 1.0
+    amp: str = "auto"
+    layer_decay: float = 1.0
+    weight_decay: float = 1e-5
+    out: Path = Path("runs")
+    resume: bool = True
+    from_cache: Path | None = None
+    tensorboard: bool = False
+    device: str | None = None
+    norm: str = "dataset"
+    gray: str = "repeat"
+    limit: int | None = None
+    metric: str | None = None
+    dataset_options: dict = field(default_factory=dict)
+    arch_overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, low in (("seeds", 1), ("epochs", 1), ("batch_size", 1), ("accum", 1), ("workers", 0),
+                          ("head_depth", 1)):  # fmt: skip
+            _check_int(name, getattr(self, name), low)
+        for name in ("img_size", "limit"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        choices = {"head": HEADS, "schedule": SCHEDULES, "amp": AMP_MODES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise FmcacheError(
+                    f"unknown --{name.replace('_', '-')} '{getattr(self, name)}'; use {', '.join(allowed)}"
+                )
+        parse_freeze(self.freeze)
+        if not self.lrs or any(not (lr > 0) for lr in self.lrs):
+            raise FmcacheError(f"--lrs must be positive numbers, got {list(self.lrs)}")
+        if self.clip < 0 or self.weight_decay < 0 or not 0 < self.layer_decay <= 1:
+            raise FmcacheError("--clip and --weight-decay must be >= 0 and --layer-decay in (0, 1]")
+        if self.weights is not None and self.random_init:
+            raise FmcacheError("--weights and --random-init exclude each other; pass one")
+        if self.head == "linear" and (self.head_weights is not None or self.head_random_init):
+            raise FmcacheError("--head-weights / --head-random-init apply to --head deit; a linear head starts random")
+        if self.head_weights is not None and self.head_random_init:
+            raise FmcacheError("--head-weights and --head-random-init exclude each other; pass one")
+        if self.from_cache is None:
+            for required in ("dataset", "data_root", "model"):
+                if getattr(self, required) is None:
+                    raise FmcacheError(f"--{required.replace('_', '-')} is required (as a flag or in --config)")
+        elif self.model is None:
+            raise FmcacheError("--model is required with --from-cache (it must match the cache's model)")
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise FmcacheError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+
+
+def _extract_spec(spec: FinetuneSpec, dataset: str, data_root: Path):
+    """The equivalent ``ExtractSpec``: norm, weights identity and seeded random init come from extract's code."""
+    from fmcache.extract import ExtractSpec
+
+    return ExtractSpec(
+        dataset=dataset, data_root=data_root, model=spec.model, weights=spec.weights, random_init=spec.random_init,
+        img_size=spec.img_size, norm=spec.norm, gray=spec.gray, dataset_options=dict(spec.dataset_options),
+        arch_overrides=dict(spec.arch_overrides),
+    )  # fmt: skip
+
+
+def build_foundation(spec: FinetuneSpec, img_size: int):
+    """The starting foundation, built exactly as ``extract`` builds it (seeded for --random-init)."""
+    from fmcache.extract import RANDOM_INIT_SEED
+    from fmcache.models import create_foundation
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return create_foundation(spec.model, weights=spec.weights, random_init=spec.random_init,
+                                 img_size=img_size, arch_overrides=spec.arch_overrides or None)  # fmt: skip
+
+
+def build_model(spec: FinetuneSpec, img_size: int, num_classes: int, seed: int) -> tuple[FineTuneModel, dict]:
+    """Foundation + freshly seeded head with the freezing applied; the head weights report for the results."""
+    foundation = build_foundation(spec, img_size)
+    head_input = "pooled" if spec.head == "linear" else "tokens"
+    drop = spec.drop_after
+    model = FineTuneModel(foundation, nn.Identity(), head_input, parse_freeze(spec.freeze), drop)
+    with torch.no_grad():
+        probe = model.features(torch.zeros(1, 3, img_size, img_size))
+    torch.manual_seed(seed)
+    info: dict = {"kind": spec.head}
+    if spec.head == "linear":
+        head: nn.Module = nn.Linear(probe.shape[-1], num_classes)
+    else:
+        from fmcache.frozen.heads import build_head, load_deit_weights
+
+        head = build_head("deit", probe.shape[-1], num_classes, depth=spec.head_depth)
+        if spec.head_random_init:
+            info["weights"] = "random"
+        else:
+            info["weights"] = load_deit_weights(head, spec.head_weights or "imagenet")
+    return FineTuneModel(foundation, head, head_input, model.freeze, model.drop_after, model.stages), info
+
+
+# -- data ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Data:
+    splits: dict
+    dataset: str
+    class_names: list[str]
+    multilabel: bool
+    metric: str
+    img_size: int
+    identity: dict  # what the run's key records about the data
+    notes: list[str] = field(default_factory=list)
+
+
+def online_data(spec: FinetuneSpec) -> Data:
+    """Images with the train augmentation (train) and the eval transform (val/test), as PROTOCOLS.md."""
+    from fmcache.data import ImageDataset, build_transform, default_metric, load_dataset, train_augmentation
+    from fmcache.data.describe import empty_split_warning
+    from fmcache.data.transforms import GRAYSCALE_DATASETS
+    from fmcache.extract import resolve_norm
+    from fmcache.metrics import check_metric
+    from fmcache.models import get_spec
+
+    ex = _extract_spec(spec, spec.dataset, Path(spec.data_root))
+    if spec.gray == "seed" and spec.dataset not in GRAYSCALE_DATASETS:
+        raise FmcacheError(
+            f"--gray seed applies to grayscale datasets (cbis_ddsm, chexpert), not {spec.dataset}; drop the flag"
+        )
+    index = load_dataset(spec.dataset, spec.data_root, **spec.dataset_options)
+    img_size = int(spec.img_size or get_spec(spec.model).default_img_size)
+    mean, std, norm_source = resolve_norm(ex)
+    positions = {
+        s: index.indices(s)[: spec.limit] if spec.limit else index.indices(s) for s in ("train", "val", "test")
+    }
+    empty = empty_split_warning(index.name, {s: len(p) for s, p in positions.items()})
+    if empty:
+        raise FmcacheError(empty)
+    eval_tf, eval_desc = build_transform(img_size, None, mean, std, gray=spec.gray)
+    train_tf = train_augmentation(img_size, mean, std, gray=spec.gray)
+    splits = {
+        s: _Labelled(ImageDataset(index, positions[s], train_tf if s == "train" else eval_tf), index.labels)
+        for s in ("train", "val", "test")
+    }
+    identity = {"dataset": index.name, "fingerprint": index.fingerprint(), "labels": index.labels_fingerprint(),
+                "split": index.split_info, "options": index.options, "limit": spec.limit,
+                "transform": {**eval_desc, "norm_source": norm_source}}  # fmt: skip
+    metric = check_metric(spec.metric) if spec.metric else default_metric(index)
+    return Data(splits, index.name, list(index.class_names), bool(index.multilabel), metric, img_size, identity)
+
+
+def cached_data(spec: FinetuneSpec) -> tuple[Data, object]:
+    """Layer-K tokens of a cache (K = --freeze): the same model and weights identity, or refused."""
+    from fmcache.cache.reader import CacheReader
+    from fmcache.extract import weights_identity
+    from fmcache.frozen.run import dataset_metric
+    from fmcache.models import get_spec
+
+    freeze = parse_freeze(spec.freeze)
+    if not isinstance(freeze, int) or freeze < 1:
+        raise FmcacheError("--from-cache needs --freeze K (K >= 1): the cached layer-K tokens feed block K+1")
+    reader = CacheReader(spec.from_cache)
+    inputs = reader.manifest.get("inputs", {})
+    cached_model = inputs.get("model", {})
+    if reader.model != get_spec(spec.model).name:
+        raise FmcacheError(f"cache {reader.path} holds {reader.model}, not {spec.model}; extract {spec.model} first")
+    mine = weights_identity(_extract_spec(spec, reader.dataset, Path(reader.manifest["dataset"]["root"])))
+    if cached_model.get("weights") != mine or (cached_model.get("arch_overrides") or {}) != spec.arch_overrides:
+        raise FmcacheError(
+            f"cache {reader.path} was extracted with other weights ({cached_model.get('weights')}) than this run "
+            f"({mine}); extract with the same --weights/--random-init"
+        )
+    img_size = int(inputs.get("img_size") or reader.manifest["model"]["img_size"])
+    if spec.img_size is not None and spec.img_size != img_size:
+        raise FmcacheError(f"cache {reader.path} was extracted at {img_size} px, not --img-size {spec.img_size}")
+    splits = {s: _Labelled(reader.tokens(s, freeze), None) for s in ("train", "val", "test")}
+    if spec.limit:
+        from torch.utils.data import Subset
+
+        for s in splits:
+            inner = splits[s].inner
+            keep = list(range(min(spec.limit, len(inner))))
+            sub = Subset(inner, keep)
+            sub.labels = inner.labels[keep]  # type: ignore[attr-defined]
+            splits[s] = _Labelled(sub, None)
+    identity = {"cache": reader.key, "layer": freeze}
+    metric = dataset_metric(reader, spec.metric)
+    notes = [f"from cache {reader.path}: blocks 1..{freeze} are not run and see no augmentation (center crops)"]
+    data = Data(splits, reader.dataset, reader.class_names, reader.multilabel, metric, img_size, identity, notes)
+    return data, reader
+
+
+# -- the grid ------------------------------------------------------------------------------------------------------
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=STD_DDOF)) if len(arr) > STD_DDOF else 0.0
+
+
+def run_key(spec: FinetuneSpec, data: Data, weights: dict) -> str:
+    doc = {k: v for k, v in asdict(spec).items()
+           if k not in ("lrs", "seeds", "out", "resume", "workers", "tensorboard", "device", "from_cache",
+                        "dataset_options", "data_root", *TRAINING_ONLY)}  # fmt: skip
+    doc.update(data=data.identity, weights=weights)
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
+    """Train every LR × seed run (resuming finished or interrupted ones) and write finetune_<head>.{json,csv}."""
+    from fmcache.dist import close_dist, init_dist, pick_device
+    from fmcache.extract import weights_identity
+    from fmcache.models import get_spec
+    from fmcache.results import write_results
+    from fmcache.training import fit_warmup, paper_warmup
+
+    get_spec(spec.model)  # unknown names fail before any data is read
+    resolve_amp(spec.amp, pick_device(spec.device))
+    main = int(os.environ.get("RANK", "0")) == 0
+    if spec.from_cache is not None:
+        data, _ = cached_data(spec)
+    else:
+        data = online_data(spec)
+    weights = weights_identity(_extract_spec(spec, data.dataset, Path(spec.data_root or ".")))
+    # freezing is checked on the real model before any process group or file: a bad K is one line, nothing written
+    model0, head_info = build_model(spec, data.img_size, len(data.class_names), 0)
+    if spec.from_cache is not None and model0.stages is None:
+        raise FmcacheError(f"--from-cache needs a model made of blocks; {spec.model} is not")
+    if main:
+        ensure_writable_dir(Path(spec.out))
+    export = any(p.requires_grad for p in model0.foundation.parameters())
+    layer = model0.used_blocks or None
+    key = run_key(spec, data, weights)
+    folder = Path(spec.out) / data.dataset / spec.model.replace(":", "_").replace("/", "_") / key[:12]
+    if spec.random_init and main:
+        log(f"[bold red]WARNING: {spec.model} runs with RANDOM weights (--random-init); not pretrained[/]")
+    for note in data.notes:
+        if main:
+            log(f"[yellow]note: {note}[/]")
+    tb = _tensorboard(spec, folder) if spec.tensorboard and main else None
+    dist = init_dist(spec.device)
+    amp = resolve_amp(spec.amp, dist.device)
+    n_train = len(data.splits["train"])
+    warmup = fit_warmup(paper_warmup(data.dataset), spec.epochs, n_train, spec.batch_size * spec.accum * dist.world)
+    seeds = list(range(spec.seeds))
+    results: dict[tuple[float, int], dict] = {}
+    start = time.perf_counter()
+    try:
+        total = len(spec.lrs) * len(seeds) * spec.epochs * n_train
+        with progress_bar(progress and dist.main, total, f"finetune {spec.model}", "finetune") as advance:
+            for lr in spec.lrs:
+                for seed in seeds:
+                    model = model0 if (lr, seed) == (spec.lrs[0], 0) else build_model(
+                        spec, data.img_size, len(data.class_names), seed)[0]  # fmt: skip
+                    model0 = None  # type: ignore[assignment]  (every run starts from the pristine foundation)
+                    settings = RunSettings(
+                        lr=lr, seed=seed, epochs=spec.epochs, batch_size=spec.batch_size, accum=spec.accum,
+                        clip=spec.clip, amp=amp, schedule=spec.schedule, warmup=warmup,
+                        weight_decay=spec.weight_decay, layer_decay=spec.layer_decay, metric=data.metric,
+                        multilabel=data.multilabel, label_names=data.class_names if data.multilabel else None,
+                        workers=spec.workers, from_cache=spec.from_cache is not None, export=export,
+                        extra={"key": key},
+                    )  # fmt: skip
+                    trainer = Trainer(model, data.splits, settings, folder / f"lr{lr:g}_seed{seed}", dist,
+                                      spec.resume, advance, log, tb)  # fmt: skip
+                    results[(lr, seed)] = trainer.run()
+    finally:
+        close_dist(dist)
+        if tb is not None:
+            tb.close()
+    summary = summarise(data.metric, list(spec.lrs), seeds, results, time.perf_counter() - start)
+    entry = summary.to_dict()
+    entry["timings"].update(_timings(results))
+    entry["head"] = head_info
+    rows = [{"layer": layer, "head": spec.head, "freeze": spec.freeze, **r} for r in summary.rows()]
+    settings_doc = {k: v for k, v in asdict(spec).items() if k not in ("out", "resume")}
+    settings_doc.update(amp=amp, warmup=warmup, world_size=dist.world,
+                        effective_batch_size=spec.batch_size * spec.accum * dist.world)  # fmt: skip
+    payload = {
+        "protocol": "finetune",
+        "run_key": key,
+        "cache": str(spec.from_cache) if spec.from_cache else None,
+        "cache_key": data.identity.get("cache"),
+        "dataset": data.dataset,
+        "model": spec.model,
+        "weights": weights,
+        "settings": settings_doc,
+        "layers": {layer: entry},
+        "notes": data.notes,
+    }
+    if dist.main:
+        write_results(folder, f"finetune_{spec.head}", payload, rows)
+    return {"folder": folder, "metric": data.metric, "layers": {layer: entry}, "rows": rows, "notes": data.notes}
+
+
+def summarise(metric: str, lrs: list[float], seeds: list[int], results: dict, seconds: float) -> ProbeResult:
+    """The probe's result schema: per LR val/test mean ± std at each run's best epoch; best LR by mean val."""
+    per_lr, curves = {}, {}
+    for lr in lrs:
+        runs = [results[(lr, s)] for s in seeds]
+        val_mean, val_std = _mean_std([r["val"] for r in runs])
+        test_mean, test_std = _mean_std([r["test"]["value"] for r in runs])
+        per_lr[lr] = {
+            "val_mean": val_mean, "val_std": val_std, "test_mean": test_mean, "test_std": test_std,
+            "val_per_seed": [r["val"] for r in runs], "test_per_seed": [r["test"]["value"] for r in runs],
+            "best_epochs": [r["best_epoch"] for r in runs], "test_metrics": [r["test"] for r in runs],
+        }  # fmt: skip
+        curves[lr] = np.asarray([r["curve"] for r in runs])
+    best_lr = lrs[int(np.argmax([per_lr[lr]["val_mean"] for lr in lrs]))]  # ties: the first LR, as the probe
+    best = per_lr[best_lr]
+    inference = [r["timings"]["inference_s_per_img"] for r in results.values()]
+    return ProbeResult(
+        metric=metric, lrs=lrs, seeds=seeds, per_lr=per_lr, best_lr=best_lr, val_mean=best["val_mean"],
+        val_std=best["val_std"], test_mean=best["test_mean"], test_std=best["test_std"], curves=curves,
+        settings={}, train_seconds=float(sum(r["timings"]["train_seconds"] for r in results.values())),
+        inference_seconds_per_sample=float(np.mean(inference)),
+    )  # fmt: skip
+
+
+def _timings(results: dict) -> dict:
+    runs = list(results.values())
+    per_epoch = [r["timings"]["train_s_per_epoch"] for r in runs if r["timings"]["train_s_per_epoch"] is not None]
+    return {
+        "train_s_per_epoch": float(np.mean(per_epoch)) if per_epoch else None,
+        "inference_s_per_img": float(np.mean([r["timings"]["inference_s_per_img"] for r in runs])),
+        "peak_memory_bytes": max(r["timings"]["peak_memory_bytes"] for r in runs),
+        "effective_batch_size": runs[0]["effective_batch_size"],
+    }
+
+
+def _tensorboard(spec: FinetuneSpec, folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise FmcacheError("--tensorboard needs the tensorboard package; pip install tensorboard") from None
+    return SummaryWriter(str(folder / "tensorboard"))
