@@ -36,11 +36,18 @@ class LoadReport:
     unexpected: tuple[str, ...]
     stripped_prefixes: tuple[str, ...]
     total: int = 0
+    file_tensors: int = 0  # every tensor in the file, including other parts of a release (decoders, text towers)
 
     def summary(self) -> str:
         extra = f", {len(self.unexpected)} unexpected keys ignored" if self.unexpected else ""
         strip = f", stripped {'+'.join(self.stripped_prefixes)}" if self.stripped_prefixes else ""
-        return f"loaded {self.loaded}/{self.total} model tensors from {self.path}{strip}{extra}"
+        unused = self.file_tensors - self.loaded
+        rest = (
+            f"; {unused} of the file's {self.file_tensors} tensors are not this model's and were not used"
+            if unused > 0
+            else ""
+        )
+        return f"loaded {self.loaded}/{self.total} model tensors from {self.path}{strip}{extra}{rest}"
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -169,4 +176,4 @@ def load_weights_file(
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
     loaded = sum(k in state for k in expected if not _is_counter(k))
     total = sum(not _is_counter(k) for k in expected)
-    return LoadReport(str(path), sha256_file(path), loaded, unexpected, tuple(stripped), total)
+    return LoadReport(str(path), sha256_file(path), loaded, unexpected, tuple(stripped), total, len(raw))
