@@ -326,7 +326,8 @@ def _print_knn(result: dict) -> None:
 
 def _print_probe(result: dict) -> None:
     table = Table(
-        title=f"linear probe ({result['metric']}, test mean ± std over seeds at the best val LR) → {result['folder']}"
+        title=f"{result.get('head', 'linear')} probe ({result['metric']}, test mean ± std over seeds at the best val LR)"
+        f" → {result['folder']}"
     )
     for col in ("layer", "best lr", "val", "test", "train s"):
         table.add_column(col)
@@ -375,13 +376,17 @@ def knn_cmd(
 @cli_command
 def probe_cmd(
     cache: Annotated[Path, typer.Argument(help="A cache directory (see `fmcache ls`).")],
-    head: Annotated[str, typer.Option(help="Head type: linear.")] = "linear",
+    head: Annotated[
+        str, typer.Option(help="linear (pooled features), deit (the seed's stacked DeiT-B) or attentive (tokens).")
+    ] = "linear",
     lrs: Annotated[str, typer.Option(help="Comma-separated learning rates.")] = "1e-5,3e-5,1e-4,1e-3",
     seeds: Annotated[int, typer.Option(help="Seeds per learning rate (0..N-1).")] = 5,
     epochs: Annotated[int, typer.Option(help="Epochs; the best epoch per head is chosen on val.")] = 100,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
-    layer: Annotated[str, typer.Option(help="last, all or a 1-based layer number.")] = "last",
-    pool: Annotated[str, typer.Option(help="auto, cls, mean, paper or cls+mean.")] = "auto",
+    layer: Annotated[
+        str, typer.Option(help="last, all or a 1-based layer; token heads also take lists such as 4,8,12.")
+    ] = "last",
+    pool: Annotated[str, typer.Option(help="Linear head: auto, cls, mean, paper or cls+mean.")] = "auto",
     metric: Annotated[str | None, typer.Option(help="Override the dataset's paper metric.")] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-5,
     schedule: Annotated[
@@ -391,7 +396,28 @@ def probe_cmd(
         bool, typer.Option("--sklearn", help="Also fit scikit-learn LogisticRegression (C sweep).")
     ] = False,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
-    standardize: Annotated[bool, typer.Option(help="Z-score features with train statistics before the heads.")] = True,
+    standardize: Annotated[
+        bool, typer.Option(help="Linear head: z-score features with train statistics before the heads.")
+    ] = True,
+    head_weights: Annotated[
+        str | None,
+        typer.Option(help="DeiT head init: imagenet (timm's DeiT-B/16, the seed's; default) or a checkpoint FILE."),
+    ] = None,
+    head_random_init: Annotated[
+        bool, typer.Option("--head-random-init", help="DeiT head: random init (explicit; reported in every output).")
+    ] = False,
+    head_depth: Annotated[int, typer.Option(help="DeiT head: the first N blocks of DeiT-B (1..12).")] = 12,
+    token_norm: Annotated[
+        str, typer.Option(help="Tokens fed to token heads: seed (the seed's per model), none (pre-norm) or final.")
+    ] = "seed",
+    preload: Annotated[str, typer.Option(help="Token heads: tokens in RAM: auto (when they fit), yes or no.")] = "auto",
+    heads_per_pass: Annotated[
+        int, typer.Option(help="Token heads: at most N heads trained together (0: the whole grid).")
+    ] = 0,
+    resume: Annotated[
+        bool, typer.Option(help="Token heads: continue from the per-epoch checkpoint of the same command.")
+    ] = True,
+    workers: Annotated[int, typer.Option(help="Token heads: DataLoader workers when tokens are streamed.")] = 2,
     plots: Annotated[bool, typer.Option(help="Write PNG plots next to the JSON/CSV results.")] = True,
     out: Annotated[Path, typer.Option(help="Results root.")] = Path("results"),
     views: Annotated[
@@ -399,11 +425,24 @@ def probe_cmd(
         typer.Option(help="Train on the cache's augmented views: on or off (default: on when the cache has them)."),
     ] = None,
 ) -> None:
-    """Train every LR × seed linear head at once on cached features; report test mean ± std at the best LR."""
+    """Train every LR × seed head at once from the cache (linear on pooled features; deit or attentive on tokens)."""
     from fmcache.cache.reader import CacheReader
-    from fmcache.frozen.run import run_probe
 
     reader = CacheReader(cache)
+    if head in ("deit", "attentive"):
+        from fmcache.frozen.run_tokens import run_token_probe
+
+        result = run_token_probe(
+            reader, out, head, _floats(lrs, "--lrs"), seeds, epochs, batch_size, layer, metric, weight_decay,
+            schedule, head_weights, head_random_init, head_depth, token_norm, preload, heads_per_pass, resume,
+            workers, device, progress=True, plots=plots,
+        )  # fmt: skip
+        if head == "deit" and result["head_weights"]["source"] == "random":
+            console.print(f"[bold yellow]the {head} head started from random weights (--head-random-init)[/]")
+        _print_probe(result)
+        return
+    from fmcache.frozen.run import run_probe
+
     result = run_probe(
         reader, out, head, _floats(lrs, "--lrs"), seeds, epochs, batch_size, layer, pool, metric,
         weight_decay, schedule, sklearn, device, standardize, progress=True, plots=plots, views=views,

@@ -44,6 +44,7 @@ from fmcache.dist import Dist, close_dist, init_dist
 from fmcache.errors import FmcacheError
 from fmcache.files import ensure_writable_dir, sha256_file
 from fmcache.models import Foundation, FoundationOutput, create_foundation, get_spec
+from fmcache.models.final_norm import final_norm_params
 from fmcache.progress import progress_bar
 
 DTYPES = {"fp16": np.float16, "fp32": np.float32}
@@ -291,6 +292,8 @@ def describe_model(model: Foundation, device: torch.device, img_size: int, layer
         "token_layers": layers_tok,
         "token_shapes": {str(n): list(out.tokens[n - 1].shape[1:]) for n in layers_tok},
         "img_size": img_size,
+        # tokens are cached pre-norm; stage two applies this norm itself (probe --token-norm final)
+        "final_norm": final_norm_params(model.adapter),
     }
 
 

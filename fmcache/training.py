@@ -196,15 +196,23 @@ def save_checkpoint(path: Path, state: dict, settings: dict) -> None:
     previous checkpoint or the new one, never a torn file. ``settings`` must be JSON-able; :func:`load_checkpoint`
     refuses a checkpoint whose settings differ, so a rerun with other settings never mixes two runs.
     """
-    import io
+    import os
 
-    from fmcache.files import atomic_write_bytes
+    from fmcache.files import disk_error
 
-    buffer = io.BytesIO()
+    path = Path(path)
     payload = {"format": CHECKPOINT_FORMAT, "settings": _canonical(settings), "rng": rng_states(), "state": state}
-    torch.save(payload, buffer)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(Path(path), buffer.getvalue())
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:  # streamed to disk: a grid of DeiT-B heads is gigabytes, no copy in RAM
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise disk_error(exc, path) from exc
 
 
 def _read_checkpoint(path: Path, mmap: bool) -> dict:

@@ -1,0 +1,488 @@
+"""The paper's second frozen protocol: DeiT (or attentive) heads trained on cached token layers, LR × seed grid.
+
+Each head is what this would train on its own:
+
+- init: the head built right after ``torch.manual_seed(seed)`` (so heads that share a seed share the init of the
+  new parameters), then the pretrained DeiT-B parts loaded over it (``--head-weights``), unless random init;
+- data order: a ``torch.Generator`` seeded with ``seed`` draws ``randperm(N)`` each epoch; batches of ``batch_size``
+  in that order, the last partial batch kept. Heads that share a seed share the order, so one read of a token
+  batch feeds every LR of that seed;
+- ``torch.optim.AdamW`` over :func:`fmcache.training.adamw_param_groups` (no decay on biases and 1-D parameters),
+  ``clip_grad_norm_`` at 1.0, LR = base × :func:`fmcache.training.lr_multiplier` per step; bf16 autocast on GPU;
+- val after every epoch; the best epoch is the first maximum; test is scored at each new best.
+
+The heads run one after another on each batch: a DeiT-B head is large enough that stacking several (torch.func)
+saves little over the loop, and the loop keeps each head bit-identical to a lone run.
+
+Resume: after every epoch an atomic checkpoint (``checkpoints/probe_<head>_layerNN.pt`` beside the results) holds
+every head's parameters and optimizer state, the data-order generators, the epoch, the val curves and best-so-far,
+and the RNG states. A rerun of the same command continues from it and gives the same numbers as an uninterrupted
+run (on CPU); a rerun with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fmcache import metrics
+from fmcache.cache.reader import CacheReader
+from fmcache.errors import FmcacheError
+from fmcache.frozen.heads import DEIT_DEPTH, build_head, token_grid
+from fmcache.frozen.linear import ProbeResult, _check_lists, _labels_tensor, _summarise, head_losses
+from fmcache.training import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    adamw_param_groups,
+    load_checkpoint,
+    lr_multiplier,
+    save_checkpoint,
+    warmup_steps_for,
+)
+
+# The seed's choice of tokens per model (PROTOCOLS.md, "The stacked DeiT head"): BLIP's after its final norm; DINOv2,
+# SAM, OpenCLIP pre-norm; SEEM's flattened last-stage map (no final norm). Exact registry names; others: pre-norm.
+SEED_TOKEN_NORM = {"blip_base": "final"}
+TOKEN_NORMS = ("seed", "none", "final")
+PRELOAD = ("auto", "yes", "no")
+_EVAL_BATCH = 256
+
+
+def token_norm_for(reader: CacheReader, choice: str) -> str:
+    """``none`` or ``final``: ``seed`` resolves to the seed's choice for the cache's model."""
+    if choice not in TOKEN_NORMS:
+        raise FmcacheError(f"unknown --token-norm '{choice}'; use {', '.join(TOKEN_NORMS)}")
+    return SEED_TOKEN_NORM.get(reader.model, "none") if choice == "seed" else choice
+
+
+def check_token_layers(reader: CacheReader, layer: str) -> list[int]:
+    """1-based token layers from ``12``, ``all`` (every cached token layer) or ``4,8,12``, all of them cached."""
+    cached = reader.token_layers
+    if not cached:
+        raise FmcacheError(
+            f"cache {reader.path} holds no token layers; extract again with --tokens last (or --tokens all / 4,8,12) "
+            "to train token heads"
+        )
+    if str(layer) == "all":
+        return list(cached)
+    try:
+        layers = [reader.resolve_layer(part.strip()) for part in str(layer).split(",") if part.strip()]
+    except FmcacheError as exc:
+        raise FmcacheError(f"{exc}; cached token layers: {', '.join(map(str, cached))}") from None
+    if not layers:
+        raise FmcacheError(f"bad --layer '{layer}'; use all, last or layer numbers such as 4,8,12")
+    missing = [n for n in layers if n not in cached]
+    if missing:
+        raise FmcacheError(
+            f"cache {reader.path.name} has no tokens of layer {missing[0]}; cached token layers: "
+            f"{', '.join(map(str, cached))}; extract again with --tokens including {missing[0]} (e.g. --tokens all)"
+        )
+    if len(set(layers)) != len(layers):
+        raise FmcacheError(f"--layer '{layer}' repeats a layer")
+    return layers
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a head sees of one cached token layer: patch tokens (prefix dropped) of width ``dim`` on ``grid``."""
+
+    layer: int
+    prefix: int
+    num_tokens: int  # patch tokens
+    dim: int
+    grid: tuple[int, int] | None
+    norm: dict | None  # the final norm's parameters when --token-norm final
+
+
+def layer_spec(reader: CacheReader, layer: int, norm: str, head: str) -> LayerSpec:
+    model = reader.manifest["model"]
+    total, dim = model["token_shapes"][str(layer)]
+    prefix = max(0, int(model.get("num_prefix_tokens", 0)))
+    patches = total - prefix
+    grid = token_grid(patches) if head == "deit" else None
+    params = None
+    if norm == "final":
+        params = model.get("final_norm")
+        if params is None:
+            hint = "extract it again with this fmcache" if "final_norm" not in model else "the model has none"
+            raise FmcacheError(f"cache {reader.path.name} records no final norm ({hint}); use --token-norm none")
+        if params["dim"] != dim:
+            raise FmcacheError(
+                f"the final norm of {reader.model} normalises width {params['dim']}, but layer {layer} has width "
+                f"{dim}; use --token-norm none for this layer"
+            )
+    return LayerSpec(layer, prefix, patches, dim, grid, params)
+
+
+class TokenNorm:
+    """Drops prefix tokens and applies the stored final norm (if any) to (B, T, D) float32 batches."""
+
+    def __init__(self, spec: LayerSpec, device: torch.device):
+        self.prefix, self.kind, self.eps = spec.prefix, None, 0.0
+        self.weight = self.bias = None
+        if spec.norm is not None:
+            p = spec.norm
+            self.kind, self.eps = p["kind"], float(p["eps"])
+            self.weight = None if p["weight"] is None else torch.tensor(p["weight"], device=device)
+            self.bias = None if p["bias"] is None else torch.tensor(p["bias"], device=device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, self.prefix :].float()
+        if self.kind == "layernorm":
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        if self.kind == "rmsnorm":
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return x
+
+
+class TokenSplit:
+    """One split's tokens of one layer, in RAM (stored dtype) or streamed from the shards by a DataLoader.
+
+    Both give the same batches for the same index lists, so preloading never changes the numbers.
+    """
+
+    def __init__(self, reader: CacheReader, split: str, layer: int, preload: bool, workers: int):
+        self.dataset = reader.tokens(split, layer)
+        self.labels = reader.labels(split)
+        self.n = len(self.dataset)
+        self.workers = workers
+        self.x = None
+        if preload:
+            self.x = torch.from_numpy(reader._gather(f"tokens/layer_{layer:02d}", split))
+
+    def batches(self, index_lists: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """(B, T, D) token batches (stored dtype in RAM, float32 when streamed) for each index list in turn."""
+        if self.x is not None:
+            for idx in index_lists:
+                yield self.x[idx]
+            return
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=[idx.tolist() for idx in index_lists],
+            num_workers=self.workers,
+            persistent_workers=False,
+        )
+        for tokens, _labels, _ids in loader:
+            yield tokens
+
+    def in_order(self, batch_size: int) -> Iterator[torch.Tensor]:
+        return self.batches(list(torch.arange(self.n).split(batch_size)))
+
+
+def tokens_nbytes(reader: CacheReader, layer: int) -> int:
+    total, dim = reader.manifest["model"]["token_shapes"][str(layer)]
+    itemsize = 2 if reader.manifest.get("dtype", "fp16") == "fp16" else 4
+    return len(reader._index[0]) * int(total) * int(dim) * itemsize
+
+
+def should_preload(reader: CacheReader, layer: int, preload: str) -> bool:
+    """``yes``/``no`` as given; ``auto`` preloads when the layer's tokens (all splits) fit in a quarter of free RAM."""
+    if preload not in PRELOAD:
+        raise FmcacheError(f"unknown --preload '{preload}'; use {', '.join(PRELOAD)}")
+    if preload != "auto":
+        return preload == "yes"
+    import psutil
+
+    return tokens_nbytes(reader, layer) < psutil.virtual_memory().available / 4
+
+
+class _Records:
+    """Per-head val curves, best epoch and test metrics; duck-types linear's evaluator for ``_summarise``."""
+
+    def __init__(self, n_heads: int, epochs: int):
+        self.curves = np.full((n_heads, epochs), np.nan)
+        self.best_val = np.full(n_heads, -np.inf)
+        self.best_epoch = np.zeros(n_heads, dtype=np.int64)
+        self.test_metrics: list[dict | None] = [None] * n_heads
+        self.forward_seconds = 0.0
+        self.forward_samples = 0
+
+    def inference_seconds_per_sample(self) -> float:
+        return self.forward_seconds / max(1, self.forward_samples)
+
+    def state(self) -> dict:
+        # JSON text: metric dicts hold numpy scalars that a weights_only checkpoint would not take
+        return {
+            "json": json.dumps(
+                {
+                    "curves": [[None if np.isnan(v) else float(v) for v in row] for row in self.curves],
+                    "best_val": [None if np.isinf(v) else float(v) for v in self.best_val],
+                    "best_epoch": self.best_epoch.tolist(),
+                    "test_metrics": self.test_metrics,
+                    "forward_seconds": self.forward_seconds,
+                    "forward_samples": self.forward_samples,
+                },
+                default=_json_default,
+            )
+        }
+
+    def load(self, state: dict) -> None:
+        d = json.loads(state["json"])
+        self.curves = np.array([[np.nan if v is None else v for v in row] for row in d["curves"]], dtype=np.float64)
+        self.best_val = np.array([-np.inf if v is None else v for v in d["best_val"]], dtype=np.float64)
+        self.best_epoch = np.array(d["best_epoch"], dtype=np.int64)
+        self.test_metrics = d["test_metrics"]
+        self.forward_seconds, self.forward_samples = d["forward_seconds"], d["forward_samples"]
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint")
+
+
+def _autocast(device: torch.device):
+    # bf16 on GPU (the modern default over the seed's fp16 + GradScaler: no scaler, same range as fp32)
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class GridConfig:
+    kind: str
+    lrs: list[float]
+    seeds: list[int]
+    num_classes: int
+    metric: str
+    multilabel: bool
+    epochs: int
+    batch_size: int
+    weight_decay: float
+    warmup: dict
+    schedule: str
+    grad_clip: float | None
+    depth: int
+    heads_per_pass: int
+    label_names: list[str] | None
+
+
+def passes(n_lrs: int, seeds: Sequence[int], heads_per_pass: int) -> list[list[int]]:
+    """Head indices (LR-major: lr_index × n_seeds + seed_index) per pass, seed-major so a pass keeps a seed's LRs
+    together and reads each of its batches once."""
+    order = [i * len(seeds) + j for j in range(len(seeds)) for i in range(n_lrs)]
+    size = heads_per_pass if heads_per_pass > 0 else len(order)
+    return [order[k : k + size] for k in range(0, len(order), size)]
+
+
+def train_token_grid(
+    spec: LayerSpec,
+    train: TokenSplit,
+    val: TokenSplit,
+    test: TokenSplit,
+    cfg: GridConfig,
+    device: torch.device,
+    pretrained: dict[str, torch.Tensor] | None,
+    checkpoint: Path | None = None,
+    ckpt_settings: dict | None = None,
+    resume: bool = True,
+    on_epoch: Callable[[int], None] | None = None,
+) -> ProbeResult:
+    """Train the LR × seed grid of token heads on one layer; see the module doc."""
+    lrs, seeds = _check_lists(cfg.lrs, cfg.seeds)
+    n_heads = len(lrs) * len(seeds)
+    y_train = _labels_tensor(train.labels, train.n, cfg.num_classes, cfg.multilabel, "train")
+    for split in (val, test):
+        _labels_tensor(split.labels, split.n, cfg.num_classes, cfg.multilabel, "val/test")
+    steps_per_epoch = math.ceil(train.n / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = warmup_steps_for(cfg.warmup.get("warmup_epochs"), cfg.warmup.get("warmup_iters"), steps_per_epoch,
+                              total_steps)  # fmt: skip
+    norm = TokenNorm(spec, device)
+    records = _Records(n_heads, cfg.epochs)
+    plan = passes(len(lrs), seeds, cfg.heads_per_pass)
+    state = None
+    if checkpoint is not None and resume:
+        state = load_checkpoint(checkpoint, ckpt_settings or {})
+    first_pass, first_epoch, train_seconds = 0, 0, 0.0
+    if state is not None:
+        records.load(state["records"])
+        first_pass, first_epoch, train_seconds = state["pass"], state["epoch"], state["train_seconds"]
+    for p, heads_idx in enumerate(plan):
+        if p < first_pass:
+            continue
+        resumed = state if (state is not None and p == first_pass) else None
+        start_epoch = first_epoch if resumed is not None else 0
+        if start_epoch >= cfg.epochs:
+            continue
+        run = _Pass(spec, heads_idx, lrs, seeds, cfg, device, pretrained, resumed)
+        for epoch in range(start_epoch, cfg.epochs):
+            _sync(device)
+            t0 = time.perf_counter()
+            run.train_epoch(train, y_train, norm, lambda step: lr_multiplier(step, total_steps, warmup, cfg.schedule))
+            _sync(device)
+            train_seconds += time.perf_counter() - t0
+            run.evaluate(epoch, val, test, norm, records)
+            done_pass = epoch + 1 == cfg.epochs
+            if checkpoint is not None:
+                nxt = (p + 1, 0) if done_pass else (p, epoch + 1)
+                save_checkpoint(
+                    checkpoint,
+                    {"pass": nxt[0], "epoch": nxt[1], "train_seconds": train_seconds, "records": records.state(),
+                     **({} if done_pass else run.state())},
+                    ckpt_settings or {},
+                )  # fmt: skip
+            if on_epoch is not None:
+                on_epoch(epoch + 1)
+        del run
+    settings = {
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "weight_decay": cfg.weight_decay,
+        "warmup_steps": warmup,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "schedule": cfg.schedule,
+        "grad_clip": cfg.grad_clip,
+        "optimizer": f"AdamW(betas={ADAM_BETAS}, eps={ADAM_EPS})",
+        "autocast": "bf16" if device.type == "cuda" else "off (fp32)",
+        "device": str(device),
+        "n_train": train.n,
+        "n_val": val.n,
+        "n_test": test.n,
+        "tokens": spec.num_tokens,
+        "token_dim": spec.dim,
+        "grid": list(spec.grid) if spec.grid else None,
+        "heads_per_pass": cfg.heads_per_pass or n_heads,
+        "passes": len(plan),
+    }
+    return _summarise(cfg.metric, lrs, seeds, records, settings, train_seconds)
+
+
+class _Pass:
+    """The heads of one pass, their optimizers and the data-order generators of their seeds."""
+
+    def __init__(self, spec, heads_idx, lrs, seeds, cfg: GridConfig, device, pretrained, resumed: dict | None):
+        self.cfg, self.device, self.heads_idx = cfg, device, heads_idx
+        n_seeds = len(seeds)
+        self.seed_of = {h: h % n_seeds for h in heads_idx}
+        self.lr_of = {h: lrs[h // n_seeds] for h in heads_idx}
+        self.seed_idx = sorted({self.seed_of[h] for h in heads_idx})
+        inits = {}
+        for j in self.seed_idx:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seeds[j])
+                head = build_head(cfg.kind, spec.dim, cfg.num_classes, cfg.depth, spec.grid)
+            if pretrained is not None:
+                head.load_pretrained(pretrained)
+            inits[j] = head
+        self.heads, self.optimizers = {}, {}
+        for h in heads_idx:
+            head = copy.deepcopy(inits[self.seed_of[h]]).to(device)
+            self.heads[h] = head
+            groups = adamw_param_groups(head.named_parameters(), cfg.weight_decay)
+            # foreach: one fused pass over a head's tensors (torch's CPU default is a loop per tensor)
+            self.optimizers[h] = torch.optim.AdamW(
+                groups, lr=self.lr_of[h], betas=ADAM_BETAS, eps=ADAM_EPS, foreach=True
+            )
+        self.generators = {j: torch.Generator().manual_seed(seeds[j]) for j in self.seed_idx}
+        self.step = 0
+        if resumed is not None:
+            for h in heads_idx:
+                self.heads[h].load_state_dict(resumed["heads"][str(h)])
+                self.optimizers[h].load_state_dict(resumed["optimizers"][str(h)])
+            for j in self.seed_idx:
+                self.generators[j].set_state(resumed["generators"][str(j)])
+            self.step = resumed["step"]
+
+    def state(self) -> dict:
+        return {
+            "heads": {str(h): m.state_dict() for h, m in self.heads.items()},
+            "optimizers": {str(h): o.state_dict() for h, o in self.optimizers.items()},
+            "generators": {str(j): g.get_state() for j, g in self.generators.items()},
+            "step": self.step,
+        }
+
+    def train_epoch(self, train: TokenSplit, y: torch.Tensor, norm: TokenNorm, multiplier) -> None:
+        orders = {j: torch.randperm(train.n, generator=g) for j, g in self.generators.items()}
+        index_lists = {j: list(order.split(self.cfg.batch_size)) for j, order in orders.items()}
+        streams = {j: train.batches(index_lists[j]) for j in self.seed_idx}
+        for head in self.heads.values():
+            head.train()
+        for b in range(len(index_lists[self.seed_idx[0]])):
+            mult = multiplier(self.step)
+            for j in self.seed_idx:
+                xb = norm(next(streams[j]).to(self.device, non_blocking=True))
+                yb = y[index_lists[j][b]].to(self.device)
+                for h in self.heads_idx:
+                    if self.seed_of[h] == j:
+                        self._step(h, xb, yb, mult)
+            self.step += 1
+
+    def _step(self, h: int, xb: torch.Tensor, yb: torch.Tensor, mult: float) -> None:
+        head, opt = self.heads[h], self.optimizers[h]
+        for group in opt.param_groups:
+            group["lr"] = self.lr_of[h] * mult
+        with _autocast(self.device):
+            logits = head(xb)
+        loss = head_losses(logits.float()[None], yb[None], self.cfg.multilabel).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(head.parameters(), self.cfg.grad_clip)
+        opt.step()
+
+    @torch.no_grad()
+    def _probs(self, split: TokenSplit, heads: list[int], norm: TokenNorm, records: _Records) -> dict[int, np.ndarray]:
+        for h in heads:
+            self.heads[h].eval()
+        parts: dict[int, list[torch.Tensor]] = {h: [] for h in heads}
+        start = time.perf_counter()
+        for xb in split.in_order(_EVAL_BATCH):
+            xb = norm(xb.to(self.device))
+            for h in heads:
+                with _autocast(self.device):
+                    logits = self.heads[h](xb).float()
+                probs = torch.sigmoid(logits) if self.cfg.multilabel else torch.softmax(logits, -1)
+                parts[h].append(probs.cpu())
+        _sync(self.device)
+        records.forward_seconds += time.perf_counter() - start
+        records.forward_samples += split.n * len(heads)
+        return {h: torch.cat(p).double().numpy() for h, p in parts.items()}
+
+    def evaluate(self, epoch: int, val: TokenSplit, test: TokenSplit, norm: TokenNorm, records: _Records) -> None:
+        evaluate = lambda y, p: metrics.evaluate(self.cfg.metric, y, p, self.cfg.multilabel, self.cfg.label_names)  # noqa: E731
+        val_probs = self._probs(val, self.heads_idx, norm, records)
+        improved = []
+        for h in self.heads_idx:
+            value = float(evaluate(val.labels, val_probs[h])["value"])
+            records.curves[h, epoch] = value
+            if value > records.best_val[h]:
+                records.best_val[h], records.best_epoch[h] = value, epoch
+                improved.append(h)
+        if improved:  # test is only scored at a new best val: that is the only test number reported
+            test_probs = self._probs(test, improved, norm, records)
+            for h in improved:
+                # through JSON now, so a resumed run (which reads them back from JSON) reports identical values
+                records.test_metrics[h] = json.loads(
+                    json.dumps(evaluate(test.labels, test_probs[h]), default=_json_default)
+                )
+
+
+__all__ = [
+    "DEIT_DEPTH",
+    "GridConfig",
+    "LayerSpec",
+    "TokenSplit",
+    "check_token_layers",
+    "layer_spec",
+    "should_preload",
+    "token_norm_for",
+    "train_token_grid",
+]

@@ -1,0 +1,227 @@
+"""`fmcache probe --head deit|attentive` on a tiny token cache: results, the layer sweep, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fmcache.cache.reader import CacheReader
+from fmcache.cli import app
+from fmcache.frozen.run import results_dir
+from fmcache.frozen.run_tokens import checkpoint_path
+from fmcache.frozen.tokens import LayerSpec, TokenNorm, layer_spec
+
+FAST = ["--lrs", "1e-3,1e-2", "--seeds", "2", "--epochs", "2", "--batch-size", "16", "--no-plots"]
+
+
+def cli(*args) -> object:
+    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "300"})
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def _numbers(payload: dict) -> dict:
+    """What must match between two runs: every per-layer number except timings (and settings such as passes)."""
+    return {n: {k: v for k, v in e.items() if k not in ("timings", "settings")} for n, e in payload["layers"].items()}
+
+
+def _json(folder: Path, head: str) -> dict:
+    return json.loads((folder / f"probe_{head}.json").read_text())
+
+
+def _folder(cache: Path, out: Path) -> Path:
+    return results_dir(CacheReader(cache), out)
+
+
+def test_deit_head_layer_sweep_writes_the_curve(tiny_cache, tmp_path):
+    out = tmp_path / "res"
+    result = cli("probe", tiny_cache, "--head", "deit", "--head-random-init", "--head-depth", "2", "--layer", "all",
+                 "--lrs", "1e-3", "--seeds", "1", "--epochs", "2", "--batch-size", "16", "--preload", "no",
+                 "--workers", "0", "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "random weights" in result.output
+    folder = _folder(tiny_cache, out)
+    payload = _json(folder, "deit")
+    assert payload["settings"]["head_random_init"] and payload["settings"]["head_weights"]["source"] == "random"
+    assert payload["settings"]["token_norm"] == "none"  # the seed's choice for DINOv2: pre-norm tokens
+    assert set(payload["layers"]) == {"1", "2"}
+    entry = payload["layers"]["2"]
+    for key in ("best_lr", "val_mean", "test_mean", "test_std", "per_lr", "curves"):
+        assert key in entry
+    assert entry["settings"]["grid"] == [4, 4] and entry["settings"]["tokens"] == 16  # CLS dropped
+    assert entry["timings"]["train_seconds"] > 0 and entry["timings"]["inference_seconds_per_sample"] > 0
+    assert len(entry["curves"]["0.001"][0]) == 2
+    vs_layer = (folder / "probe_deit_vs_layer.csv").read_text().splitlines()
+    assert vs_layer[0].startswith("layer,best_lr") and len(vs_layer) == 3
+    assert (folder / "probe_deit_vs_layer.png").stat().st_size > 0
+    assert (folder / "probe_deit.csv").read_text().count("\n") == 3  # header + one head per layer
+
+
+def test_attentive_grid_preload_passes_and_lone_heads_agree(tiny_cache, tmp_path):
+    runs = {
+        "ram": ["--preload", "yes"],
+        "stream": ["--preload", "no", "--workers", "0"],
+        "passes": ["--preload", "yes", "--heads-per-pass", "1"],
+    }
+    numbers = {}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        result = cli("probe", tiny_cache, "--head", "attentive", "--layer", "2", *FAST, *extra, "--out", out)
+        assert result.exit_code == 0, result.output
+        numbers[name] = _numbers(_json(_folder(tiny_cache, out), "attentive"))
+    assert numbers["ram"] == numbers["stream"] == numbers["passes"]
+    # a head of the grid is what it would be on its own: seed 1 at lr 1e-2 alone
+    out = tmp_path / "lone"
+    args = ["--lrs", "1e-2", "--seeds", "2", "--epochs", "2", "--batch-size", "16", "--no-plots"]
+    result = cli("probe", tiny_cache, "--head", "attentive", "--layer", "2", *args, "--out", out)
+    assert result.exit_code == 0, result.output
+    lone = _json(_folder(tiny_cache, out), "attentive")["layers"]["2"]
+    grid = numbers["ram"]["2"]
+    assert lone["curves"]["0.01"] == grid["curves"]["0.01"]
+    assert lone["per_lr"]["0.01"]["test_per_seed"] == grid["per_lr"]["0.01"]["test_per_seed"]
+
+
+def test_token_norm_final_applies_the_stored_norm(tiny_cache, tiny_weights):
+    from fmcache.models import create_foundation
+    from tests.conftest import TINY_MODEL, TINY_OVERRIDES, TINY_SIZE
+
+    reader = CacheReader(tiny_cache)
+    spec = layer_spec(reader, 2, "final", "deit")
+    raw = torch.from_numpy(reader._gather("tokens/layer_02", "val")).float()
+    model = create_foundation(TINY_MODEL, weights=tiny_weights, img_size=TINY_SIZE, arch_overrides=TINY_OVERRIDES)
+    with torch.no_grad():
+        expected = model.adapter.model.norm(raw)[:, 1:]
+    torch.testing.assert_close(TokenNorm(spec, torch.device("cpu"))(raw), expected)
+    plain = LayerSpec(2, 1, 16, 384, (4, 4), None)
+    assert torch.equal(TokenNorm(plain, torch.device("cpu"))(raw), raw[:, 1:])
+
+
+def _manifest_copy(cache: Path, tmp_path: Path, token_layers: list[int]) -> Path:
+    copy = tmp_path / "cache_copy" / cache.name
+    shutil.copytree(cache, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["model"]["token_layers"] = token_layers
+    manifest["model"]["token_shapes"] = {k: v for k, v in manifest["model"]["token_shapes"].items()
+                                         if int(k) in token_layers}  # fmt: skip
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_bad_input_one_line_exit_2_nothing_written(tiny_cache, tmp_path):
+    out = tmp_path / "res"
+    base = ["probe", tiny_cache, "--out", out, *FAST]
+    cases = [
+        (["--head", "deit", "--head-random-init", "--head-depth", "13"], "--head-depth"),
+        (["--head", "deit", "--head-depth", "2", "--head-weights", tmp_path / "nope.pt"], "does not exist"),
+        (["--head", "deit", "--head-random-init", "--head-weights", tmp_path / "x.pt"], "not both"),
+        (["--head", "attentive", "--head-weights", tmp_path / "x.pt"], "attentive head has no pretrained"),
+        (["--head", "attentive", "--layer", "3"], "layers 1..2"),
+        (["--head", "attentive", "--token-norm", "bogus"], "--token-norm"),
+        (["--head", "attentive", "--preload", "maybe"], "--preload"),
+        (["--head", "attentive", "--schedule", "step"], "schedule"),
+    ]
+    (tmp_path / "evil.pt").write_bytes(b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins\x94\x8c\x05print")
+    cases.append((["--head", "deit", "--head-depth", "1", "--head-weights", tmp_path / "evil.pt"], "refused"))
+    torch.save({"model": {"cls_token": torch.zeros(1, 1, 768), "pos_embed": torch.zeros(1, 50, 768)}},
+               tmp_path / "short.pth")  # fmt: skip
+    cases.append((["--head", "deit", "--head-depth", "1", "--head-weights", tmp_path / "short.pth"], "missing"))
+    for args, words in cases:
+        result = cli(*base, *args)
+        assert result.exit_code == 2, (args, result.output)
+        (line,) = error_lines(result.output)
+        assert words in line, (args, line)
+    assert not out.exists()
+
+    only_two = _manifest_copy(tiny_cache, tmp_path, [2])
+    result = cli("probe", only_two, "--head", "attentive", "--layer", "1", "--out", out, *FAST)
+    assert result.exit_code == 2
+    (line,) = error_lines(result.output)
+    assert "no tokens of layer 1" in line and "cached token layers: 2" in line and "--tokens" in line
+    no_tokens = _manifest_copy(tiny_cache, tmp_path / "b", [])
+    result = cli("probe", no_tokens, "--head", "deit", "--head-random-init", "--out", out, *FAST)
+    assert result.exit_code == 2
+    (line,) = error_lines(result.output)
+    assert "holds no token layers" in line and "--tokens" in line
+    assert not out.exists()
+
+
+def test_imagenet_head_offline_says_what_to_pass(tiny_cache, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("cannot reach the hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    result = cli("probe", tiny_cache, "--head", "deit", "--head-depth", "2", "--out", tmp_path / "r", *FAST)
+    assert result.exit_code == 2
+    (line,) = error_lines(result.output)
+    assert "--head-weights FILE" in line and "--head-random-init" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_refuses_other_settings_and_no_resume_starts_over(tiny_cache, tmp_path):
+    out = tmp_path / "res"
+    args = ["probe", tiny_cache, "--head", "attentive", "--layer", "2", "--out", out]
+    assert cli(*args, *FAST).exit_code == 0
+    folder = _folder(tiny_cache, out)
+    before = (folder / "probe_attentive.json").read_bytes()
+    changed = [*FAST[:4], "--epochs", "3", *FAST[6:]]
+    result = cli(*args, *changed)
+    assert result.exit_code == 2
+    (line,) = error_lines(result.output)
+    assert "other settings" in line and "epochs" in line and "--no-resume" in line
+    assert (folder / "probe_attentive.json").read_bytes() == before  # nothing written
+    result = cli(*args, *changed, "--no-resume")
+    assert result.exit_code == 0, result.output
+    assert len(_json(folder, "attentive")["layers"]["2"]["curves"]["0.001"][0]) == 3
+    # a rerun of a finished command reads its checkpoint and reports the same numbers without training
+    first = _numbers(_json(folder, "attentive"))
+    assert cli(*args, *changed).exit_code == 0
+    assert _numbers(_json(folder, "attentive")) == first
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["attentive", "deit"])
+def test_kill_9_then_rerun_gives_identical_numbers(tiny_cache, tmp_path, head):
+    extra = ["--head-random-init", "--head-depth", "1"] if head == "deit" else []
+    epochs = "4" if head == "attentive" else "3"
+    args = ["probe", str(tiny_cache), "--head", head, "--layer", "2", "--lrs", "1e-3,1e-2", "--seeds", "2",
+            "--epochs", epochs, "--batch-size", "8", "--no-plots", "--device", "cpu", *extra]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(out: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fmcache", *args, "--out", str(out)], env=env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+
+    whole = run(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "fmcache", *args, "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    ckpt = checkpoint_path(_folder(tiny_cache, out), head, 2)
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; give it more epochs"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = torch.load(ckpt, weights_only=True)["state"]
+    assert state["epoch"] < int(epochs) and "heads" in state  # killed mid-run, not after the last epoch
+    again = run(out)
+    assert again.returncode == 0, again.stderr
+    a, b = _json(_folder(tiny_cache, tmp_path / "whole"), head), _json(_folder(tiny_cache, out), head)
+    assert _numbers(a) == _numbers(b)
+    assert np.isfinite(a["layers"]["2"]["val_mean"])
