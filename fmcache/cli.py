@@ -435,7 +435,7 @@ def probe_cmd(
         result = run_token_probe(
             reader, out, head, _floats(lrs, "--lrs"), seeds, epochs, batch_size, layer, metric, weight_decay,
             schedule, head_weights, head_random_init, head_depth, token_norm, preload, heads_per_pass, resume,
-            workers, device, progress=True, plots=plots,
+            workers, device, progress=True, plots=plots, views=views,
         )  # fmt: skip
         if head == "deit" and result["head_weights"]["source"] == "random":
             console.print(f"[bold yellow]the {head} head started from random weights (--head-random-init)[/]")
@@ -458,52 +458,6 @@ def _print_views(result: dict) -> None:
         console.print(f"train: one of {used['k']} cached augmented views per sample per epoch; val/test: center crops")
     else:
         console.print("train, val and test: center crops (no augmented views)")
-
-
-def _print_cka(result: dict) -> None:
-    kind = "debiased" if result["debiased"] else "biased"
-    table = Table(title=f"linear CKA ({kind}, {result['estimator']}, n={result['n']}) → {result['folder']}")
-    table.add_column("A \\ B")
-    for label in result["col_layers"]:
-        table.add_column(str(label), justify="right")
-    for label, values in zip(result["row_layers"], result["matrix"], strict=True):
-        table.add_row(str(label), *(f"{v:.3f}" for v in values))
-    console.print(table)
-
-
-@app.command("cka")
-@cli_command
-def cka_cmd(
-    cache: Annotated[Path, typer.Argument(help="A cache directory (see `fmcache ls`).")],
-    cache_b: Annotated[
-        Path | None, typer.Argument(help="A second cache of the same samples: layers of A × layers of B.")
-    ] = None,
-    layers: Annotated[str, typer.Option(help="all, last or 1-based layers such as 4,8,12.")] = "all",
-    layers_b: Annotated[str | None, typer.Option(help="Layers of the second cache (default: --layers).")] = None,
-    pool: Annotated[
-        str, typer.Option(help="auto, cls, mean, paper or tokens (the cached token maps, flattened).")
-    ] = "auto",
-    split: Annotated[str, typer.Option(help="test, val, train or all.")] = "test",
-    estimator: Annotated[
-        str | None, typer.Option(help="exact or minibatch (default: exact for pooled, minibatch for tokens).")
-    ] = None,
-    debiased: Annotated[
-        bool, typer.Option("--debiased/--biased", help="Unbiased HSIC (default) or Kornblith 2019's biased CKA.")
-    ] = True,
-    batch_size: Annotated[int, typer.Option(help="Minibatch estimator only: samples per batch.")] = 256,
-    out: Annotated[Path, typer.Option(help="Results root.")] = Path("results"),
-    plots: Annotated[bool, typer.Option(help="Write the heatmap PNG next to the JSON/CSV results.")] = True,
-) -> None:
-    """Linear CKA between every pair of layers of one cache, or of two caches aligned by sample id."""
-    from fmcache.cache.reader import CacheReader
-    from fmcache.frozen.run import run_cka
-
-    reader = CacheReader(cache)
-    reader_b = None if cache_b is None else CacheReader(cache_b)
-    result = run_cka(
-        reader, reader_b, out, layers, layers_b, pool, split, estimator, debiased, batch_size, plots=plots
-    )
-    _print_cka(result)
 
 
 def _print_cka(result: dict) -> None:
@@ -663,7 +617,7 @@ def demo_cmd(
     img_size: Annotated[int, typer.Option(help="Input size.")] = 32,
     epochs: Annotated[int, typer.Option(help="Linear-probe epochs.")] = 30,
 ) -> None:
-    """Offline demo: scikit-learn digits → extract → info → k-NN → linear probe."""
+    """Offline demo: scikit-learn digits → extract → info → k-NN → linear probe → CKA."""
     from fmcache.cache.info import format_info
     from fmcache.demo import run_demo
 
@@ -671,6 +625,7 @@ def demo_cmd(
     console.print(format_info(result["cache"]), highlight=False, soft_wrap=True)
     _print_knn(result["knn"])
     _print_probe(result["probe"])
+    _print_cka(result["cka"])
 
 
 def main() -> None:

@@ -225,3 +225,35 @@ def test_kill_9_then_rerun_gives_identical_numbers(tiny_cache, tmp_path, head):
     a, b = _json(_folder(tiny_cache, tmp_path / "whole"), head), _json(_folder(tiny_cache, out), head)
     assert _numbers(a) == _numbers(b)
     assert np.isfinite(a["layers"]["2"]["val_mean"])
+
+
+@pytest.fixture(scope="module")
+def views_cache(tmp_path_factory, aptos_root, tiny_weights) -> Path:
+    """The APTOS fixture with 2 augmented views per train image and last-layer tokens."""
+    from fmcache.extract import ExtractSpec, run_extract
+    from tests.conftest import quiet, spec_kwargs
+
+    root = tmp_path_factory.mktemp("views_tokens")
+    spec = ExtractSpec(**spec_kwargs(aptos_root, root, weights=tiny_weights, views=2, tokens="last", shard_size=16))
+    return run_extract(spec, progress=False, log=quiet)
+
+
+def test_views_train_on_a_seeded_view_per_epoch(views_cache, tmp_path):
+    args = ["probe", views_cache, "--head", "attentive", "--lrs", "1e-3", "--seeds", "1", "--epochs", "2",
+            "--batch-size", "16", "--no-plots"]  # fmt: skip
+    numbers = {}
+    for name, extra in {"ram": ["--preload", "yes"], "stream": ["--preload", "no", "--workers", "0"],
+                        "off": ["--views", "off"]}.items():  # fmt: skip
+        result = cli(*args, *extra, "--out", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        payload = _json(_folder(views_cache, tmp_path / name), "attentive")
+        assert payload["settings"]["views"] == {"used": name != "off", "k": 0 if name == "off" else 2}
+        numbers[name] = _numbers(payload)
+    assert numbers["ram"] == numbers["stream"]
+    from fmcache.frozen.tokens import TokenSplit
+
+    reader = CacheReader(views_cache)
+    train = TokenSplit(reader, "train", 2, preload=True, workers=0, views=True)
+    assert train.k == 2 and len(train.x) == 2 * train.n  # items are views: i * k + v
+    view = reader.view_tokens(2)[3 * 2 + 1][0]
+    assert torch.equal(train.x[7].float(), view) and not torch.equal(view, reader.tokens("train", 2)[3][0])

@@ -31,6 +31,8 @@ from fmcache.progress import progress_bar
 from fmcache.results import _csv_bytes, _new_figure, _save_png, plot_probe_curves, write_results
 from fmcache.training import check_checkpoint, fit_warmup, lr_multiplier, paper_warmup, pick_device
 
+EVAL = ("train", "val", "test")
+
 
 def checkpoint_path(folder: Path, head: str, layer: int) -> Path:
     return folder / "checkpoints" / f"probe_{head}_layer{layer:02d}.pt"
@@ -75,6 +77,7 @@ def run_token_probe(
     device: str | None = None,
     progress: bool = False,
     plots: bool = True,
+    views: str | None = None,
 ) -> dict:
     """Token heads (``deit`` or ``attentive``) for the LR × seed grid on each requested cached token layer."""
     if head not in HEADS:
@@ -91,6 +94,9 @@ def run_token_probe(
     specs = {n: layer_spec(reader, n, norm, head) for n in layers}
     loads = {n: should_preload(reader, n, preload) for n in layers}
     dev = pick_device(device)
+    from fmcache.frozen.views import use_views
+
+    with_views = use_views(reader, views)
     warmup = fit_warmup(paper_warmup(reader.dataset), epochs, len(reader.rows("train")), batch_size)
     pretrained, weights_info = _head_source(head, head_weights, head_random_init, head_depth)
     folder = results_dir(reader, out)
@@ -99,7 +105,8 @@ def run_token_probe(
               "epochs": epochs, "batch_size": batch_size, "weight_decay": weight_decay, "schedule": schedule,
               "warmup": warmup, "metric": metric, "head_weights": {k: v for k, v in weights_info.items() if k in (
                   "source", "hub_id", "sha256", "depth")}, "head_depth": head_depth if head == "deit" else None,
-              "token_norm": norm, "heads_per_pass": heads_per_pass, "device": dev.type}  # fmt: skip
+              "token_norm": norm, "heads_per_pass": heads_per_pass, "device": dev.type,
+              "views": reader.views_k if with_views else 0}  # fmt: skip
     ckpt_settings = {n: {**common, "layer": n} for n in layers}
     if resume:  # refuse a mismatched checkpoint before anything is trained or written
         for n in layers:
@@ -109,7 +116,7 @@ def run_token_probe(
     n_heads = len(lrs) * len(seed_list)
     for n in layers:
         t0 = time.perf_counter()
-        splits = [TokenSplit(reader, s, n, loads[n], workers) for s in ("train", "val", "test")]
+        splits = [TokenSplit(reader, s, n, loads[n], workers, with_views and s == "train") for s in EVAL]
         read_info[n] = {"preloaded": loads[n], "read_seconds": time.perf_counter() - t0}
         cfg = GridConfig(head, list(lrs), seed_list, len(reader.class_names), metric, reader.multilabel, epochs,
                          batch_size, weight_decay, warmup, schedule, 1.0, head_depth, heads_per_pass,
@@ -132,6 +139,7 @@ def run_token_probe(
         metric=metric, weight_decay=weight_decay, schedule=schedule, token_norm=norm, token_norm_option=token_norm,
         head_weights=weights_info, head_random_init=weights_info["source"] == "random",
         head_depth=head_depth if head == "deit" else None, heads_per_pass=heads_per_pass, **warmup,
+        views={"used": with_views, "k": reader.views_k if with_views else 0},
     )  # fmt: skip
     payload["layers"] = per_layer
     write_results(folder, stem, payload, rows)

@@ -147,16 +147,21 @@ class TokenNorm:
 class TokenSplit:
     """One split's tokens of one layer, in RAM (stored dtype) or streamed from the shards by a DataLoader.
 
-    Both give the same batches for the same index lists, so preloading never changes the numbers.
+    Both give the same batches for the same index lists, so preloading never changes the numbers. With ``views``
+    (train only), items are the cached augmented views: item ``i * k + v`` is view v of sample i.
     """
 
-    def __init__(self, reader: CacheReader, split: str, layer: int, preload: bool, workers: int):
-        self.dataset = reader.tokens(split, layer)
+    def __init__(self, reader: CacheReader, split: str, layer: int, preload: bool, workers: int, views: bool = False):
+        self.dataset = reader.view_tokens(layer) if views else reader.tokens(split, layer)
+        self.k = reader.views_k if views else 0
         self.labels = reader.labels(split)
-        self.n = len(self.dataset)
+        self.n = len(self.labels)
         self.workers = workers
         self.x = None
-        if preload:
+        if preload and views:  # views live in their own group of train rows: read item by item, keep stored dtype
+            dtype = torch.float16 if reader.manifest.get("dtype", "fp16") == "fp16" else torch.float32
+            self.x = torch.stack([self.dataset[j][0].to(dtype) for j in range(len(self.dataset))])
+        elif preload:
             self.x = torch.from_numpy(reader._gather(f"tokens/layer_{layer:02d}", split))
 
     def batches(self, index_lists: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -325,7 +330,9 @@ def train_token_grid(
         for epoch in range(start_epoch, cfg.epochs):
             _sync(device)
             t0 = time.perf_counter()
-            run.train_epoch(train, y_train, norm, lambda step: lr_multiplier(step, total_steps, warmup, cfg.schedule))
+            run.train_epoch(
+                epoch, train, y_train, norm, lambda step: lr_multiplier(step, total_steps, warmup, cfg.schedule)
+            )
             _sync(device)
             train_seconds += time.perf_counter() - t0
             run.evaluate(epoch, val, test, norm, records)
@@ -391,6 +398,7 @@ class _Pass:
             self.optimizers[h] = torch.optim.AdamW(
                 groups, lr=self.lr_of[h], betas=ADAM_BETAS, eps=ADAM_EPS, foreach=True
             )
+        self.seeds = seeds
         self.generators = {j: torch.Generator().manual_seed(seeds[j]) for j in self.seed_idx}
         self.step = 0
         if resumed is not None:
@@ -409,10 +417,18 @@ class _Pass:
             "step": self.step,
         }
 
-    def train_epoch(self, train: TokenSplit, y: torch.Tensor, norm: TokenNorm, multiplier) -> None:
+    def train_epoch(self, epoch: int, train: TokenSplit, y: torch.Tensor, norm: TokenNorm, multiplier) -> None:
         orders = {j: torch.randperm(train.n, generator=g) for j, g in self.generators.items()}
         index_lists = {j: list(order.split(self.cfg.batch_size)) for j, order in orders.items()}
-        streams = {j: train.batches(index_lists[j]) for j in self.seed_idx}
+        items = index_lists
+        if train.k:  # one cached view per sample, drawn per (seed, epoch) as the linear heads draw theirs
+            from fmcache.frozen.views import epoch_views
+
+            items = {}
+            for j, order in orders.items():
+                view = epoch_views(self.seeds[j], epoch, train.n, train.k)
+                items[j] = list((order * train.k + view[order]).split(self.cfg.batch_size))
+        streams = {j: train.batches(items[j]) for j in self.seed_idx}
         for head in self.heads.values():
             head.train()
         for b in range(len(index_lists[self.seed_idx[0]])):
