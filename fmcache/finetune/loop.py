@@ -336,6 +336,7 @@ class Trainer:
             "timings": {
                 "train_seconds": float(sum(seconds)),
                 "train_s_per_epoch": float(np.mean(seconds)) if seconds else None,
+                "train_s_per_epoch_min": float(np.min(seconds)) if seconds else None,
                 "inference_s_per_img": self.eval_seconds / max(1, self.eval_images),
                 "peak_memory_bytes": peak_memory_bytes(self.device),
             },
