@@ -6,7 +6,7 @@ code the frozen heads use. What is specific here:
 - data order and augmentation are seeded per (seed, epoch): the sampler by ``set_epoch``, the augmentation RNG
   (main process and DataLoader workers) by a generator reseeded each epoch, so an epoch's batches do not depend on
   how the run got there, and a resumed run draws exactly what an uninterrupted one would;
-- after every epoch the ``last`` checkpoint is written atomically (``checkpoint.py``); on a val improvement the
+- after every epoch the ``last`` checkpoint is written atomically (``fmcache.training.save_checkpoint``, shared with the token heads); on a val improvement the
   test split is scored and the foundation is exported as ``foundation.safetensors`` (its own key layout, which
   ``fmcache extract --weights`` loads), so the export is always the best epoch's, also after a kill;
 - under torchrun each process takes its DistributedSampler share; val/test predictions are gathered so every rank
@@ -32,10 +32,19 @@ from fmcache import metrics
 from fmcache.dist import Dist
 from fmcache.errors import FmcacheError
 from fmcache.files import atomic_write_bytes, atomic_write_json
-from fmcache.finetune.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fmcache.finetune.model import FineTuneModel, root_module
 from fmcache.frozen.linear import head_losses
-from fmcache.training import ADAM_BETAS, ADAM_EPS, adamw_param_groups, lr_multiplier, warmup_steps_for
+from fmcache.training import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    adamw_param_groups,
+    load_checkpoint,
+    lr_multiplier,
+    save_checkpoint,
+    warmup_steps_for,
+)
+
+LAST = "last.pt"  # the per-epoch resumable checkpoint, beside the run's results
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 EXPORT = "foundation.safetensors"
@@ -237,7 +246,8 @@ class Trainer:
                                   steps_per_epoch, total)  # fmt: skip
         state = {"epoch": 0, "step": 0, "best_val": -math.inf, "best_epoch": -1, "curve": [], "test": None,
                  "epoch_seconds": [], "eval_seconds": 0.0, "eval_images": 0}  # fmt: skip
-        ckpt = load_checkpoint(self.folder, self.settings_hash, self.settings_doc) if self.resume else None
+        # restores every RNG state too; refuses a checkpoint made with other settings
+        ckpt = load_checkpoint(self.folder / LAST, self.settings_doc) if self.resume else None
         if ckpt is not None:
             missing = set(n for n, _ in model.trainable_named_parameters()) - set(ckpt["trainable"])
             if missing:
@@ -246,7 +256,6 @@ class Trainer:
             optimizer.load_state_dict(ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
             state.update(ckpt["loop"])
-            set_rng_state(ckpt["rng"])
             self.eval_seconds, self.eval_images = state["eval_seconds"], state["eval_images"]
             self.log(f"resumed {self.folder.name} after epoch {state['epoch']} of {self.s.epochs}")
         for epoch in range(state["epoch"], self.s.epochs):
@@ -296,17 +305,14 @@ class Trainer:
                 self.tb.add_scalar(f"{self.folder.name}/train_loss", float(np.mean(losses)), epoch + 1)
                 self.tb.add_scalar(f"{self.folder.name}/val_{self.s.metric}", val["value"], epoch + 1)
             if self.dist.main:
-                save_checkpoint(self.folder, {
-                    "settings_hash": self.settings_hash,
-                    "settings": self.settings_doc,
+                save_checkpoint(self.folder / LAST, {
                     "trainable": {n: p.detach().cpu() for n, p in model.trainable_named_parameters()},
                     "optimizer": optimizer.state_dict(),
                     "scheduler": {"step": state["step"], "total": total, "warmup": warmup},
                     "scaler": scaler.state_dict(),
                     "sampler": {"seed": self.s.seed, "epoch": epoch + 1, "position": 0},
                     "loop": state,
-                    "rng": rng_state(),
-                })  # fmt: skip
+                }, self.settings_doc)  # fmt: skip
             self.dist.barrier()
         return self._finish(state, steps_per_epoch)
 
