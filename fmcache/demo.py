@@ -1,7 +1,7 @@
 """An offline end-to-end demo on real scanned images: scikit-learn's bundled handwritten digits.
 
 Writes the digits as an upsampled ImageFolder, extracts a small registry model (random weights, said loudly,
-since no hub is reachable offline), then runs k-NN and the linear-probe grid from the cache.
+since no hub is reachable offline), then runs k-NN, the linear-probe grid and layer × layer CKA from the cache.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ def run_demo(
     epochs: int = 30,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Digits → extract → knn → probe; returns the results and writes them under ``out``."""
+    """Digits → extract → knn → probe → cka; returns the results and writes them under ``out``."""
     from fmcache.cache.reader import CacheReader
     from fmcache.extract import ExtractSpec, run_extract
-    from fmcache.frozen.run import run_knn, run_probe
+    from fmcache.frozen.run import run_cka, run_knn, run_probe
 
     out = Path(out)
     data_root = out / "digits"
@@ -71,6 +71,8 @@ def run_demo(
     # Random-init CNN features are best at the middle stages; probe the one k-NN likes most on val.
     best = max(knn["layers"], key=lambda n: knn["layers"][n]["splits"]["val"][10]["value"])
     probe = run_probe(reader, out=out / "results", lrs=(1e-3, 1e-2), seeds=2, epochs=epochs, layer=best, sklearn=True)
+    # every stage against every stage on the test split (exact, debiased): how far apart the stages' views are
+    cka = run_cka(reader, out=out / "results", layers="all")
     if not knn or not probe:
         raise FmcacheError("the demo produced no results")
-    return {"cache": folder, "knn": knn, "probe": probe}
+    return {"cache": folder, "knn": knn, "probe": probe, "cka": cka}

@@ -71,6 +71,8 @@ def test_demo_probe_is_within_two_points_of_sklearn_on_the_demo_cache(tmp_path: 
     assert entry["sklearn"]["value"] == pytest.approx(reference["value"])
     assert reference["value"] > 0.8
     assert abs(entry["test_mean"] - reference["value"]) <= 0.02
+    cka = result["cka"]  # the demo's CKA step: every stage against every stage, a 1 on the diagonal
+    assert np.allclose(np.diag(cka["matrix"]), 1.0) and (cka["folder"] / "cka_heatmap.png").is_file()
 
 
 def _cli(*args: str):

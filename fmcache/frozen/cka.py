@@ -165,7 +165,8 @@ def _blocks(selection: Selection, masks: list[np.ndarray]) -> Iterator[list[np.n
             elif selection.pool == "paper":
                 yield [fh["pooled/paper"][...][mask]]
             else:
-                stack = fh[f"pooled/{selection.pool}"][...][mask]  # one contiguous read of (rows, L, D_max)
+                stack = fh[f"pooled/{selection.pool}"][...]  # one contiguous read of (rows, L, D_max)
+                stack = stack if mask.all() else stack[mask]
                 yield [stack[:, n - 1, :w] for n, w in zip(selection.layers, selection.widths, strict=True)]
 
 
@@ -312,9 +313,13 @@ class ExactCka:
             )
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)  # noqa: E731
         self.n = 0
-        self.shift: list[torch.Tensor] | None = None
-        self.sums = [zeros(d) for d in self.dims]
-        self.norm_cross = [zeros(d, count) for d in self.dims]  # Xᵀ(squared row norms of every layer)
+        self.shift: torch.Tensor | None = None
+        self._buffer: torch.Tensor | None = None
+        # per-layer views into single vectors/matrices, so one in-place update per block serves every layer
+        self.sum_all = zeros(int(self.offsets[-1]))
+        self.norm_cross_all = zeros(int(self.offsets[-1]), count)  # Xᵀ(squared row norms of every layer)
+        self.sums = [self.sum_all[self.offsets[k] : self.offsets[k + 1]] for k in range(count)]
+        self.norm_cross = [self.norm_cross_all[self.offsets[k] : self.offsets[k + 1]] for k in range(count)]
         self.norm_gram = zeros(count, count)
         self.norm_sums = zeros(count)
         if self.same:  # row i holds Xᵢᵀ[Xᵢ … X_L]
@@ -325,34 +330,43 @@ class ExactCka:
             self.grams = [zeros(d, d) for d in self.dims]
 
     def update(self, blocks_a: Sequence[np.ndarray], blocks_b: Sequence[np.ndarray] | None = None) -> None:
-        feats = [self._tensor(x) for x in blocks_a]
+        blocks = list(blocks_a)
         if not self.same:
             if blocks_b is None or len(blocks_b[0]) != len(blocks_a[0]):
                 raise FmcacheError("CKA blocks of the two caches must have the same rows")
-            feats += [self._tensor(y) for y in blocks_b]
+            blocks += list(blocks_b)
+        z = self._stage(blocks)
         if self.shift is None:
-            self.shift = [f.mean(0) for f in feats]
-        feats = [f - c for f, c in zip(feats, self.shift, strict=True)]
-        norms = torch.stack([(f * f).sum(1) for f in feats], dim=1)  # (rows, layers)
-        self.n += len(feats[0])
-        self.norm_gram += norms.T @ norms
+            self.shift = z.mean(0)
+        z.sub_(self.shift)
+        feats = [z[:, self.offsets[k] : self.offsets[k + 1]] for k in range(len(self.dims))]
+        norms = torch.stack([torch.linalg.vector_norm(f, dim=1).square_() for f in feats], dim=1)  # (rows, layers)
+        self.n += len(z)
+        # addmm_ accumulates in place: no product temporaries, whose changing sizes would fragment the heap and let
+        # peak memory creep up with the number of blocks
+        self.norm_gram.addmm_(norms.T, norms)
         self.norm_sums += norms.sum(0)
-        for k, f in enumerate(feats):
-            self.sums[k] += f.sum(0)
-            self.norm_cross[k] += f.T @ norms
+        self.sum_all += z.sum(0)
+        self.norm_cross_all.addmm_(z.T, norms)
         if self.same:
-            z = torch.cat(feats, dim=1)
             for i, f in enumerate(feats):
-                self.rows[i] += f.T @ z[:, self.offsets[i] :]
+                self.rows[i].addmm_(f.T, z[:, self.offsets[i] :])
         else:
-            z_b = torch.cat(feats[self.la :], dim=1)
+            z_b = z[:, self.offsets[self.la] :]
             for i in range(self.la):
-                self.rows[i] += feats[i].T @ z_b
+                self.rows[i].addmm_(feats[i].T, z_b)
             for k, f in enumerate(feats):
-                self.grams[k] += f.T @ f
+                self.grams[k].addmm_(f.T, f)
 
-    def _tensor(self, x: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(x)).to(self.device, torch.float64)
+    def _stage(self, blocks: Sequence[np.ndarray]) -> torch.Tensor:
+        """The block's layers side by side as float64 in one buffer reused across blocks (converted while copied)."""
+        rows = len(blocks[0])
+        if self._buffer is None or len(self._buffer) < rows:
+            self._buffer = torch.empty(rows, int(self.offsets[-1]), dtype=torch.float64, device=self.device)
+        z = self._buffer[:rows]
+        for k, x in enumerate(blocks):
+            z[:, self.offsets[k] : self.offsets[k + 1]].copy_(torch.from_numpy(np.asarray(x)))
+        return z
 
     def _cross(self, k1: int, k2: int) -> torch.Tensor:
         """Accumulated X_k1ᵀ X_k2 (feature indices over A then B)."""
