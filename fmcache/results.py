@@ -1,4 +1,34 @@
-"""Result files of stage-two commands: JSON + CSV written atomically, and PNG plots.
+"""Result files of stage-two commands, and the layout that lets ``fmcache report`` and ``fmcache grid`` gather them.
+
+Contract (``fmcache report``/``fmcache grid`` read exactly this):
+
+* Every evaluation writes into its own folder
+  ``<root>/<dataset>/<model>/<key12>/<protocol>-<settings_hash12>/`` (:func:`result_folder`), where ``<model>`` is the
+  model name with ``:`` and ``/`` replaced by ``_``, ``<key12>`` the first 12 characters of the cache key (for
+  fine-tuning, which reads no cache: the fine-tune run key), ``<protocol>`` one of :data:`PROTOCOLS` and
+  ``<settings_hash12>`` the first 12 hex digits of :func:`settings_hash`: sha256 of the canonical JSON (sorted keys,
+  no spaces) of every setting that changes the numbers (never plots, progress or device). Two-cache CKA uses cache
+  A's path and records cache B's key in its settings (``cache_b_key``).
+* Inside the folder: ``result.json`` (written LAST, atomically: a folder with it is complete, one without it is
+  not and is rerun by the grid), ``result.csv`` (the protocol's rows), ``predictions.npz`` (probe, finetune, knn)
+  and PNG plots.
+* ``result.json`` has at least these top-level keys: ``protocol``, ``settings``, ``settings_hash`` (full 64 hex),
+  ``dataset``, ``model``, ``cache_key`` (full, or null for finetune), ``weights`` (the manifest's weights dict, with
+  ``differs_from_paper`` when present), ``metric``, ``status`` (``"complete"``), ``fmcache_version``,
+  ``written_at``, ``timings`` (``train_seconds``, ``inference_seconds_per_sample``, and
+  ``extract_seconds_per_image`` when the cache recorded it) and ``summary``:
+
+  - probe_* / finetune_*: ``{"best_lr", "val_mean", "val_std", "test_mean", "test_std", "n_seeds",
+    "seeds_requested"}``, plus ``"per_layer": {layer: {...same keys...}}`` when several layers were probed
+    (then the top-level values are those of the last layer);
+  - knn: ``{"rows": [{"layer", "split", "k", "temperature", "value"}], "best": {"k", "layer", "test"}}``;
+  - cka: ``{"layers_a", "layers_b", "matrix"}`` (matrix as a list of lists).
+
+  The protocol's full payload is kept under ``details``.
+* ``predictions.npz``: ``val_ids``, ``val_labels``, ``val_scores``, ``test_ids``, ``test_labels``, ``test_scores``
+  and ``seeds``. ``*_scores`` are float32 shaped (n_seeds, n, C): for probes and fine-tuning the best LR's heads,
+  one row per seed (in ``seeds`` order); for k-NN one row (seed -1), the best k on the last layer. Labels are
+  int (n,) for single-label data and (n, C) 0/1 for multi-label data. CKA has no predictions.
 
 Every file goes to a temporary name in the target folder and is moved into place with ``os.replace``,
 so a crash never leaves a half-written result that looks valid.
@@ -8,6 +38,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -20,6 +51,69 @@ import numpy as np
 import fmcache
 from fmcache.errors import FmcacheError
 from fmcache.files import atomic_write_bytes, ensure_writable_dir
+
+PROTOCOLS = ("knn", "probe_linear", "probe_deit", "probe_attentive", "cka", "finetune_linear", "finetune_deit")
+RESULT_JSON = "result.json"
+RESULT_CSV = "result.csv"
+PREDICTIONS = "predictions.npz"
+
+
+def safe_name(name: str) -> str:
+    """A model (or dataset) name usable as one path component: ``hf:org/model`` -> ``hf_org_model``."""
+    return str(name).replace(":", "_").replace("/", "_")
+
+
+def settings_hash(settings: Mapping) -> str:
+    """sha256 (64 hex) of the canonical JSON of ``settings``: sorted keys, no whitespace, numpy values as JSON.
+
+    Canonical so that the same settings give the same folder in every process, whatever the dict order.
+    """
+    canonical = json.dumps(to_jsonable(settings), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def result_folder(root: Path, dataset: str, model: str, key: str, protocol: str, settings: Mapping) -> Path:
+    """``<root>/<dataset>/<model>/<key12>/<protocol>-<settings_hash12>``: one folder per evaluation and settings.
+
+    ``key`` is the cache key (or the fine-tune run key); only its first 12 characters name the folder. Nothing
+    is created here, so the grid can ask where a job would write without writing.
+    """
+    if protocol not in PROTOCOLS:
+        raise FmcacheError(f"unknown result protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    return (
+        Path(root)
+        / safe_name(dataset)
+        / safe_name(model)
+        / str(key)[:12]
+        / f"{protocol}-{settings_hash(settings)[:12]}"
+    )
+
+
+def is_complete(folder: Path) -> bool:
+    """True when ``folder`` holds a readable ``result.json`` with status complete (it is written last)."""
+    path = Path(folder) / RESULT_JSON
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(document, dict) and document.get("status") == "complete"
+
+
+def find_results(root: Path) -> list[dict]:
+    """Every complete ``result.json`` under ``root``, each loaded with ``"folder"`` (its folder, str) added.
+
+    Sorted by folder so reports are stable. Unreadable or incomplete files are skipped: they belong to runs that
+    crashed or are still going, which the grid reruns.
+    """
+    found = []
+    for path in sorted(Path(root).rglob(RESULT_JSON)):
+        try:
+            document = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(document, dict) and document.get("status") == "complete":
+            found.append({**document, "folder": str(path.parent)})
+    return found
 
 
 def to_jsonable(obj):
@@ -88,6 +182,84 @@ def write_results(out_dir: Path, stem: str, payload: Mapping, rows: Sequence[Map
     atomic_write_bytes(csv_path, _csv_bytes(rows))
     atomic_write_bytes(json_path, (json.dumps(document, indent=2, allow_nan=False) + "\n").encode())
     return json_path, csv_path
+
+
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+    return buffer.getvalue()
+
+
+def write_result(
+    folder: Path,
+    *,
+    protocol: str,
+    settings: Mapping,
+    dataset: str,
+    model: str,
+    cache_key: str | None,
+    weights: Mapping | None,
+    metric: str | None,
+    timings: Mapping,
+    summary: Mapping,
+    details: Mapping,
+    rows: Sequence[Mapping],
+    predictions: Mapping[str, np.ndarray] | None = None,
+    extra: Mapping | None = None,
+) -> Path:
+    """Write one evaluation's folder: ``result.csv``, ``predictions.npz`` (if given), then ``result.json`` last.
+
+    ``result.json`` carries the contract's keys (see the module docstring), ``details`` (the protocol's full
+    payload) and ``extra`` merged at the top level. Scores are stored as float32 to keep the npz small. Returns the
+    JSON's path.
+    """
+    if protocol not in PROTOCOLS:
+        raise FmcacheError(f"unknown result protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    folder = ensure_writable_dir(Path(folder))
+    # an older, complete result.json in this folder must not vouch for the files rewritten below
+    (folder / RESULT_JSON).unlink(missing_ok=True)
+    atomic_write_bytes(folder / RESULT_CSV, _csv_bytes(rows))
+    if predictions is not None:
+        arrays = {k: np.asarray(v, dtype=np.float32) if k.endswith("_scores") else np.asarray(v)
+                  for k, v in predictions.items()}  # fmt: skip
+        atomic_write_bytes(folder / PREDICTIONS, _npz_bytes(arrays))
+    document = {
+        **to_jsonable(extra or {}),
+        "protocol": protocol,
+        "status": "complete",
+        "dataset": dataset,
+        "model": model,
+        "cache_key": cache_key,
+        "weights": to_jsonable(dict(weights or {})),
+        "metric": metric,
+        "settings": to_jsonable(settings),
+        "settings_hash": settings_hash(settings),
+        "timings": to_jsonable(timings),
+        "summary": to_jsonable(summary),
+        "details": to_jsonable(details),
+        "fmcache_version": fmcache.__version__,
+        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = folder / RESULT_JSON
+    atomic_write_bytes(path, (json.dumps(document, indent=2, allow_nan=False) + "\n").encode())
+    return path
+
+
+def seed_summary(best_lr, val: Sequence[float], test: Sequence[float], seeds_requested: int) -> dict:
+    """The contract's per-protocol summary for trained heads: best LR and mean ± std over seeds on val and test.
+
+    std is the sample std (ddof 1, as :mod:`fmcache.frozen.linear`), and 0 for one seed rather than NaN.
+    """
+    val_a, test_a = np.asarray(val, dtype=np.float64), np.asarray(test, dtype=np.float64)
+    return {
+        "best_lr": None if best_lr is None else float(best_lr),
+        "val_mean": float(val_a.mean()) if val_a.size else None,
+        "val_std": float(val_a.std(ddof=1)) if val_a.size > 1 else 0.0 if val_a.size else None,
+        "test_mean": float(test_a.mean()) if test_a.size else None,
+        "test_std": float(test_a.std(ddof=1)) if test_a.size > 1 else 0.0 if test_a.size else None,
+        "n_seeds": int(test_a.size),
+        "seeds_requested": int(seeds_requested),
+    }
 
 
 def _new_figure(n_panels: int = 1):
