@@ -6,27 +6,35 @@ import errno
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from fmcache.errors import FmcacheError
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename over ``path``.
+def atomic_write_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Stream into a temporary name in the same folder with ``write(fh)``, fsync, then rename over ``path``.
 
-    A crash leaves at most a hidden temporary file, never a partial file under the real name.
+    A crash leaves at most a hidden temporary file, never a partial file under the real name. Streaming lets large
+    payloads (a grid of DeiT-B heads' checkpoint) go to disk without a second copy in RAM.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise disk_error(exc, path) from exc
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` atomically (see :func:`atomic_write_with`)."""
+    atomic_write_with(path, lambda fh: fh.write(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

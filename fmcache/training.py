@@ -196,23 +196,16 @@ def save_checkpoint(path: Path, state: dict, settings: dict) -> None:
     previous checkpoint or the new one, never a torn file. ``settings`` must be JSON-able; :func:`load_checkpoint`
     refuses a checkpoint whose settings differ, so a rerun with other settings never mixes two runs.
     """
-    import os
 
-    from fmcache.files import disk_error
+    from fmcache.files import atomic_write_with, disk_error
 
     path = Path(path)
     payload = {"format": CHECKPOINT_FORMAT, "settings": _canonical(settings), "rng": rng_states(), "state": state}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:  # streamed to disk: a grid of DeiT-B heads is gigabytes, no copy in RAM
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise disk_error(exc, path) from exc
+    atomic_write_with(path, lambda fh: torch.save(payload, fh))
 
 
 def _read_checkpoint(path: Path, mmap: bool) -> dict:
