@@ -190,6 +190,17 @@ def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
+def start_result(folder: Path) -> Path:
+    """Create ``folder`` and drop any earlier ``result.json`` in it before a run writes plots or checkpoints there.
+
+    A rerun with the same settings reuses the folder; without this a crash midway would leave the old
+    ``result.json`` vouching for a mix of old and new files.
+    """
+    folder = ensure_writable_dir(Path(folder))
+    (folder / RESULT_JSON).unlink(missing_ok=True)
+    return folder
+
+
 def write_result(
     folder: Path,
     *,
@@ -215,9 +226,7 @@ def write_result(
     """
     if protocol not in PROTOCOLS:
         raise FmcacheError(f"unknown result protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
-    folder = ensure_writable_dir(Path(folder))
-    # an older, complete result.json in this folder must not vouch for the files rewritten below
-    (folder / RESULT_JSON).unlink(missing_ok=True)
+    folder = start_result(folder)
     atomic_write_bytes(folder / RESULT_CSV, _csv_bytes(rows))
     if predictions is not None:
         arrays = {k: np.asarray(v, dtype=np.float32) if k.endswith("_scores") else np.asarray(v)

@@ -218,14 +218,19 @@ def test_cli_writes_matrix_csv_and_heatmap(tiny_cache: Path, other_caches, tmp_p
     out = tmp_path / "r"
     result = runner.invoke(app, ["cka", str(tiny_cache), "--out", str(out)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    folder = next(out.rglob("cka.json")).parent
-    assert folder == out / "aptos2019" / "dinov2_vits14" / CacheReader(tiny_cache).key[:12]
-    payload = json.loads((folder / "cka.json").read_text())
+    folder = next(out.rglob("result.json")).parent
+    assert folder.parent == out / "aptos2019" / "dinov2_vits14" / CacheReader(tiny_cache).key[:12]
+    assert folder.name.startswith("cka-")
+    doc = json.loads((folder / "result.json").read_text())
+    payload = doc["details"]
     matrix = np.array(payload["matrix"])
     assert matrix.shape == (2, 2) and np.allclose(np.diag(matrix), 1.0)
+    assert doc["summary"]["matrix"] == payload["matrix"] and doc["summary"]["layers_a"] == [1, 2]
+    assert doc["protocol"] == "cka" and doc["cache_key"] == CacheReader(tiny_cache).key
     assert payload["row_layers"] == [1, 2] and payload["n"] == 6 and payload["split"] == "test"
     assert payload["cache_a"]["cache_key"] == payload["cache_b"]["cache_key"] == CacheReader(tiny_cache).key
-    lines = (folder / "cka.csv").read_text().splitlines()
+    assert not (folder / "predictions.npz").exists()
+    lines = (folder / "result.csv").read_text().splitlines()
     assert lines[0] == "layer_a,layer_b,cka" and len(lines) == 5 and lines[1].startswith("1,1,")
     assert (folder / "cka_heatmap.png").stat().st_size > 0
 
@@ -233,9 +238,12 @@ def test_cli_writes_matrix_csv_and_heatmap(tiny_cache: Path, other_caches, tmp_p
             "--biased", "--split", "val", "--out", str(out), "--no-plots"]  # fmt: skip
     result = runner.invoke(app, argv, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    pair = next(p for p in out.rglob("cka.json") if p.parent != folder)
-    payload = json.loads(pair.read_text())
-    assert payload["row_layers"] == [2] and payload["col_layers"] == [1, 2] and payload["settings"]["debiased"] is False
+    pair = next(p for p in out.rglob("result.json") if p.parent != folder)
+    assert pair.parent.parent == folder.parent  # cache A's folder; B is in the settings
+    doc = json.loads(pair.read_text())
+    payload = doc["details"]
+    assert doc["settings"]["cache_b_key"] == CacheReader(other_caches["resharded"]).key
+    assert payload["row_layers"] == [2] and payload["col_layers"] == [1, 2] and doc["settings"]["debiased"] is False
     assert payload["matrix"][0][1] == pytest.approx(1.0, abs=1e-6)
     assert not (pair.parent / "cka_heatmap.png").exists()
 

@@ -15,8 +15,9 @@ from fmcache.errors import FmcacheError
 from fmcache.frozen.features import standardize_splits
 from fmcache.frozen.knn import knn_predict
 from fmcache.frozen.linear import fit_sklearn_reference
-from fmcache.frozen.run import run_knn, run_probe
+from fmcache.frozen.run import results_dir, run_knn, run_probe
 from fmcache.metrics import evaluate
+from fmcache.results import find_results, is_complete
 
 runner = CliRunner()
 
@@ -25,10 +26,20 @@ def test_knn_from_cache_writes_files_and_equals_the_library(tiny_cache: Path, tm
     reader = CacheReader(tiny_cache)
     result = run_knn(reader, out=tmp_path, ks=(3, 5), temperature=0.1, layer="all", pool="cls")
     folder = result["folder"]
-    for name in ("knn.json", "knn.csv", "knn_vs_k.png", "knn_vs_layer.png"):
+    assert folder.parent == results_dir(reader, tmp_path) and folder.name.startswith("knn-")
+    for name in ("result.json", "result.csv", "predictions.npz", "knn_vs_k.png", "knn_vs_layer.png"):
         assert (folder / name).is_file(), name
-    payload = json.loads((folder / "knn.json").read_text())
-    assert payload["cache_key"] == reader.key and payload["fmcache_version"]
+    payload = json.loads((folder / "result.json").read_text())
+    assert payload["cache_key"] == reader.key and payload["fmcache_version"] and payload["protocol"] == "knn"
+    assert payload["settings"]["ks"] == [3, 5] and payload["settings"]["layers"] == [1, 2]
+    assert payload["settings_hash"].startswith(folder.name.split("-")[1])
+    best = payload["summary"]["best"]
+    assert best["layer"] == 2 and best["k"] in (3, 5)
+    assert len(payload["summary"]["rows"]) == 2 * 2 * 2  # layers × splits × ks
+    with np.load(folder / "predictions.npz") as npz:
+        assert npz["test_scores"].shape == (1, len(reader.ids("test")), 5)
+        recomputed = evaluate("qwk", npz["test_labels"], npz["test_scores"][0], False)["value"]
+    assert recomputed == pytest.approx(best["test"], abs=1e-6)
     # the stored numbers are those of k-NN on the cached features, scored by the dataset's metric (QWK)
     bank, labels = reader.pooled("train", 2, "cls"), reader.labels("train")
     scores = knn_predict(bank, labels, reader.pooled("test", 2, "cls"), (3, 5), temperature=0.1, num_classes=5)
@@ -41,12 +52,56 @@ def test_probe_from_cache_writes_files(tiny_cache: Path, tmp_path: Path):
     reader = CacheReader(tiny_cache)
     result = run_probe(reader, out=tmp_path, lrs=(1e-3, 1e-2), seeds=2, epochs=3, batch_size=8)
     folder = result["folder"]
-    assert (folder / "probe_linear.json").is_file() and (folder / "probe_linear.csv").is_file()
+    assert folder.name.startswith("probe_linear-")
+    assert (folder / "result.json").is_file() and (folder / "result.csv").is_file()
     assert (folder / "probe_linear_curves.png").is_file()
-    payload = json.loads((folder / "probe_linear.json").read_text())
-    layer = payload["layers"][str(reader.num_layers)]
+    payload = json.loads((folder / "result.json").read_text())
+    layer = payload["details"]["layers"][str(reader.num_layers)]
     assert layer["best_lr"] in (1e-3, 1e-2) and len(layer["per_lr"]) == 2
     assert len(result["rows"]) == 4  # 2 LRs × 2 seeds
+    summary = payload["summary"]
+    assert summary["best_lr"] == layer["best_lr"] and summary["test_mean"] == pytest.approx(layer["test_mean"])
+    assert summary["n_seeds"] == summary["seeds_requested"] == 2 and "per_layer" not in summary
+    for key in ("train_seconds", "inference_seconds_per_sample", "extract_seconds_per_image"):
+        assert payload["timings"][key] is not None, key
+    assert payload["status"] == "complete" and payload["weights"] == reader.manifest["weights"]
+
+
+def test_probe_predictions_are_what_the_metric_scored(tiny_cache: Path, tmp_path: Path):
+    """predictions.npz holds the best LR's heads at their selected epoch: rescoring them gives the JSON's numbers."""
+    reader = CacheReader(tiny_cache)
+    result = run_probe(reader, out=tmp_path, lrs=(1e-3, 1e-2), seeds=(3, 7), epochs=3, batch_size=8, plots=False)
+    folder = result["folder"]
+    payload = json.loads((folder / "result.json").read_text())
+    best = payload["details"]["layers"][str(reader.num_layers)]["per_lr"][str(payload["summary"]["best_lr"])]
+    with np.load(folder / "predictions.npz") as npz:
+        assert list(npz["seeds"]) == [3, 7]
+        assert npz["test_scores"].dtype == np.float32 and npz["test_scores"].shape == (2, len(reader.ids("test")), 5)
+        assert np.array_equal(npz["test_ids"], reader.ids("test"))
+        assert np.array_equal(npz["val_labels"], reader.labels("val"))
+        for i in range(2):
+            test = evaluate("qwk", npz["test_labels"], npz["test_scores"][i], False)["value"]
+            val = evaluate("qwk", npz["val_labels"], npz["val_scores"][i], False)["value"]
+            assert test == pytest.approx(best["test_per_seed"][i], abs=1e-6)
+            assert val == pytest.approx(best["val_per_seed"][i], abs=1e-6)
+
+
+def test_runs_with_other_settings_get_their_own_folders(tiny_cache: Path, tmp_path: Path):
+    reader = CacheReader(tiny_cache)
+    first = run_probe(reader, out=tmp_path, lrs=(1e-3,), seeds=1, epochs=2, batch_size=8, plots=False)
+    first_doc = (first["folder"] / "result.json").read_bytes()
+    second = run_probe(reader, out=tmp_path, lrs=(1e-3,), seeds=1, epochs=3, batch_size=8, plots=False)
+    assert first["folder"] != second["folder"] and first["folder"].parent == second["folder"].parent
+    assert (first["folder"] / "result.json").read_bytes() == first_doc  # not overwritten
+    knn_a = run_knn(reader, out=tmp_path, ks=(3,), plots=False)
+    knn_b = run_knn(reader, out=tmp_path, ks=(5,), plots=False)
+    assert knn_a["folder"] != knn_b["folder"]
+    found = find_results(tmp_path)
+    assert sorted(r["protocol"] for r in found) == ["knn", "knn", "probe_linear", "probe_linear"]
+    assert {r["settings"]["epochs"] for r in found if r["protocol"] == "probe_linear"} == {2, 3}
+    # the same settings (seeds as a count or as the list) name the same folder, so a rerun replaces it in place
+    again = run_probe(reader, out=tmp_path, lrs=(1e-3,), seeds=[0], epochs=2, batch_size=8, plots=False)
+    assert again["folder"] == first["folder"] and is_complete(again["folder"])
 
 
 def test_standardize_uses_train_statistics():

@@ -328,8 +328,8 @@ def test_cli_probe_views_and_knn_note(views_cache, plain_cache, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "ignores the cache's 2 augmented views" in " ".join(result.output.split())
-    saved = json.loads(next(tmp_path.rglob("knn.json")).read_text())
-    assert "center crops" in saved["views"]
+    saved = json.loads(next(tmp_path.rglob("result.json")).read_text())
+    assert "center crops" in saved["details"]["views"]
 
 
 def test_view_tokens_stream_every_view_of_every_train_sample(views_cache, plain_cache):

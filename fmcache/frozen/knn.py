@@ -248,6 +248,7 @@ def knn_evaluate(
     label_names: Sequence[str] | None = None,
     batch_size: int = 4096,
     use_gpu: bool | None = None,
+    keep_scores: bool = False,
 ) -> dict:
     """k-NN metrics for each query split (e.g. ``{"val": (x, y), "test": (x, y)}``) and each k.
 
@@ -260,6 +261,7 @@ def knn_evaluate(
                      "total_seconds": s, "inference_seconds_per_sample": s}}
 
     ``inference_seconds_per_sample`` is search + vote time over all query samples (all ks together).
+    ``keep_scores`` adds ``"scores": {split: {k: (N, C) float32}}`` (for predictions.npz).
     """
     metrics.check_metric(metric)
     bank_x, ks = np.asarray(bank_x), _as_ks(ks)
@@ -279,7 +281,7 @@ def knn_evaluate(
     start = time.perf_counter()
     index = build_index(l2_normalise(bank_x), gpu)
     timings: dict = {"index_seconds": time.perf_counter() - start, "search_seconds": {}, "vote_seconds": {}}
-    splits = {}
+    splits, kept = {}, {}
     for split, (qx, qy) in queries.items():
         t0 = time.perf_counter()
         sims, ids = search(index, l2_normalise(np.asarray(qx)), kmax, batch_size)
@@ -288,11 +290,13 @@ def knn_evaluate(
         timings["search_seconds"][split] = t1 - t0
         timings["vote_seconds"][split] = time.perf_counter() - t1
         splits[split] = {k: metrics.evaluate(metric, qy, scores[k], multilabel, label_names) for k in ks}
+        if keep_scores:
+            kept[split] = {k: v.astype(np.float32) for k, v in scores.items()}
     timings["total_seconds"] = time.perf_counter() - start
     n_queries = sum(len(qx) for qx, _ in queries.values())
     query_seconds = sum(timings["search_seconds"].values()) + sum(timings["vote_seconds"].values())
     timings["inference_seconds_per_sample"] = query_seconds / n_queries
-    return {
+    result = {
         "ks": [int(k) for k in ks],
         "temperature": float(temperature),
         "metric": metric,
@@ -303,6 +307,9 @@ def knn_evaluate(
         "splits": splits,
         "timings": timings,
     }
+    if keep_scores:
+        result["scores"] = kept
+    return result
 
 
 def knn_rows(result: dict, **extra) -> list[dict]:

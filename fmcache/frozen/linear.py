@@ -80,6 +80,9 @@ class ProbeResult:
     settings: dict
     train_seconds: float
     inference_seconds_per_sample: float
+    # the best LR's heads at their selected epochs: {"seeds": (S,), "val_scores": (S, n_val, C), "test_scores": ...}
+    # float32 probabilities; kept out of to_dict (it goes to predictions.npz, not the JSON)
+    predictions: dict[str, np.ndarray] | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready dict (curves as nested lists, LR keys as given)."""
@@ -425,6 +428,9 @@ class _Evaluator:
         self.best_val = np.full(n_heads, -np.inf)
         self.best_epoch = np.zeros(n_heads, dtype=np.int64)
         self.test_metrics: list[dict | None] = [None] * n_heads
+        # each head's val and test probabilities at its best epoch so far, for predictions.npz
+        self.best_val_probs: list[np.ndarray | None] = [None] * n_heads
+        self.best_test_probs: list[np.ndarray | None] = [None] * n_heads
         self.forward_seconds = 0.0
         self.forward_samples = 0
 
@@ -452,6 +458,8 @@ class _Evaluator:
         test_probs = self._probs(self.test, w[rows], b[rows])
         for head, probs in zip(improved, test_probs, strict=True):
             self.test_metrics[head] = self._evaluate(self.test.y, probs)
+            self.best_test_probs[head] = probs.astype(np.float32)
+            self.best_val_probs[head] = val_probs[head].astype(np.float32)
 
     def inference_seconds_per_sample(self) -> float:
         return self.forward_seconds / max(1, self.forward_samples)
@@ -482,6 +490,12 @@ def _summarise(metric, lrs, seeds, evaluator: _Evaluator, settings, train_second
         }
         curves[lr] = evaluator.curves[list(heads)]
     best = per_lr[lrs[best_lr_index]]
+    best_heads = range(best_lr_index * n_seeds, (best_lr_index + 1) * n_seeds)
+    predictions = {
+        "seeds": np.asarray(seeds, dtype=np.int64),
+        "val_scores": np.stack([evaluator.best_val_probs[h] for h in best_heads]),
+        "test_scores": np.stack([evaluator.best_test_probs[h] for h in best_heads]),
+    }
     return ProbeResult(
         metric=metric,
         lrs=lrs,
@@ -496,6 +510,7 @@ def _summarise(metric, lrs, seeds, evaluator: _Evaluator, settings, train_second
         settings=settings,
         train_seconds=train_seconds,
         inference_seconds_per_sample=evaluator.inference_seconds_per_sample(),
+        predictions=predictions,
     )
 
 

@@ -17,7 +17,17 @@ from fmcache.errors import FmcacheError
 from fmcache.frozen.features import FeatureSource, resolve_layers, resolve_pool, standardize_splits, train_stats
 from fmcache.frozen.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_evaluate, knn_rows
 from fmcache.progress import progress_bar
-from fmcache.results import plot_knn_vs_k, plot_knn_vs_layer, plot_probe_curves, plot_probe_vs_layer, write_results
+from fmcache.results import (
+    plot_knn_vs_k,
+    plot_knn_vs_layer,
+    plot_probe_curves,
+    plot_probe_vs_layer,
+    result_folder,
+    safe_name,
+    seed_summary,
+    start_result,
+    write_result,
+)
 from fmcache.training import fit_warmup, paper_warmup
 
 EVAL_SPLITS = ("val", "test")
@@ -25,8 +35,42 @@ VIEWS_IGNORED = "k-NN ignores the cache's {k} augmented views per train image: b
 
 
 def results_dir(reader: CacheReader, out: Path) -> Path:
-    safe_model = reader.model.replace(":", "_").replace("/", "_")
-    return Path(out) / reader.dataset / safe_model / reader.key[:12]
+    """The cache's folder of results, ``<out>/<dataset>/<model>/<key12>``; each evaluation has a subfolder in it."""
+    return Path(out) / safe_name(reader.dataset) / safe_name(reader.model) / reader.key[:12]
+
+
+def protocol_dir(reader: CacheReader, out: Path, protocol: str, settings: dict) -> Path:
+    """``<out>/<dataset>/<model>/<key12>/<protocol>-<settings_hash12>``: one folder per evaluation and settings."""
+    return result_folder(out, reader.dataset, reader.model, reader.key, protocol, settings)
+
+
+def result_identity(reader: CacheReader) -> dict:
+    """The contract's identity keys of a result read from ``reader`` (``fmcache.results.write_result``)."""
+    return {
+        "dataset": reader.dataset,
+        "model": reader.model,
+        "cache_key": reader.key,
+        "weights": reader.manifest.get("weights", {}),
+    }
+
+
+def result_timings(reader: CacheReader, train_seconds: float | None, inference_s_per_sample: float | None) -> dict:
+    """The contract's timings: train s, inference s/sample, and extraction s/image when the cache recorded it."""
+    timings = {"train_seconds": train_seconds, "inference_seconds_per_sample": inference_s_per_sample}
+    extract = reader.manifest.get("timings", {}).get("s_per_img")
+    if extract is not None:
+        timings["extract_seconds_per_image"] = extract
+    return timings
+
+
+def split_predictions(reader: CacheReader, scores: dict[str, np.ndarray], seeds: Sequence[int]) -> dict:
+    """predictions.npz arrays: ``<split>_ids``, ``<split>_labels``, ``<split>_scores`` (S, n, C) and ``seeds``."""
+    arrays: dict[str, np.ndarray] = {"seeds": np.asarray(list(seeds), dtype=np.int64)}
+    for split, split_scores in scores.items():
+        arrays[f"{split}_ids"] = reader.ids(split)
+        arrays[f"{split}_labels"] = reader.labels(split)
+        arrays[f"{split}_scores"] = np.asarray(split_scores, dtype=np.float32)
+    return arrays
 
 
 def dataset_metric(reader: CacheReader, metric: str | None) -> str:
@@ -80,7 +124,11 @@ def run_knn(
     use_gpu: bool | None = None,
     plots: bool = True,
 ) -> dict:
-    """Weighted k-NN (train split as the bank) for each requested layer; writes knn.{json,csv} and plots."""
+    """Weighted k-NN (train split as the bank) for each requested layer, into its own result folder.
+
+    Writes ``result.csv`` (one row per layer × split × k), plots, ``predictions.npz`` (the best k on the last layer,
+    chosen on val) and ``result.json`` last (``fmcache.results``).
+    """
     metric = dataset_metric(reader, metric)
     layers = resolve_layers(reader, layer)
     pools = resolve_pool(reader, pool, layers)
@@ -101,20 +149,48 @@ def run_knn(
             num_classes=len(reader.class_names),
             label_names=reader.class_names if reader.multilabel else None,
             use_gpu=use_gpu,
+            keep_scores=True,
         )
+        scores = result.pop("scores")  # the protocol's payload stays JSON; scores go to predictions.npz
+        if number == layers[-1]:
+            last_scores = scores
         per_layer[number] = result
         rows += knn_rows(result, layer=number, pool="+".join(pools))
-    folder = results_dir(reader, out)
-    payload = _settings_header(reader, ks=list(ks), temperature=temperature, layers=layers, pool=pools, metric=metric)
-    payload.update({"layers": per_layer, "total_seconds": time.perf_counter() - start})
+    settings = {"ks": [int(k) for k in ks], "temperature": float(temperature), "layers": layers, "pool": pools,
+                "metric": metric, "eval_splits": splits}  # fmt: skip
+    folder = start_result(protocol_dir(reader, out, "knn", settings))
+    payload = {"cache": str(reader.path), "layers": per_layer, "total_seconds": time.perf_counter() - start}
     if reader.views_k:  # the bank and the queries are center crops; augmented views are for trained heads
         payload["views"] = VIEWS_IGNORED.format(k=reader.views_k)
-    write_results(folder, "knn", payload, rows)
+    best = _knn_best(per_layer[layers[-1]], layers[-1])
+    summary = {
+        "rows": [{key: r[key] for key in ("layer", "split", "k", "temperature", "value")} for r in rows],
+        "best": best,
+    }
+    predictions = split_predictions(reader, {s: last_scores[s][best["k"]][None] for s in splits}, [-1])
+    last_timings = per_layer[layers[-1]]["timings"]
+    timings = result_timings(reader, last_timings["index_seconds"], last_timings["inference_seconds_per_sample"])
+    timings["total_seconds"] = payload["total_seconds"]
     if plots:
         plot_knn_vs_k(folder / "knn_vs_k.png", per_layer[layers[-1]])
     if plots and len(layers) > 1:
         plot_knn_vs_layer(folder / "knn_vs_layer.png", per_layer)
-    return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows, "views_note": payload.get("views")}
+    write_result(
+        folder, protocol="knn", settings=settings, metric=metric, timings=timings, summary=summary, details=payload,
+        rows=rows, predictions=predictions, **result_identity(reader),
+    )  # fmt: skip
+    return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows, "views_note": payload.get("views"),
+            "best": best}  # fmt: skip
+
+
+def _knn_best(result: dict, layer: int) -> dict:
+    """The k with the best val metric on ``layer`` (test when val was not asked; the smallest k on ties)."""
+    by_k = result["splits"].get("val") or result["splits"]["test"]
+    values = {k: (-np.inf if m["value"] is None or np.isnan(m["value"]) else m["value"]) for k, m in by_k.items()}
+    best_k = max(values, key=lambda k: (values[k], -int(k)))
+    test = result["splits"].get("test", {}).get(best_k)
+    return {"k": int(best_k), "layer": layer, "test": None if test is None else test["value"],
+            "val": None if "val" not in result["splits"] else result["splits"]["val"][best_k]["value"]}  # fmt: skip
 
 
 def run_probe(
@@ -139,6 +215,9 @@ def run_probe(
 ) -> dict:
     """The paper's frozen linear protocol over the whole LR × seed grid, from cached pooled features.
 
+    Writes into its own result folder (``fmcache.results``): ``result.csv`` (one row per layer × LR × seed), curve
+    plots, ``predictions.npz`` (the last layer's best LR, every seed) and ``result.json`` last.
+
     ``views`` on (the default when the cache has augmented views) trains every head on one cached view per train
     sample per epoch (:mod:`fmcache.frozen.views`); off, or a cache without views, trains on the center crops.
 
@@ -162,8 +241,13 @@ def run_probe(
     with_views = use_views(reader, views)
     source = FeatureSource(reader, layers, pools)
     warmup = fit_warmup(paper_warmup(reader.dataset), epochs, len(reader.rows("train")), batch_size)
-    folder = results_dir(reader, out)
-    per_layer, rows = {}, []
+    seed_list = list(range(seeds)) if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
+    settings = {"head": head, "lrs": [float(lr) for lr in lrs], "seeds": seed_list, "epochs": epochs,
+                "batch_size": batch_size, "layers": layers, "pool": pools, "metric": metric,
+                "weight_decay": weight_decay, "schedule": schedule, "standardize": standardize, **warmup,
+                "views": {"used": with_views, "k": reader.views_k if with_views else 0}}  # fmt: skip
+    folder = start_result(protocol_dir(reader, out, "probe_linear", settings))
+    per_layer, rows, predictions, train_seconds, inference = {}, [], None, 0.0, []
     for number in layers:
         data = [(source.get(s, number), reader.labels(s)) for s in ("train", "val", "test")]
         train_views = pooled_views(reader, number, pools) if with_views else None
@@ -188,32 +272,57 @@ def run_probe(
         if sklearn:
             entry["sklearn"] = fit_sklearn_reference(*data[0], *data[1], *data[2], metric=metric)
         per_layer[number] = entry
+        predictions = result.predictions  # the last layer's is the headline (summary's top level)
+        train_seconds += result.train_seconds
+        inference.append(result.inference_seconds_per_sample)
         rows += [{"layer": number, "pool": "+".join(pools), **r} for r in result.rows()]
         suffix = "" if len(layers) == 1 else f"_layer{number:02d}"
         if plots:
             plot_probe_curves(folder / f"probe_linear_curves{suffix}.png", result.curves, metric=f"val {metric}")
-    payload = _settings_header(reader, head=head, lrs=list(lrs), seeds=seeds, epochs=epochs, batch_size=batch_size,
-                               layers=layers, pool=pools, metric=metric, weight_decay=weight_decay,
-                               schedule=schedule, standardize=standardize, **warmup)  # fmt: skip
-    payload["settings"]["views"] = {"used": with_views, "k": reader.views_k if with_views else 0}
-    payload["layers"] = per_layer
-    write_results(folder, "probe_linear", payload, rows)
     if plots and len(layers) > 1:
         plot_probe_vs_layer(folder / "probe_linear_vs_layer.png", per_layer, metric)
-    views_used = payload["settings"]["views"]
-    return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows, "views": views_used}
+    details = {"cache": str(reader.path), "sklearn": sklearn, "layers": per_layer}
+    timings = result_timings(reader, train_seconds, float(np.mean(inference)))
+    scores = {"val": predictions["val_scores"], "test": predictions["test_scores"]}
+    write_result(
+        folder, protocol="probe_linear", settings=settings, metric=metric, timings=timings,
+        summary=probe_summary(per_layer, len(seed_list)), details=details, rows=rows,
+        predictions=split_predictions(reader, scores, predictions["seeds"]), **result_identity(reader),
+    )  # fmt: skip
+    return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows, "views": settings["views"]}
+
+
+def probe_summary(per_layer: dict, seeds_requested: int) -> dict:
+    """The contract's summary of trained heads: the last layer's best LR and mean ± std over the seeds that ran,
+    plus ``per_layer`` (same keys) when several layers were trained.
+
+    ``per_layer`` maps layer to a ``ProbeResult.to_dict()``-shaped entry (``best_lr``, ``per_lr``).
+    """
+    summaries = {}
+    for layer, entry in per_layer.items():
+        best = entry["per_lr"][entry["best_lr"]]
+        summaries[layer] = seed_summary(entry["best_lr"], best["val_per_seed"], best["test_per_seed"], seeds_requested)
+        # the probe's own numbers (same ddof), so the summary never disagrees with details
+        summaries[layer].update({k: entry[k] for k in ("val_mean", "val_std", "test_mean", "test_std") if k in entry})
+    summary = dict(summaries[list(per_layer)[-1]])
+    if len(summaries) > 1:
+        summary["per_layer"] = summaries
+    return summary
 
 
 def _cache_summary(reader: CacheReader) -> dict:
     return {"cache": str(reader.path), "cache_key": reader.key, "dataset": reader.dataset, "model": reader.model}
 
 
-def cka_dir(a: CacheReader, b: CacheReader | None, out: Path) -> Path:
-    """Self-CKA sits beside the cache's other protocols; A × B gets a folder named after B, so runs never collide."""
-    folder = results_dir(a, out)
-    if b is None:
-        return folder
-    return folder / f"cka_vs_{b.model.replace(':', '_').replace('/', '_')}_{b.key[:12]}"
+def cka_settings(a_labels, b_labels, pool_a: str, pool_b: str, split: str, estimator: str, debiased: bool,
+                 batch_size: int, reader_b: CacheReader | None) -> dict:  # fmt: skip
+    """CKA's folder-naming settings; A × B names cache B (its full key), so each pair gets its own folder."""
+    settings = {"layers": a_labels, "layers_b": b_labels, "pool": pool_a, "pool_b": pool_b, "split": split,
+                "estimator": estimator, "debiased": debiased,
+                "batch_size": batch_size if estimator == "minibatch" else None}  # fmt: skip
+    if reader_b is not None:
+        settings.update(cache_b_key=reader_b.key, model_b=reader_b.model, dataset_b=reader_b.dataset)
+    return settings
 
 
 def run_cka(
@@ -230,7 +339,10 @@ def run_cka(
     plots: bool = True,
     device: str | None = None,
 ) -> dict:
-    """Linear CKA of the layers of one cache (every pair) or of two caches (A × B); writes cka.{json,csv} and a heatmap.
+    """Linear CKA of the layers of one cache (every pair) or of two caches (A × B), into its own result folder.
+
+    Writes ``result.csv`` (one row per layer pair), a heatmap and ``result.json`` (cache A's identity; B's key in the
+    settings). No predictions.
 
     ``estimator`` None picks exact for pooled features and minibatch for token maps. Every check runs before anything
     is written.
@@ -252,11 +364,10 @@ def run_cka(
         for i, la in enumerate(sel_a.labels)
         for j, lb in enumerate(labels_b)
     ]
-    settings = {"layers": sel_a.labels, "layers_b": labels_b, "pool": sel_a.pool,
-                "pool_b": (sel_b or sel_a).pool, "split": split, "estimator": estimator, "debiased": debiased,
-                "batch_size": batch_size if estimator == "minibatch" else None, "device": str(dev)}  # fmt: skip
-    payload = _settings_header(reader, **settings)
-    payload.update(
+    settings = cka_settings(sel_a.labels, labels_b, sel_a.pool, (sel_b or sel_a).pool, split, estimator, debiased,
+                            batch_size, reader_b)  # fmt: skip
+    payload = dict(
+        device=str(dev),
         cache_a=_cache_summary(reader),
         cache_b=_cache_summary(reader_b or reader),
         split=split,
@@ -268,8 +379,7 @@ def run_cka(
     )
     if "batches" in result:
         payload["batches"] = result["batches"]
-    folder = cka_dir(reader, reader_b, out)
-    write_results(folder, "cka", payload, rows)
+    folder = start_result(protocol_dir(reader, out, "cka", settings))
     if plots:
         model_b = (reader_b or reader).model
         kind = "debiased" if debiased else "biased"
@@ -278,5 +388,13 @@ def run_cka(
             title=f"linear CKA ({kind}, {estimator}), {split}, n={result['n']}",
             ylabel=f"{reader.model} layer ({sel_a.pool})", xlabel=f"{model_b} layer ({(sel_b or sel_a).pool})",
         )  # fmt: skip
+    # no head is trained; "inference" is the CKA computation per sample (reads excluded)
+    timings = result_timings(reader, None, result["timings"]["compute_seconds"] / max(1, result["n"]))
+    timings.update(payload["timings"])
+    summary = {"layers_a": sel_a.labels, "layers_b": labels_b, "matrix": matrix}
+    write_result(
+        folder, protocol="cka", settings=settings, metric="linear_cka", timings=timings, summary=summary,
+        details=payload, rows=rows, **result_identity(reader),
+    )  # fmt: skip
     return {"folder": folder, "matrix": matrix, "rows": rows, "n": result["n"], "row_layers": sel_a.labels,
             "col_layers": labels_b, "estimator": estimator, "debiased": debiased}  # fmt: skip
