@@ -257,3 +257,18 @@ def test_views_train_on_a_seeded_view_per_epoch(views_cache, tmp_path):
     assert train.k == 2 and len(train.x) == 2 * train.n  # items are views: i * k + v
     view = reader.view_tokens(2)[3 * 2 + 1][0]
     assert torch.equal(train.x[7].float(), view) and not torch.equal(view, reader.tokens("train", 2)[3][0])
+
+
+def test_deit_head_from_a_release_file_records_it(tiny_cache, tmp_path):
+    from tests.test_token_heads import _deit_state
+
+    path = tmp_path / "deit_base_patch16_224.pth"
+    torch.save({"model": _deit_state(depth=1)}, path)
+    out = tmp_path / "res"
+    result = cli("probe", tiny_cache, "--head", "deit", "--head-weights", path, "--head-depth", "1", "--layer", "2",
+                 "--lrs", "1e-3", "--seeds", "1", "--epochs", "1", "--batch-size", "16", "--no-plots", "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "random weights" not in result.output
+    weights = _json(_folder(tiny_cache, out), "deit")["settings"]["head_weights"]
+    assert weights["source"] == "file" and len(weights["sha256"]) == 64 and weights["loaded"] == weights["total"]
+    assert not _json(_folder(tiny_cache, out), "deit")["settings"]["head_random_init"]

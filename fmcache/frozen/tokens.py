@@ -113,8 +113,12 @@ def layer_spec(reader: CacheReader, layer: int, norm: str, head: str) -> LayerSp
     if norm == "final":
         params = model.get("final_norm")
         if params is None:
-            hint = "extract it again with this fmcache" if "final_norm" not in model else "the model has none"
-            raise FmcacheError(f"cache {reader.path.name} records no final norm ({hint}); use --token-norm none")
+            hint = (
+                "it predates that record: remove the cache folder and run the same extract again"
+                if "final_norm" not in model
+                else "the model has none"
+            )
+            raise FmcacheError(f"cache {reader.path.name} records no final norm ({hint}); or use --token-norm none")
         if params["dim"] != dim:
             raise FmcacheError(
                 f"the final norm of {reader.model} normalises width {params['dim']}, but layer {layer} has width "
@@ -208,6 +212,9 @@ class _Records:
         self.best_val = np.full(n_heads, -np.inf)
         self.best_epoch = np.zeros(n_heads, dtype=np.int64)
         self.test_metrics: list[dict | None] = [None] * n_heads
+        # each head's val and test probabilities at its best epoch so far (float32), for per-sample predictions
+        self.best_val_probs: list[np.ndarray | None] = [None] * n_heads
+        self.best_test_probs: list[np.ndarray | None] = [None] * n_heads
         self.forward_seconds = 0.0
         self.forward_samples = 0
 
@@ -227,7 +234,11 @@ class _Records:
                     "forward_samples": self.forward_samples,
                 },
                 default=_json_default,
-            )
+            ),
+            "best_val_probs": {str(h): torch.from_numpy(p) for h, p in enumerate(self.best_val_probs) if p is not None},
+            "best_test_probs": {
+                str(h): torch.from_numpy(p) for h, p in enumerate(self.best_test_probs) if p is not None
+            },
         }
 
     def load(self, state: dict) -> None:
@@ -237,6 +248,10 @@ class _Records:
         self.best_epoch = np.array(d["best_epoch"], dtype=np.int64)
         self.test_metrics = d["test_metrics"]
         self.forward_seconds, self.forward_samples = d["forward_seconds"], d["forward_samples"]
+        for h, p in state.get("best_val_probs", {}).items():
+            self.best_val_probs[int(h)] = p.numpy()
+        for h, p in state.get("best_test_probs", {}).items():
+            self.best_test_probs[int(h)] = p.numpy()
 
 
 def _json_default(obj):
@@ -485,6 +500,8 @@ class _Pass:
         if improved:  # test is only scored at a new best val: that is the only test number reported
             test_probs = self._probs(test, improved, norm, records)
             for h in improved:
+                records.best_val_probs[h] = val_probs[h].astype(np.float32)
+                records.best_test_probs[h] = test_probs[h].astype(np.float32)
                 # through JSON now, so a resumed run (which reads them back from JSON) reports identical values
                 records.test_metrics[h] = json.loads(
                     json.dumps(evaluate(test.labels, test_probs[h]), default=_json_default)
