@@ -271,6 +271,24 @@ def seed_summary(best_lr, val: Sequence[float], test: Sequence[float], seeds_req
     }
 
 
+def probe_summary(per_layer: dict, seeds_requested: int) -> dict:
+    """The contract's summary of trained heads: the last layer's best LR and mean ± std over the seeds that ran,
+    plus ``per_layer`` (same keys) when several layers were trained.
+
+    ``per_layer`` maps layer to a ``ProbeResult.to_dict()``-shaped entry (``best_lr``, ``per_lr``).
+    """
+    summaries = {}
+    for layer, entry in per_layer.items():
+        best = entry["per_lr"][entry["best_lr"]]
+        summaries[layer] = seed_summary(entry["best_lr"], best["val_per_seed"], best["test_per_seed"], seeds_requested)
+        # the probe's own numbers (same ddof), so the summary never disagrees with details
+        summaries[layer].update({k: entry[k] for k in ("val_mean", "val_std", "test_mean", "test_std") if k in entry})
+    summary = dict(summaries[list(per_layer)[-1]])
+    if len(summaries) > 1:
+        summary["per_layer"] = summaries
+    return summary
+
+
 def _new_figure(n_panels: int = 1):
     # Figure + Agg canvas directly: no pyplot, so no global backend switch and no GUI.
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -20,6 +20,7 @@ from fmcache.cli import app
 from fmcache.finetune.loop import RESULT, RunSettings, Trainer
 from fmcache.finetune.model import stages_for
 from fmcache.finetune.run import FinetuneSpec, build_foundation, build_model, online_data, run_finetune
+from fmcache.metrics import evaluate
 from tests.conftest import TINY_MODEL, TINY_OVERRIDES, TINY_SIZE, one_thread
 from tests.tiny_models import TINY
 
@@ -68,7 +69,7 @@ def test_frozen_tensors_bit_identical_and_trainable_changed(aptos_root, tmp_path
     spec = _spec(aptos_root, tmp_path / "runs", freeze="1")
     with one_thread():
         result = run_finetune(spec, progress=False, log=lambda m: None)
-    export = load_file(next(Path(result["folder"]).glob("lr*/foundation.safetensors")))
+    export = load_file(next(Path(result["runs_folder"]).glob("lr*/foundation.safetensors")))
     start = build_foundation(spec, TINY_SIZE).adapter.model.state_dict()
     assert set(export) == set(start)  # the model's own key layout, every tensor
     frozen = [k for k in start if not k.startswith("blocks.1.")]  # embedding, block 1 and the final norm
@@ -78,9 +79,22 @@ def test_frozen_tensors_bit_identical_and_trainable_changed(aptos_root, tmp_path
     entry = result["layers"][2]
     assert {"best_lr", "val_mean", "test_mean", "test_std", "per_lr", "curves", "timings"} <= set(entry)
     assert entry["timings"]["train_s_per_epoch"] > 0 and entry["timings"]["peak_memory_bytes"] > 0
-    saved = json.loads((Path(result["folder"]) / "finetune_linear.json").read_text())
-    assert saved["settings"]["effective_batch_size"] == 8
-    assert (Path(result["folder"]) / "finetune_linear.csv").read_text().startswith("layer,head,freeze,lr,seed")
+    folder = Path(result["folder"])
+    assert folder.parent == Path(result["runs_folder"]) and folder.name.startswith("finetune_linear-")
+    saved = json.loads((folder / "result.json").read_text())
+    assert saved["settings"]["effective_batch_size"] == 8 and saved["cache_key"] is None
+    assert saved["protocol"] == "finetune_linear" and saved["settings"]["freeze"] == "1"
+    assert "drop_after" in saved["settings"] and saved["run_key"].startswith(folder.parent.name)
+    assert saved["summary"]["test_mean"] == pytest.approx(entry["test_mean"])
+    assert saved["timings"]["train_seconds"] > 0 and saved["timings"]["inference_seconds_per_sample"] > 0
+    assert (folder / "result.csv").read_text().startswith("layer,head,freeze,lr,seed")
+    # predictions.npz: the best LR's run per seed at its best epoch, rescored to the JSON's numbers
+    best = entry["per_lr"][entry["best_lr"]]
+    with np.load(folder / "predictions.npz") as npz:
+        assert npz["test_scores"].shape == (len(best["test_per_seed"]), len(npz["test_ids"]), 5)
+        for i, value in enumerate(best["test_per_seed"]):
+            rescored = evaluate(saved["metric"], npz["test_labels"], npz["test_scores"][i], False)["value"]
+            assert rescored == pytest.approx(value, abs=1e-6)
 
 
 def test_frozen_prefix_keeps_no_graph(aptos_root, tmp_path):
@@ -126,8 +140,8 @@ def test_export_loads_in_extract_and_gives_the_finetuned_features(aptos_root, tm
 
 
 def _final(out: Path) -> dict:
-    doc = json.loads(next(out.glob("*/*/*/finetune_linear.json")).read_text())
-    entry = next(iter(doc["layers"].values()))
+    doc = json.loads(next(out.glob("*/*/*/finetune_linear-*/result.json")).read_text())
+    entry = next(iter(doc["details"]["layers"].values()))
     return {"curves": entry["curves"], "test": entry["test_mean"], "per_lr": entry["per_lr"]}
 
 
@@ -167,7 +181,7 @@ def test_ddp_two_processes_gloo(aptos_root, tmp_path):
            "fmcache", *_cli(aptos_root, tmp_path / "runs", cfg, "--freeze", "1", "--epochs", "1")]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    doc = json.loads(next((tmp_path / "runs").glob("*/*/*/finetune_linear.json")).read_text())
+    doc = json.loads(next((tmp_path / "runs").glob("*/*/*/finetune_linear-*/result.json")).read_text())
     assert doc["settings"]["world_size"] == 2 and doc["settings"]["effective_batch_size"] == 16
     assert len(list((tmp_path / "runs").glob("*/*/*/*/foundation.safetensors"))) == 1
     assert done.stdout.count("fine-tuning") == 1  # only rank 0 reports
@@ -182,7 +196,7 @@ def test_from_cache_trains_later_blocks_and_refuses_other_weights(aptos_root, tm
     spec = _spec(None, tmp_path / "runs", dataset=None, from_cache=cache, freeze="1", epochs=1)
     result = run_finetune(spec, progress=False, log=lambda m: None)
     assert "no augmentation" in result["notes"][0]
-    export = load_file(next(Path(result["folder"]).glob("lr*/foundation.safetensors")))
+    export = load_file(next(Path(result["runs_folder"]).glob("lr*/foundation.safetensors")))
     start = build_foundation(spec, TINY_SIZE).adapter.model.state_dict()
     assert torch.equal(export["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])
     assert not torch.equal(export["blocks.1.attn.qkv.weight"], start["blocks.1.attn.qkv.weight"])
@@ -233,4 +247,6 @@ def test_deit_head_on_decapitated_tokens(aptos_root, tmp_path):
     assert not any(p.requires_grad for p in model.foundation.parameters())
     result = run_finetune(spec, progress=False, log=lambda m: None)
     assert result["rows"][0]["layer"] == 1 and result["rows"][0]["head"] == "deit"
-    assert not list(Path(result["folder"]).glob("lr*/foundation.safetensors"))  # a frozen foundation is not exported
+    assert not list(
+        Path(result["runs_folder"]).glob("lr*/foundation.safetensors")
+    )  # a frozen foundation is not exported

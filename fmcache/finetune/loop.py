@@ -16,6 +16,7 @@ code the frozen heads use. What is specific here:
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import resource
@@ -50,6 +51,9 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 EXPORT = "foundation.safetensors"
 HEAD_EXPORT = "head.safetensors"
 RESULT = "run.json"
+# val and test probabilities at the best val epoch so far, rewritten with the export; gathered into the grid's
+# predictions.npz (fmcache.results), and still there when a finished run is reused
+BEST_PREDICTIONS = "best_predictions.npz"
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,23 @@ class _Labelled(Dataset):
         return item[0], torch.as_tensor(self.labels[item[1]])
 
 
+def split_labels(ds: Dataset) -> np.ndarray:
+    """The labels of a split's samples in dataset order (what the metric scores)."""
+    if isinstance(ds, _Labelled) and ds.labels is not None:
+        return ds.labels[np.asarray(ds.inner.indices)]
+    return np.asarray(ds.inner.labels)
+
+
+def split_ids(ds: Dataset) -> np.ndarray:
+    """The sample ids of a split in dataset order: index positions of images, or the cache's ids (as extract wrote)."""
+    inner = ds.inner if isinstance(ds, _Labelled) else ds
+    if isinstance(inner, Subset):  # --limit on a cache: the first rows of a TokenDataset
+        return np.asarray(inner.dataset.ids)[np.asarray(inner.indices)]
+    if hasattr(inner, "ids"):
+        return np.asarray(inner.ids)
+    return np.asarray(inner.indices)
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -202,14 +223,17 @@ class Trainer:
         return probs
 
     def _labels(self, split: str) -> np.ndarray:
-        ds = self.data[split]
-        if isinstance(ds, _Labelled) and ds.labels is not None:
-            return ds.labels[np.asarray(ds.inner.indices)]
-        return np.asarray(ds.inner.labels)
+        return split_labels(self.data[split])
 
     def _evaluate(self, split: str) -> dict:
         probs = self._predict(split)
+        self.last_probs[split] = probs
         return metrics.evaluate(self.s.metric, self._labels(split), probs, self.s.multilabel, self.s.label_names)
+
+    def _save_best_predictions(self) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, **{f"{s}_scores": self.last_probs[s].astype(np.float32) for s in ("val", "test")})
+        atomic_write_bytes(self.folder / BEST_PREDICTIONS, buffer.getvalue())
 
     def _forward(self, module, x: torch.Tensor) -> torch.Tensor:
         if self.s.from_cache:
@@ -229,6 +253,7 @@ class Trainer:
                 self.log(f"run {self.folder.name} already finished; reusing its result")
                 return result
         self.eval_seconds, self.eval_images = 0.0, 0
+        self.last_probs: dict[str, np.ndarray] = {}
         model = self.model.to(self.device)
         if self.device.type == "cuda" and not self.s.from_cache:
             model.to(memory_format=torch.channels_last)
@@ -299,6 +324,7 @@ class Trainer:
                 state["test"] = self._evaluate("test")
                 if self.dist.main:
                     self._export(model)
+                    self._save_best_predictions()
             state["epoch"] = epoch + 1
             state["eval_seconds"], state["eval_images"] = self.eval_seconds, self.eval_images
             if self.tb is not None and self.dist.main:

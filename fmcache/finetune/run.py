@@ -2,9 +2,10 @@
 
 Every run starts from the same foundation: the registry model with weights from exactly one source, built the way
 ``extract`` builds it (``--random-init`` under ``extract.RANDOM_INIT_SEED``), so a cache of the starting point
-and a cache of the export compare layer by layer. Results go to ``<out>/<dataset>/<model>/<key12>/``, one
+and a cache of the export compare layer by layer. Runs go to ``<out>/<dataset>/<model>/<key12>/``, one
 subfolder per (lr, seed) with its checkpoint, export and ``run.json``; the key covers every setting but the LR
-and seed lists, so a grid that grows reuses the runs it already finished.
+and seed lists, so a grid that grows reuses the runs it already finished. The grid's result goes beside them, in
+``<key12>/finetune_<head>-<settings_hash12>/`` (``fmcache.results``: result.json, result.csv, predictions.npz).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from fmcache.finetune.loop import AMP_MODES, RunSettings, Trainer, _Labelled, re
 from fmcache.finetune.model import FineTuneModel, parse_freeze
 from fmcache.frozen.linear import ProbeResult
 from fmcache.progress import progress_bar
+from fmcache.results import probe_summary, result_folder, safe_name, write_result
 
 HEADS = ("linear", "deit")
 SCHEDULES = ("constant", "cosine")
@@ -265,11 +267,14 @@ def run_key(spec: FinetuneSpec, data: Data, weights: dict) -> str:
 
 
 def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
-    """Train every LR × seed run (resuming finished or interrupted ones) and write finetune_<head>.{json,csv}."""
+    """Train every LR × seed run (resuming finished or interrupted ones) and write the grid's result folder.
+
+    Returns ``folder`` (the result folder, ``<out>/<dataset>/<model>/<key12>/finetune_<head>-<hash12>``) and
+    ``runs_folder`` (``<key12>``, with one subfolder per LR × seed).
+    """
     from fmcache.dist import close_dist, init_dist, pick_device
     from fmcache.extract import weights_identity
     from fmcache.models import get_spec
-    from fmcache.results import write_results
     from fmcache.training import fit_warmup, paper_warmup
 
     get_spec(spec.model)  # unknown names fail before any data is read
@@ -289,7 +294,7 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
     export = any(p.requires_grad for p in model0.foundation.parameters())
     layer = model0.used_blocks or None
     key = run_key(spec, data, weights)
-    folder = Path(spec.out) / data.dataset / spec.model.replace(":", "_").replace("/", "_") / key[:12]
+    folder = Path(spec.out) / safe_name(data.dataset) / safe_name(spec.model) / key[:12]
     if spec.random_init and main:
         log(f"[bold red]WARNING: {spec.model} runs with RANDOM weights (--random-init); not pretrained[/]")
     for note in data.notes:
@@ -331,24 +336,73 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
     entry["timings"].update(_timings(results))
     entry["head"] = head_info
     rows = [{"layer": layer, "head": spec.head, "freeze": spec.freeze, **r} for r in summary.rows()]
-    settings_doc = {k: v for k, v in asdict(spec).items() if k not in ("out", "resume")}
-    settings_doc.update(amp=amp, warmup=warmup, world_size=dist.world,
-                        effective_batch_size=spec.batch_size * spec.accum * dist.world)  # fmt: skip
-    payload = {
-        "protocol": "finetune",
+    effective = spec.batch_size * spec.accum * dist.world
+    settings = result_settings(spec, amp, warmup, dist.world, effective, head_info)
+    result_dir = result_folder(spec.out, data.dataset, spec.model, key, f"finetune_{spec.head}", settings)
+    details = {
         "run_key": key,
+        "runs_folder": str(folder),
         "cache": str(spec.from_cache) if spec.from_cache else None,
         "cache_key": data.identity.get("cache"),
-        "dataset": data.dataset,
-        "model": spec.model,
-        "weights": weights,
-        "settings": settings_doc,
+        "data_root": str(spec.data_root) if spec.data_root else None,
+        "workers": spec.workers,
+        "device": str(dist.device),
         "layers": {layer: entry},
         "notes": data.notes,
     }
     if dist.main:
-        write_results(folder, f"finetune_{spec.head}", payload, rows)
-    return {"folder": folder, "metric": data.metric, "layers": {layer: entry}, "rows": rows, "notes": data.notes}
+        timings = {"train_seconds": summary.train_seconds,
+                   "inference_seconds_per_sample": summary.inference_seconds_per_sample,
+                   **entry["timings"]}  # fmt: skip
+        predictions = _predictions(folder, data, summary)
+        if predictions is None:
+            details["notes"] = [*data.notes, "runs from an older fmcache saved no predictions; rerun with --no-resume"]
+        write_result(
+            result_dir, protocol=f"finetune_{spec.head}", settings=settings, dataset=data.dataset, model=spec.model,
+            cache_key=None, weights=weights, metric=data.metric, timings=timings,
+            summary=probe_summary({layer: entry}, len(seeds)), details=details, rows=rows, predictions=predictions,
+            extra={"run_key": key},
+        )  # fmt: skip
+    return {"folder": result_dir, "runs_folder": folder, "metric": data.metric, "layers": {layer: entry},
+            "rows": rows, "notes": data.notes}  # fmt: skip
+
+
+def result_settings(spec: FinetuneSpec, amp: str, warmup: dict, world: int, effective: int, head: dict) -> dict:
+    """Every setting that changes the numbers, for the result folder's hash: not paths, workers, device, logging.
+
+    ``head`` is the head weights report (``build_model``), so DeiT heads from other weights get other folders.
+    """
+    skip = ("out", "resume", "workers", "tensorboard", "device", "data_root", "from_cache")
+    settings = {k: v for k, v in asdict(spec).items() if k not in skip}
+    settings.update(lrs=[float(lr) for lr in spec.lrs], seeds=list(range(spec.seeds)), from_cache=spec.from_cache
+                    is not None, amp=amp, warmup=warmup, world_size=world, effective_batch_size=effective,
+                    head_weights_identity=_without_paths(head))  # fmt: skip
+    return settings
+
+
+def _without_paths(info: dict) -> dict:
+    # the head weights' sha256 names them; where the file sits (a hub cache, a cluster path) changes no number
+    return {k: _without_paths(v) if isinstance(v, dict) else v for k, v in info.items() if k != "path"}
+
+
+def _predictions(folder: Path, data: Data, summary: ProbeResult) -> dict | None:
+    """The best LR's runs (one per seed) at their best epoch, stacked for predictions.npz; None if one lacks them."""
+    from fmcache.finetune.loop import BEST_PREDICTIONS, split_ids, split_labels
+
+    scores: dict[str, list[np.ndarray]] = {"val": [], "test": []}
+    for seed in summary.seeds:
+        path = folder / f"lr{summary.best_lr:g}_seed{seed}" / BEST_PREDICTIONS
+        if not path.is_file():
+            return None
+        with np.load(path) as npz:
+            for split in scores:
+                scores[split].append(npz[f"{split}_scores"])
+    arrays: dict[str, np.ndarray] = {"seeds": np.asarray(summary.seeds, dtype=np.int64)}
+    for split, per_seed in scores.items():
+        arrays[f"{split}_ids"] = split_ids(data.splits[split])
+        arrays[f"{split}_labels"] = split_labels(data.splits[split])
+        arrays[f"{split}_scores"] = np.stack(per_seed).astype(np.float32)
+    return arrays
 
 
 def summarise(metric: str, lrs: list[float], seeds: list[int], results: dict, seconds: float) -> ProbeResult:

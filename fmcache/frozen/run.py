@@ -22,9 +22,9 @@ from fmcache.results import (
     plot_knn_vs_layer,
     plot_probe_curves,
     plot_probe_vs_layer,
+    probe_summary,
     result_folder,
     safe_name,
-    seed_summary,
     start_result,
     write_result,
 )
@@ -290,24 +290,6 @@ def run_probe(
         predictions=split_predictions(reader, scores, predictions["seeds"]), **result_identity(reader),
     )  # fmt: skip
     return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows, "views": settings["views"]}
-
-
-def probe_summary(per_layer: dict, seeds_requested: int) -> dict:
-    """The contract's summary of trained heads: the last layer's best LR and mean ± std over the seeds that ran,
-    plus ``per_layer`` (same keys) when several layers were trained.
-
-    ``per_layer`` maps layer to a ``ProbeResult.to_dict()``-shaped entry (``best_lr``, ``per_lr``).
-    """
-    summaries = {}
-    for layer, entry in per_layer.items():
-        best = entry["per_lr"][entry["best_lr"]]
-        summaries[layer] = seed_summary(entry["best_lr"], best["val_per_seed"], best["test_per_seed"], seeds_requested)
-        # the probe's own numbers (same ddof), so the summary never disagrees with details
-        summaries[layer].update({k: entry[k] for k in ("val_mean", "val_std", "test_mean", "test_std") if k in entry})
-    summary = dict(summaries[list(per_layer)[-1]])
-    if len(summaries) > 1:
-        summary["per_layer"] = summaries
-    return summary
 
 
 def _cache_summary(reader: CacheReader) -> dict:
