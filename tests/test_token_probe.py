@@ -35,15 +35,22 @@ def error_lines(output: str) -> list[str]:
 
 def _numbers(payload: dict) -> dict:
     """What must match between two runs: every per-layer number except timings (and settings such as passes)."""
-    return {n: {k: v for k, v in e.items() if k not in ("timings", "settings")} for n, e in payload["layers"].items()}
+    layers = payload["details"]["layers"]
+    return {n: {k: v for k, v in e.items() if k not in ("timings", "settings")} for n, e in layers.items()}
 
 
 def _json(folder: Path, head: str) -> dict:
-    return json.loads((folder / f"probe_{head}.json").read_text())
+    """The one ``probe_<head>-<hash>/result.json`` under the cache's results folder (``folder``)."""
+    (path,) = folder.glob(f"probe_{head}-*/result.json")
+    return json.loads(path.read_text())
 
 
 def _folder(cache: Path, out: Path) -> Path:
     return results_dir(CacheReader(cache), out)
+
+
+def _head_folders(cache: Path, out: Path, head: str) -> list[Path]:
+    return sorted(_folder(cache, out).glob(f"probe_{head}-*"))
 
 
 def test_deit_head_layer_sweep_writes_the_curve(tiny_cache, tmp_path):
@@ -53,12 +60,13 @@ def test_deit_head_layer_sweep_writes_the_curve(tiny_cache, tmp_path):
                  "--workers", "0", "--out", out)  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "random weights" in result.output
-    folder = _folder(tiny_cache, out)
-    payload = _json(folder, "deit")
-    assert payload["settings"]["head_random_init"] and payload["settings"]["head_weights"]["source"] == "random"
+    (folder,) = _head_folders(tiny_cache, out, "deit")
+    payload = _json(folder.parent, "deit")
+    assert payload["details"]["head_random_init"] and payload["settings"]["head_weights"]["source"] == "random"
     assert payload["settings"]["token_norm"] == "none"  # the seed's choice for DINOv2: pre-norm tokens
-    assert set(payload["layers"]) == {"1", "2"}
-    entry = payload["layers"]["2"]
+    assert set(payload["details"]["layers"]) == {"1", "2"} and payload["protocol"] == "probe_deit"
+    assert set(payload["summary"]["per_layer"]) == {"1", "2"} and payload["summary"]["n_seeds"] == 1
+    entry = payload["details"]["layers"]["2"]
     for key in ("best_lr", "val_mean", "test_mean", "test_std", "per_lr", "curves"):
         assert key in entry
     assert entry["settings"]["grid"] == [4, 4] and entry["settings"]["tokens"] == 16  # CLS dropped
@@ -67,7 +75,14 @@ def test_deit_head_layer_sweep_writes_the_curve(tiny_cache, tmp_path):
     vs_layer = (folder / "probe_deit_vs_layer.csv").read_text().splitlines()
     assert vs_layer[0].startswith("layer,best_lr") and len(vs_layer) == 3
     assert (folder / "probe_deit_vs_layer.png").stat().st_size > 0
-    assert (folder / "probe_deit.csv").read_text().count("\n") == 3  # header + one head per layer
+    assert (folder / "result.csv").read_text().count("\n") == 3  # header + one head per layer
+    # predictions.npz: the last layer's best-LR heads at their selected epoch, rescored to the JSON's test value
+    from fmcache.metrics import evaluate
+
+    with np.load(folder / "predictions.npz") as npz:
+        assert npz["test_scores"].shape == (1, len(npz["test_ids"]), 5) and list(npz["seeds"]) == [0]
+        rescored = evaluate(payload["metric"], npz["test_labels"], npz["test_scores"][0], False)["value"]
+    assert rescored == pytest.approx(entry["per_lr"]["0.001"]["test_per_seed"][0], abs=1e-6)
 
 
 def test_attentive_grid_preload_passes_and_lone_heads_agree(tiny_cache, tmp_path):
@@ -88,7 +103,7 @@ def test_attentive_grid_preload_passes_and_lone_heads_agree(tiny_cache, tmp_path
     args = ["--lrs", "1e-2", "--seeds", "2", "--epochs", "2", "--batch-size", "16", "--no-plots"]
     result = cli("probe", tiny_cache, "--head", "attentive", "--layer", "2", *args, "--out", out)
     assert result.exit_code == 0, result.output
-    lone = _json(_folder(tiny_cache, out), "attentive")["layers"]["2"]
+    lone = _json(_folder(tiny_cache, out), "attentive")["details"]["layers"]["2"]
     grid = numbers["ram"]["2"]
     assert lone["curves"]["0.01"] == grid["curves"]["0.01"]
     assert lone["per_lr"]["0.01"]["test_per_seed"] == grid["per_lr"]["0.01"]["test_per_seed"]
@@ -176,21 +191,27 @@ def test_resume_refuses_other_settings_and_no_resume_starts_over(tiny_cache, tmp
     out = tmp_path / "res"
     args = ["probe", tiny_cache, "--head", "attentive", "--layer", "2", "--out", out]
     assert cli(*args, *FAST).exit_code == 0
-    folder = _folder(tiny_cache, out)
-    before = (folder / "probe_attentive.json").read_bytes()
-    changed = [*FAST[:4], "--epochs", "3", *FAST[6:]]
+    (first_folder,) = _head_folders(tiny_cache, out, "attentive")
+    before = (first_folder / "result.json").read_bytes()
+    # other numbers-changing settings get their own folder: no conflict, the first result stays as it was
+    assert cli(*args, *FAST[:4], "--epochs", "3", *FAST[6:]).exit_code == 0
+    assert len(_head_folders(tiny_cache, out, "attentive")) == 2
+    assert (first_folder / "result.json").read_bytes() == before
+    # a setting that only changes how heads are trained (passes) keeps the folder; its checkpoint refuses a resume
+    changed = [*FAST, "--heads-per-pass", "1"]
     result = cli(*args, *changed)
     assert result.exit_code == 2
     (line,) = error_lines(result.output)
-    assert "other settings" in line and "epochs" in line and "--no-resume" in line
-    assert (folder / "probe_attentive.json").read_bytes() == before  # nothing written
+    assert "other settings" in line and "heads_per_pass" in line and "--no-resume" in line
+    assert (first_folder / "result.json").read_bytes() == before  # nothing written
     result = cli(*args, *changed, "--no-resume")
     assert result.exit_code == 0, result.output
-    assert len(_json(folder, "attentive")["layers"]["2"]["curves"]["0.001"][0]) == 3
+    after = json.loads((first_folder / "result.json").read_text())
+    assert len(after["details"]["layers"]["2"]["curves"]["0.001"][0]) == 2
     # a rerun of a finished command reads its checkpoint and reports the same numbers without training
-    first = _numbers(_json(folder, "attentive"))
+    first = _numbers(after)
     assert cli(*args, *changed).exit_code == 0
-    assert _numbers(_json(folder, "attentive")) == first
+    assert _numbers(json.loads((first_folder / "result.json").read_text())) == first
 
 
 @pytest.mark.slow
@@ -211,7 +232,9 @@ def test_kill_9_then_rerun_gives_identical_numbers(tiny_cache, tmp_path, head):
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "fmcache", *args, "--out", str(out)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    ckpt = checkpoint_path(_folder(tiny_cache, out), head, 2)
+    # the run's folder is named by its settings: the same as the whole run's, under the other --out
+    (whole_folder,) = _head_folders(tiny_cache, tmp_path / "whole", head)
+    ckpt = checkpoint_path(_folder(tiny_cache, out) / whole_folder.name, head, 2)
     deadline = time.time() + 300
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -224,7 +247,7 @@ def test_kill_9_then_rerun_gives_identical_numbers(tiny_cache, tmp_path, head):
     assert again.returncode == 0, again.stderr
     a, b = _json(_folder(tiny_cache, tmp_path / "whole"), head), _json(_folder(tiny_cache, out), head)
     assert _numbers(a) == _numbers(b)
-    assert np.isfinite(a["layers"]["2"]["val_mean"])
+    assert np.isfinite(a["details"]["layers"]["2"]["val_mean"])
 
 
 @pytest.fixture(scope="module")
@@ -269,6 +292,6 @@ def test_deit_head_from_a_release_file_records_it(tiny_cache, tmp_path):
                  "--lrs", "1e-3", "--seeds", "1", "--epochs", "1", "--batch-size", "16", "--no-plots", "--out", out)  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "random weights" not in result.output
-    weights = _json(_folder(tiny_cache, out), "deit")["settings"]["head_weights"]
+    weights = _json(_folder(tiny_cache, out), "deit")["details"]["head_weights"]
     assert weights["source"] == "file" and len(weights["sha256"]) == 64 and weights["loaded"] == weights["total"]
-    assert not _json(_folder(tiny_cache, out), "deit")["settings"]["head_random_init"]
+    assert not _json(_folder(tiny_cache, out), "deit")["details"]["head_random_init"]

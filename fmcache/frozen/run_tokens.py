@@ -1,8 +1,10 @@
 """Runner of ``fmcache probe --head deit|attentive``: token heads per cached layer, results beside the linear probe's.
 
-Writes ``probe_<head>.json/csv`` (the linear probe's schema: per LR × seed val curve, best epoch, test at best; best
-LR by mean val; test mean ± std; timings), per-LR curves, and with several layers ``probe_<head>_vs_layer.csv/png``
-(the decapitation study, the paper's Fig. 5). Checkpoints go to ``checkpoints/`` in the same folder.
+Each run gets its own folder, ``<out>/<dataset>/<model>/<key12>/probe_<head>-<settings_hash12>/`` (``fmcache.results``),
+with ``result.json`` (the linear probe's schema under ``details``: per LR × seed val curve, best epoch, test at best;
+best LR by mean val; test mean ± std; timings), ``result.csv``, ``predictions.npz``, per-LR curves, and with several
+layers ``probe_<head>_vs_layer.csv/png`` (the decapitation study, the paper's Fig. 5). Checkpoints go to
+``checkpoints/`` in the same folder, so a rerun with the same settings resumes them.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import numpy as np
 
 from fmcache.cache.reader import CacheReader
 from fmcache.errors import FmcacheError
-from fmcache.files import atomic_write_bytes, ensure_writable_dir
+from fmcache.files import atomic_write_bytes
 from fmcache.frozen.heads import DEIT_DEPTH, HEADS, deit_pretrained_state
-from fmcache.frozen.run import _settings_header, dataset_metric, results_dir
+from fmcache.frozen.run import dataset_metric, protocol_dir, result_identity, result_timings, split_predictions
 from fmcache.frozen.tokens import (
     GridConfig,
     TokenSplit,
@@ -28,7 +30,15 @@ from fmcache.frozen.tokens import (
     train_token_grid,
 )
 from fmcache.progress import progress_bar
-from fmcache.results import _csv_bytes, _new_figure, _save_png, plot_probe_curves, write_results
+from fmcache.results import (
+    _csv_bytes,
+    _new_figure,
+    _save_png,
+    plot_probe_curves,
+    probe_summary,
+    start_result,
+    write_result,
+)
 from fmcache.training import check_checkpoint, fit_warmup, lr_multiplier, paper_warmup, pick_device
 
 EVAL = ("train", "val", "test")
@@ -99,8 +109,16 @@ def run_token_probe(
     with_views = use_views(reader, views)
     warmup = fit_warmup(paper_warmup(reader.dataset), epochs, len(reader.rows("train")), batch_size)
     pretrained, weights_info = _head_source(head, head_weights, head_random_init, head_depth)
-    folder = results_dir(reader, out)
     stem = f"probe_{head}"
+    # what names the folder: every setting that changes the numbers (not passes, preload, workers or device, which
+    # only change how they are computed; the checkpoint still records those and refuses a resume across them)
+    settings = {"head": head, "lrs": [float(x) for x in lrs], "seeds": seed_list, "epochs": epochs,
+                "batch_size": batch_size, "layers": layers, "metric": metric, "weight_decay": weight_decay,
+                "schedule": schedule, **warmup, "token_norm": norm,
+                "head_weights": {k: v for k, v in weights_info.items() if k in ("source", "hub_id", "sha256", "depth")},
+                "head_depth": head_depth if head == "deit" else None,
+                "views": {"used": with_views, "k": reader.views_k if with_views else 0}}  # fmt: skip
+    folder = protocol_dir(reader, out, stem, settings)
     common = {"cache_key": reader.key, "head": head, "lrs": [float(x) for x in lrs], "seeds": seed_list,
               "epochs": epochs, "batch_size": batch_size, "weight_decay": weight_decay, "schedule": schedule,
               "warmup": warmup, "metric": metric, "head_weights": {k: v for k, v in weights_info.items() if k in (
@@ -111,8 +129,8 @@ def run_token_probe(
     if resume:  # refuse a mismatched checkpoint before anything is trained or written
         for n in layers:
             check_checkpoint(checkpoint_path(folder, head, n), ckpt_settings[n])
-    ensure_writable_dir(folder)
-    per_layer, rows, read_info = {}, [], {}
+    start_result(folder)
+    per_layer, rows, read_info, predictions = {}, [], {}, None
     n_heads = len(lrs) * len(seed_list)
     for n in layers:
         t0 = time.perf_counter()
@@ -130,21 +148,24 @@ def run_token_probe(
         entry = result.to_dict()
         entry["timings"]["token_read"] = read_info[n]
         per_layer[n] = entry
+        predictions = result.predictions  # the last layer's is the headline, as the linear probe
         rows += [{"layer": n, "head": head, **r} for r in result.rows()]
         suffix = "" if len(layers) == 1 else f"_layer{n:02d}"
         if plots:
             plot_probe_curves(folder / f"{stem}_curves{suffix}.png", result.curves, metric=f"val {metric}")
-    payload = _settings_header(
-        reader, head=head, lrs=list(lrs), seeds=seed_list, epochs=epochs, batch_size=batch_size, layers=layers,
-        metric=metric, weight_decay=weight_decay, schedule=schedule, token_norm=norm, token_norm_option=token_norm,
-        head_weights=weights_info, head_random_init=weights_info["source"] == "random",
-        head_depth=head_depth if head == "deit" else None, heads_per_pass=heads_per_pass, **warmup,
-        views={"used": with_views, "k": reader.views_k if with_views else 0},
-    )  # fmt: skip
-    payload["layers"] = per_layer
-    write_results(folder, stem, payload, rows)
     if len(layers) > 1:
         _write_vs_layer(folder, stem, head, per_layer, metric, plots)
+    details = {"cache": str(reader.path), "token_norm_option": token_norm, "head_weights": weights_info,
+               "head_random_init": weights_info["source"] == "random", "heads_per_pass": heads_per_pass,
+               "device": dev.type, "layers": per_layer}  # fmt: skip
+    train_seconds = sum(e["timings"]["train_seconds"] for e in per_layer.values())
+    inference = float(np.mean([e["timings"]["inference_seconds_per_sample"] for e in per_layer.values()]))
+    scores = {"val": predictions["val_scores"], "test": predictions["test_scores"]}
+    write_result(
+        folder, protocol=stem, settings=settings, metric=metric, timings=result_timings(reader, train_seconds, inference),
+        summary=probe_summary(per_layer, len(seed_list)), details=details, rows=rows,
+        predictions=split_predictions(reader, scores, predictions["seeds"]), **result_identity(reader),
+    )  # fmt: skip
     return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows, "head": head,
             "head_weights": weights_info}  # fmt: skip
 
