@@ -88,21 +88,6 @@ def dataset_metric(reader: CacheReader, metric: str | None) -> str:
     return metric_for(reader.dataset, reader.multilabel)
 
 
-def _settings_header(reader: CacheReader, **settings) -> dict:
-    import fmcache
-
-    return {
-        "fmcache_version": fmcache.__version__,
-        "cache": str(reader.path),
-        "cache_key": reader.key,
-        "dataset": reader.dataset,
-        "model": reader.model,
-        "weights": reader.manifest.get("weights", {}),
-        "extract_s_per_img": reader.manifest.get("timings", {}).get("s_per_img"),
-        "settings": settings,
-    }
-
-
 def _check_eval_splits(eval_splits: Sequence[str]) -> list[str]:
     splits = [s for s in eval_splits if s]
     # the train split is the bank: querying it would let every sample find itself
