@@ -28,7 +28,7 @@ Contract (``fmcache report``/``fmcache grid`` read exactly this):
 * ``predictions.npz``: ``val_ids``, ``val_labels``, ``val_scores``, ``test_ids``, ``test_labels``, ``test_scores``
   and ``seeds``. ``*_scores`` are float32 shaped (n_seeds, n, C): for probes and fine-tuning the best LR's heads,
   one row per seed (in ``seeds`` order); for k-NN one row (seed -1), the best k on the last layer. Labels are
-  int (n,) for single-label data and (n, C) 0/1 for multi-label data. CKA has no predictions.
+  int (n,) for single-label data and (n, C) 0/1 with NaN = unknown for multi-label data. CKA has no predictions.
 
 Every file goes to a temporary name in the target folder and is moved into place with ``os.replace``,
 so a crash never leaves a half-written result that looks valid.
