@@ -13,6 +13,7 @@ functions, so the seed's recipe (PROTOCOLS.md, "Training") lives in one place:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -250,3 +251,87 @@ def load_checkpoint(path: Path, settings: dict, restore_rng: bool = True) -> dic
     if restore_rng:
         restore_rng_states(payload["rng"])
     return payload["state"]
+
+
+# -- best-epoch records of a head grid ------------------------------------------------------------------------
+
+
+class HeadRecords:
+    """Best-epoch selection for a grid of heads: per-head val curves, the first maximum and its epoch, the test
+    metrics and probabilities at that epoch, and the inference time; resumable through :meth:`state`/:meth:`load`.
+
+    Every trainer of a head grid keeps these (the linear grid, the token heads), so the rule "the best epoch is the
+    first maximum of val; test is read only there" is written once.
+    """
+
+    def __init__(self, n_heads: int, epochs: int):
+        self.curves = np.full((n_heads, epochs), np.nan)
+        self.best_val = np.full(n_heads, -np.inf)
+        self.best_epoch = np.zeros(n_heads, dtype=np.int64)
+        self.test_metrics: list[dict | None] = [None] * n_heads
+        # each head's val and test probabilities at its best epoch so far (float32), for per-sample predictions
+        self.best_val_probs: list[np.ndarray | None] = [None] * n_heads
+        self.best_test_probs: list[np.ndarray | None] = [None] * n_heads
+        self.forward_seconds = 0.0
+        self.forward_samples = 0
+
+    def observe(self, epoch: int, values: dict[int, float] | np.ndarray) -> list[int]:
+        """Record val ``values`` (head → value, or one per head) for ``epoch``; return the heads that improved
+        (strictly: the first maximum wins), whose test metric the caller then scores."""
+        items = values.items() if isinstance(values, dict) else enumerate(values)
+        improved = []
+        for head, value in items:
+            self.curves[head, epoch] = value
+            if value > self.best_val[head]:
+                self.best_val[head], self.best_epoch[head] = value, epoch
+                improved.append(int(head))
+        return improved
+
+    def inference_seconds_per_sample(self) -> float:
+        return self.forward_seconds / max(1, self.forward_samples)
+
+    def state(self) -> dict:
+        # JSON text: metric dicts hold numpy scalars that a weights_only checkpoint would not take
+        return {
+            "json": json.dumps(
+                {
+                    "curves": [[None if np.isnan(v) else float(v) for v in row] for row in self.curves],
+                    "best_val": [None if np.isinf(v) else float(v) for v in self.best_val],
+                    "best_epoch": self.best_epoch.tolist(),
+                    "test_metrics": self.test_metrics,
+                    "forward_seconds": self.forward_seconds,
+                    "forward_samples": self.forward_samples,
+                },
+                default=_json_default,
+            ),
+            "best_val_probs": {str(h): torch.from_numpy(p) for h, p in enumerate(self.best_val_probs) if p is not None},
+            "best_test_probs": {
+                str(h): torch.from_numpy(p) for h, p in enumerate(self.best_test_probs) if p is not None
+            },
+        }
+
+    def load(self, state: dict) -> None:
+        d = json.loads(state["json"])
+        self.curves = np.array([[np.nan if v is None else v for v in row] for row in d["curves"]], dtype=np.float64)
+        self.best_val = np.array([-np.inf if v is None else v for v in d["best_val"]], dtype=np.float64)
+        self.best_epoch = np.array(d["best_epoch"], dtype=np.int64)
+        self.test_metrics = d["test_metrics"]
+        self.forward_seconds, self.forward_samples = d["forward_seconds"], d["forward_samples"]
+        for h, p in state.get("best_val_probs", {}).items():
+            self.best_val_probs[int(h)] = p.numpy()
+        for h, p in state.get("best_test_probs", {}).items():
+            self.best_test_probs[int(h)] = p.numpy()
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint")
+
+
+def json_roundtrip(obj: object) -> object:
+    """``obj`` as it reads back from JSON, so a resumed run (which reads metrics back from its checkpoint) reports
+    exactly what an uninterrupted one does."""
+    return json.loads(json.dumps(obj, default=_json_default))

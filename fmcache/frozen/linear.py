@@ -42,6 +42,7 @@ from fmcache.errors import FmcacheError
 from fmcache.training import (
     ADAM_BETAS,
     ADAM_EPS,
+    HeadRecords,
     clip_per_head,
     decays,
     lr_multiplier,
@@ -418,21 +419,13 @@ class LinearHeadGrid:
         self.bias.grad = None
 
 
-class _Evaluator:
+class _Evaluator(HeadRecords):
     """Per-epoch val metric of every head; test metric at each head's best val epoch so far."""
 
     def __init__(self, val: _Split, test: _Split, metric, multilabel, label_names, n_heads, epochs):
+        super().__init__(n_heads, epochs)
         self.val, self.test = val, test
         self.metric, self.multilabel, self.label_names = metric, multilabel, label_names
-        self.curves = np.full((n_heads, epochs), np.nan)
-        self.best_val = np.full(n_heads, -np.inf)
-        self.best_epoch = np.zeros(n_heads, dtype=np.int64)
-        self.test_metrics: list[dict | None] = [None] * n_heads
-        # each head's val and test probabilities at its best epoch so far, for predictions.npz
-        self.best_val_probs: list[np.ndarray | None] = [None] * n_heads
-        self.best_test_probs: list[np.ndarray | None] = [None] * n_heads
-        self.forward_seconds = 0.0
-        self.forward_samples = 0
 
     def _probs(self, split: _Split, w: torch.Tensor, b: torch.Tensor) -> np.ndarray:
         start = time.perf_counter()
@@ -447,12 +440,9 @@ class _Evaluator:
     def evaluate_epoch(self, epoch: int, w: torch.Tensor, b: torch.Tensor) -> None:
         val_probs = self._probs(self.val, w, b)
         values = np.array([self._evaluate(self.val.y, p)["value"] for p in val_probs])
-        self.curves[:, epoch] = values
-        improved = np.flatnonzero(values > self.best_val)
-        if len(improved) == 0:
+        improved = self.observe(epoch, values)
+        if not improved:
             return
-        self.best_val[improved] = values[improved]
-        self.best_epoch[improved] = epoch
         # Test is only scored for heads whose val improved: that is the only test number reported.
         rows = torch.as_tensor(improved, device=w.device)
         test_probs = self._probs(self.test, w[rows], b[rows])
@@ -460,9 +450,6 @@ class _Evaluator:
             self.test_metrics[head] = self._evaluate(self.test.y, probs)
             self.best_test_probs[head] = probs.astype(np.float32)
             self.best_val_probs[head] = val_probs[head].astype(np.float32)
-
-    def inference_seconds_per_sample(self) -> float:
-        return self.forward_seconds / max(1, self.forward_samples)
 
 
 def _summarise(metric, lrs, seeds, evaluator: _Evaluator, settings, train_seconds) -> ProbeResult:

@@ -23,7 +23,6 @@ run (on CPU); a rerun with other settings is refused.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,7 +41,9 @@ from fmcache.frozen.linear import ProbeResult, _check_lists, _labels_tensor, _su
 from fmcache.training import (
     ADAM_BETAS,
     ADAM_EPS,
+    HeadRecords,
     adamw_param_groups,
+    json_roundtrip,
     load_checkpoint,
     lr_multiplier,
     save_checkpoint,
@@ -204,64 +205,6 @@ def should_preload(reader: CacheReader, layer: int, preload: str) -> bool:
     return tokens_nbytes(reader, layer) < psutil.virtual_memory().available / 4
 
 
-class _Records:
-    """Per-head val curves, best epoch and test metrics; duck-types linear's evaluator for ``_summarise``."""
-
-    def __init__(self, n_heads: int, epochs: int):
-        self.curves = np.full((n_heads, epochs), np.nan)
-        self.best_val = np.full(n_heads, -np.inf)
-        self.best_epoch = np.zeros(n_heads, dtype=np.int64)
-        self.test_metrics: list[dict | None] = [None] * n_heads
-        # each head's val and test probabilities at its best epoch so far (float32), for per-sample predictions
-        self.best_val_probs: list[np.ndarray | None] = [None] * n_heads
-        self.best_test_probs: list[np.ndarray | None] = [None] * n_heads
-        self.forward_seconds = 0.0
-        self.forward_samples = 0
-
-    def inference_seconds_per_sample(self) -> float:
-        return self.forward_seconds / max(1, self.forward_samples)
-
-    def state(self) -> dict:
-        # JSON text: metric dicts hold numpy scalars that a weights_only checkpoint would not take
-        return {
-            "json": json.dumps(
-                {
-                    "curves": [[None if np.isnan(v) else float(v) for v in row] for row in self.curves],
-                    "best_val": [None if np.isinf(v) else float(v) for v in self.best_val],
-                    "best_epoch": self.best_epoch.tolist(),
-                    "test_metrics": self.test_metrics,
-                    "forward_seconds": self.forward_seconds,
-                    "forward_samples": self.forward_samples,
-                },
-                default=_json_default,
-            ),
-            "best_val_probs": {str(h): torch.from_numpy(p) for h, p in enumerate(self.best_val_probs) if p is not None},
-            "best_test_probs": {
-                str(h): torch.from_numpy(p) for h, p in enumerate(self.best_test_probs) if p is not None
-            },
-        }
-
-    def load(self, state: dict) -> None:
-        d = json.loads(state["json"])
-        self.curves = np.array([[np.nan if v is None else v for v in row] for row in d["curves"]], dtype=np.float64)
-        self.best_val = np.array([-np.inf if v is None else v for v in d["best_val"]], dtype=np.float64)
-        self.best_epoch = np.array(d["best_epoch"], dtype=np.int64)
-        self.test_metrics = d["test_metrics"]
-        self.forward_seconds, self.forward_samples = d["forward_seconds"], d["forward_samples"]
-        for h, p in state.get("best_val_probs", {}).items():
-            self.best_val_probs[int(h)] = p.numpy()
-        for h, p in state.get("best_test_probs", {}).items():
-            self.best_test_probs[int(h)] = p.numpy()
-
-
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint")
-
-
 def _autocast(device: torch.device):
     # bf16 on GPU (the modern default over the seed's fp16 + GradScaler: no scaler, same range as fp32)
     return (
@@ -325,7 +268,7 @@ def train_token_grid(
     warmup = warmup_steps_for(cfg.warmup.get("warmup_epochs"), cfg.warmup.get("warmup_iters"), steps_per_epoch,
                               total_steps)  # fmt: skip
     norm = TokenNorm(spec, device)
-    records = _Records(n_heads, cfg.epochs)
+    records = HeadRecords(n_heads, cfg.epochs)
     plan = passes(len(lrs), seeds, cfg.heads_per_pass)
     state = None
     if checkpoint is not None and resume:
@@ -470,7 +413,9 @@ class _Pass:
         opt.step()
 
     @torch.no_grad()
-    def _probs(self, split: TokenSplit, heads: list[int], norm: TokenNorm, records: _Records) -> dict[int, np.ndarray]:
+    def _probs(
+        self, split: TokenSplit, heads: list[int], norm: TokenNorm, records: HeadRecords
+    ) -> dict[int, np.ndarray]:
         for h in heads:
             self.heads[h].eval()
         parts: dict[int, list[torch.Tensor]] = {h: [] for h in heads}
@@ -487,25 +432,18 @@ class _Pass:
         records.forward_samples += split.n * len(heads)
         return {h: torch.cat(p).double().numpy() for h, p in parts.items()}
 
-    def evaluate(self, epoch: int, val: TokenSplit, test: TokenSplit, norm: TokenNorm, records: _Records) -> None:
+    def evaluate(self, epoch: int, val: TokenSplit, test: TokenSplit, norm: TokenNorm, records: HeadRecords) -> None:
         evaluate = lambda y, p: metrics.evaluate(self.cfg.metric, y, p, self.cfg.multilabel, self.cfg.label_names)  # noqa: E731
         val_probs = self._probs(val, self.heads_idx, norm, records)
-        improved = []
-        for h in self.heads_idx:
-            value = float(evaluate(val.labels, val_probs[h])["value"])
-            records.curves[h, epoch] = value
-            if value > records.best_val[h]:
-                records.best_val[h], records.best_epoch[h] = value, epoch
-                improved.append(h)
+        values = {h: float(evaluate(val.labels, val_probs[h])["value"]) for h in self.heads_idx}
+        improved = records.observe(epoch, values)
         if improved:  # test is only scored at a new best val: that is the only test number reported
             test_probs = self._probs(test, improved, norm, records)
             for h in improved:
                 records.best_val_probs[h] = val_probs[h].astype(np.float32)
                 records.best_test_probs[h] = test_probs[h].astype(np.float32)
                 # through JSON now, so a resumed run (which reads them back from JSON) reports identical values
-                records.test_metrics[h] = json.loads(
-                    json.dumps(evaluate(test.labels, test_probs[h]), default=_json_default)
-                )
+                records.test_metrics[h] = json_roundtrip(evaluate(test.labels, test_probs[h]))
 
 
 __all__ = [
