@@ -609,6 +609,54 @@ def finetune_cmd(
         _print_finetune(result)
 
 
+@app.command("report")
+@cli_command
+def report_cmd(
+    results: Annotated[Path, typer.Argument(help="A results tree (fmcache grid / evaluations write it).")] = Path(
+        "results"
+    ),
+    out: Annotated[Path, typer.Option(help="Folder for the report's files.")] = Path("report"),
+    format: Annotated[
+        str, typer.Option(help="Comma-separated: md, csv, tex, html (Markdown and CSV are always written).")
+    ] = "md,csv,tex,html",
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for CIs and paired tests.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+) -> None:
+    """The paper's tables (mean ± std, bootstrap CIs, paired tests), figures and one HTML page from a results tree."""
+    from fmcache.report.render import build_report, parse_formats
+
+    report = build_report(results, out, parse_formats(format), resamples, seed)
+    console.print(f"{report['n_results']} result(s) → {len(report['files'])} file(s) in {report['out']}", markup=False)
+    for path in report["files"]:
+        console.print(f"  {path}", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command("grid")
+@cli_command
+def grid_cmd(
+    config: Annotated[Path, typer.Argument(help="Grid YAML (see configs/paper.yaml, configs/demo_grid.yaml).")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan: jobs per kind, done, cost.")] = False,
+    executor: Annotated[str, typer.Option(help="local (this machine) or slurm (submitit).")] = "local",
+    only: Annotated[
+        str | None, typer.Option(help="Comma-separated job kinds, models or datasets to keep, e.g. extract,knn.")
+    ] = None,
+    results: Annotated[Path | None, typer.Option(help="Results root (overrides the YAML's).")] = None,
+    cache_root: Annotated[Path | None, typer.Option(help="Cache root (overrides the YAML's).")] = None,
+    jobs: Annotated[int, typer.Option(help="local: N jobs at once, as subprocesses with one GPU each.")] = 1,
+    slurm_partition: Annotated[str | None, typer.Option(help="slurm: partition.")] = None,
+    gpus_per_job: Annotated[int, typer.Option(help="slurm: GPUs per job.")] = 1,
+    time: Annotated[int, typer.Option(help="slurm: time limit per job, minutes.")] = 240,
+    logs: Annotated[Path | None, typer.Option(help="Per-job logs (default: <results>/grid_logs).")] = None,
+) -> None:
+    """Expand a YAML experiment into extract → protocol jobs, skip finished ones, run the rest locally or on Slurm."""
+    from fmcache.report.grid import GridOptions, run_grid
+
+    options = GridOptions(dry_run=dry_run, executor=executor, only=only, results=results, cache_root=cache_root,
+                          jobs=jobs, slurm_partition=slurm_partition, gpus_per_job=gpus_per_job, time_min=time,
+                          logs=logs)  # fmt: skip
+    run_grid(config, options, log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
+
+
 @app.command("demo")
 @cli_command
 def demo_cmd(

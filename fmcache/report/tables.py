@@ -133,7 +133,7 @@ def table1_cells(docs: Sequence[dict]) -> dict[tuple[str, str, str, str], dict]:
 def dataset_metrics(docs: Iterable[dict]) -> dict[str, str]:
     out: dict[str, str] = {}
     for doc in docs:
-        if doc.get("metric"):
+        if doc.get("metric") and doc.get("protocol") != "cka":  # CKA's "metric" is the similarity, not the dataset's
             out.setdefault(doc["dataset"], doc["metric"])
     return out
 

@@ -1,0 +1,173 @@
+"""``fmcache grid``: YAML → jobs, skipping finished work, resuming after a kill, the executors and bad input."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fmcache.cli import app
+from fmcache.report.grid import GridOptions, expand, load_grid, run_grid
+from fmcache.results import find_results
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = """
+results: out/results
+cache_root: out/cache
+models:
+  - {name: resnet50, random_init: true, img_size: 32}
+datasets:
+  - {name: imagefolder, root: data/digits, prepare: digits, per_class: 8}
+extract: {batch_size: 32, workers: 0, shard_size: 40}
+protocols:
+  knn: {ks: [3, 5], layer: all}
+  probe_linear: {lrs: [1.0e-2], seeds: 2, epochs: 2}
+  cka: {layers: all}
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def _grid(*args: str):
+    return runner.invoke(app, ["grid", *map(str, args)])
+
+
+def test_grid_runs_then_does_nothing_then_reports(tiny: Path, tmp_path: Path):
+    dry = _grid(tiny, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert "4 job(s), 0 done, 4 to run" in dry.output and not (tmp_path / "data").exists()
+    first = _grid(tiny)
+    assert first.exit_code == 0, first.output
+    assert "4 job(s): 4 ran, 0 already done" in first.output
+    results = tmp_path / "out" / "results"  # relative to the YAML's folder
+    assert {d["protocol"] for d in find_results(results)} == {"knn", "probe_linear", "cka"}
+    second = _grid(tiny)
+    assert second.exit_code == 0 and "4 job(s): 0 ran, 4 already done" in second.output, second.output
+    dry = _grid(tiny, "--dry-run")
+    assert "4 done, 0 to run" in dry.output
+    # the estimate comes from the recorded timings once runs exist
+    assert "estimated cost of the 0 job(s)" in dry.output
+    # --results / --cache-root override the YAML; --only keeps a kind plus the extract it needs
+    other = _grid(tiny, "--results", tmp_path / "r2", "--cache-root", tmp_path / "out" / "cache", "--only", "knn")
+    assert other.exit_code == 0 and "2 job(s): 1 ran, 1 already done" in other.output, other.output
+    report = runner.invoke(app, ["report", str(results), "--out", str(tmp_path / "report"), "--resamples", "50"])
+    assert report.exit_code == 0, report.output
+    for name in ("report.md", "report.html", "report.tex", "table1.csv", "table2_knn.csv", "timings.csv"):
+        assert (tmp_path / "report" / name).is_file(), name
+
+
+def test_expand_jobs_and_dependencies(tmp_path: Path):
+    path = tmp_path / "g.yaml"
+    extra = (
+        "  finetune_linear:\n    - {freeze: none}\n    - {freeze: 2, models: [resnet50]}\n  probe_deit: {layer: last}\n"
+    )
+    path.write_text(
+        TINY.replace("models:\n", "models:\n  - {name: timm:vit_tiny_patch16_224, random_init: true}\n") + extra
+    )
+    grid = load_grid(path)
+    jobs = expand(grid)
+    kinds = [j.kind for j in jobs]
+    assert kinds.count("extract") == 2 and kinds.count("finetune_linear") == 3 and kinds.count("probe_deit") == 2
+    by_id = {j.id: j for j in jobs}
+    assert by_id["knn/imagefolder/resnet50"].deps == ["extract/imagefolder/resnet50"]
+    assert all(not j.deps for j in jobs if j.kind.startswith("finetune"))
+    assert kinds.index("finetune_linear") > max(i for i, k in enumerate(kinds) if k != "finetune_linear")
+    assert grid.results == tmp_path / "out" / "results"
+
+
+def _one_line_exit_2(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    for needle in needles:
+        assert needle in result.output, result.output
+
+
+def test_bad_input_is_one_line(tmp_path: Path, tiny: Path, monkeypatch):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY + "epochs: 3\n")
+    _one_line_exit_2(_grid(bad), "unknown key(s) epochs", "valid: cache_root, datasets")
+    bad.write_text(TINY.replace("knn: {ks: [3, 5], layer: all}", "knn: {ks: [3], k_max: 9}"))
+    _one_line_exit_2(_grid(bad), "k_max in protocols.knn", "temperature")
+    bad.write_text(TINY.replace("knn:", "knnn:"))
+    _one_line_exit_2(_grid(bad), "knnn", "probe_linear")
+    bad.write_text(TINY.replace("root: data/digits, prepare: digits, per_class: 8", "root: nowhere"))
+    _one_line_exit_2(_grid(bad), "root", "nowhere", "does not exist")
+    assert not (tmp_path / "out").exists()  # refused before any job started
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
+    _one_line_exit_2(_grid(tiny, "--executor", "slurm"), "pip install submitit")
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.slow
+def test_kill_midway_then_rerun_completes_only_the_rest(tiny: Path, tmp_path: Path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "fmcache", "grid", str(tiny)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    results = tmp_path / "out" / "results"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(results.rglob("result.json")):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-grid: the extract and the first protocol are done
+    proc.wait()
+    finished = len(find_results(results))
+    assert 1 <= finished < 3
+    rerun = _grid(tiny)
+    assert rerun.exit_code == 0, rerun.output
+    ran, done = map(int, re.search(r"4 job\(s\): (\d+) ran, (\d+) already done", rerun.output).groups())
+    # the extract and every run whose ledger entry was written are skipped; only the rest runs
+    assert ran + done == 4 and done >= max(1, finished) and ran <= 4 - finished
+    assert len(find_results(results)) == 3
+
+
+@pytest.mark.slow
+def test_local_jobs_subprocesses(tiny: Path, tmp_path: Path):
+    result = _grid(tiny, "--jobs", "2", "--logs", tmp_path / "logs")
+    assert result.exit_code == 0, result.output
+    assert len(find_results(tmp_path / "out" / "results")) == 3
+    assert len(list((tmp_path / "logs").glob("*.log"))) == 4  # one log per job
+
+
+def test_submitit_local_executor(tiny: Path, tmp_path: Path):
+    pytest.importorskip("submitit", reason="submitit not installed (pip install submitit); the slurm path needs it")
+    options = GridOptions(executor="slurm", submitit_cluster="local", gpus_per_job=0, time_min=10,
+                          logs=tmp_path / "logs")  # fmt: skip
+    out = run_grid(tiny, options, log=lambda _m: None)
+    assert len(out["ran"]) == 4
+    assert len(find_results(tmp_path / "out" / "results")) == 3
+    assert list((tmp_path / "logs").rglob("*_log.out"))  # submitit's per-job logs
+    again = run_grid(tiny, options, log=lambda _m: None)
+    assert again["ran"] == [] and len(again["skipped"]) == 4
+
+
+@pytest.mark.slow
+def test_demo_grid_end_to_end(tmp_path: Path):
+    """configs/demo_grid.yaml as shipped (paths relative to the YAML: the copy writes under tmp_path)."""
+    (tmp_path / "configs").mkdir()
+    shutil.copy(REPO / "configs" / "demo_grid.yaml", tmp_path / "configs" / "demo_grid.yaml")
+    start = time.perf_counter()
+    result = _grid(tmp_path / "configs" / "demo_grid.yaml")
+    assert result.exit_code == 0, result.output
+    assert "16 job(s): 16 ran" in result.output
+    print(f"demo grid: {time.perf_counter() - start:.0f} s")
+    assert "16 job(s): 0 ran, 16 already done" in _grid(tmp_path / "configs" / "demo_grid.yaml").output
+    report = runner.invoke(app, ["report", str(tmp_path / "results"), "--out", str(tmp_path / "report")])
+    assert report.exit_code == 0, report.output
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "imagefolder (accuracy) linear frozen" in md and "resnet50" in md
+    figures = {p.name for p in (tmp_path / "report" / "figures").iterdir()}
+    assert "imagefolder_frozen_blocks.png" in figures and "imagefolder_cka_last_layer_models.png" in figures
