@@ -526,9 +526,9 @@ def run_local(jobs: list[Job], log: Log) -> Outcome:
         start = time.perf_counter()
         try:
             run_and_record(job, log=lambda _m: None)
-        except FmcacheError as exc:
-            outcome.failed[job.id] = str(exc)
-            log(f"  failed: {exc}")
+        except Exception as exc:  # one job's failure (bad input or a bug) must not stop the independent ones
+            outcome.failed[job.id] = str(exc) if isinstance(exc, FmcacheError) else f"{type(exc).__name__}: {exc}"
+            log(f"  failed: {outcome.failed[job.id]}")
             continue
         outcome.ran.append(job.id)
         log(f"  done in {time.perf_counter() - start:.1f} s")
