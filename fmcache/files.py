@@ -6,11 +6,17 @@ import errno
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 from fmcache.errors import FmcacheError
+
+
+def _writer_id() -> str:
+    # process and thread: two writers in one process (threads) must not share a temporary name either
+    return f"{os.getpid()}-{threading.get_ident()}"
 
 
 def atomic_write_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -20,7 +26,7 @@ def atomic_write_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
     payloads (a grid of DeiT-B heads' checkpoint) go to disk without a second copy in RAM.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{_writer_id()}")
     try:
         with open(tmp, "wb") as fh:
             write(fh)
@@ -66,7 +72,7 @@ def ensure_writable_dir(path: Path) -> Path:
     """Create ``path`` (and parents) and prove it is writable, or raise a clear error."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
+        probe = path / f".write-test-{_writer_id()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
