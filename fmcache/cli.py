@@ -106,6 +106,30 @@ SPLIT_HELP = (
 )
 
 
+DATASET_FLAGS = ("uncertain", "split", "layout", "csv")
+
+
+def _config_and_flags(
+    spec_cls: type, config: Path | None, flags: dict, path_keys: tuple[str, ...]
+) -> tuple[dict, dict]:
+    """A command's options from ``--config`` YAML overridden by its flags: (spec fields, dataset options).
+
+    Dataset options may come as flags, as top-level YAML keys or under ``dataset_options``; flags win.
+    """
+    from fmcache.config import load_config, merge
+
+    dataset_flags = {k: flags.pop(k, None) for k in DATASET_FLAGS}
+    allowed = {f.name for f in fields(spec_cls)} | set(DATASET_FLAGS)
+    merged = merge({}, load_config(config), flags, allowed, source=str(config))
+    options = {**merged.pop("dataset_options", {})}
+    options.update(_dataset_options(*(merged.pop(k, None) for k in DATASET_FLAGS)))
+    options.update(_dataset_options(*(dataset_flags[k] for k in DATASET_FLAGS)))
+    for key in path_keys:
+        if merged.get(key) is not None:
+            merged[key] = Path(merged[key])
+    return merged, options
+
+
 def _dataset_options(uncertain: str | None, split: str | None, layout: str | None, csv: str | None) -> dict:
     opts = {"uncertain": uncertain, "split": split, "layout": layout, "csv": csv}
     return {k: v for k, v in opts.items() if v is not None}
@@ -207,21 +231,13 @@ def extract_cmd(
     """Run a frozen foundation once over a dataset and write the keyed, resumable HDF5 cache."""
     # parsed here, not by typer, so a bad value is one line (ExtractSpec names the rule) rather than a usage box
     views = int(views) if views is not None and views.strip().lstrip("-").isdigit() else views  # type: ignore[assignment]
-    flags = {k: v for k, v in locals().items() if k not in ("config", "quiet", "uncertain", "split", "layout", "csv")}
-    from fmcache.config import load_config, merge
+    flags = {k: v for k, v in locals().items() if k not in ("config", "quiet")}
     from fmcache.extract import ExtractSpec, run_extract
 
-    allowed = {f.name for f in fields(ExtractSpec)} | {"uncertain", "split", "layout", "csv"}
-    merged = merge({}, load_config(config), flags, allowed, source=str(config))
-    options = {**merged.pop("dataset_options", {})}
-    options.update(_dataset_options(*(merged.pop(k, None) for k in ("uncertain", "split", "layout", "csv"))))
-    options.update(_dataset_options(uncertain, split, layout, csv))
+    merged, options = _config_and_flags(ExtractSpec, config, flags, ("data_root", "weights", "cache_root"))
     for required in ("dataset", "data_root", "model"):
         if merged.get(required) is None:
             raise FmcacheError(f"--{required.replace('_', '-')} is required (as a flag or in --config)")
-    for key in ("data_root", "weights", "cache_root"):
-        if merged.get(key) is not None:
-            merged[key] = Path(merged[key])
     spec = ExtractSpec(**merged, dataset_options=options)
     folder = run_extract(spec, progress=not quiet, log=lambda m: err_console.print(m))
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line for the whole job
@@ -583,18 +599,10 @@ def finetune_cmd(
 
     Patch/position embedding and the final norm are frozen whenever any block is frozen.
     """
-    flags = {k: v for k, v in locals().items() if k not in ("config", "quiet", "uncertain", "split", "layout", "csv")}
-    from fmcache.config import load_config, merge
+    flags = {k: v for k, v in locals().items() if k not in ("config", "quiet")}
     from fmcache.finetune.run import FinetuneSpec, run_finetune
 
-    allowed = {f.name for f in fields(FinetuneSpec)} | {"uncertain", "split", "layout", "csv"}
-    merged = merge({}, load_config(config), flags, allowed, source=str(config))
-    options = {**merged.pop("dataset_options", {})}
-    options.update(_dataset_options(*(merged.pop(k, None) for k in ("uncertain", "split", "layout", "csv"))))
-    options.update(_dataset_options(uncertain, split, layout, csv))
-    for key in ("data_root", "weights", "out", "from_cache"):
-        if merged.get(key) is not None:
-            merged[key] = Path(merged[key])
+    merged, options = _config_and_flags(FinetuneSpec, config, flags, ("data_root", "weights", "out", "from_cache"))
     if isinstance(merged.get("lrs"), str):
         merged["lrs"] = tuple(_floats(merged["lrs"], "--lrs"))
     elif merged.get("lrs") is not None:
