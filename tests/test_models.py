@@ -213,3 +213,13 @@ def test_escape_hatch_builds_timm_model():
 
 def test_unavailable_names_are_not_registered():
     assert not set(UNAVAILABLE) & {s.name for s in list_models()}
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"), [("clip_vitb16", "layernorm"), ("blip_base", "layernorm"), ("resnet50", None), ("focal", None)]
+)
+def test_final_norm_params_come_from_the_adapter(name: str, kind: str | None):
+    from fmcache.models.final_norm import final_norm_params
+
+    params = final_norm_params(tiny(name).adapter)
+    assert (params and params["kind"]) == kind

@@ -100,11 +100,16 @@ class OpenClipAdapter(nn.Module):
         super().__init__()
         self.visual = visual
 
+    @property
+    def final_norm(self) -> nn.Module:
+        # a property, not an attribute: registering ln_post twice would duplicate its keys in the state dict
+        return self.visual.ln_post
+
     def forward(self, x: torch.Tensor) -> LayerOut:
         out = self.visual.forward_intermediates(x, output_fmt="NLC", output_extra_tokens=True)
         prefix = out["image_intermediates_prefix"]
         tokens = [torch.cat([p, t], dim=1) for p, t in zip(prefix, out["image_intermediates"], strict=True)]
-        normed = [_norm_tokens(self.visual.ln_post, t) for t in tokens]
+        normed = [_norm_tokens(self.final_norm, t) for t in tokens]
         return tokens, normed, out["image_features"]
 
 

@@ -10,17 +10,10 @@ from __future__ import annotations
 from torch import nn
 
 
-def _module(adapter: nn.Module) -> nn.Module | None:
-    norm = getattr(adapter, "final_norm", None)
-    if norm is None and hasattr(adapter, "visual"):  # open_clip towers
-        norm = getattr(adapter.visual, "ln_post", None)
-    return norm
-
-
 def final_norm_params(adapter: nn.Module) -> dict | None:
     """``{"kind": "layernorm"|"rmsnorm", "dim", "eps", "weight", "bias"}`` (lists of floats, bias None when absent)
     of the norm the adapter applies for its pooled features, or None when the model has none (CNNs, SEEM)."""
-    norm = _module(adapter)
+    norm = getattr(adapter, "final_norm", None)  # every adapter names the norm its pooled features use
     shape = getattr(norm, "normalized_shape", None)
     if norm is None or isinstance(norm, nn.Identity) or shape is None or len(tuple(shape)) != 1:
         return None
