@@ -26,6 +26,18 @@ class Figure:
     path: Path
 
 
+def _finish(
+    fig, ax, out: Path, name: str, caption: str, *, title: str, ylabel: str, xlabel: str | None = None
+) -> Figure:
+    """Label a one-panel figure, add its legend and save it as ``out/<name>.png``."""
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return Figure(name, caption, _save_png(fig, out / f"{name}.png"))
+
+
 def _layer_key(layer) -> tuple[int, str]:
     text = str(layer)
     return (int(text), "") if text.lstrip("-").isdigit() else (10**9, text)
@@ -69,12 +81,9 @@ def metric_vs_layer(docs: Sequence[dict], out: Path) -> list[Figure]:
                 xs = [_layer_key(n)[0] for n in layers]
                 ax.errorbar(xs, means, yerr=np.nan_to_num(stds), marker="o", capsize=3, label=model)
             metric = next(iter(curves.values()))[1]
-            ax.set_xlabel("layer")
-            ax.set_ylabel(f"test {metric}")
-            ax.set_title(f"{dataset}: {label} per layer")
-            ax.legend(fontsize="small")
-            name = f"{safe_name(dataset)}_{protocol}_vs_layer"
-            figures.append(Figure(name, f"{dataset}: {label}, metric vs layer", _save_png(fig, out / f"{name}.png")))
+            figures.append(_finish(fig, ax, out, f"{safe_name(dataset)}_{protocol}_vs_layer",
+                                   f"{dataset}: {label}, metric vs layer", title=f"{dataset}: {label} per layer",
+                                   ylabel=f"test {metric}", xlabel="layer"))  # fmt: skip
     return figures
 
 
@@ -99,12 +108,9 @@ def knn_vs_k(docs: Sequence[dict], out: Path) -> list[Figure]:
             ks = sorted(points)
             ax.plot(ks, [points[k] for k in ks], marker="o", label=model)
         ax.set_xscale("log")
-        ax.set_xlabel("k")
-        ax.set_ylabel(f"test {next(iter(lines.values()))[1]}")
-        ax.set_title(f"{dataset}: k-NN vs k")
-        ax.legend(fontsize="small")
-        name = f"{safe_name(dataset)}_knn_vs_k"
-        figures.append(Figure(name, f"{dataset}: k-NN vs k", _save_png(fig, out / f"{name}.png")))
+        figures.append(_finish(fig, ax, out, f"{safe_name(dataset)}_knn_vs_k", f"{dataset}: k-NN vs k",
+                               title=f"{dataset}: k-NN vs k", ylabel=f"test {next(iter(lines.values()))[1]}",
+                               xlabel="k"))  # fmt: skip
     return figures
 
 
@@ -141,14 +147,10 @@ def frozen_blocks(docs: Sequence[dict], out: Path) -> list[Figure]:
             ks = sorted(points)
             ax.errorbar(ks, [points[k][0] for k in ks], yerr=[points[k][1] for k in ks], marker="o", capsize=3,
                         label=label)  # fmt: skip
-        ax.set_xlabel("frozen blocks (first K)")
-        ax.set_ylabel(f"test {metric}")
-        ax.set_title(f"{dataset}: fine-tuning with the first K blocks frozen")
-        ax.legend(fontsize="small")
-        name = f"{safe_name(dataset)}_frozen_blocks"
-        figures.append(
-            Figure(name, f"{dataset}: metric vs frozen blocks (Fig. 4)", _save_png(fig, out / f"{name}.png"))
-        )
+        figures.append(_finish(fig, ax, out, f"{safe_name(dataset)}_frozen_blocks",
+                               f"{dataset}: metric vs frozen blocks (Fig. 4)",
+                               title=f"{dataset}: fine-tuning with the first K blocks frozen", ylabel=f"test {metric}",
+                               xlabel="frozen blocks (first K)"))  # fmt: skip
     return figures
 
 
@@ -176,9 +178,10 @@ def cka_heatmaps(docs: Sequence[dict], out: Path) -> list[Figure]:
         model_b = cka_model_b(doc) or doc["model"]
         name = f"{safe_name(doc['dataset'])}_cka_{safe_name(doc['model'])}_vs_{safe_name(model_b)}_{Path(doc['folder']).name}"
         title = f"{doc['dataset']}: CKA {doc['model']} × {model_b}"
-        plot_cka_heatmap(out / f"{name}.png", matrix, summary.get("layers_a") or [], summary.get("layers_b") or [],
-                         title=title, ylabel=f"{doc['model']} layer", xlabel=f"{model_b} layer")  # fmt: skip
-        figures.append(Figure(name, title, out / f"{name}.png"))
+        path = plot_cka_heatmap(out / f"{name}.png", matrix, summary.get("layers_a") or [],
+                                summary.get("layers_b") or [], title=title, ylabel=f"{doc['model']} layer",
+                                xlabel=f"{model_b} layer")  # fmt: skip
+        figures.append(Figure(name, title, path))
     return figures
 
 
@@ -204,8 +207,8 @@ def cka_across_models(docs: Sequence[dict], out: Path) -> list[Figure]:
                 grid[i, j] = 1.0 if a == b else pairs.get((a, b), np.nan)
         name = f"{safe_name(dataset)}_cka_last_layer_models"
         title = f"{dataset}: last-layer CKA across models"
-        plot_cka_heatmap(out / f"{name}.png", grid, models, models, title=title, ylabel="model", xlabel="model")
-        figures.append(Figure(name, f"{title} (Fig. 8)", out / f"{name}.png"))
+        path = plot_cka_heatmap(out / f"{name}.png", grid, models, models, title=title, ylabel="model", xlabel="model")
+        figures.append(Figure(name, f"{title} (Fig. 8)", path))
     return figures
 
 
@@ -235,11 +238,9 @@ def bar_charts(docs: Sequence[dict], out: Path) -> list[Figure]:
             ax.bar(xs, [np.nan if m is None else m for m in means], width, yerr=stds, capsize=2,
                    label=f"{HEAD_NAMES[head]} {regime}")  # fmt: skip
         ax.set_xticks(range(len(models)), models, rotation=30 if len(models) > 3 else 0, ha="right")
-        ax.set_ylabel(f"test {metric}")
-        ax.set_title(f"{dataset}: test {metric} (mean ± std over seeds)")
-        ax.legend(fontsize="small")
-        name = f"{safe_name(dataset)}_bars"
-        figures.append(Figure(name, f"{dataset}: all models", _save_png(fig, out / f"{name}.png")))
+        figures.append(_finish(fig, ax, out, f"{safe_name(dataset)}_bars", f"{dataset}: all models",
+                               title=f"{dataset}: test {metric} (mean ± std over seeds)",
+                               ylabel=f"test {metric}"))  # fmt: skip
     return figures
 
 

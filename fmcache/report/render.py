@@ -82,13 +82,15 @@ def build_tables(docs: Sequence[dict], resamples: int, seed: int) -> list[Table]
     cells = table1_cells(docs)
     knn = knn_cells(docs)
     chosen = list(cells.values()) + list(knn.values())
-    cis = stats.cell_cis(chosen, resamples, seed)
+    # each predictions.npz once: the CIs and the paired tests read the same arrays
+    predictions = {doc["folder"]: stats.load_predictions(doc["folder"]) for doc in chosen}
+    cis = stats.cell_cis(chosen, resamples, seed, predictions)
     groups: dict[tuple[str, str], list[dict]] = {}
     for (_model, dataset, head, regime), doc in cells.items():
         groups.setdefault((dataset, f"{HEAD_NAMES[head]} {regime}"), []).append(doc)
     for (_model, dataset), doc in knn.items():
         groups.setdefault((dataset, "k-NN"), []).append(doc)
-    tests = stats.paired_tests(groups, resamples, seed)
+    tests = stats.paired_tests(groups, resamples, seed, predictions)
     return [table1(docs, cis), table2(docs, cis), timing_table(docs), ci_table(docs, cis), paired_table(tests)]
 
 

@@ -8,7 +8,7 @@ is undefined (an AUC whose resample holds one class) is dropped and counted, nev
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,11 +131,26 @@ def paired_bootstrap(
             "n": len(a.ids), "resamples": resamples, "failed": failed}  # fmt: skip
 
 
-def cell_cis(cells: Sequence[dict], resamples: int = RESAMPLES, seed: int = SEED) -> dict[str, dict]:
-    """{result folder: bootstrap CI} for every result among ``cells`` that saved test predictions."""
+def _loaded(doc: dict, predictions: Mapping[str, Predictions | None] | None) -> Predictions | None:
+    # a report loads each predictions.npz once and hands the arrays to both the CIs and the paired tests
+    if predictions is not None and doc["folder"] in predictions:
+        return predictions[doc["folder"]]
+    return load_predictions(doc["folder"])
+
+
+def cell_cis(
+    cells: Sequence[dict],
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+    predictions: Mapping[str, Predictions | None] | None = None,
+) -> dict[str, dict]:
+    """{result folder: bootstrap CI} for every result among ``cells`` that saved test predictions.
+
+    ``predictions`` ({folder: test predictions}) spares reading a folder's ``predictions.npz`` again.
+    """
     out = {}
     for doc in cells:
-        pred = load_predictions(doc["folder"])
+        pred = _loaded(doc, predictions)
         if pred is None or not doc.get("metric"):
             continue
         try:
@@ -145,11 +160,16 @@ def cell_cis(cells: Sequence[dict], resamples: int = RESAMPLES, seed: int = SEED
     return out
 
 
-def paired_tests(groups: dict[tuple[str, str], list[dict]], resamples: int = RESAMPLES, seed: int = SEED) -> list[dict]:
+def paired_tests(
+    groups: dict[tuple[str, str], list[dict]],
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+    predictions: Mapping[str, Predictions | None] | None = None,
+) -> list[dict]:
     """Per (dataset, column): the model with the best test mean against each other model with predictions."""
     rows = []
     for (dataset, column), docs in sorted(groups.items()):
-        with_pred = [(d, load_predictions(d["folder"])) for d in docs]
+        with_pred = [(d, _loaded(d, predictions)) for d in docs]
         with_pred = [(d, p) for d, p in with_pred if p is not None]
         if len(with_pred) < 2:
             continue

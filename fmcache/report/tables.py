@@ -259,16 +259,17 @@ def timing_table(docs: Sequence[dict]) -> Table:
     """The data of the paper's Fig. 3: extraction s/img, training s and inference s/img per evaluation."""
     header = ["dataset", "model", "protocol", "extract s/img", "train s", "inference s/img"]
     rows, records = [], []
-    ordered = sorted(
-        (d for d in docs if d.get("protocol") != "cka"),
-        key=lambda d: (ordered_datasets(docs).index(d["dataset"]), d["model"], protocol_label(d)),
+    position = {name: i for i, name in enumerate(ordered_datasets(docs))}
+    labelled = sorted(
+        ((d, protocol_label(d)) for d in docs if d.get("protocol") != "cka"),
+        key=lambda dl: (position[dl[0]["dataset"]], dl[0]["model"], dl[1]),
     )
-    for doc in ordered:
+    for doc, label in labelled:
         t = doc.get("timings") or {}
         values = [t.get("extract_seconds_per_image"), t.get("train_seconds"), t.get("inference_seconds_per_sample")]
-        rows.append([doc["dataset"], doc["model"], protocol_label(doc), *(fmt_seconds(v) for v in values)])
+        rows.append([doc["dataset"], doc["model"], label, *(fmt_seconds(v) for v in values)])
         records.append({
-            "dataset": doc["dataset"], "model": doc["model"], "protocol": protocol_label(doc),
+            "dataset": doc["dataset"], "model": doc["model"], "protocol": label,
             "extract_seconds_per_image": values[0], "train_seconds": values[1],
             "inference_seconds_per_sample": values[2], "folder": doc["folder"],
         })  # fmt: skip

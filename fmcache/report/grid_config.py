@@ -1,0 +1,154 @@
+"""The grid's input: a YAML experiment checked against the runners' own options, and the command line's options.
+
+Every unknown key is refused with one line naming it and the valid ones; a protocol variant may set exactly its
+runner's parameters (fine-tuning: ``FinetuneSpec``'s fields) less what the grid fixes itself (:data:`GRID_OWNED`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fmcache.errors import FmcacheError
+
+KINDS = ("extract", "knn", "probe_linear", "probe_deit", "probe_attentive", "cka", "finetune_linear", "finetune_deit")
+TOP_KEYS = ("results", "cache_root", "models", "datasets", "extract", "protocols")
+MODEL_KEYS = ("name", "weights", "random_init", "img_size", "arch_overrides", "tokens")
+DATASET_KEYS = ("name", "root", "split", "uncertain", "layout", "csv", "prepare", "per_class", "limit")
+DATASET_OPTIONS = ("split", "uncertain", "layout", "csv")
+PREPARERS = ("digits",)
+# options every protocol variant may carry besides its runner's: which models it applies to
+VARIANT_KEYS = ("models",)
+# fixed by the grid itself, so a YAML may not set them inside extract: or a protocol
+GRID_OWNED = {"dataset", "data_root", "model", "weights", "random_init", "cache_root", "dataset_options",
+              "arch_overrides", "out", "reader", "reader_b", "head", "progress", "from_cache", "img_size"}  # fmt: skip
+
+Log = Callable[[str], None]
+
+
+def _unknown(keys, valid, where: str, source: Path) -> None:
+    bad = sorted(set(keys) - set(valid))
+    if bad:
+        raise FmcacheError(f"{source}: unknown key(s) {', '.join(bad)} in {where}; valid: {', '.join(sorted(valid))}")
+
+
+def _runner_options(kind: str) -> set[str]:
+    """The options a protocol variant may set: its runner's parameters (finetune: FinetuneSpec's fields)."""
+    if kind == "knn":
+        from fmcache.frozen.run import run_knn as fn
+    elif kind == "probe_linear":
+        from fmcache.frozen.run import run_probe as fn
+    elif kind in ("probe_deit", "probe_attentive"):
+        from fmcache.frozen.run_tokens import run_token_probe as fn
+    elif kind == "cka":
+        from fmcache.frozen.run import run_cka as fn
+
+        return (set(inspect.signature(fn).parameters) - GRID_OWNED) | {"across_models"}
+    else:
+        from fmcache.finetune.run import FinetuneSpec
+
+        return {f.name for f in dataclasses.fields(FinetuneSpec)} - GRID_OWNED - {"resume"}
+    return set(inspect.signature(fn).parameters) - GRID_OWNED
+
+
+def _extract_options() -> set[str]:
+    from fmcache.extract import ExtractSpec
+
+    return ({f.name for f in dataclasses.fields(ExtractSpec)} - GRID_OWNED) | {"tokens"}
+
+
+def _resolve(path: str | Path, base: Path) -> Path:
+    path = Path(os.path.expanduser(str(path)))
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+@dataclass
+class GridConfig:
+    """A checked grid YAML: folders resolved against the YAML's folder (or the command line's overrides)."""
+
+    source: Path
+    results: Path
+    cache_root: Path
+    models: list[dict]
+    datasets: list[dict]
+    extract: dict
+    protocols: dict[str, list[dict]]
+
+
+def load_grid(path: Path, results: Path | None = None, cache_root: Path | None = None) -> GridConfig:
+    """Read and check a grid YAML; every unknown key is one line naming it and the valid ones."""
+    from fmcache.config import load_config
+
+    path = Path(path)
+    raw = load_config(path)
+    _unknown(raw, TOP_KEYS, "the top level", path)
+    base = path.resolve().parent
+    models, datasets = raw.get("models") or [], raw.get("datasets") or []
+    if not models or not datasets:
+        raise FmcacheError(f"{path}: the grid needs at least one entry under models: and under datasets:")
+    checked_models = []
+    for entry in models:
+        entry = {"name": entry} if isinstance(entry, str) else dict(entry or {})
+        _unknown(entry, MODEL_KEYS, f"model {entry.get('name', '?')}", path)
+        if not entry.get("name"):
+            raise FmcacheError(f"{path}: every model needs a name")
+        if entry.get("weights"):
+            entry["weights"] = str(_resolve(entry["weights"], base))
+        checked_models.append(entry)
+    checked_datasets = []
+    for entry in datasets:
+        entry = dict(entry or {})
+        _unknown(entry, DATASET_KEYS, f"dataset {entry.get('name', '?')}", path)
+        if not entry.get("name") or not entry.get("root"):
+            raise FmcacheError(f"{path}: every dataset needs a name and a root")
+        if entry.get("prepare") not in (None, *PREPARERS):
+            raise FmcacheError(f"{path}: unknown prepare '{entry['prepare']}'; valid: {', '.join(PREPARERS)}")
+        entry["root"] = str(_resolve(entry["root"], base))
+        checked_datasets.append(entry)
+    extract = {str(k).replace("-", "_"): v for k, v in (raw.get("extract") or {}).items()}
+    _unknown(extract, _extract_options(), "extract", path)
+    protocols: dict[str, list[dict]] = {}
+    for kind, variants in (raw.get("protocols") or {}).items():
+        kind = str(kind).replace("-", "_")
+        _unknown([kind], [k for k in KINDS if k != "extract"], "protocols", path)
+        variants = [variants or {}] if not isinstance(variants, list) else variants
+        allowed = _runner_options(kind) | set(VARIANT_KEYS)
+        protocols[kind] = []
+        for variant in variants:
+            variant = {str(k).replace("-", "_"): v for k, v in (variant or {}).items()}
+            _unknown(variant, allowed, f"protocols.{kind}", path)
+            protocols[kind].append(variant)
+    model_names = {m["name"] for m in checked_models}
+    for kind, variants in protocols.items():
+        for variant in variants:
+            stray = set(variant.get("models") or []) - model_names
+            if stray:
+                raise FmcacheError(f"{path}: protocols.{kind} names model(s) {', '.join(sorted(stray))} not in models:")
+    return GridConfig(
+        source=path,
+        results=Path(results) if results is not None else _resolve(raw.get("results", "results"), base),
+        cache_root=Path(cache_root) if cache_root is not None else _resolve(raw.get("cache_root", "cache"), base),
+        models=checked_models,
+        datasets=checked_datasets,
+        extract=extract,
+        protocols=protocols,
+    )
+
+
+@dataclass
+class GridOptions:
+    dry_run: bool = False
+    executor: str = "local"
+    only: str | None = None
+    results: Path | None = None
+    cache_root: Path | None = None
+    jobs: int = 1
+    slurm_partition: str | None = None
+    gpus_per_job: int = 1
+    time_min: int = 240
+    logs: Path | None = None
+    submitit_cluster: str | None = None  # tests: "local" runs the submitit path without Slurm
