@@ -34,3 +34,9 @@ def merge(defaults: dict, config: dict, flags: dict, allowed: set[str], source: 
     out.update({k: v for k, v in config.items()})
     out.update({k: v for k, v in flags.items() if v is not None})
     return out
+
+
+def check_int(name: str, value: object, low: int) -> None:
+    """An option that must be an integer >= ``low``; the error names it as its flag."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise FmcacheError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")

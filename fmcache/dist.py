@@ -7,17 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-def pick_device(requested: str | None = None) -> torch.device:
-    """CUDA when present (or requested), else CPU; asking for CUDA without one is an error."""
-    from fmcache.errors import FmcacheError
-
-    if requested in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FmcacheError("--device cuda was requested but no GPU is visible; use --device cpu")
-    return device
+from fmcache.training import pick_device
 
 
 @dataclass(frozen=True)

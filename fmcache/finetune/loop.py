@@ -35,6 +35,7 @@ from fmcache.errors import FmcacheError
 from fmcache.files import atomic_write_bytes, atomic_write_json
 from fmcache.finetune.model import FineTuneModel, root_module
 from fmcache.frozen.linear import head_losses
+from fmcache.results import settings_hash
 from fmcache.training import (
     ADAM_BETAS,
     ADAM_EPS,
@@ -182,7 +183,7 @@ class Trainer:
         settings_doc = {k: v for k, v in settings.__dict__.items() if k != "workers"}
         settings_doc["world_size"] = dist.world  # the effective batch depends on it
         self.settings_doc = json.loads(json.dumps(settings_doc, default=str))
-        self.settings_hash = _hash(self.settings_doc)
+        self.settings_hash = settings_hash(self.settings_doc)
 
     # -- data -----------------------------------------------------------------------------------------------------
     def _train_loader(self, generator: torch.Generator) -> tuple[DataLoader, DistributedSampler]:
@@ -376,12 +377,6 @@ class Trainer:
         if self.dist.main:
             atomic_write_json(self.folder / RESULT, result)
         return result
-
-
-def _hash(doc: dict) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 class _TokenForward(torch.nn.Module):

@@ -10,8 +10,6 @@ and seed lists, so a grid that grows reuses the runs it already finished. The gr
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,13 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from fmcache.config import check_int
 from fmcache.errors import FmcacheError
 from fmcache.files import ensure_writable_dir
 from fmcache.finetune.loop import AMP_MODES, RunSettings, Trainer, _Labelled, resolve_amp
 from fmcache.finetune.model import FineTuneModel, parse_freeze
 from fmcache.frozen.linear import ProbeResult
 from fmcache.progress import progress_bar
-from fmcache.results import probe_summary, result_folder, safe_name, write_result
+from fmcache.results import probe_summary, result_folder, safe_name, settings_hash, write_result
 
 HEADS = ("linear", "deit")
 SCHEDULES = ("constant", "cosine")
@@ -79,10 +78,10 @@ class FinetuneSpec:
     def __post_init__(self) -> None:
         for name, low in (("seeds", 1), ("epochs", 1), ("batch_size", 1), ("accum", 1), ("workers", 0),
                           ("head_depth", 1)):  # fmt: skip
-            _check_int(name, getattr(self, name), low)
+            check_int(name, getattr(self, name), low)
         for name in ("img_size", "limit"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
+                check_int(name, getattr(self, name), 1)
         choices = {"head": HEADS, "schedule": SCHEDULES, "amp": AMP_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -106,11 +105,6 @@ class FinetuneSpec:
                     raise FmcacheError(f"--{required.replace('_', '-')} is required (as a flag or in --config)")
         elif self.model is None:
             raise FmcacheError("--model is required with --from-cache (it must match the cache's model)")
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise FmcacheError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
 
 
 def _extract_spec(spec: FinetuneSpec, dataset: str, data_root: Path):
@@ -263,7 +257,7 @@ def run_key(spec: FinetuneSpec, data: Data, weights: dict) -> str:
            if k not in ("lrs", "seeds", "out", "resume", "workers", "tensorboard", "device", "from_cache",
                         "dataset_options", "data_root", *TRAINING_ONLY)}  # fmt: skip
     doc.update(data=data.identity, weights=weights)
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+    return settings_hash(doc)
 
 
 def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
@@ -272,10 +266,10 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
     Returns ``folder`` (the result folder, ``<out>/<dataset>/<model>/<key12>/finetune_<head>-<hash12>``) and
     ``runs_folder`` (``<key12>``, with one subfolder per LR × seed).
     """
-    from fmcache.dist import close_dist, init_dist, pick_device
+    from fmcache.dist import close_dist, init_dist
     from fmcache.extract import weights_identity
     from fmcache.models import get_spec
-    from fmcache.training import fit_warmup, paper_warmup
+    from fmcache.training import fit_warmup, paper_warmup, pick_device
 
     get_spec(spec.model)  # unknown names fail before any data is read
     resolve_amp(spec.amp, pick_device(spec.device))
