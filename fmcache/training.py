@@ -45,6 +45,12 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA runs asynchronously), so a timer read after it is honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # -- warmup and schedule ------------------------------------------------------------------------------------------
 
 

@@ -34,11 +34,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fmcache import metrics
 from fmcache.errors import FmcacheError
+from fmcache.frozen.grid import STD_DDOF, ProbeResult, check_lists, head_losses, labels_tensor, summarise
+from fmcache.frozen.sklearn_ref import fit_sklearn_reference  # noqa: F401 (its home before sklearn_ref.py)
 from fmcache.training import (
     ADAM_BETAS,
     ADAM_EPS,
@@ -47,85 +48,12 @@ from fmcache.training import (
     decays,
     lr_multiplier,
     pick_device,
-    select_best,
+    synchronize,
     warmup_steps_for,
 )
 
-STD_DDOF = 1
 # Rows per chunk when computing eval logits for all heads at once: bounds the (H, rows, C) block.
 _EVAL_CHUNK = 16384
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    """Outcome of :func:`train_linear_grid`.
-
-    ``per_lr[lr]`` holds ``val_mean``, ``val_std``, ``test_mean``, ``test_std``, ``val_per_seed``,
-    ``test_per_seed`` (paper metric at each seed's best epoch), ``best_epochs`` (1-based, per seed) and
-    ``test_metrics`` (full ``metrics.evaluate`` dict per seed). ``curves[lr]`` is the (seeds, epochs) val
-    metric after each epoch. ``settings`` records the training settings used, including step counts and
-    device. ``train_seconds`` is the whole grid's training time (evaluation excluded);
-    ``inference_seconds_per_sample`` is eval forward time per sample per head.
-    """
-
-    metric: str
-    lrs: list[float]
-    seeds: list[int]
-    per_lr: dict[float, dict]
-    best_lr: float
-    val_mean: float
-    val_std: float
-    test_mean: float
-    test_std: float
-    curves: dict[float, np.ndarray]
-    settings: dict
-    train_seconds: float
-    inference_seconds_per_sample: float
-    # the best LR's heads at their selected epochs: {"seeds": (S,), "val_scores": (S, n_val, C), "test_scores": ...}
-    # float32 probabilities; kept out of to_dict (it goes to predictions.npz, not the JSON)
-    predictions: dict[str, np.ndarray] | None = None
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict (curves as nested lists, LR keys as given)."""
-        return {
-            "metric": self.metric,
-            "lrs": list(self.lrs),
-            "seeds": list(self.seeds),
-            "best_lr": self.best_lr,
-            "val_mean": self.val_mean,
-            "val_std": self.val_std,
-            "test_mean": self.test_mean,
-            "test_std": self.test_std,
-            "per_lr": self.per_lr,
-            "curves": {lr: c.tolist() for lr, c in self.curves.items()},
-            "settings": self.settings,
-            "timings": {
-                "train_seconds": self.train_seconds,
-                "inference_seconds_per_sample": self.inference_seconds_per_sample,
-            },
-        }
-
-    def rows(self) -> list[dict]:
-        """CSV rows: one per (lr, seed) with best epoch, val and test paper metric and test accuracy."""
-        rows = []
-        for lr in self.lrs:
-            r = self.per_lr[lr]
-            for i, seed in enumerate(self.seeds):
-                rows.append(
-                    {
-                        "lr": lr,
-                        "seed": seed,
-                        "best_epoch": r["best_epochs"][i],
-                        "metric": self.metric,
-                        "val": r["val_per_seed"][i],
-                        "test": r["test_per_seed"][i],
-                        "test_accuracy": r["test_metrics"][i]["accuracy"],
-                        "is_best_lr": lr == self.best_lr,
-                    }
-                )
-                if "macro_recall_seed" in r["test_metrics"][i]:  # the seed's variant, beside ours
-                    rows[-1]["test_macro_recall_seed"] = r["test_metrics"][i]["macro_recall_seed"]
-        return rows
 
 
 def init_linear(seed: int, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,33 +67,6 @@ def init_linear(seed: int, in_features: int, out_features: int) -> tuple[torch.T
     return layer.weight.detach().clone(), layer.bias.detach().clone()
 
 
-def _check_lists(lrs: Sequence[float], seeds: Sequence[int] | int) -> tuple[list[float], list[int]]:
-    lrs = [float(lr) for lr in lrs]
-    seeds = list(range(int(seeds))) if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
-    if not lrs or any(not lr > 0 for lr in lrs):
-        raise FmcacheError(f"learning rates must be a non-empty list of positive numbers, got {lrs}")
-    if not seeds:
-        raise FmcacheError("give at least one seed (or a positive number of seeds)")
-    if len(set(lrs)) != len(lrs) or len(set(seeds)) != len(seeds):
-        raise FmcacheError(f"learning rates and seeds must not repeat, got lrs={lrs} seeds={seeds}")
-    return lrs, seeds
-
-
-def _labels_tensor(y: np.ndarray, n: int, num_classes: int, multilabel: bool, split: str) -> torch.Tensor:
-    y = np.asarray(y)
-    if len(y) != n:
-        raise FmcacheError(f"{split}: {n} features but {len(y)} labels")
-    if multilabel:
-        if y.ndim != 2 or y.shape[1] != num_classes:
-            raise FmcacheError(f"{split}: multi-label labels must be (N, {num_classes}), got {y.shape}")
-        return torch.as_tensor(y, dtype=torch.float32)
-    if y.ndim != 1 or (y.dtype.kind == "f" and np.any(y != np.round(y))):
-        raise FmcacheError(f"{split}: single-label labels must be (N,) class indices, got shape {y.shape}")
-    if n and (y.min() < 0 or y.max() >= num_classes):
-        raise FmcacheError(f"{split}: labels must lie in 0..{num_classes - 1} (num_classes={num_classes})")
-    return torch.as_tensor(y.astype(np.int64))
-
-
 def _features_tensor(x: np.ndarray, split: str, dim: int | None = None) -> torch.Tensor:
     x = np.asarray(x)
     if x.ndim != 2 or len(x) == 0:
@@ -173,18 +74,6 @@ def _features_tensor(x: np.ndarray, split: str, dim: int | None = None) -> torch
     if dim is not None and x.shape[1] != dim:
         raise FmcacheError(f"{split}: feature size {x.shape[1]} differs from train's {dim}")
     return torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
-
-
-def head_losses(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> torch.Tensor:
-    """Per-head mean loss (H,) for logits (H, B, C) and labels (H, B) or (H, B, C) with NaN = unknown."""
-    if not multilabel:
-        h, b, c = logits.shape
-        ce = F.cross_entropy(logits.reshape(h * b, c), y.reshape(h * b), reduction="none")
-        return ce.reshape(h, b).mean(1)
-    known = ~torch.isnan(y)
-    target = torch.where(known, y, torch.zeros_like(y))
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * known
-    return bce.sum((1, 2)) / known.sum((1, 2)).clamp(min=1)
 
 
 class _BatchedAdamW:
@@ -216,11 +105,6 @@ class _BatchedAdamW:
             p.sub_(m / denom * (head_lr / bias1))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def batched_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Logits (H, B, C) of heads ``weight`` (H, C, D), ``bias`` (H, C) on their own batches ``x`` (H, B, D).
 
@@ -244,12 +128,6 @@ def _eval_probs(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, multilabel: b
     return torch.cat(parts, dim=1).double().numpy()
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    arr = np.asarray(values, dtype=np.float64)
-    std = float(arr.std(ddof=STD_DDOF)) if len(arr) > STD_DDOF else 0.0
-    return float(arr.mean()), std
-
-
 @dataclass
 class _Split:
     x: torch.Tensor
@@ -265,11 +143,11 @@ def _prepare(
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, _Split, _Split]:
     tx = _features_tensor(train[0], "train")
-    ty = _labels_tensor(train[1], len(tx), num_classes, multilabel, "train")
+    ty = labels_tensor(train[1], len(tx), num_classes, multilabel, "train")
     splits = []
     for name, (x, y) in (("val", val), ("test", test)):
         xt = _features_tensor(x, name, tx.shape[1])
-        _labels_tensor(y, len(xt), num_classes, multilabel, name)
+        labels_tensor(y, len(xt), num_classes, multilabel, name)
         splits.append(_Split(xt.to(device), np.asarray(y)))
     return tx.to(device), ty.to(device), splits[0], splits[1]
 
@@ -309,7 +187,7 @@ def train_linear_grid(
     per sample (:func:`fmcache.frozen.views.epoch_views`) instead of ``train_x``. None trains on ``train_x``.
     """
     metrics.check_metric(metric)
-    lrs, seeds = _check_lists(lrs, seeds)
+    lrs, seeds = check_lists(lrs, seeds)
     if epochs < 1 or batch_size < 1:
         raise FmcacheError(f"epochs and batch size must be >= 1, got {epochs} and {batch_size}")
     lr_multiplier(0, 1, 0, schedule)  # rejects an unknown schedule before any work
@@ -348,7 +226,7 @@ def train_linear_grid(
         evaluator.evaluate_epoch(epoch, run.weight.detach(), run.bias.detach())
         if on_epoch is not None:
             on_epoch(epoch + 1)
-    return _summarise(metric, lrs, seeds, evaluator, settings, run.train_seconds)
+    return summarise(metric, lrs, seeds, evaluator, settings, run.train_seconds)
 
 
 class LinearHeadGrid:
@@ -387,7 +265,7 @@ class LinearHeadGrid:
 
     def train_epoch(self, batch_size: int, multiplier: Callable[[int], float]) -> None:
         """One pass over the data; ``multiplier(step)`` scales the base LRs at global step ``step``."""
-        _sync(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         n = len(self.x)
         order = torch.stack([torch.randperm(n, generator=g) for g in self.generators]).to(self.device)
@@ -405,7 +283,7 @@ class LinearHeadGrid:
             self._train_step(xb, self.y[idx], multiplier(self.step))
             self.step += 1
         self.epoch += 1
-        _sync(self.device)
+        synchronize(self.device)
         self.train_seconds += time.perf_counter() - start
 
     def _train_step(self, xb: torch.Tensor, yb: torch.Tensor, multiplier: float) -> None:
@@ -450,102 +328,3 @@ class _Evaluator(HeadRecords):
             self.test_metrics[head] = self._evaluate(self.test.y, probs)
             self.best_test_probs[head] = probs.astype(np.float32)
             self.best_val_probs[head] = val_probs[head].astype(np.float32)
-
-
-def _summarise(metric, lrs, seeds, evaluator: _Evaluator, settings, train_seconds) -> ProbeResult:
-    n_seeds = len(seeds)
-    if np.isnan(evaluator.curves).any():
-        raise FmcacheError(f"the val {metric} was NaN for some epoch; check the val labels")
-    best_epoch, best_lr_index = select_best(evaluator.curves, lrs, n_seeds)
-    per_lr, curves = {}, {}
-    for i, lr in enumerate(lrs):
-        heads = range(i * n_seeds, (i + 1) * n_seeds)
-        val_values = [float(evaluator.curves[h, best_epoch[h]]) for h in heads]
-        test_dicts = [evaluator.test_metrics[h] for h in heads]
-        test_values = [float(d["value"]) for d in test_dicts]
-        val_mean, val_std = _mean_std(val_values)
-        test_mean, test_std = _mean_std(test_values)
-        per_lr[lr] = {
-            "val_mean": val_mean,
-            "val_std": val_std,
-            "test_mean": test_mean,
-            "test_std": test_std,
-            "val_per_seed": val_values,
-            "test_per_seed": test_values,
-            "best_epochs": [int(best_epoch[h]) + 1 for h in heads],
-            "test_metrics": test_dicts,
-        }
-        curves[lr] = evaluator.curves[list(heads)]
-    best = per_lr[lrs[best_lr_index]]
-    best_heads = range(best_lr_index * n_seeds, (best_lr_index + 1) * n_seeds)
-    predictions = {
-        "seeds": np.asarray(seeds, dtype=np.int64),
-        "val_scores": np.stack([evaluator.best_val_probs[h] for h in best_heads]),
-        "test_scores": np.stack([evaluator.best_test_probs[h] for h in best_heads]),
-    }
-    return ProbeResult(
-        metric=metric,
-        lrs=lrs,
-        seeds=seeds,
-        per_lr=per_lr,
-        best_lr=lrs[best_lr_index],
-        val_mean=best["val_mean"],
-        val_std=best["val_std"],
-        test_mean=best["test_mean"],
-        test_std=best["test_std"],
-        curves=curves,
-        settings=settings,
-        train_seconds=train_seconds,
-        inference_seconds_per_sample=evaluator.inference_seconds_per_sample(),
-        predictions=predictions,
-    )
-
-
-def fit_sklearn_reference(
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    val_x: np.ndarray,
-    val_y: np.ndarray,
-    test_x: np.ndarray,
-    test_y: np.ndarray,
-    *,
-    metric: str = "accuracy",
-    num_classes: int | None = None,
-    Cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0, 100.0),
-    max_iter: int = 5000,
-) -> dict:
-    """Sanity reference: scikit-learn ``LogisticRegression`` (lbfgs, no feature scaling) over ``Cs``.
-
-    Single-label only (a multi-label reference would be a different model, one-vs-rest, so it is
-    refused). The best C maximises the val ``metric``. Returns ``{"metric", "best_C", "val_by_C": {C:
-    value}, "val": best val value, "test": metrics.evaluate dict at best C, "value": test value}``.
-    """
-    from sklearn.linear_model import LogisticRegression
-
-    metrics.check_metric(metric)
-    train_y = np.asarray(train_y)
-    if train_y.ndim != 1:
-        raise FmcacheError("the scikit-learn reference is single-label only; use the probe for multi-label data")
-    num_classes = int(num_classes or max(np.max(train_y), np.max(val_y), np.max(test_y)) + 1)
-    val_by_c, models = {}, {}
-    for c in Cs:
-        model = LogisticRegression(C=c, max_iter=max_iter).fit(train_x, train_y)
-        models[c] = model
-        val_by_c[c] = metrics.evaluate(metric, val_y, _full_proba(model, val_x, num_classes), False)["value"]
-    best_c = max(Cs, key=lambda c: val_by_c[c])  # first C on ties
-    test = metrics.evaluate(metric, test_y, _full_proba(models[best_c], test_x, num_classes), False)
-    return {
-        "metric": metric,
-        "best_C": best_c,
-        "val_by_C": val_by_c,
-        "val": val_by_c[best_c],
-        "test": test,
-        "value": test["value"],
-    }
-
-
-def _full_proba(model, x: np.ndarray, num_classes: int) -> np.ndarray:
-    # Classes absent from train get probability 0, so columns stay aligned with class indices.
-    proba = np.zeros((len(x), num_classes))
-    proba[:, model.classes_.astype(np.int64)] = model.predict_proba(x)
-    return proba

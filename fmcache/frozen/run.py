@@ -88,6 +88,32 @@ def dataset_metric(reader: CacheReader, metric: str | None) -> str:
     return metric_for(reader.dataset, reader.multilabel)
 
 
+def grid_views_and_warmup(reader: CacheReader, views: str | None, epochs: int, batch_size: int) -> tuple[bool, dict]:
+    """What every trained head grid resolves first: whether ``--views`` is used (:mod:`fmcache.frozen.views`), and
+    the paper's warmup for the dataset, fitted to this run's length (``warmup_epochs`` or ``warmup_iters``)."""
+    from fmcache.frozen.views import use_views
+
+    with_views = use_views(reader, views)
+    return with_views, fit_warmup(paper_warmup(reader.dataset), epochs, len(reader.rows("train")), batch_size)
+
+
+def write_grid_result(
+    reader: CacheReader, folder: Path, protocol: str, settings: dict, metric: str, per_layer: dict, rows: list,
+    predictions: dict, details: dict,
+) -> None:  # fmt: skip
+    """A head grid's ``result.json``/CSV/predictions: train seconds summed and inference s/sample averaged over the
+    layers, the summary of the seeds (``settings["seeds"]``), and the last layer's best-LR predictions."""
+    train_seconds = sum(e["timings"]["train_seconds"] for e in per_layer.values())
+    inference = float(np.mean([e["timings"]["inference_seconds_per_sample"] for e in per_layer.values()]))
+    scores = {"val": predictions["val_scores"], "test": predictions["test_scores"]}
+    write_result(
+        folder, protocol=protocol, settings=settings, metric=metric,
+        timings=result_timings(reader, train_seconds, inference),
+        summary=probe_summary(per_layer, len(settings["seeds"])), details=details, rows=rows,
+        predictions=split_predictions(reader, scores, predictions["seeds"]), **result_identity(reader),
+    )  # fmt: skip
+
+
 def _check_eval_splits(eval_splits: Sequence[str]) -> list[str]:
     splits = [s for s in eval_splits if s]
     # the train split is the bank: querying it would let every sample find itself
@@ -210,7 +236,8 @@ def run_probe(
     linear probe): feature scales differ by orders of magnitude across models and layers, and one LR grid must
     serve them all.
     """
-    from fmcache.frozen.linear import fit_sklearn_reference, train_linear_grid
+    from fmcache.frozen.linear import train_linear_grid
+    from fmcache.frozen.sklearn_ref import fit_sklearn_reference
 
     if head != "linear":
         raise FmcacheError(f"unknown --head '{head}'; this version trains linear heads (use --head linear)")
@@ -221,18 +248,17 @@ def run_probe(
         raise FmcacheError(f"--batch-size and --epochs must be at least 1, got {batch_size} and {epochs}")
     if sklearn and reader.multilabel:
         raise FmcacheError("--sklearn fits a single-label LogisticRegression; it does not apply to multi-label data")
-    from fmcache.frozen.views import pooled_views, use_views
+    from fmcache.frozen.views import pooled_views
 
-    with_views = use_views(reader, views)
+    with_views, warmup = grid_views_and_warmup(reader, views, epochs, batch_size)
     source = FeatureSource(reader, layers, pools)
-    warmup = fit_warmup(paper_warmup(reader.dataset), epochs, len(reader.rows("train")), batch_size)
     seed_list = list(range(seeds)) if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
     settings = {"head": head, "lrs": [float(lr) for lr in lrs], "seeds": seed_list, "epochs": epochs,
                 "batch_size": batch_size, "layers": layers, "pool": pools, "metric": metric,
                 "weight_decay": weight_decay, "schedule": schedule, "standardize": standardize, **warmup,
                 "views": {"used": with_views, "k": reader.views_k if with_views else 0}}  # fmt: skip
     folder = start_result(protocol_dir(reader, out, "probe_linear", settings))
-    per_layer, rows, predictions, train_seconds, inference = {}, [], None, 0.0, []
+    per_layer, rows, predictions = {}, [], None
     for number in layers:
         data = [(source.get(s, number), reader.labels(s)) for s in ("train", "val", "test")]
         train_views = pooled_views(reader, number, pools) if with_views else None
@@ -242,7 +268,7 @@ def run_probe(
             train_views = ((train_views - mean) / std).astype(np.float32)
         if standardize:
             data = standardize_splits(data)
-        heads = len(lrs) * (seeds if isinstance(seeds, int) else len(seeds))
+        heads = len(lrs) * len(seed_list)
         with progress_bar(
             progress, epochs, f"layer {number}", f"probe {heads} heads, layer {number}", "epoch/s"
         ) as advance:
@@ -258,8 +284,6 @@ def run_probe(
             entry["sklearn"] = fit_sklearn_reference(*data[0], *data[1], *data[2], metric=metric)
         per_layer[number] = entry
         predictions = result.predictions  # the last layer's is the headline (summary's top level)
-        train_seconds += result.train_seconds
-        inference.append(result.inference_seconds_per_sample)
         rows += [{"layer": number, "pool": "+".join(pools), **r} for r in result.rows()]
         suffix = "" if len(layers) == 1 else f"_layer{number:02d}"
         if plots:
@@ -267,13 +291,7 @@ def run_probe(
     if plots and len(layers) > 1:
         plot_probe_vs_layer(folder / "probe_linear_vs_layer.png", per_layer, metric)
     details = {"cache": str(reader.path), "sklearn": sklearn, "layers": per_layer}
-    timings = result_timings(reader, train_seconds, float(np.mean(inference)))
-    scores = {"val": predictions["val_scores"], "test": predictions["test_scores"]}
-    write_result(
-        folder, protocol="probe_linear", settings=settings, metric=metric, timings=timings,
-        summary=probe_summary(per_layer, len(seed_list)), details=details, rows=rows,
-        predictions=split_predictions(reader, scores, predictions["seeds"]), **result_identity(reader),
-    )  # fmt: skip
+    write_grid_result(reader, folder, "probe_linear", settings, metric, per_layer, rows, predictions, details)
     return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows, "views": settings["views"]}
 
 

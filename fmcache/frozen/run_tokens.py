@@ -19,7 +19,7 @@ from fmcache.cache.reader import CacheReader
 from fmcache.errors import FmcacheError
 from fmcache.files import atomic_write_bytes
 from fmcache.frozen.heads import DEIT_DEPTH, HEADS, deit_pretrained_state
-from fmcache.frozen.run import dataset_metric, protocol_dir, result_identity, result_timings, split_predictions
+from fmcache.frozen.run import dataset_metric, grid_views_and_warmup, protocol_dir, write_grid_result
 from fmcache.frozen.tokens import (
     GridConfig,
     TokenSplit,
@@ -30,16 +30,8 @@ from fmcache.frozen.tokens import (
     train_token_grid,
 )
 from fmcache.progress import progress_bar
-from fmcache.results import (
-    _csv_bytes,
-    _new_figure,
-    _save_png,
-    plot_probe_curves,
-    probe_summary,
-    start_result,
-    write_result,
-)
-from fmcache.training import check_checkpoint, fit_warmup, lr_multiplier, paper_warmup, pick_device
+from fmcache.results import _csv_bytes, _new_figure, _save_png, plot_probe_curves, start_result
+from fmcache.training import check_checkpoint, lr_multiplier, pick_device
 
 EVAL = ("train", "val", "test")
 
@@ -104,25 +96,23 @@ def run_token_probe(
     specs = {n: layer_spec(reader, n, norm, head) for n in layers}
     loads = {n: should_preload(reader, n, preload) for n in layers}
     dev = pick_device(device)
-    from fmcache.frozen.views import use_views
-
-    with_views = use_views(reader, views)
-    warmup = fit_warmup(paper_warmup(reader.dataset), epochs, len(reader.rows("train")), batch_size)
+    with_views, warmup = grid_views_and_warmup(reader, views, epochs, batch_size)
     pretrained, weights_info = _head_source(head, head_weights, head_random_init, head_depth)
+    weights_record = {k: v for k, v in weights_info.items() if k in ("source", "hub_id", "sha256", "depth")}
     stem = f"probe_{head}"
     # what names the folder: every setting that changes the numbers (not passes, preload, workers or device, which
     # only change how they are computed; the checkpoint still records those and refuses a resume across them)
     settings = {"head": head, "lrs": [float(x) for x in lrs], "seeds": seed_list, "epochs": epochs,
                 "batch_size": batch_size, "layers": layers, "metric": metric, "weight_decay": weight_decay,
                 "schedule": schedule, **warmup, "token_norm": norm,
-                "head_weights": {k: v for k, v in weights_info.items() if k in ("source", "hub_id", "sha256", "depth")},
+                "head_weights": weights_record,
                 "head_depth": head_depth if head == "deit" else None,
                 "views": {"used": with_views, "k": reader.views_k if with_views else 0}}  # fmt: skip
     folder = protocol_dir(reader, out, stem, settings)
     common = {"cache_key": reader.key, "head": head, "lrs": [float(x) for x in lrs], "seeds": seed_list,
               "epochs": epochs, "batch_size": batch_size, "weight_decay": weight_decay, "schedule": schedule,
-              "warmup": warmup, "metric": metric, "head_weights": {k: v for k, v in weights_info.items() if k in (
-                  "source", "hub_id", "sha256", "depth")}, "head_depth": head_depth if head == "deit" else None,
+              "warmup": warmup, "metric": metric, "head_weights": weights_record,
+              "head_depth": head_depth if head == "deit" else None,
               "token_norm": norm, "heads_per_pass": heads_per_pass, "device": dev.type,
               "views": reader.views_k if with_views else 0}  # fmt: skip
     ckpt_settings = {n: {**common, "layer": n} for n in layers}
@@ -158,14 +148,7 @@ def run_token_probe(
     details = {"cache": str(reader.path), "token_norm_option": token_norm, "head_weights": weights_info,
                "head_random_init": weights_info["source"] == "random", "heads_per_pass": heads_per_pass,
                "device": dev.type, "layers": per_layer}  # fmt: skip
-    train_seconds = sum(e["timings"]["train_seconds"] for e in per_layer.values())
-    inference = float(np.mean([e["timings"]["inference_seconds_per_sample"] for e in per_layer.values()]))
-    scores = {"val": predictions["val_scores"], "test": predictions["test_scores"]}
-    write_result(
-        folder, protocol=stem, settings=settings, metric=metric, timings=result_timings(reader, train_seconds, inference),
-        summary=probe_summary(per_layer, len(seed_list)), details=details, rows=rows,
-        predictions=split_predictions(reader, scores, predictions["seeds"]), **result_identity(reader),
-    )  # fmt: skip
+    write_grid_result(reader, folder, stem, settings, metric, per_layer, rows, predictions, details)
     return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows, "head": head,
             "head_weights": weights_info}  # fmt: skip
 

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from fmcache import metrics
 from fmcache.cache.reader import CacheReader
 from fmcache.errors import FmcacheError
+from fmcache.frozen.grid import ProbeResult, check_lists, head_losses, labels_tensor, summarise
 from fmcache.frozen.heads import DEIT_DEPTH, build_head, token_grid
-from fmcache.frozen.linear import ProbeResult, _check_lists, _labels_tensor, _summarise, head_losses
 from fmcache.training import (
     ADAM_BETAS,
     ADAM_EPS,
@@ -47,6 +47,7 @@ from fmcache.training import (
     load_checkpoint,
     lr_multiplier,
     save_checkpoint,
+    synchronize,
     warmup_steps_for,
 )
 
@@ -212,11 +213,6 @@ def _autocast(device: torch.device):
     )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @dataclass
 class GridConfig:
     kind: str
@@ -258,11 +254,11 @@ def train_token_grid(
     on_epoch: Callable[[int], None] | None = None,
 ) -> ProbeResult:
     """Train the LR × seed grid of token heads on one layer; see the module doc."""
-    lrs, seeds = _check_lists(cfg.lrs, cfg.seeds)
+    lrs, seeds = check_lists(cfg.lrs, cfg.seeds)
     n_heads = len(lrs) * len(seeds)
-    y_train = _labels_tensor(train.labels, train.n, cfg.num_classes, cfg.multilabel, "train")
+    y_train = labels_tensor(train.labels, train.n, cfg.num_classes, cfg.multilabel, "train")
     for split in (val, test):
-        _labels_tensor(split.labels, split.n, cfg.num_classes, cfg.multilabel, "val/test")
+        labels_tensor(split.labels, split.n, cfg.num_classes, cfg.multilabel, "val/test")
     steps_per_epoch = math.ceil(train.n / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = warmup_steps_for(cfg.warmup.get("warmup_epochs"), cfg.warmup.get("warmup_iters"), steps_per_epoch,
@@ -286,12 +282,12 @@ def train_token_grid(
             continue
         run = _Pass(spec, heads_idx, lrs, seeds, cfg, device, pretrained, resumed)
         for epoch in range(start_epoch, cfg.epochs):
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             run.train_epoch(
                 epoch, train, y_train, norm, lambda step: lr_multiplier(step, total_steps, warmup, cfg.schedule)
             )
-            _sync(device)
+            synchronize(device)
             train_seconds += time.perf_counter() - t0
             run.evaluate(epoch, val, test, norm, records)
             done_pass = epoch + 1 == cfg.epochs
@@ -327,7 +323,7 @@ def train_token_grid(
         "heads_per_pass": cfg.heads_per_pass or n_heads,
         "passes": len(plan),
     }
-    return _summarise(cfg.metric, lrs, seeds, records, settings, train_seconds)
+    return summarise(cfg.metric, lrs, seeds, records, settings, train_seconds)
 
 
 class _Pass:
@@ -427,7 +423,7 @@ class _Pass:
                     logits = self.heads[h](xb).float()
                 probs = torch.sigmoid(logits) if self.cfg.multilabel else torch.softmax(logits, -1)
                 parts[h].append(probs.cpu())
-        _sync(self.device)
+        synchronize(self.device)
         records.forward_seconds += time.perf_counter() - start
         records.forward_samples += split.n * len(heads)
         return {h: torch.cat(p).double().numpy() for h, p in parts.items()}
