@@ -8,14 +8,11 @@ every shard from exactly the same batches and gives the same bytes.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from rich.markup import escape
@@ -26,228 +23,61 @@ from fmcache.cache.key import SCHEMA_VERSION, cache_key
 from fmcache.cache.lock import CacheLock
 from fmcache.cache.manifest import MANIFEST, read_manifest, shard_entries, write_manifest
 from fmcache.cache.shards import BackgroundWriter, ShardWriter, finished_shards, remove_orphans
-from fmcache.cache.verify import DAMAGED_DIR, ShardCheck, drop_from_manifest, quarantine, verify_cache
-from fmcache.cache.views import IDS as VIEW_IDS
+from fmcache.cache.verify import DAMAGED_DIR, VerifyReport, drop_from_manifest, open_check, quarantine, verify_cache
 from fmcache.cache.views import SEED as VIEWS_SEED
-from fmcache.cache.views import views_datasets
-from fmcache.data import DatasetIndex, ImageDataset, build_transform, dataset_norm, default_metric, load_dataset
+from fmcache.cache.views import views_batch_arrays
+from fmcache.data import ImageDataset, build_transform, default_metric, load_dataset
 from fmcache.data.describe import empty_split_warning
-from fmcache.data.transforms import (
-    GRAY_MODES,
-    GRAYSCALE_DATASETS,
-    INTERPOLATIONS,
-    train_augmentation,
-    train_augmentation_spec,
-)
+from fmcache.data.transforms import GRAYSCALE_DATASETS, train_augmentation
 from fmcache.data.views import ViewsImageDataset
 from fmcache.dist import Dist, close_dist, init_dist
 from fmcache.errors import FmcacheError
-from fmcache.files import ensure_writable_dir, sha256_file
+
+# the plan (spec, selection, key inputs) lives in extract_plan.py; its names stay importable from here
+from fmcache.extract_plan import (
+    COMPRESSIONS,
+    DTYPES,
+    FINGERPRINTS,
+    NORMS,
+    ON_BAD_IMAGE,
+    RANDOM_INIT_SEED,
+    ExtractSpec,
+    cache_dir,
+    content_fingerprint,
+    key_inputs,
+    parse_tokens,
+    resolve_norm,
+    select_positions,
+    token_layers,
+    views_inputs,
+    weights_identity,
+)
+from fmcache.files import ensure_writable_dir
 from fmcache.models import Foundation, FoundationOutput, create_foundation, get_spec
 from fmcache.models.final_norm import final_norm_params
 from fmcache.progress import progress_bar
 
-DTYPES = {"fp16": np.float16, "fp32": np.float32}
-ON_BAD_IMAGE = ("error", "skip")
-NORMS = ("dataset", "model")
-COMPRESSIONS = (None, "gzip", "lzf")
-FINGERPRINTS = ("stat", "content")  # path + size + mtime (cheap), or the bytes of every image
-RANDOM_INIT_SEED = 0  # --random-init weights are seeded so every process and every resume builds the same model
-
-
-@dataclass(frozen=True)
-class ExtractSpec:
-    """Everything ``fmcache extract`` needs; a YAML config or the CLI flags fill it in."""
-
-    dataset: str
-    data_root: Path
-    model: str
-    weights: Path | None = None
-    random_init: bool = False
-    img_size: int | None = None
-    resize: int | None = None
-    interpolation: str = "bilinear"
-    gray: str = "repeat"  # repeat | seed (grayscale datasets: the seed's red-channel kernel, see data/transforms.py)
-    norm: str = "dataset"  # dataset | model; csv/imagefolder have no dataset statistics and use the model's
-    tokens: str = "none"  # none | last | all | comma-separated 1-based layer numbers
-    dtype: str = "fp16"
-    batch_size: int = 64
-    workers: int = 2
-    shard_size: int = 1024
-    cache_root: Path = Path("cache")
-    limit: int | None = None
-    on_bad_image: str = "error"
-    compression: str | None = None  # None or gzip / lzf
-    compile: bool = False
-    device: str | None = None
-    fingerprint: str = "stat"  # stat | content; content hashes every image's bytes into the key
-    verify: bool = False  # hash-check every finished shard before trusting or resuming the cache
-    allow_empty_split: bool = False  # an empty train/val/test split is refused unless the user means it
-    views: int = 0  # K seeded augmented views of every train image, besides its center crop (cache/views.py)
-    dataset_options: dict = field(default_factory=dict)
-    arch_overrides: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        """Check choices, types and ranges once, so bad values fail as one clear line before any work."""
-        for name, low in (("batch_size", 1), ("shard_size", 1), ("workers", 0), ("views", 0)):
-            _check_int(name, getattr(self, name), low)
-        for name in ("img_size", "resize", "limit"):
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
-        choices = {
-            "norm": NORMS,
-            "dtype": tuple(DTYPES),
-            "on_bad_image": ON_BAD_IMAGE,
-            "compression": COMPRESSIONS,
-            "interpolation": tuple(INTERPOLATIONS),
-            "fingerprint": FINGERPRINTS,
-            "gray": GRAY_MODES,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                shown = ", ".join(str(a) for a in allowed if a is not None)
-                raise FmcacheError(f"unknown --{name.replace('_', '-')} '{getattr(self, name)}'; use {shown}")
-        if self.device not in (None, "auto", "cpu") and not str(self.device).startswith("cuda"):
-            raise FmcacheError(f"unknown --device '{self.device}'; use auto, cpu or cuda")
-        parse_tokens(self.tokens)
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise FmcacheError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
-
-
-# -- planning ----------------------------------------------------------------------------------------------------
-
-
-def select_positions(index: DatasetIndex, limit: int | None) -> np.ndarray:
-    """Global indices to cache: all, or the first ``limit`` of each split (sorted, canonical order)."""
-    if limit is None:
-        return np.arange(len(index), dtype=np.int64)
-    if limit < 1:
-        raise FmcacheError(f"--limit must be at least 1, got {limit}")
-    parts = [index.indices(s)[:limit] for s in ("train", "val", "test")]
-    return np.sort(np.concatenate(parts)).astype(np.int64)
-
-
-def resolve_norm(spec: ExtractSpec) -> tuple[tuple[float, ...], tuple[float, ...], str]:
-    if spec.norm == "model":
-        model_spec = get_spec(spec.model)
-        return model_spec.mean, model_spec.std, "model"
-    if spec.norm == "dataset":
-        norm = dataset_norm(spec.dataset)
-        if norm is None:  # generic layouts carry no statistics of their own
-            model_spec = get_spec(spec.model)
-            return model_spec.mean, model_spec.std, "model"
-        return norm[0], norm[1], "dataset"
-    raise FmcacheError(f"unknown --norm '{spec.norm}'; use dataset or model")
-
-
-def parse_tokens(tokens: str) -> str | list[int]:
-    """Normalise the --tokens request: 'none', 'last', 'all' or a sorted list of 1-based layer numbers."""
-    text = str(tokens).strip().lower()
-    if text in ("none", "last", "all", ""):
-        return text or "none"
-    try:
-        layers = sorted({int(t) for t in text.split(",") if t.strip()})
-    except ValueError:
-        raise FmcacheError(f"bad --tokens '{tokens}'; use none, last, all or layer numbers like 4,8,12") from None
-    if not layers or layers[0] < 1:
-        raise FmcacheError(f"bad --tokens '{tokens}'; layer numbers start at 1")
-    return layers
-
-
-def token_layers(request: str | list[int], num_layers: int) -> list[int]:
-    if request == "none":
-        return []
-    if request == "last":
-        return [num_layers]
-    if request == "all":
-        return list(range(1, num_layers + 1))
-    bad = [n for n in request if n > num_layers]
-    if bad:
-        raise FmcacheError(f"--tokens asks for layer {bad[0]} but the model has {num_layers} layers")
-    return list(request)
-
-
-def weights_identity(spec: ExtractSpec) -> dict:
-    """How the weights enter the key: hub id, file sha256, or random (never silently one for another)."""
-    model_spec = get_spec(spec.model)
-    if spec.weights is not None and spec.random_init:
-        raise FmcacheError("--weights and --random-init exclude each other; pass one")
-    if spec.weights is not None:
-        path = Path(spec.weights)
-        if not path.is_file():
-            raise FmcacheError(f"weights file {path} does not exist; check the --weights path")
-        return {"source": "file", "sha256": sha256_file(path)}
-    if spec.random_init:
-        return {"source": "random", "seed": RANDOM_INIT_SEED}
-    return {"source": "hub", "id": model_spec.hub_id}
-
-
-def content_fingerprint(index: DatasetIndex, log=print) -> str:
-    """sha256 over (relative path, sha256 of the bytes) of every image, in index order (``--fingerprint content``).
-
-    Unlike the default (path, size, mtime), it catches an image edited in place that kept its size and mtime,
-    and it survives a copy that resets mtimes; the price is reading every image once per run.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    log(f"hashing {len(index)} image files (--fingerprint content)")
-
-    def one(path: Path) -> str:
-        try:
-            return sha256_file(path)
-        except OSError as exc:
-            raise FmcacheError(
-                f"cannot fingerprint dataset {index.name}: {path} is not readable ({exc.strerror}); "
-                "restore the file or reload the dataset"
-            ) from exc
-
-    digest = hashlib.sha256()
-    with ThreadPoolExecutor(max_workers=8) as pool:  # hashlib releases the GIL; file reads overlap
-        for path, file_hash in zip(index.paths, pool.map(one, index.paths), strict=True):
-            digest.update(f"{index.relative(path)}\t{file_hash}\n".encode())
-    return digest.hexdigest()
-
-
-def key_inputs(spec: ExtractSpec, index: DatasetIndex, positions: np.ndarray, transform_desc: dict, log=print) -> dict:
-    model_spec = get_spec(spec.model)
-    if spec.dtype not in DTYPES:
-        raise FmcacheError(f"unknown --dtype '{spec.dtype}'; use {' or '.join(DTYPES)}")
-    dataset = {
-        "name": index.name,
-        "fingerprint": index.fingerprint() if spec.fingerprint == "stat" else content_fingerprint(index, log),
-        "labels": index.labels_fingerprint(),  # the cache stores labels: a relabelled CSV needs a new cache
-        "split": index.split_info,
-        "options": index.options,
-        "limit": spec.limit,
-        "n": len(positions),
-    }
-    if spec.fingerprint != "stat":  # only when asked for, so every existing default key stays the same
-        dataset["fingerprint_mode"] = spec.fingerprint
-    return {
-        "schema": SCHEMA_VERSION,
-        "model": {
-            "name": model_spec.name,
-            "backend": model_spec.backend,
-            "arch": model_spec.arch,
-            "weights": weights_identity(spec),
-            "arch_overrides": spec.arch_overrides,
-        },
-        "img_size": transform_desc.get("crop"),
-        "transform": transform_desc,
-        "dtype": spec.dtype,
-        "layers": "all",
-        "tokens": parse_tokens(spec.tokens),
-        "shard_size": spec.shard_size,  # the shard layout: a resume with another size would mix two layouts
-        "dataset": dataset,
-    }
-
-
-def cache_dir(cache_root: Path, dataset: str, model: str, key: str) -> Path:
-    safe_model = model.replace(":", "_").replace("/", "_")
-    return Path(cache_root) / dataset / safe_model / key[:12]
+__all__ = [
+    "COMPRESSIONS",
+    "DTYPES",
+    "FINGERPRINTS",
+    "NORMS",
+    "ON_BAD_IMAGE",
+    "RANDOM_INIT_SEED",
+    "ExtractSpec",
+    "Extractor",
+    "cache_dir",
+    "content_fingerprint",
+    "describe_model",
+    "key_inputs",
+    "pack_outputs",
+    "parse_tokens",
+    "resolve_norm",
+    "run_extract",
+    "select_positions",
+    "token_layers",
+    "weights_identity",
+]
 
 
 # -- model output → arrays ---------------------------------------------------------------------------------------
@@ -329,15 +159,6 @@ def _collate(items: list) -> tuple[torch.Tensor | None, list[int], list[tuple[in
 # -- the run -----------------------------------------------------------------------------------------------------
 
 
-def _open_check(path: Path, index: int) -> ShardCheck:
-    """Without a manifest, a finished shard counts as damaged only when it does not open as HDF5."""
-    try:
-        with h5py.File(path, "r"):
-            return ShardCheck(index=index, file=path.name, state="ok")
-    except Exception as exc:  # h5py raises several types for a broken file
-        return ShardCheck(index=index, file=path.name, state="damaged", problem=f"does not open ({exc})")
-
-
 def _versions() -> dict:
     out = {"fmcache": fmcache.__version__, "torch": torch.__version__}
     for pkg in ("timm", "open_clip_torch", "transformers", "h5py", "numpy"):
@@ -369,13 +190,9 @@ class Extractor:
         )
         self.transform_desc = {**desc, "norm_source": self.norm_source}
         self.inputs = key_inputs(spec, self.index, self.positions, self.transform_desc, log)
+        self.inputs["views"] = views_inputs(spec, self.img_size, mean, std)
         # views: PROTOCOLS' train augmentation (the one finetune uses), K draws per train image, seeded per view
         self.augment = train_augmentation(self.img_size, mean, std, gray=spec.gray) if spec.views else None
-        self.inputs["views"] = {"k": spec.views}
-        if spec.views:
-            self.inputs["views"].update(
-                seed=VIEWS_SEED, augmentation=train_augmentation_spec(self.img_size, mean, std, gray=spec.gray)
-            )
         self.key = cache_key(self.inputs)
         self.folder = cache_dir(spec.cache_root, self.index.name, model_spec.name, self.key)
         self.num_shards = max(1, -(-len(self.positions) // spec.shard_size))
@@ -396,12 +213,17 @@ class Extractor:
             return None
         return manifest if manifest and manifest.get("key") == self.key else None
 
+    def _check_complete(self, manifest: dict | None) -> VerifyReport | None:
+        """The shard checks of a manifest that says complete (None for any other): cheap by default (a stat and
+        a metadata read per shard), and with --verify every sha256 too."""
+        if not manifest or manifest.get("status") != "complete":
+            return None
+        return verify_cache(self.folder, full=self.spec.verify, manifest=manifest)
+
     def is_complete(self) -> bool:
         """The manifest says complete and every shard passes the cheap checks (or the full ones with --verify)."""
-        manifest = self.previous_manifest(quiet=True)
-        if not manifest or manifest.get("status") != "complete":
-            return False
-        return not verify_cache(self.folder, full=self.spec.verify, manifest=manifest).damaged
+        report = self._check_complete(self.previous_manifest(quiet=True))
+        return report is not None and not report.damaged
 
     def shard_positions(self, shard: int) -> np.ndarray:
         size = self.spec.shard_size
@@ -412,13 +234,11 @@ class Extractor:
         empty = empty_split_warning(self.index.name, counts)
         if empty and not self.spec.allow_empty_split:  # refused before any model is built or file written
             raise FmcacheError(f"{empty}; or pass --allow-empty-split if you mean it")
-        manifest = self.previous_manifest()
-        if manifest and manifest.get("status") == "complete":
-            # cheap by default (a stat and a metadata read per shard); --verify also compares every sha256
-            report = verify_cache(self.folder, full=self.spec.verify, manifest=manifest)
+        report = self._check_complete(self.previous_manifest())
+        if report is not None:
             if not report.damaged:
                 self.log(f"cache already complete: {self.folder}")
-                self._log_skipped(manifest, already=True)
+                self._log_skipped(report.manifest, already=True)
                 return self.folder
             self.log(f"[yellow]{escape(report.summary())}; recomputing them[/]")
         dist = init_dist(self.spec.device)
@@ -433,7 +253,7 @@ class Extractor:
                 removed = remove_orphans(self.folder)
                 if removed:
                     self.log(f"removed {len(removed)} unfinished shard file(s) from an interrupted run")
-                self._set_aside_damaged()
+                self._set_aside_damaged(report)
             dist.barrier()
             self._extract(dist)
             for part in dist.all_gather_object(self._written):  # also the barrier before the final manifest
@@ -454,13 +274,20 @@ class Extractor:
             close_dist(dist)
         return self.folder
 
-    def _set_aside_damaged(self) -> None:
-        """Under the lock: finished shards that fail the checks move to damaged/, so this run recomputes them."""
-        if not finished_shards(self.folder):
+    def _set_aside_damaged(self, checked: VerifyReport | None) -> None:
+        """Under the lock: finished shards that fail the checks move to damaged/, so this run recomputes them.
+
+        ``checked`` is run()'s report from before the lock; it stands when the manifest has not changed since,
+        so a damaged complete cache is not opened (or, with --verify, hashed) twice.
+        """
+        on_disk = finished_shards(self.folder)
+        if not on_disk:
             return
         manifest = self.previous_manifest(quiet=True)
         if manifest is None:  # no usable manifest: all that can be checked is that each shard opens
-            checks = [_open_check(path, index) for index, path in sorted(finished_shards(self.folder).items())]
+            checks = [open_check(path, index) for index, path in sorted(on_disk.items())]
+        elif checked is not None and checked.manifest == manifest:
+            checks = checked.checks
         else:
             checks = verify_cache(self.folder, full=self.spec.verify, manifest=manifest).checks
         moved = quarantine(self.folder, checks)
@@ -592,9 +419,7 @@ class Extractor:
                 "class_names": list(self.index.class_names),
                 "multilabel": bool(self.index.multilabel),
                 "metric": default_metric(self.index),
-                "split_counts": {
-                    s: int(np.isin(self.positions, self.index.indices(s)).sum()) for s in ("train", "val", "test")
-                },
+                "split_counts": self.split_counts(),
                 "problems": list(self.index.problems),
             },
             "shard_size": self.spec.shard_size,
@@ -658,18 +483,12 @@ class Extractor:
 
         Returned under one ``__views__`` entry that the writer thread turns into the ``views/`` arrays.
         """
-        k = self.spec.views
         ids, parts = [], []
         if views is not None:
             images, ids = views
             chunks = images.split(self.spec.batch_size)
             parts = [self._forward(forward, c, model_info, device, store_dtype) for c in chunks]
-        # shapes of an empty batch's arrays, so a batch (or shard) without train images still writes every dataset
-        feat = np.float16 if store_dtype == torch.float16 else np.float32
-        empty = {}
-        for name, shape in views_datasets(model_info, k).items():
-            empty[name.removeprefix("views/")] = (shape[1:], feat)
-        return {"__views__": (parts, ids, k, empty)}
+        return {"__views__": (parts, ids, model_info, self.spec.views, DTYPES[self.spec.dtype])}
 
     def _forward(self, forward, images, model_info, device, store_dtype) -> dict:
         images = images.to(device, non_blocking=True)
@@ -700,20 +519,8 @@ def _to_numpy(arrays: dict) -> dict[str, np.ndarray]:
         event.synchronize()
     out = {k: v.numpy() for k, v in arrays.items() if k not in ("__event__", "__views__")}
     if "__views__" in arrays:
-        out.update(_views_to_numpy(*arrays["__views__"]))
-    return out
-
-
-def _views_to_numpy(parts: list[dict], ids: list[int], k: int, empty: dict[str, tuple]) -> dict[str, np.ndarray]:
-    """The views/ arrays of one batch: each view forward's outputs concatenated, then reshaped to (m, K, ...)."""
-    out = {VIEW_IDS: np.asarray(ids, dtype=np.int64)}
-    if not parts:  # no train image in this batch: zero rows, so every shard still holds every views dataset
-        out.update({f"views/{name}": np.zeros((0, k, *shape), dtype) for name, (shape, dtype) in empty.items()})
-        return out
-    numpy_parts = [_to_numpy(p) for p in parts]
-    for name in numpy_parts[0]:
-        joined = np.concatenate([p[name] for p in numpy_parts])
-        out[f"views/{name}"] = joined.reshape(len(ids), k, *joined.shape[1:])
+        parts, ids, model_info, k, dtype = arrays["__views__"]
+        out.update(views_batch_arrays([_to_numpy(p) for p in parts], ids, model_info, k, dtype))
     return out
 
 

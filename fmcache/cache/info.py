@@ -8,7 +8,7 @@ from rich.markup import escape
 
 from fmcache.cache.manifest import MANIFEST, read_manifest
 from fmcache.cache.messages import repair_hint
-from fmcache.cache.verify import quick_problems
+from fmcache.cache.verify import load_manifest, quick_problems
 from fmcache.cache.views import views_datasets, views_k, views_nbytes
 from fmcache.errors import FmcacheError
 
@@ -33,10 +33,9 @@ def _weights_text(weights: dict) -> str:
     return f"hub {weights.get('id')}"
 
 
-def _status_text(folder: Path, manifest: dict) -> str:
-    """complete / partial, or damaged naming each shard that is missing or has the wrong size (one stat each)."""
+def _status_text(manifest: dict, problems: list[tuple[str, str]]) -> str:
+    """complete / partial, or damaged naming each shard that is missing or has the wrong size (``quick_problems``)."""
     counts = f"{len(manifest['shards'])}/{manifest['num_shards']} shards"
-    problems = quick_problems(folder, manifest)
     if not problems:
         return f"{manifest['status']} ({counts})"
     named = "; ".join(f"{file} {why}" for file, why in problems)
@@ -57,17 +56,16 @@ def _views_text(folder: Path, manifest: dict) -> str:
 
 def format_info(folder: str | Path) -> str:
     folder = Path(folder)
-    manifest = read_manifest(folder) if folder.is_dir() else None
-    if manifest is None:
-        raise FmcacheError(f"{folder} is not a cache (no {MANIFEST}); list caches with `fmcache ls`")
+    manifest = load_manifest(folder)
+    problems = quick_problems(folder, manifest)  # one stat per shard
     model, data, inputs = manifest["model"], manifest["dataset"], manifest["inputs"]
     images = sum(s["n"] for s in manifest["shards"])
     size = _size(folder)
     timings = manifest.get("timings", {})
     lines = [
         f"[bold]cache[/] {escape(str(folder))}",
-        f"  status     {_status_text(folder, manifest)}, key {manifest['key'][:12]}",
-        *([f"  repair     {escape(repair_hint(folder))}"] if quick_problems(folder, manifest) else []),
+        f"  status     {_status_text(manifest, problems)}, key {manifest['key'][:12]}",
+        *([f"  repair     {escape(repair_hint(folder))}"] if problems else []),
         f"  model      {model['name']} ({model['backend']}: {model['arch']}), pooled '{model['pooled_kind']}'",
         f"  weights    {_weights_text(manifest.get('weights', {}))}",
         f"  layers     {model['num_layers']} (widths {sorted(set(model['layer_dims']))}), "

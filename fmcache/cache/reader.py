@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
 
@@ -138,17 +138,23 @@ class CacheReader:
             where.append(np.stack([np.full(len(ids[-1]), s), np.arange(len(ids[-1]))], axis=1))
         return np.concatenate(splits), np.concatenate(ids), np.concatenate(where)
 
-    def rows(self, split: str) -> np.ndarray:
-        """Indices of the concatenated rows that belong to ``split`` (empty split → error)."""
-        rows = np.flatnonzero(self._index[0] == split_code(split))
-        if rows.size == 0:
-            raise FmcacheError(f"split '{split}' of cache {self.path.name} is empty; check the dataset split / --limit")
-        return rows
-
-    def _gather(self, name: str, split: str, select: tuple = ()) -> np.ndarray:
+    def _split_mask(self, split: str) -> np.ndarray:
+        """Per concatenated row: does it belong to ``split`` (empty split → error)."""
         wanted = self._index[0] == split_code(split)
         if not wanted.any():
             raise FmcacheError(f"split '{split}' of cache {self.path.name} is empty; check the dataset split / --limit")
+        return wanted
+
+    def rows(self, split: str) -> np.ndarray:
+        """Indices of the concatenated rows that belong to ``split`` (empty split → error)."""
+        return np.flatnonzero(self._split_mask(split))
+
+    def _per_shard(self, split: str, read: Callable[[Path, h5py.File, np.ndarray], np.ndarray]) -> np.ndarray:
+        """``read(path, open shard, mask of its rows in split)`` for every shard holding rows of ``split``, joined.
+
+        ``read`` runs with the shard open, so an HDF5 error while reading names the shard (see ``read_shard``).
+        """
+        wanted = self._split_mask(split)
         parts, start = [], 0
         for path in self.files:
             with read_shard(path) as fh:
@@ -156,11 +162,12 @@ class CacheReader:
                 mask = wanted[start : start + n]
                 start += n
                 if mask.any():
-                    # read the shard's whole array contiguously, then select: far faster than fancy indexing
-                    parts.append(
-                        fh[name][...][mask][(slice(None), *select)] if select != slice(None) else fh[name][...][mask]
-                    )
+                    parts.append(read(path, fh, mask))
         return np.concatenate(parts)
+
+    def _gather(self, name: str, split: str, select: tuple = ()) -> np.ndarray:
+        # read the shard's whole array contiguously, then select: far faster than fancy indexing
+        return self._per_shard(split, lambda _path, fh, mask: fh[name][...][mask][(slice(None), *select)])
 
     def ids(self, split: str) -> np.ndarray:
         return self._index[1][self.rows(split)]  # already read with the split codes; no shard I/O
@@ -214,22 +221,15 @@ class CacheReader:
         """(n_train, K, ...) of ``views/<name>``, rows in the order of ``ids("train")``."""
         if not self.views_k:
             raise no_views_error(self.path)
-        wanted = self._index[0] == SPLIT_CODES["train"]
-        if not wanted.any():
-            raise FmcacheError(f"split 'train' of cache {self.path.name} is empty; check the dataset split / --limit")
-        parts, start = [], 0
-        for path in self.files:
-            with read_shard(path) as fh:
-                n = fh["ids"].shape[0] if "ids" in fh else 0
-                m = int(wanted[start : start + n].sum())
-                start += n
-                if m:
-                    # the group holds exactly the shard's train rows, in row order (fmcache verify checks the ids)
-                    data = fh[f"views/{name}"][...]
-                    if len(data) != m:
-                        raise damaged_shard(path, f"views/{name} has {len(data)} rows, the shard {m} train rows")
-                    parts.append(data[(slice(None), slice(None), *select)])
-        return np.concatenate(parts)
+
+        def read(path: Path, fh: h5py.File, mask: np.ndarray) -> np.ndarray:
+            # the group holds exactly the shard's train rows, in row order (fmcache verify checks the ids)
+            data, m = fh[f"views/{name}"][...], int(mask.sum())
+            if len(data) != m:
+                raise damaged_shard(path, f"views/{name} has {len(data)} rows, the shard {m} train rows")
+            return data[(slice(None), slice(None), *select)]
+
+        return self._per_shard("train", read)
 
     def views_pooled(self, layer: int | str = "last", kind: str = "cls") -> np.ndarray:
         """float32 (n_train, K, D) pooled features of the K augmented views of every train sample (one layer)."""

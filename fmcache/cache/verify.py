@@ -177,6 +177,15 @@ def check_shard(path: Path, manifest: dict, index: int, entry: dict | None, full
     return check
 
 
+def open_check(path: Path, index: int) -> ShardCheck:
+    """Without a manifest, a finished shard counts as damaged only when it does not open as HDF5."""
+    try:
+        with h5py.File(path, "r"):
+            return ShardCheck(index=index, file=path.name, state=OK)
+    except Exception as exc:  # h5py raises several types for a broken file
+        return ShardCheck(index=index, file=path.name, state=DAMAGED, problem=f"does not open ({exc})")
+
+
 def verify_cache(folder: str | Path, full: bool = True, manifest: dict | None = None) -> VerifyReport:
     """Check every planned shard of the cache at ``folder`` (see the module doc for what is checked)."""
     folder = Path(folder)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from fmcache.errors import FmcacheError
 
 GROUP = "views"
@@ -40,6 +42,22 @@ def views_datasets(model: dict, k: int) -> dict[str, tuple[int, ...]]:
         shape = model.get("token_shapes", {}).get(str(layer))
         if shape is not None:
             out[f"{GROUP}/tokens/layer_{int(layer):02d}"] = (k, *(int(d) for d in shape))
+    return out
+
+
+def views_batch_arrays(
+    parts: list[dict[str, np.ndarray]], ids: list[int], model: dict, k: int, dtype: type
+) -> dict[str, np.ndarray]:
+    """The ``views/`` arrays of one batch: its view forwards' outputs (rows sample by sample, K each) concatenated
+    and reshaped to (m, K, ...). A batch without train images gives zero rows of every dataset, so every shard
+    holds every views dataset."""
+    out = {IDS: np.asarray(ids, dtype=np.int64)}
+    if not parts:
+        out.update({name: np.zeros((0, *shape), dtype) for name, shape in views_datasets(model, k).items()})
+        return out
+    for name in parts[0]:
+        joined = np.concatenate([p[name] for p in parts])
+        out[f"{GROUP}/{name}"] = joined.reshape(len(ids), k, *joined.shape[1:])
     return out
 
 

@@ -1,0 +1,226 @@
+"""Stage one's plan: the validated request (``ExtractSpec``), what it selects, and every input of the cache key.
+
+Everything here is decided before a model is built or a file written: the samples to cache, the normalisation,
+the token layers, the weights identity, the dataset fingerprint, and so the key and the cache folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fmcache.cache.key import SCHEMA_VERSION
+from fmcache.cache.views import SEED as VIEWS_SEED
+from fmcache.data import DatasetIndex, dataset_norm
+from fmcache.data.transforms import GRAY_MODES, INTERPOLATIONS, train_augmentation_spec
+from fmcache.errors import FmcacheError
+from fmcache.files import sha256_file
+from fmcache.models import get_spec
+
+DTYPES = {"fp16": np.float16, "fp32": np.float32}
+ON_BAD_IMAGE = ("error", "skip")
+NORMS = ("dataset", "model")
+COMPRESSIONS = (None, "gzip", "lzf")
+FINGERPRINTS = ("stat", "content")  # path + size + mtime (cheap), or the bytes of every image
+RANDOM_INIT_SEED = 0  # --random-init weights are seeded so every process and every resume builds the same model
+
+
+@dataclass(frozen=True)
+class ExtractSpec:
+    """Everything ``fmcache extract`` needs; a YAML config or the CLI flags fill it in."""
+
+    dataset: str
+    data_root: Path
+    model: str
+    weights: Path | None = None
+    random_init: bool = False
+    img_size: int | None = None
+    resize: int | None = None
+    interpolation: str = "bilinear"
+    gray: str = "repeat"  # repeat | seed (grayscale datasets: the seed's red-channel kernel, see data/transforms.py)
+    norm: str = "dataset"  # dataset | model; csv/imagefolder have no dataset statistics and use the model's
+    tokens: str = "none"  # none | last | all | comma-separated 1-based layer numbers
+    dtype: str = "fp16"
+    batch_size: int = 64
+    workers: int = 2
+    shard_size: int = 1024
+    cache_root: Path = Path("cache")
+    limit: int | None = None
+    on_bad_image: str = "error"
+    compression: str | None = None  # None or gzip / lzf
+    compile: bool = False
+    device: str | None = None
+    fingerprint: str = "stat"  # stat | content; content hashes every image's bytes into the key
+    verify: bool = False  # hash-check every finished shard before trusting or resuming the cache
+    allow_empty_split: bool = False  # an empty train/val/test split is refused unless the user means it
+    views: int = 0  # K seeded augmented views of every train image, besides its center crop (cache/views.py)
+    dataset_options: dict = field(default_factory=dict)
+    arch_overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Check choices, types and ranges once, so bad values fail as one clear line before any work."""
+        for name, low in (("batch_size", 1), ("shard_size", 1), ("workers", 0), ("views", 0)):
+            _check_int(name, getattr(self, name), low)
+        for name in ("img_size", "resize", "limit"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        choices = {
+            "norm": NORMS,
+            "dtype": tuple(DTYPES),
+            "on_bad_image": ON_BAD_IMAGE,
+            "compression": COMPRESSIONS,
+            "interpolation": tuple(INTERPOLATIONS),
+            "fingerprint": FINGERPRINTS,
+            "gray": GRAY_MODES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                shown = ", ".join(str(a) for a in allowed if a is not None)
+                raise FmcacheError(f"unknown --{name.replace('_', '-')} '{getattr(self, name)}'; use {shown}")
+        if self.device not in (None, "auto", "cpu") and not str(self.device).startswith("cuda"):
+            raise FmcacheError(f"unknown --device '{self.device}'; use auto, cpu or cuda")
+        parse_tokens(self.tokens)
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise FmcacheError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+
+
+def select_positions(index: DatasetIndex, limit: int | None) -> np.ndarray:
+    """Global indices to cache: all, or the first ``limit`` of each split (sorted, canonical order)."""
+    if limit is None:
+        return np.arange(len(index), dtype=np.int64)
+    if limit < 1:
+        raise FmcacheError(f"--limit must be at least 1, got {limit}")
+    parts = [index.indices(s)[:limit] for s in ("train", "val", "test")]
+    return np.sort(np.concatenate(parts)).astype(np.int64)
+
+
+def resolve_norm(spec: ExtractSpec) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    if spec.norm == "model":
+        model_spec = get_spec(spec.model)
+        return model_spec.mean, model_spec.std, "model"
+    if spec.norm == "dataset":
+        norm = dataset_norm(spec.dataset)
+        if norm is None:  # generic layouts carry no statistics of their own
+            model_spec = get_spec(spec.model)
+            return model_spec.mean, model_spec.std, "model"
+        return norm[0], norm[1], "dataset"
+    raise FmcacheError(f"unknown --norm '{spec.norm}'; use dataset or model")
+
+
+def parse_tokens(tokens: str) -> str | list[int]:
+    """Normalise the --tokens request: 'none', 'last', 'all' or a sorted list of 1-based layer numbers."""
+    text = str(tokens).strip().lower()
+    if text in ("none", "last", "all", ""):
+        return text or "none"
+    try:
+        layers = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise FmcacheError(f"bad --tokens '{tokens}'; use none, last, all or layer numbers like 4,8,12") from None
+    if not layers or layers[0] < 1:
+        raise FmcacheError(f"bad --tokens '{tokens}'; layer numbers start at 1")
+    return layers
+
+
+def token_layers(request: str | list[int], num_layers: int) -> list[int]:
+    if request == "none":
+        return []
+    if request == "last":
+        return [num_layers]
+    if request == "all":
+        return list(range(1, num_layers + 1))
+    bad = [n for n in request if n > num_layers]
+    if bad:
+        raise FmcacheError(f"--tokens asks for layer {bad[0]} but the model has {num_layers} layers")
+    return list(request)
+
+
+def weights_identity(spec: ExtractSpec) -> dict:
+    """How the weights enter the key: hub id, file sha256, or random (never silently one for another)."""
+    model_spec = get_spec(spec.model)
+    if spec.weights is not None and spec.random_init:
+        raise FmcacheError("--weights and --random-init exclude each other; pass one")
+    if spec.weights is not None:
+        path = Path(spec.weights)
+        if not path.is_file():
+            raise FmcacheError(f"weights file {path} does not exist; check the --weights path")
+        return {"source": "file", "sha256": sha256_file(path)}
+    if spec.random_init:
+        return {"source": "random", "seed": RANDOM_INIT_SEED}
+    return {"source": "hub", "id": model_spec.hub_id}
+
+
+def content_fingerprint(index: DatasetIndex, log=print) -> str:
+    """sha256 over (relative path, sha256 of the bytes) of every image, in index order (``--fingerprint content``).
+
+    Unlike the default (path, size, mtime), it catches an image edited in place that kept its size and mtime,
+    and it survives a copy that resets mtimes; the price is reading every image once per run.
+    """
+    log(f"hashing {len(index)} image files (--fingerprint content)")
+
+    def one(path: Path) -> str:
+        try:
+            return sha256_file(path)
+        except OSError as exc:
+            raise FmcacheError(
+                f"cannot fingerprint dataset {index.name}: {path} is not readable ({exc.strerror}); "
+                "restore the file or reload the dataset"
+            ) from exc
+
+    digest = hashlib.sha256()
+    with ThreadPoolExecutor(max_workers=8) as pool:  # hashlib releases the GIL; file reads overlap
+        for path, file_hash in zip(index.paths, pool.map(one, index.paths), strict=True):
+            digest.update(f"{index.relative(path)}\t{file_hash}\n".encode())
+    return digest.hexdigest()
+
+
+def key_inputs(spec: ExtractSpec, index: DatasetIndex, positions: np.ndarray, transform_desc: dict, log=print) -> dict:
+    """What the key hashes, but the views: model and weights, transform, dtype, tokens, shard layout and dataset."""
+    model_spec = get_spec(spec.model)
+    dataset = {
+        "name": index.name,
+        "fingerprint": index.fingerprint() if spec.fingerprint == "stat" else content_fingerprint(index, log),
+        "labels": index.labels_fingerprint(),  # the cache stores labels: a relabelled CSV needs a new cache
+        "split": index.split_info,
+        "options": index.options,
+        "limit": spec.limit,
+        "n": len(positions),
+    }
+    if spec.fingerprint != "stat":  # only when asked for, so every existing default key stays the same
+        dataset["fingerprint_mode"] = spec.fingerprint
+    return {
+        "schema": SCHEMA_VERSION,
+        "model": {
+            "name": model_spec.name,
+            "backend": model_spec.backend,
+            "arch": model_spec.arch,
+            "weights": weights_identity(spec),
+            "arch_overrides": spec.arch_overrides,
+        },
+        "img_size": transform_desc.get("crop"),
+        "transform": transform_desc,
+        "dtype": spec.dtype,
+        "layers": "all",
+        "tokens": parse_tokens(spec.tokens),
+        "shard_size": spec.shard_size,  # the shard layout: a resume with another size would mix two layouts
+        "dataset": dataset,
+    }
+
+
+def views_inputs(spec: ExtractSpec, img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> dict:
+    """The key's ``views`` entry: K, and with K > 0 the seed and PROTOCOLS' train augmentation they are drawn with."""
+    if not spec.views:
+        return {"k": 0}
+    augmentation = train_augmentation_spec(img_size, mean, std, gray=spec.gray)
+    return {"k": spec.views, "seed": VIEWS_SEED, "augmentation": augmentation}
+
+
+def cache_dir(cache_root: Path, dataset: str, model: str, key: str) -> Path:
+    safe_model = model.replace(":", "_").replace("/", "_")
+    return Path(cache_root) / dataset / safe_model / key[:12]
