@@ -15,6 +15,7 @@ import numpy as np
 
 from fmcache.cache.key import SCHEMA_VERSION
 from fmcache.cache.views import SEED as VIEWS_SEED
+from fmcache.config import check_int
 from fmcache.data import DatasetIndex, dataset_norm
 from fmcache.data.transforms import GRAY_MODES, INTERPOLATIONS, train_augmentation_spec
 from fmcache.errors import FmcacheError
@@ -64,10 +65,10 @@ class ExtractSpec:
     def __post_init__(self) -> None:
         """Check choices, types and ranges once, so bad values fail as one clear line before any work."""
         for name, low in (("batch_size", 1), ("shard_size", 1), ("workers", 0), ("views", 0)):
-            _check_int(name, getattr(self, name), low)
+            check_int(name, getattr(self, name), low)
         for name in ("img_size", "resize", "limit"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
+                check_int(name, getattr(self, name), 1)
         choices = {
             "norm": NORMS,
             "dtype": tuple(DTYPES),
@@ -84,11 +85,6 @@ class ExtractSpec:
         if self.device not in (None, "auto", "cpu") and not str(self.device).startswith("cuda"):
             raise FmcacheError(f"unknown --device '{self.device}'; use auto, cpu or cuda")
         parse_tokens(self.tokens)
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise FmcacheError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
 
 
 def select_positions(index: DatasetIndex, limit: int | None) -> np.ndarray:

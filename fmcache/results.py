@@ -144,7 +144,7 @@ def _key(k) -> str:
     return k if isinstance(k, str) else json.dumps(k) if isinstance(k, bool) else str(k)
 
 
-def _csv_bytes(rows: Sequence[Mapping]) -> bytes:
+def csv_bytes(rows: Sequence[Mapping]) -> bytes:
     columns: dict[str, None] = {}
     for row in rows:
         columns.update(dict.fromkeys(_key(k) for k in row))
@@ -179,7 +179,7 @@ def write_results(out_dir: Path, stem: str, payload: Mapping, rows: Sequence[Map
         "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
-    atomic_write_bytes(csv_path, _csv_bytes(rows))
+    atomic_write_bytes(csv_path, csv_bytes(rows))
     atomic_write_bytes(json_path, (json.dumps(document, indent=2, allow_nan=False) + "\n").encode())
     return json_path, csv_path
 
@@ -227,7 +227,7 @@ def write_result(
     if protocol not in PROTOCOLS:
         raise FmcacheError(f"unknown result protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
     folder = start_result(folder)
-    atomic_write_bytes(folder / RESULT_CSV, _csv_bytes(rows))
+    atomic_write_bytes(folder / RESULT_CSV, csv_bytes(rows))
     if predictions is not None:
         arrays = {k: np.asarray(v, dtype=np.float32) if k.endswith("_scores") else np.asarray(v)
                   for k, v in predictions.items()}  # fmt: skip
@@ -289,7 +289,7 @@ def probe_summary(per_layer: dict, seeds_requested: int) -> dict:
     return summary
 
 
-def _new_figure(n_panels: int = 1):
+def new_figure(n_panels: int = 1):
     # Figure + Agg canvas directly: no pyplot, so no global backend switch and no GUI.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -299,7 +299,7 @@ def _new_figure(n_panels: int = 1):
     return fig, fig.subplots(1, n_panels, squeeze=False)[0]
 
 
-def _save_png(fig, path: Path) -> Path:
+def save_png(fig, path: Path) -> Path:
     path = Path(path)
     ensure_writable_dir(path.parent)
     buffer = io.BytesIO()
@@ -310,7 +310,7 @@ def _save_png(fig, path: Path) -> Path:
 
 def plot_knn_vs_k(path: Path, results: Mapping) -> Path:
     """PNG of the k-NN metric against k, one line per split, from a ``knn.knn_evaluate`` result."""
-    fig, (ax,) = _new_figure()
+    fig, (ax,) = new_figure()
     for split, per_k in results["splits"].items():
         ks = sorted(per_k, key=int)
         ax.plot([int(k) for k in ks], [per_k[k]["value"] for k in ks], marker="o", label=split)
@@ -319,7 +319,7 @@ def plot_knn_vs_k(path: Path, results: Mapping) -> Path:
     ax.set_ylabel(results["metric"])
     ax.set_title(f"k-NN (T={results['temperature']})")
     ax.legend()
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def plot_knn_vs_layer(path: Path, results: Mapping) -> Path:
@@ -332,7 +332,7 @@ def plot_knn_vs_layer(path: Path, results: Mapping) -> Path:
     layers = list(results)
     first = results[layers[0]]
     splits = list(first["splits"])
-    fig, axes = _new_figure(len(splits))
+    fig, axes = new_figure(len(splits))
     positions = range(len(layers))
     for ax, split in zip(axes, splits, strict=True):
         for k in first["splits"][split]:
@@ -343,7 +343,7 @@ def plot_knn_vs_layer(path: Path, results: Mapping) -> Path:
         ax.set_ylabel(first["metric"])
         ax.set_title(f"k-NN on {split}")
         ax.legend()
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def plot_probe_curves(path: Path, curves_by_lr: Mapping, metric: str = "val metric") -> Path:
@@ -351,7 +351,7 @@ def plot_probe_curves(path: Path, curves_by_lr: Mapping, metric: str = "val metr
 
     ``curves_by_lr`` maps LR to a (seeds, epochs) array, e.g. ``ProbeResult.curves``.
     """
-    fig, (ax,) = _new_figure()
+    fig, (ax,) = new_figure()
     for lr, curve in curves_by_lr.items():
         c = np.atleast_2d(np.asarray(curve, dtype=np.float64))
         epochs = np.arange(1, c.shape[1] + 1)
@@ -362,12 +362,12 @@ def plot_probe_curves(path: Path, curves_by_lr: Mapping, metric: str = "val metr
     ax.set_ylabel(metric)
     ax.set_title("linear probe (val)")
     ax.legend()
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def plot_probe_vs_layer(path: Path, per_layer: Mapping, metric: str) -> Path:
     """PNG of the probe's test metric (best LR, mean ± std over seeds) against layer."""
-    fig, (ax,) = _new_figure()
+    fig, (ax,) = new_figure()
     layers = list(per_layer)
     means = np.array([per_layer[n]["test_mean"] for n in layers], dtype=np.float64)
     stds = np.array([per_layer[n]["test_std"] for n in layers], dtype=np.float64)
@@ -375,7 +375,7 @@ def plot_probe_vs_layer(path: Path, per_layer: Mapping, metric: str) -> Path:
     ax.set_xlabel("layer")
     ax.set_ylabel(f"test {metric} (best LR, mean ± std over seeds)")
     ax.set_title("linear probe per layer")
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def plot_cka_heatmap(
@@ -383,7 +383,7 @@ def plot_cka_heatmap(
 ) -> Path:
     """PNG heatmap of a CKA matrix: rows and columns labelled with their layers, a colour bar from 0 to 1."""
     matrix = np.asarray(matrix, dtype=np.float64)
-    fig, (ax,) = _new_figure()
+    fig, (ax,) = new_figure()
     fig.set_size_inches(max(4.5, 0.35 * len(col_labels) + 2.5), max(4.0, 0.35 * len(row_labels) + 1.5))
     # row 0 at the bottom, as in the paper's layer-by-layer figures
     image = ax.imshow(matrix, origin="lower", vmin=0.0, vmax=1.0, cmap="magma", aspect="auto")
@@ -393,4 +393,4 @@ def plot_cka_heatmap(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="linear CKA")
-    return _save_png(fig, path)
+    return save_png(fig, path)

@@ -30,7 +30,7 @@ from fmcache.frozen.tokens import (
     train_token_grid,
 )
 from fmcache.progress import progress_bar
-from fmcache.results import _csv_bytes, _new_figure, _save_png, plot_probe_curves, start_result
+from fmcache.results import csv_bytes, new_figure, plot_probe_curves, save_png, start_result
 from fmcache.training import check_checkpoint, lr_multiplier, pick_device
 
 EVAL = ("train", "val", "test")
@@ -160,10 +160,10 @@ def _write_vs_layer(folder: Path, stem: str, head: str, per_layer: dict, metric:
          "test_mean": e["test_mean"], "test_std": e["test_std"]}
         for n, e in per_layer.items()
     ]  # fmt: skip
-    atomic_write_bytes(folder / f"{stem}_vs_layer.csv", _csv_bytes(rows))
+    atomic_write_bytes(folder / f"{stem}_vs_layer.csv", csv_bytes(rows))
     if not plots:
         return
-    fig, (ax,) = _new_figure()
+    fig, (ax,) = new_figure()
     layers = [int(n) for n in per_layer]
     means = np.array([e["test_mean"] for e in per_layer.values()], dtype=np.float64)
     stds = np.array([e["test_std"] for e in per_layer.values()], dtype=np.float64)
@@ -171,4 +171,4 @@ def _write_vs_layer(folder: Path, stem: str, head: str, per_layer: dict, metric:
     ax.set_xlabel("foundation layer whose tokens feed the head")
     ax.set_ylabel(f"test {metric} (best LR, mean ± std over seeds)")
     ax.set_title(f"{head} head per layer (decapitation)")
-    _save_png(fig, folder / f"{stem}_vs_layer.png")
+    save_png(fig, folder / f"{stem}_vs_layer.png")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fmcache.report.tables import HEAD_NAMES, HEADS, REGIMES, ordered_datasets, ordered_models, table1_cells
-from fmcache.results import _new_figure, _save_png, plot_cka_heatmap, safe_name
+from fmcache.results import new_figure, plot_cka_heatmap, safe_name, save_png
 
 LAYER_PROTOCOLS = {"knn": "k-NN", "probe_linear": "linear probe", "probe_deit": "DeiT head (decapitation)",
                    "probe_attentive": "attentive head"}  # fmt: skip
@@ -35,7 +35,7 @@ def _finish(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize="small")
-    return Figure(name, caption, _save_png(fig, out / f"{name}.png"))
+    return Figure(name, caption, save_png(fig, out / f"{name}.png"))
 
 
 def _layer_key(layer) -> tuple[int, str]:
@@ -76,7 +76,7 @@ def metric_vs_layer(docs: Sequence[dict], out: Path) -> list[Figure]:
                         curves[doc["model"]] = (curve, doc.get("metric"))
             if not curves:
                 continue
-            fig, (ax,) = _new_figure()
+            fig, (ax,) = new_figure()
             for model, ((layers, means, stds), _) in sorted(curves.items()):
                 xs = [_layer_key(n)[0] for n in layers]
                 ax.errorbar(xs, means, yerr=np.nan_to_num(stds), marker="o", capsize=3, label=model)
@@ -103,7 +103,7 @@ def knn_vs_k(docs: Sequence[dict], out: Path) -> list[Figure]:
                 lines[doc["model"]] = (points, doc.get("metric"))
         if not lines:
             continue
-        fig, (ax,) = _new_figure()
+        fig, (ax,) = new_figure()
         for model, (points, _) in sorted(lines.items()):
             ks = sorted(points)
             ax.plot(ks, [points[k] for k in ks], marker="o", label=model)
@@ -142,7 +142,7 @@ def frozen_blocks(docs: Sequence[dict], out: Path) -> list[Figure]:
         lines = {label: points for label, points in lines.items() if len(points) >= 2}
         if not lines:
             continue
-        fig, (ax,) = _new_figure()
+        fig, (ax,) = new_figure()
         for label, points in sorted(lines.items()):
             ks = sorted(points)
             ax.errorbar(ks, [points[k][0] for k in ks], yerr=[points[k][1] for k in ks], marker="o", capsize=3,
@@ -222,7 +222,7 @@ def bar_charts(docs: Sequence[dict], out: Path) -> list[Figure]:
         present = [c for c in columns if any((m, dataset, *c) in cells for m in models)]
         if not present:
             continue
-        fig, (ax,) = _new_figure()
+        fig, (ax,) = new_figure()
         fig.set_size_inches(max(5.0, 1.2 * len(models) + 2), 4)
         width = 0.8 / len(present)
         metric = None
