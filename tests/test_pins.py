@@ -1,0 +1,102 @@
+"""Pins: the cache key and every protocol's ``settings_hash`` (and a headline number) for one fixed spec each.
+
+Written before the package moves of the architecture work and kept passing after it: a restructuring that changed
+a key, a result folder's name or a number would orphan every cache and result users already have. The fixture's
+files get fixed mtimes, so the dataset fingerprint (path, size, mtime) and hence the key are the same on every
+machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import quiet, spec_kwargs
+from tests.fixtures_data import make_aptos
+
+FIXED_MTIME = 1_700_000_000
+
+# the values fmcache 0.2.0 computed for these specs (before the move to fmcache/grid, fmcache/extract, one spec each)
+PINNED_KEY = "62bbf4f3cab41eeadb2797078259484512aea4f81c44e82e2610dcdd82a79271"
+PINNED = {
+    "knn": ("974e7827ac1ec20f75998576e9c9f19c00310ce09800f9638dc7be392ec2d5b8", -0.2857142857142858),
+    "probe_linear": ("70a69b92f2cbb19b1c1222763aa1b88d629f738a139adf4cddab79a3f9b515fc", -0.22300109529025192),
+    "probe_deit": ("07b18e3d66043cde28b4edb610edeac6ab655fda546d717b52b53d4989fe942f", 0.0),
+    "cka": ("dfd4cc653153b25f2e1d130b0830c20e8f4f758b79ec6540d1c1506888c39097", -0.2107404577472756),
+    "finetune_linear": ("d6b51d2d6bc98eaf84d161b6ccf75ed7f9587b6660b4f07eff002e1fa9e13e17", 0.0),
+}
+
+
+@pytest.fixture(scope="module")
+def pinned_root(tmp_path_factory) -> Path:
+    root = make_aptos(tmp_path_factory.mktemp("pins") / "aptos", n=40)
+    for path in root.rglob("*"):
+        os.utime(path, (FIXED_MTIME, FIXED_MTIME))
+    return root
+
+
+@pytest.fixture(scope="module")
+def pinned_cache(pinned_root, tmp_path_factory) -> Path:
+    from fmcache.extract import ExtractSpec, run_extract
+
+    cache_root = tmp_path_factory.mktemp("pins_cache")
+    spec = ExtractSpec(**spec_kwargs(pinned_root, cache_root, tokens="last"))
+    return run_extract(spec, progress=False, log=quiet)
+
+
+def _doc(folder: Path) -> dict:
+    return json.loads((Path(folder) / "result.json").read_text())
+
+
+def test_cache_key_is_pinned(pinned_cache):
+    manifest = json.loads((pinned_cache / "manifest.json").read_text())
+    assert manifest["key"] == PINNED_KEY
+
+
+def test_protocol_settings_hashes_are_pinned(pinned_cache, pinned_root, tmp_path):
+    from fmcache.cache.reader import CacheReader
+    from fmcache.finetune.run import FinetuneSpec, run_finetune
+    from fmcache.frozen.run import run_cka, run_knn, run_probe
+    from fmcache.frozen.run_tokens import run_token_probe
+
+    reader = CacheReader(pinned_cache)
+    out = tmp_path / "results"
+    folders = {
+        "knn": run_knn(reader, out=out, ks=(3, 5), layer="last", plots=False)["folder"],
+        "probe_linear": run_probe(reader, out=out, lrs=(1e-3, 1e-2), seeds=2, epochs=3, plots=False)["folder"],
+        "probe_deit": run_token_probe(
+            reader,
+            out=out,
+            head="deit",
+            lrs=(1e-4,),
+            seeds=1,
+            epochs=1,
+            batch_size=8,
+            head_random_init=True,
+            head_depth=1,
+            workers=0,
+            plots=False,
+        )["folder"],
+        "cka": run_cka(reader, out=out, layers="all", plots=False)["folder"],
+    }
+    spec = FinetuneSpec(**{k: v for k, v in spec_kwargs(pinned_root, tmp_path).items()
+                           if k in ("dataset", "data_root", "model", "img_size", "arch_overrides", "random_init")},
+                        lrs=(1e-3,), seeds=1, epochs=1, batch_size=8, workers=0, limit=6, out=out)  # fmt: skip
+    folders["finetune_linear"] = run_finetune(spec, progress=False, log=quiet)["folder"]
+    got = {}
+    for protocol, folder in folders.items():
+        doc = _doc(folder)
+        if protocol == "knn":
+            value = doc["summary"]["best"]["test"]
+        elif protocol == "cka":
+            value = doc["summary"]["matrix"][0][-1]
+        else:
+            value = doc["summary"]["test_mean"]
+        got[protocol] = (doc["settings_hash"], value)
+    for protocol, (digest, value) in PINNED.items():
+        assert got[protocol][0] == digest, protocol
+        if value is not None:
+            assert got[protocol][1] == pytest.approx(value, rel=1e-6, abs=1e-9), protocol
