@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO))
 from fmcache.cache.reader import CacheReader  # noqa: E402
 from fmcache.cache.shards import ShardWriter  # noqa: E402
 from fmcache.files import atomic_write_json  # noqa: E402
-from fmcache.frozen.cka import compute_cka, select  # noqa: E402
+from fmcache.frozen.cka import compute_cka  # noqa: E402
+from fmcache.frozen.cka_read import select  # noqa: E402
 
 LAYERS, DIM, SHARD = 12, 768, 1024
 

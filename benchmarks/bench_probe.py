@@ -24,11 +24,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fmcache.cache.reader import CacheReader  # noqa: E402
 from fmcache.data import ImageDataset, build_transform, load_dataset  # noqa: E402
-from fmcache.demo import write_digits  # noqa: E402
-from fmcache.extract import ExtractSpec, run_extract  # noqa: E402
+from fmcache.data.digits import write_digits  # noqa: E402
+from fmcache.extract.plan import ExtractSpec  # noqa: E402
+from fmcache.extract.run import run_extract  # noqa: E402
 from fmcache.frozen.run import run_probe  # noqa: E402
+from fmcache.frozen.specs import ProbeSpec  # noqa: E402
 from fmcache.metrics import evaluate  # noqa: E402
 from fmcache.models import create_foundation  # noqa: E402
 
@@ -96,10 +97,12 @@ def main() -> None:
         )  # fmt: skip
         folder = run_extract(spec, progress=False, log=lambda m: None)
         t_extract = time.perf_counter() - t0
-        reader = CacheReader(folder)
         t1 = time.perf_counter()
         # plots are presentation, not protocol: the seed-style loop draws none either
-        run_probe(reader, Path(tmp) / "results", lrs=LRS, seeds=SEEDS, epochs=args.epochs, pool="paper", plots=False)
+        spec = ProbeSpec(
+            folder, Path(tmp) / "results", lrs=LRS, seeds=SEEDS, epochs=args.epochs, pool="paper", plots=False
+        )
+        run_probe(spec)
         t_probe = time.perf_counter() - t1
         cached = t_extract + t_probe
 

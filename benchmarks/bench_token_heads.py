@@ -122,7 +122,8 @@ def main() -> None:
     import torch
 
     from fmcache.cache.reader import CacheReader
-    from fmcache.extract import ExtractSpec, run_extract
+    from fmcache.extract.plan import ExtractSpec
+    from fmcache.extract.run import run_extract
     from fmcache.models import create_foundation
 
     torch.manual_seed(0)

@@ -40,13 +40,15 @@ sys.path.insert(0, str(REPO))
 
 from fmcache.cache.reader import CacheReader  # noqa: E402
 from fmcache.data import load_dataset, load_image, train_augmentation  # noqa: E402
-from fmcache.demo import write_digits  # noqa: E402
-from fmcache.extract import ExtractSpec, run_extract  # noqa: E402
+from fmcache.data.digits import write_digits  # noqa: E402
+from fmcache.extract.plan import ExtractSpec  # noqa: E402
+from fmcache.extract.run import run_extract  # noqa: E402
 from fmcache.frozen.features import train_stats  # noqa: E402
 from fmcache.frozen.heads import DeiTHead  # noqa: E402
 from fmcache.frozen.linear import init_linear  # noqa: E402
 from fmcache.frozen.run import run_probe  # noqa: E402
 from fmcache.frozen.run_tokens import run_token_probe  # noqa: E402
+from fmcache.frozen.specs import ProbeSpec, TokenProbeSpec  # noqa: E402
 from fmcache.frozen.tokens import TokenNorm, TokenSplit, layer_spec, token_norm_for  # noqa: E402
 from fmcache.metrics import evaluate  # noqa: E402
 from fmcache.models import create_foundation  # noqa: E402
@@ -119,7 +121,7 @@ def linear_part(args, caches, reader, online: Callable) -> dict:
     results, seconds = {}, {}
     for name, views in (("a", "off"), ("b", "on")):
         start = time.perf_counter()
-        out = run_probe(CacheReader(caches[name]), caches["results"], plots=False, views=views, **probe)
+        out = run_probe(ProbeSpec(caches[name], caches["results"], plots=False, views=views, **probe))
         seconds[name] = time.perf_counter() - start
         results[name] = out["layers"][max(out["layers"])]["per_lr"][args.lr]["test_per_seed"]
     kind = {"cls": "cls", "mean": "mean"}.get(reader.manifest["model"]["pooled_kind"], "paper")
@@ -163,7 +165,7 @@ def deit_part(args, caches, reader, online: Callable) -> dict:
     results, seconds = {}, {}
     for name, views in (("a", "off"), ("b", "on")):
         start = time.perf_counter()
-        out = run_token_probe(CacheReader(caches[name]), caches["results"], views=views, **probe)
+        out = run_token_probe(TokenProbeSpec(caches[name], caches["results"], views=views, **probe))
         seconds[name] = time.perf_counter() - start
         results[name] = out["layers"][layer]["per_lr"][args.deit_lr]["test_per_seed"]
     spec = layer_spec(reader, layer, token_norm_for(reader, "seed"), "deit")

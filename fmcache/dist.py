@@ -7,7 +7,36 @@ from dataclasses import dataclass
 
 import torch
 
-from fmcache.training import pick_device
+from fmcache.errors import FmcacheError
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given ("cpu", "cuda", "cuda:1", ...), else (None or "auto") CUDA when available, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise FmcacheError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FmcacheError("device cuda was requested but CUDA is not available; use cpu or auto")
+    return dev
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA runs asynchronously), so a timer read after it is honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rank() -> int:
+    """This process's rank under torchrun (0 without it): the one place ``RANK`` is read."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """Rank 0: the process that prints and writes what the whole job shares."""
+    return rank() == 0
 
 
 @dataclass(frozen=True)
@@ -36,7 +65,6 @@ class Dist:
 def init_dist(requested_device: str | None = None) -> Dist:
     """Join the torchrun group when WORLD_SIZE > 1 (gloo on CPU, nccl on GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     device = pick_device(requested_device)
     if world > 1:
         if device.type == "cuda":
@@ -44,7 +72,7 @@ def init_dist(requested_device: str | None = None) -> Dist:
             torch.cuda.set_device(device)
         if not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, device)
+    return Dist(rank(), world, device)
 
 
 def close_dist(dist: Dist) -> None:

@@ -5,7 +5,7 @@ Contract (``fmcache report``/``fmcache grid`` read exactly this):
 * Every evaluation writes into its own folder
   ``<root>/<dataset>/<model>/<key12>/<protocol>-<settings_hash12>/`` (:func:`result_folder`), where ``<model>`` is the
   model name with ``:`` and ``/`` replaced by ``_``, ``<key12>`` the first 12 characters of the cache key (for
-  fine-tuning, which reads no cache: the fine-tune run key), ``<protocol>`` one of :data:`PROTOCOLS` and
+  fine-tuning, which reads no cache: the fine-tune run key), ``<protocol>`` one of :data:`fmcache.protocols.NAMES` and
   ``<settings_hash12>`` the first 12 hex digits of :func:`settings_hash`: sha256 of the canonical JSON (sorted keys,
   no spaces) of every setting that changes the numbers (never plots, progress or device). Two-cache CKA uses cache
   A's path and records cache B's key in its settings (``cache_b_key``).
@@ -43,6 +43,7 @@ import io
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -51,8 +52,8 @@ import numpy as np
 import fmcache
 from fmcache.errors import FmcacheError
 from fmcache.files import atomic_write_bytes, ensure_writable_dir
+from fmcache.protocols import get_protocol
 
-PROTOCOLS = ("knn", "probe_linear", "probe_deit", "probe_attentive", "cka", "finetune_linear", "finetune_deit")
 RESULT_JSON = "result.json"
 RESULT_CSV = "result.csv"
 PREDICTIONS = "predictions.npz"
@@ -78,8 +79,7 @@ def result_folder(root: Path, dataset: str, model: str, key: str, protocol: str,
     ``key`` is the cache key (or the fine-tune run key); only its first 12 characters name the folder. Nothing
     is created here, so the grid can ask where a job would write without writing.
     """
-    if protocol not in PROTOCOLS:
-        raise FmcacheError(f"unknown result protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    get_protocol(protocol)  # an unknown name is one line listing the valid ones
     return (
         Path(root)
         / safe_name(dataset)
@@ -224,8 +224,7 @@ def write_result(
     payload) and ``extra`` merged at the top level. Scores are stored as float32 to keep the npz small. Returns the
     JSON's path.
     """
-    if protocol not in PROTOCOLS:
-        raise FmcacheError(f"unknown result protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    get_protocol(protocol)  # an unknown name is one line listing the valid ones
     folder = start_result(folder)
     atomic_write_bytes(folder / RESULT_CSV, csv_bytes(rows))
     if predictions is not None:
@@ -252,6 +251,69 @@ def write_result(
     path = folder / RESULT_JSON
     atomic_write_bytes(path, (json.dumps(document, indent=2, allow_nan=False) + "\n").encode())
     return path
+
+
+@dataclass(frozen=True)
+class ResultSource:
+    """What a result was computed from: the contract's identity keys and the evaluated splits' ids and labels.
+
+    Stage two builds one from its cache (:func:`fmcache.frozen.common.result_source`), fine-tuning from its images;
+    the result-writing code below never needs to know which.
+    """
+
+    dataset: str
+    model: str
+    cache_key: str | None
+    weights: Mapping = field(default_factory=dict)
+    extract_seconds_per_image: float | None = None
+    ids: Mapping[str, np.ndarray] = field(default_factory=dict)
+    labels: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    def identity(self) -> dict:
+        """The identity keys of ``result.json``: dataset, model, cache_key, weights."""
+        return {"dataset": self.dataset, "model": self.model, "cache_key": self.cache_key,
+                "weights": dict(self.weights)}  # fmt: skip
+
+    def timings(self, train_seconds: float | None, inference_s_per_sample: float | None) -> dict:
+        """The contract's timings: train s, inference s/sample, and extraction s/image when the cache recorded it."""
+        timings = {"train_seconds": train_seconds, "inference_seconds_per_sample": inference_s_per_sample}
+        if self.extract_seconds_per_image is not None:
+            timings["extract_seconds_per_image"] = self.extract_seconds_per_image
+        return timings
+
+    def predictions(self, scores: Mapping[str, np.ndarray], seeds: Sequence[int]) -> dict:
+        """predictions.npz arrays: ``<split>_ids``, ``<split>_labels``, ``<split>_scores`` (S, n, C) and ``seeds``."""
+        arrays: dict[str, np.ndarray] = {"seeds": np.asarray(list(seeds), dtype=np.int64)}
+        for split, split_scores in scores.items():
+            arrays[f"{split}_ids"] = np.asarray(self.ids[split])
+            arrays[f"{split}_labels"] = np.asarray(self.labels[split])
+            arrays[f"{split}_scores"] = np.asarray(split_scores, dtype=np.float32)
+        return arrays
+
+
+def write_head_grid(
+    folder: Path, source: ResultSource, *, protocol: str, settings: Mapping, metric: str, per_layer: Mapping,
+    rows: Sequence[Mapping], predictions: Mapping | None, details: Mapping, extra: Mapping | None = None,
+    timings_extra: Mapping | None = None,
+) -> Path:  # fmt: skip
+    """A head grid's folder (probe_* and finetune_*): ``result.json``/CSV and the last layer's best-LR predictions.
+
+    Train seconds are summed and inference s/sample averaged over the layers; the summary is
+    :func:`probe_summary` of ``per_layer`` (``ProbeResult.to_dict()`` entries) for ``settings["seeds"]``.
+    ``predictions`` holds ``seeds``, ``val_scores`` and ``test_scores`` (None: no predictions file).
+    """
+    train_seconds = sum(e["timings"]["train_seconds"] for e in per_layer.values())
+    inference = float(np.mean([e["timings"]["inference_seconds_per_sample"] for e in per_layer.values()]))
+    timings = {**source.timings(train_seconds, inference), **(timings_extra or {})}
+    arrays = None
+    if predictions is not None:
+        scores = {"val": predictions["val_scores"], "test": predictions["test_scores"]}
+        arrays = source.predictions(scores, predictions["seeds"])
+    return write_result(
+        folder, protocol=protocol, settings=settings, metric=metric, timings=timings,
+        summary=probe_summary(per_layer, len(settings["seeds"])), details=details, rows=rows, predictions=arrays,
+        extra=extra, **source.identity(),
+    )  # fmt: skip
 
 
 def seed_summary(best_lr, val: Sequence[float], test: Sequence[float], seeds_requested: int) -> dict:
@@ -365,16 +427,18 @@ def plot_probe_curves(path: Path, curves_by_lr: Mapping, metric: str = "val metr
     return save_png(fig, path)
 
 
-def plot_probe_vs_layer(path: Path, per_layer: Mapping, metric: str) -> Path:
-    """PNG of the probe's test metric (best LR, mean ± std over seeds) against layer."""
+def plot_probe_vs_layer(
+    path: Path, per_layer: Mapping, metric: str, title: str = "linear probe per layer", xlabel: str = "layer"
+) -> Path:
+    """PNG of a head grid's test metric (best LR, mean ± std over seeds) against layer."""
     fig, (ax,) = new_figure()
     layers = list(per_layer)
     means = np.array([per_layer[n]["test_mean"] for n in layers], dtype=np.float64)
     stds = np.array([per_layer[n]["test_std"] for n in layers], dtype=np.float64)
     ax.errorbar([int(n) for n in layers], means, yerr=np.nan_to_num(stds), marker="o", capsize=3)
-    ax.set_xlabel("layer")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"test {metric} (best LR, mean ± std over seeds)")
-    ax.set_title("linear probe per layer")
+    ax.set_title(title)
     return save_png(fig, path)
 
 

@@ -26,29 +26,11 @@ from fmcache.errors import FmcacheError
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 GRAD_CLIP = 1.0
+SCHEDULES = ("constant", "cosine")  # after the warmup: the seed's constant LR, or cosine (a documented option)
 
 # The paper's warmup: 5 epochs for the small datasets, 1000 iterations for the large ones.
 PAPER_WARMUP = {"isic2019": {"warmup_iters": 1000}, "chexpert": {"warmup_iters": 1000}}
 DEFAULT_WARMUP = {"warmup_epochs": 5}
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` if given ("cpu", "cuda", "cuda:1", ...), else (None or "auto") CUDA when available, else CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise FmcacheError(f"unknown device {device!r}; use auto, cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FmcacheError("device cuda was requested but CUDA is not available; use cpu or auto")
-    return dev
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for ``device``'s queued work (CUDA runs asynchronously), so a timer read after it is honest."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # -- warmup and schedule ------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Loading a local weights file into a built module: safe formats only, prefix remapping, loud reports.
 
 This lives outside ``fmcache.models`` so stage two (``fmcache.frozen``, which never imports model backends) loads
-its heads' weight files with the same strict checks as the foundations (``fmcache.models.weights`` re-exports it).
+its heads' weight files with the same strict checks as the foundations.
 
 A file either matches the model (every parameter found, shapes equal) or it is refused. Unexpected keys are
 reported, never silently dropped, so a user sees when a checkpoint carries more than the backbone.

@@ -69,8 +69,45 @@ def tiny_weights(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory, aptos_root, tiny_weights) -> Path:
     """A complete fp16 cache of the APTOS fixture: tiny dinov2 from ``tiny_weights``, tokens of layers 1 and 2."""
-    from fmcache.extract import ExtractSpec, run_extract
+    from fmcache.extract.plan import ExtractSpec
+    from fmcache.extract.run import run_extract
 
     root = tmp_path_factory.mktemp("tiny_cache")
     spec = ExtractSpec(**spec_kwargs(aptos_root, root, weights=tiny_weights, tokens="1,2", shard_size=16))
     return run_extract(spec, progress=False, log=quiet)
+
+
+# -- stage-two runners called as tests like to call them: a reader (or cache path) and keyword options -------------
+
+
+def _cache_path(reader_or_path) -> Path:
+    return Path(getattr(reader_or_path, "path", reader_or_path))
+
+
+def knn(reader, out: Path, **kw) -> dict:
+    from fmcache.frozen.run import run_knn
+    from fmcache.frozen.specs import KnnSpec
+
+    return run_knn(KnnSpec(_cache_path(reader), out=out, **kw))
+
+
+def probe(reader, out: Path, **kw) -> dict:
+    from fmcache.frozen.run import run_probe
+    from fmcache.frozen.specs import ProbeSpec
+
+    return run_probe(ProbeSpec(_cache_path(reader), out=out, **kw))
+
+
+def token_probe(reader, out: Path, **kw) -> dict:
+    from fmcache.frozen.run_tokens import run_token_probe
+    from fmcache.frozen.specs import TokenProbeSpec
+
+    return run_token_probe(TokenProbeSpec(_cache_path(reader), out=out, **kw))
+
+
+def cka(reader, reader_b=None, out: Path = Path("results"), **kw) -> dict:
+    from fmcache.frozen.run import run_cka
+    from fmcache.frozen.specs import CkaSpec
+
+    cache_b = None if reader_b is None else _cache_path(reader_b)
+    return run_cka(CkaSpec(_cache_path(reader), cache_b=cache_b, out=out, **kw))

@@ -15,8 +15,9 @@ from fmcache.cache.shards import ShardWriter
 from fmcache.cli import app
 from fmcache.errors import FmcacheError
 from fmcache.files import atomic_write_json
-from fmcache.frozen.cka import ExactCka, MinibatchCka, batch_bounds, compute_cka, linear_cka, select
-from fmcache.frozen.run import run_cka
+from fmcache.frozen.cka import ExactCka, MinibatchCka, compute_cka, linear_cka
+from fmcache.frozen.cka_read import batch_bounds, select
+from tests.conftest import cka
 
 runner = CliRunner()
 
@@ -173,7 +174,8 @@ def test_hierarchical_layers_use_their_true_width(tmp_path: Path):
 @pytest.fixture(scope="module")
 def other_caches(tmp_path_factory, aptos_root: Path, tiny_weights: Path) -> dict[str, Path]:
     """Caches of the same APTOS fixture as ``tiny_cache``: another shard size with tokens of layer 2, and a --limit."""
-    from fmcache.extract import ExtractSpec, run_extract
+    from fmcache.extract.plan import ExtractSpec
+    from fmcache.extract.run import run_extract
     from tests.conftest import quiet, spec_kwargs
 
     root = tmp_path_factory.mktemp("cka_caches")
@@ -297,6 +299,6 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_cache, other_cache
 
 
 def test_run_cka_returns_the_written_matrix(tiny_cache: Path, tmp_path: Path):
-    result = run_cka(CacheReader(tiny_cache), out=tmp_path, layers="last", pool="cls", split="val", plots=False)
+    result = cka(CacheReader(tiny_cache), out=tmp_path, layers="last", pool="cls", split="val", plots=False)
     assert result["matrix"].shape == (1, 1) and result["matrix"][0, 0] == pytest.approx(1.0)
     assert [r["layer_a"] for r in result["rows"]] == [2]

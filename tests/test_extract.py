@@ -21,14 +21,15 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-import fmcache.extract as extract_mod
+import fmcache.extract.run as extract_mod
 from fmcache.cache.lock import LOCK_NAME, CacheLock
 from fmcache.cache.manifest import read_manifest
 from fmcache.cache.reader import CacheReader
 from fmcache.cli import app
 from fmcache.data import load_image
 from fmcache.errors import FmcacheError
-from fmcache.extract import Extractor, ExtractSpec, run_extract
+from fmcache.extract.plan import ExtractSpec, plan
+from fmcache.extract.run import run_extract
 from fmcache.models import create_foundation
 from tests.conftest import TINY_MODEL, TINY_OVERRIDES, TINY_SIZE, one_thread, quiet, spec_kwargs
 from tests.fixtures_data import make_aptos
@@ -117,7 +118,7 @@ def reference(tmp_path_factory, aptos_root) -> Path:
 
 def test_cached_features_equal_the_foundation_wrapper(tiny_cache, tiny_weights, aptos_root):
     reader = CacheReader(tiny_cache)
-    extractor = Extractor(spec(aptos_root, tiny_cache.parents[2], weights=tiny_weights, tokens="1,2", shard_size=16))
+    extractor = plan(spec(aptos_root, tiny_cache.parents[2], weights=tiny_weights, tokens="1,2", shard_size=16))
     assert extractor.folder == tiny_cache
     model = create_foundation(TINY_MODEL, weights=tiny_weights, img_size=TINY_SIZE, arch_overrides=TINY_OVERRIDES)
     assert reader.manifest["weights"]["source"] == "file"
@@ -150,7 +151,7 @@ def test_fp32_cache_matches_the_wrapper_closely(tmp_path, aptos_root, tiny_weigh
     with h5py.File(shard_files(folder)[0], "r") as fh:
         assert fh["pooled/cls"].dtype == np.float32 and fh["tokens/layer_02"].dtype == np.float32
     reader = CacheReader(folder)
-    extractor = Extractor(spec(aptos_root, tmp_path, weights=tiny_weights, dtype="fp32", limit=3, tokens="last"))
+    extractor = plan(spec(aptos_root, tmp_path, weights=tiny_weights, dtype="fp32", limit=3, tokens="last"))
     model = create_foundation(TINY_MODEL, weights=tiny_weights, img_size=TINY_SIZE, arch_overrides=TINY_OVERRIDES)
     ids = reader.ids("train")
     assert list(ids) == list(extractor.index.indices("train")[:3])
@@ -301,7 +302,7 @@ def test_resume_skips_finished_shards_and_removes_orphans(tmp_path, aptos_root, 
     with pytest.raises(KeyboardInterrupt):
         run_extract(spec(aptos_root, tmp_path), progress=False, log=quiet)
     monkeypatch.setattr(extract_mod.Extractor, "_extract_shard", real)
-    extractor = Extractor(spec(aptos_root, tmp_path))
+    extractor = plan(spec(aptos_root, tmp_path))
     assert [p.name for p in shard_files(extractor.folder)] == ["shard-00000.h5", "shard-00001.h5"]
     assert not (extractor.folder / LOCK_NAME).exists(), "the lock is released on an error"
     before = {p.name: p.stat().st_mtime_ns for p in shard_files(extractor.folder)}
@@ -328,7 +329,7 @@ def test_resume_skips_finished_shards_and_removes_orphans(tmp_path, aptos_root, 
 
 
 def test_second_writer_is_refused(tmp_path, aptos_root):
-    extractor = Extractor(spec(aptos_root, tmp_path, limit=1))
+    extractor = plan(spec(aptos_root, tmp_path, limit=1))
     extractor.folder.mkdir(parents=True)
     with CacheLock(extractor.folder):
         with pytest.raises(FmcacheError, match="being written by pid") as err:
@@ -341,7 +342,7 @@ def test_second_writer_is_refused(tmp_path, aptos_root):
 def test_stale_lock_is_reported_and_taken_over(tmp_path, aptos_root):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    extractor = Extractor(spec(aptos_root, tmp_path, limit=1))
+    extractor = plan(spec(aptos_root, tmp_path, limit=1))
     extractor.folder.mkdir(parents=True)
     record = {"pid": dead.pid, "host": socket.gethostname(), "started": "2024-01-01T00:00:00"}
     (extractor.folder / LOCK_NAME).write_text(json.dumps(record))
@@ -353,7 +354,7 @@ def test_stale_lock_is_reported_and_taken_over(tmp_path, aptos_root):
 
 
 def test_lock_of_another_host_is_not_taken_over(tmp_path, aptos_root):
-    extractor = Extractor(spec(aptos_root, tmp_path, limit=1))
+    extractor = plan(spec(aptos_root, tmp_path, limit=1))
     extractor.folder.mkdir(parents=True)
     record = {"pid": 1, "host": "some-other-host", "started": "2024-01-01T00:00:00"}
     (extractor.folder / LOCK_NAME).write_text(json.dumps(record))
@@ -372,13 +373,13 @@ def test_key_changes_with_every_input_that_changes_the_numbers(tmp_path, tiny_we
     torch.save(state, other_weights)
 
     def key(**kw) -> str:
-        return Extractor(spec(data, tmp_path / "cache", **kw)).key
+        return plan(spec(data, tmp_path / "cache", **kw)).key
 
     base = key()
     assert key() == base, "the same inputs give the same key"
     # options that do not change the numbers or the layout leave the key alone
     assert key(workers=1) == base
-    assert Extractor(spec(data, tmp_path / "elsewhere")).key == base
+    assert plan(spec(data, tmp_path / "elsewhere")).key == base
     variants = {
         "img_size": key(img_size=70),
         "resize": key(resize=80),
@@ -391,12 +392,12 @@ def test_key_changes_with_every_input_that_changes_the_numbers(tmp_path, tiny_we
         "dtype": key(dtype="fp32"),
         "limit": key(limit=5),
         "shard size": key(shard_size=16),
-        "model": Extractor(spec(data, tmp_path / "cache", model="resnet50", img_size=64, arch_overrides={})).key,
+        "model": plan(spec(data, tmp_path / "cache", model="resnet50", img_size=64, arch_overrides={})).key,
         "arch overrides": key(arch_overrides={"depth": 1}),
     }
     assert len(set(variants.values()) | {base}) == len(variants) + 1, variants
     # the folder is cache/<dataset>/<model>/<key12>
-    extractor = Extractor(spec(data, tmp_path / "cache"))
+    extractor = plan(spec(data, tmp_path / "cache"))
     assert extractor.folder == tmp_path / "cache" / "aptos2019" / TINY_MODEL / base[:12]
 
     # a copy of the weights file at another path is the same weights
@@ -453,7 +454,7 @@ def corrupt_aptos(tmp_path, aptos_root) -> tuple[Path, int, Path]:
     """A copy of the APTOS fixture with garbage in the image of global sample 10 (shard 1 at shard size 8)."""
     root = tmp_path / "aptos"
     shutil.copytree(aptos_root, root)
-    index = Extractor(spec(root, tmp_path / "unused")).index
+    index = plan(spec(root, tmp_path / "unused")).index
     bad = index.paths[10]
     bad.write_bytes(b"this is not a PNG at all" * 10)
     return root, 10, bad
@@ -465,7 +466,7 @@ def test_corrupt_image_is_a_clear_error_and_no_shard_holds_it(tmp_path, corrupt_
         run_extract(spec(root, tmp_path / "cache"), progress=False, log=quiet)
     message = str(err.value)
     assert str(bad) in message and "--on-bad-image skip" in message and "\n" not in message
-    folder = Extractor(spec(root, tmp_path / "cache")).folder
+    folder = plan(spec(root, tmp_path / "cache")).folder
     assert [p.name for p in shard_files(folder)] == ["shard-00000.h5"]
     assert not temp_files(folder) and not (folder / LOCK_NAME).exists()
     for path in shard_files(folder):
@@ -547,7 +548,7 @@ def test_full_disk_is_a_clear_error_and_nothing_looks_valid(tmp_path, aptos_root
     monkeypatch.setattr(h5py.Dataset, "__setitem__", enospc)
     with pytest.raises(FmcacheError, match="no space left on device"):
         run_extract(spec(aptos_root, tmp_path, tokens="last"), progress=False, log=quiet)
-    folder = Extractor(spec(aptos_root, tmp_path, tokens="last")).folder
+    folder = plan(spec(aptos_root, tmp_path, tokens="last")).folder
     # 7 datasets per batch and 2 batches per shard: write 17 falls in shard 1's first batch
     if fail_at_write == 1:  # nothing finished: the run leaves no folder at all
         assert not folder.exists()
@@ -572,7 +573,7 @@ def test_limit_caches_the_first_n_of_each_split(tmp_path, aptos_root):
     folder = run_extract(spec(aptos_root, tmp_path, limit=2), progress=False, log=quiet)
     assert not torch.are_deterministic_algorithms_enabled(), "the caller's setting is restored"
     reader = CacheReader(folder)
-    index = Extractor(spec(aptos_root, tmp_path, limit=2)).index
+    index = plan(spec(aptos_root, tmp_path, limit=2)).index
     for split in SPLITS:
         np.testing.assert_array_equal(reader.ids(split), index.indices(split)[:2])
     assert reader.manifest["dataset"]["split_counts"] == {"train": 2, "val": 2, "test": 2}
@@ -617,7 +618,7 @@ def test_bad_options_are_clear_errors(tmp_path, aptos_root):
         ({"weights": tmp_path / "missing.pt", "random_init": False}, "does not exist"),
     ]:
         with pytest.raises(FmcacheError, match=pattern):
-            Extractor(spec(aptos_root, tmp_path, **kw))
+            plan(spec(aptos_root, tmp_path, **kw))
     with pytest.raises(FmcacheError, match="asks for layer 3 but the model has 2 layers"):
         run_extract(spec(aptos_root, tmp_path, tokens="3", limit=1), progress=False, log=quiet)
 

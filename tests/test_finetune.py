@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 
 from fmcache.cli import app
 from fmcache.finetune.loop import RESULT, RunSettings, Trainer
-from fmcache.finetune.model import stages_for
 from fmcache.finetune.run import FinetuneSpec, build_foundation, build_model, online_data, run_finetune
 from fmcache.metrics import evaluate
 from tests.conftest import TINY_MODEL, TINY_OVERRIDES, TINY_SIZE, one_thread
@@ -52,7 +51,7 @@ def test_block_view_matches_foundation(name):
     from fmcache.models import create_foundation
 
     foundation = create_foundation(name, random_init=True, img_size=size, arch_overrides=overrides)
-    stages = stages_for(foundation)
+    stages = foundation.block_layout()
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         out = foundation(x)
@@ -112,7 +111,8 @@ def test_frozen_prefix_keeps_no_graph(aptos_root, tmp_path):
 
 def test_export_loads_in_extract_and_gives_the_finetuned_features(aptos_root, tmp_path):
     from fmcache.cache.reader import CacheReader
-    from fmcache.extract import ExtractSpec, run_extract
+    from fmcache.extract.plan import ExtractSpec
+    from fmcache.extract.run import run_extract
     from tests.conftest import spec_kwargs
 
     spec = _spec(aptos_root, tmp_path / "runs", freeze="none", epochs=1)
@@ -188,7 +188,8 @@ def test_ddp_two_processes_gloo(aptos_root, tmp_path):
 
 
 def test_from_cache_trains_later_blocks_and_refuses_other_weights(aptos_root, tmp_path, tiny_weights):
-    from fmcache.extract import ExtractSpec, run_extract
+    from fmcache.extract.plan import ExtractSpec
+    from fmcache.extract.run import run_extract
     from tests.conftest import spec_kwargs
 
     cache = run_extract(ExtractSpec(**spec_kwargs(aptos_root, tmp_path / "cache", tokens="1")), progress=False,

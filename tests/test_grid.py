@@ -15,7 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from fmcache.cli import app
-from fmcache.report.grid import GridOptions, expand, load_grid, run_grid
+from fmcache.grid.config import GridOptions, load_grid
+from fmcache.grid.jobs import expand
+from fmcache.grid.main import run_grid
 from fmcache.results import find_results
 
 runner = CliRunner()

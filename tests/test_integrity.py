@@ -16,14 +16,15 @@ import h5py
 import pytest
 from typer.testing import CliRunner
 
-import fmcache.extract as extract_mod
+import fmcache.extract.run as extract_mod
 from fmcache.cache.lock import LOCK_NAME, CacheLock
 from fmcache.cache.manifest import MANIFEST, read_manifest
 from fmcache.cache.reader import CacheReader
 from fmcache.cache.verify import DAMAGED_DIR, verify_cache
 from fmcache.cli import app
 from fmcache.errors import FmcacheError
-from fmcache.extract import Extractor, ExtractSpec, run_extract
+from fmcache.extract.plan import ExtractSpec, plan
+from fmcache.extract.run import run_extract
 from tests.conftest import one_thread, quiet, spec_kwargs
 from tests.fixtures_data import make_aptos, make_csv
 
@@ -264,7 +265,7 @@ def test_allow_empty_split_extracts(tmp_path, no_val):
 def test_skip_ends_with_one_summary_line_and_info_lists_all(tmp_path, aptos_root):
     root = tmp_path / "aptos"
     shutil.copytree(aptos_root, root)
-    paths = Extractor(spec(root, tmp_path / "unused")).index.paths
+    paths = plan(spec(root, tmp_path / "unused")).index.paths
     bad = [paths[i] for i in (1, 5, 9, 20, 33)]
     for path in bad:
         path.write_bytes(b"not an image")
@@ -300,7 +301,7 @@ def test_skip_ends_with_one_summary_line_and_info_lists_all(tmp_path, aptos_root
 
 
 def test_error_lines_never_hold_escape_codes(tmp_path, aptos_root, monkeypatch):
-    import fmcache.models.weights as weights_mod
+    import fmcache.weightfiles as weights_mod
 
     def coloured(*args, **kwargs):
         raise pickle.UnpicklingError(
@@ -427,10 +428,10 @@ def test_lock_release_and_stale_break_spare_a_live_lock(tmp_path):
 
 def test_content_fingerprint_catches_in_place_edits_that_keep_size_and_mtime(tmp_path):
     root = make_aptos(tmp_path / "data", n=12)
-    key = lambda **kw: Extractor(spec(root, tmp_path / "c", **kw)).key  # noqa: E731
+    key = lambda **kw: plan(spec(root, tmp_path / "c", **kw)).key  # noqa: E731
     stat_key, content_key = key(), key(fingerprint="content")
     assert stat_key != content_key
-    image = Extractor(spec(root, tmp_path / "c")).index.paths[0]
+    image = plan(spec(root, tmp_path / "c")).index.paths[0]
     st = image.stat()
     data = bytearray(image.read_bytes())
     data[-20] ^= 0xFF  # an edit that keeps the size; the mtime is put back

@@ -40,7 +40,8 @@ def pinned_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pinned_cache(pinned_root, tmp_path_factory) -> Path:
-    from fmcache.extract import ExtractSpec, run_extract
+    from fmcache.extract.plan import ExtractSpec
+    from fmcache.extract.run import run_extract
 
     cache_root = tmp_path_factory.mktemp("pins_cache")
     spec = ExtractSpec(**spec_kwargs(pinned_root, cache_root, tokens="last"))
@@ -57,35 +58,27 @@ def test_cache_key_is_pinned(pinned_cache):
 
 
 def test_protocol_settings_hashes_are_pinned(pinned_cache, pinned_root, tmp_path):
-    from fmcache.cache.reader import CacheReader
-    from fmcache.finetune.run import FinetuneSpec, run_finetune
-    from fmcache.frozen.run import run_cka, run_knn, run_probe
-    from fmcache.frozen.run_tokens import run_token_probe
+    from fmcache.protocols import get_protocol
 
-    reader = CacheReader(pinned_cache)
     out = tmp_path / "results"
-    folders = {
-        "knn": run_knn(reader, out=out, ks=(3, 5), layer="last", plots=False)["folder"],
-        "probe_linear": run_probe(reader, out=out, lrs=(1e-3, 1e-2), seeds=2, epochs=3, plots=False)["folder"],
-        "probe_deit": run_token_probe(
-            reader,
-            out=out,
-            head="deit",
-            lrs=(1e-4,),
-            seeds=1,
-            epochs=1,
-            batch_size=8,
-            head_random_init=True,
-            head_depth=1,
-            workers=0,
-            plots=False,
-        )["folder"],
-        "cka": run_cka(reader, out=out, layers="all", plots=False)["folder"],
-    }
-    spec = FinetuneSpec(**{k: v for k, v in spec_kwargs(pinned_root, tmp_path).items()
-                           if k in ("dataset", "data_root", "model", "img_size", "arch_overrides", "random_init")},
-                        lrs=(1e-3,), seeds=1, epochs=1, batch_size=8, workers=0, limit=6, out=out)  # fmt: skip
-    folders["finetune_linear"] = run_finetune(spec, progress=False, log=quiet)["folder"]
+    options = {
+        "knn": {"cache": pinned_cache, "ks": (3, 5), "layer": "last"},
+        "probe_linear": {"cache": pinned_cache, "lrs": (1e-3, 1e-2), "seeds": 2, "epochs": 3},
+        "probe_deit": {"cache": pinned_cache, "lrs": (1e-4,), "seeds": 1, "epochs": 1, "batch_size": 8,
+                       "head_random_init": True, "head_depth": 1, "workers": 0},
+        "cka": {"cache": pinned_cache, "layers": "all"},
+        "finetune_linear": {
+            **{k: v for k, v in spec_kwargs(pinned_root, tmp_path).items()
+               if k in ("dataset", "data_root", "model", "img_size", "arch_overrides", "random_init")},
+            "lrs": (1e-3,), "seeds": 1, "epochs": 1, "batch_size": 8, "workers": 0, "limit": 6,
+        },
+    }  # fmt: skip
+    folders = {}
+    for name, fields in options.items():
+        protocol = get_protocol(name)
+        extra = {} if protocol.reads == "images" else {"plots": False}
+        spec = protocol.make_spec(out=out, **fields, **extra)
+        folders[name] = protocol.run(spec, log=quiet)["folder"]
     got = {}
     for protocol, folder in folders.items():
         doc = _doc(folder)

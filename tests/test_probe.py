@@ -12,8 +12,10 @@ from sklearn.datasets import make_classification
 from torch import nn
 
 from fmcache import metrics, training
+from fmcache.dist import pick_device
 from fmcache.errors import FmcacheError
 from fmcache.frozen import linear as probe
+from fmcache.frozen.sklearn_ref import fit_sklearn_reference
 
 N, D, C = 150, 12, 4
 LRS = [1e-2, 3e-3]
@@ -196,7 +198,7 @@ def test_probe_matches_sklearn_on_easy_problem():
         x[tr], y[tr], x[va], y[va], x[te], y[te], lrs=[1e-2, 3e-2], seeds=2, num_classes=4,
         metric="accuracy", epochs=20, batch_size=64, warmup_epochs=1, device="cpu",
     )  # fmt: skip
-    ref = probe.fit_sklearn_reference(x[tr], y[tr], x[va], y[va], x[te], y[te], Cs=(0.1, 1.0, 10.0))
+    ref = fit_sklearn_reference(x[tr], y[tr], x[va], y[va], x[te], y[te], Cs=(0.1, 1.0, 10.0))
     assert ref["value"] > 0.9
     assert abs(result.test_mean - ref["value"]) <= 0.02
 
@@ -224,7 +226,7 @@ def test_bad_settings_are_errors():
     with pytest.raises(FmcacheError, match="unknown LR schedule"):
         probe.train_linear_grid(x, y, x, y, x, y, lrs=[1e-3], seeds=1, schedule="step", **kwargs)
     with pytest.raises(FmcacheError, match="single-label only"):
-        probe.fit_sklearn_reference(x, np.zeros((N, 2)), x, y, x, y)
+        fit_sklearn_reference(x, np.zeros((N, 2)), x, y, x, y)
 
 
 def test_probe_result_is_written_and_plotted(tmp_path):
@@ -248,7 +250,7 @@ def test_probe_result_is_written_and_plotted(tmp_path):
 
 
 def test_device_choice():
-    assert training.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert training.pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu").type == "cpu"
     with pytest.raises(FmcacheError, match="unknown device"):
-        training.pick_device("tpu9")
+        pick_device("tpu9")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from fmcache.errors import FmcacheError
+from fmcache.protocols import NAMES
 from fmcache.results import (
-    PROTOCOLS,
     find_results,
     is_complete,
     result_folder,
@@ -34,9 +34,9 @@ def test_result_folder_layout(tmp_path):
     folder = result_folder(tmp_path, "digits", "hf:org/model", "a" * 64, "knn", settings)
     assert folder == tmp_path / "digits" / "hf_org_model" / ("a" * 12) / f"knn-{settings_hash(settings)[:12]}"
     assert not folder.exists()  # only a name: the grid asks without writing
-    with pytest.raises(FmcacheError, match="unknown result protocol"):
+    with pytest.raises(FmcacheError, match="unknown protocol"):
         result_folder(tmp_path, "digits", "m", "k", "probe", settings)
-    assert set(PROTOCOLS) >= {"knn", "probe_linear", "probe_deit", "probe_attentive", "cka", "finetune_linear"}
+    assert set(NAMES) >= {"knn", "probe_linear", "probe_deit", "probe_attentive", "cka", "finetune_linear"}
 
 
 def _write(folder, **overrides):

@@ -80,14 +80,14 @@ def test_seed_split_differs_from_random_and_both_are_cache_inputs(tmp_path: Path
 
 
 def test_extract_key_covers_the_split_mode(tmp_path: Path) -> None:
-    from fmcache.extract import Extractor, ExtractSpec
+    from fmcache.extract.plan import ExtractSpec, plan
 
     root = make_aptos(tmp_path / "data", n=20)
     exported = write_split_csv(load_dataset("aptos2019", root), tmp_path / "split.csv")
 
     def key(split: str | None) -> str:
         options = {} if split is None else {"split": split}
-        return Extractor(ExtractSpec(**spec_kwargs(root, tmp_path / "cache", dataset_options=options))).key
+        return plan(ExtractSpec(**spec_kwargs(root, tmp_path / "cache", dataset_options=options))).key
 
     keys = {s: key(s) for s in ("seed", "random", f"file:{exported}")}
     assert key(None) == keys["seed"], "the default is the seed split"

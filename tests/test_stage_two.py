@@ -12,19 +12,20 @@ from typer.testing import CliRunner
 from fmcache.cache.reader import CacheReader
 from fmcache.cli import app
 from fmcache.errors import FmcacheError
+from fmcache.frozen.common import results_dir
 from fmcache.frozen.features import standardize_splits
 from fmcache.frozen.knn import knn_predict
-from fmcache.frozen.linear import fit_sklearn_reference
-from fmcache.frozen.run import results_dir, run_knn, run_probe
+from fmcache.frozen.sklearn_ref import fit_sklearn_reference
 from fmcache.metrics import evaluate
 from fmcache.results import find_results, is_complete
+from tests.conftest import knn, probe
 
 runner = CliRunner()
 
 
 def test_knn_from_cache_writes_files_and_equals_the_library(tiny_cache: Path, tmp_path: Path):
     reader = CacheReader(tiny_cache)
-    result = run_knn(reader, out=tmp_path, ks=(3, 5), temperature=0.1, layer="all", pool="cls")
+    result = knn(reader, out=tmp_path, ks=(3, 5), temperature=0.1, layer="all", pool="cls")
     folder = result["folder"]
     assert folder.parent == results_dir(reader, tmp_path) and folder.name.startswith("knn-")
     for name in ("result.json", "result.csv", "predictions.npz", "knn_vs_k.png", "knn_vs_layer.png"):
@@ -50,7 +51,7 @@ def test_knn_from_cache_writes_files_and_equals_the_library(tiny_cache: Path, tm
 
 def test_probe_from_cache_writes_files(tiny_cache: Path, tmp_path: Path):
     reader = CacheReader(tiny_cache)
-    result = run_probe(reader, out=tmp_path, lrs=(1e-3, 1e-2), seeds=2, epochs=3, batch_size=8)
+    result = probe(reader, out=tmp_path, lrs=(1e-3, 1e-2), seeds=2, epochs=3, batch_size=8)
     folder = result["folder"]
     assert folder.name.startswith("probe_linear-")
     assert (folder / "result.json").is_file() and (folder / "result.csv").is_file()
@@ -70,7 +71,7 @@ def test_probe_from_cache_writes_files(tiny_cache: Path, tmp_path: Path):
 def test_probe_predictions_are_what_the_metric_scored(tiny_cache: Path, tmp_path: Path):
     """predictions.npz holds the best LR's heads at their selected epoch: rescoring them gives the JSON's numbers."""
     reader = CacheReader(tiny_cache)
-    result = run_probe(reader, out=tmp_path, lrs=(1e-3, 1e-2), seeds=(3, 7), epochs=3, batch_size=8, plots=False)
+    result = probe(reader, out=tmp_path, lrs=(1e-3, 1e-2), seeds=(3, 7), epochs=3, batch_size=8, plots=False)
     folder = result["folder"]
     payload = json.loads((folder / "result.json").read_text())
     best = payload["details"]["layers"][str(reader.num_layers)]["per_lr"][str(payload["summary"]["best_lr"])]
@@ -88,19 +89,19 @@ def test_probe_predictions_are_what_the_metric_scored(tiny_cache: Path, tmp_path
 
 def test_runs_with_other_settings_get_their_own_folders(tiny_cache: Path, tmp_path: Path):
     reader = CacheReader(tiny_cache)
-    first = run_probe(reader, out=tmp_path, lrs=(1e-3,), seeds=1, epochs=2, batch_size=8, plots=False)
+    first = probe(reader, out=tmp_path, lrs=(1e-3,), seeds=1, epochs=2, batch_size=8, plots=False)
     first_doc = (first["folder"] / "result.json").read_bytes()
-    second = run_probe(reader, out=tmp_path, lrs=(1e-3,), seeds=1, epochs=3, batch_size=8, plots=False)
+    second = probe(reader, out=tmp_path, lrs=(1e-3,), seeds=1, epochs=3, batch_size=8, plots=False)
     assert first["folder"] != second["folder"] and first["folder"].parent == second["folder"].parent
     assert (first["folder"] / "result.json").read_bytes() == first_doc  # not overwritten
-    knn_a = run_knn(reader, out=tmp_path, ks=(3,), plots=False)
-    knn_b = run_knn(reader, out=tmp_path, ks=(5,), plots=False)
+    knn_a = knn(reader, out=tmp_path, ks=(3,), plots=False)
+    knn_b = knn(reader, out=tmp_path, ks=(5,), plots=False)
     assert knn_a["folder"] != knn_b["folder"]
     found = find_results(tmp_path)
     assert sorted(r["protocol"] for r in found) == ["knn", "knn", "probe_linear", "probe_linear"]
     assert {r["settings"]["epochs"] for r in found if r["protocol"] == "probe_linear"} == {2, 3}
     # the same settings (seeds as a count or as the list) name the same folder, so a rerun replaces it in place
-    again = run_probe(reader, out=tmp_path, lrs=(1e-3,), seeds=[0], epochs=2, batch_size=8, plots=False)
+    again = probe(reader, out=tmp_path, lrs=(1e-3,), seeds=[0], epochs=2, batch_size=8, plots=False)
     assert again["folder"] == first["folder"] and is_complete(again["folder"])
 
 
@@ -146,7 +147,7 @@ def _cli(*args: str):
         (["probe", "{cache}", "--head", "mlp"], "unknown --head"),
         (["probe", "{cache}", "--lrs", "a,b"], "bad --lrs"),
         (["probe", "{cache}", "--layer", "0"], "layer 0 does not exist"),
-        (["probe", "{cache}", "--batch-size", "0"], "at least 1"),
+        (["probe", "{cache}", "--batch-size", "0"], "--batch-size must be an integer >= 1"),
         (["knn", "{cache}", "--pool", "paper", "--layer", "1"], "last layer (2) only"),
         (["knn", "{cache}", "--eval", "train,val"], "bad --eval"),
     ],
@@ -160,7 +161,8 @@ def test_stage_two_bad_input_is_one_line_and_exit_2(tiny_cache: Path, tmp_path: 
 
 
 def test_missing_pool_is_a_clear_error(tmp_path: Path, aptos_root: Path):
-    from fmcache.extract import ExtractSpec, run_extract
+    from fmcache.extract.plan import ExtractSpec
+    from fmcache.extract.run import run_extract
     from tests.conftest import spec_kwargs
     from tests.tiny_models import TINY
 
@@ -169,8 +171,8 @@ def test_missing_pool_is_a_clear_error(tmp_path: Path, aptos_root: Path):
     kw.update(model="resnet50", img_size=size, arch_overrides=overrides)
     cache = run_extract(ExtractSpec(**kw), progress=False, log=lambda m: None)
     with pytest.raises(FmcacheError, match="no 'cls' pooled features"):
-        run_knn(CacheReader(cache), out=tmp_path, ks=(1,), pool="cls")
-    result = run_knn(CacheReader(cache), out=tmp_path, ks=(1,))  # auto → the model's mean pooling
+        knn(CacheReader(cache), out=tmp_path, ks=(1,), pool="cls")
+    result = knn(CacheReader(cache), out=tmp_path, ks=(1,))  # auto → the model's mean pooling
     assert result["layers"][5]["splits"]["val"][1]["metric"] == "qwk"
 
 
@@ -185,7 +187,8 @@ def test_knn_and_probe_cli_print_tables(tiny_cache: Path, tmp_path: Path):
 
 def test_multilabel_chexpert_cache_knn_and_probe(tmp_path: Path):
     """CheXpert end to end: NaN-aware multi-label k-NN and BCE heads, scored by mean AUC over usable labels."""
-    from fmcache.extract import ExtractSpec, run_extract
+    from fmcache.extract.plan import ExtractSpec
+    from fmcache.extract.run import run_extract
     from tests.conftest import spec_kwargs
     from tests.fixtures_data import make_chexpert
 
@@ -193,15 +196,16 @@ def test_multilabel_chexpert_cache_knn_and_probe(tmp_path: Path):
     kw = spec_kwargs(root, tmp_path / "cache", dataset="chexpert", dataset_options={"uncertain": "ignore"})
     reader = CacheReader(run_extract(ExtractSpec(**kw), progress=False, log=lambda m: None))
     assert reader.multilabel and reader.labels("train").shape[1] == 14
-    knn = run_knn(reader, out=tmp_path / "r", ks=(3, 5))
-    entry = knn["layers"][2]["splits"]["test"][5]
+    knn_result = knn(reader, out=tmp_path / "r", ks=(3, 5))
+    entry = knn_result["layers"][2]["splits"]["test"][5]
     assert entry["metric"] == "mean_auc" and 0.0 <= entry["value"] <= 1.0
-    probe = run_probe(reader, out=tmp_path / "r", lrs=(1e-3,), seeds=2, epochs=3, batch_size=16)
-    assert probe["metric"] == "mean_auc" and np.isfinite(probe["layers"][2]["test_mean"])
+    probe_result = probe(reader, out=tmp_path / "r", lrs=(1e-3,), seeds=2, epochs=3, batch_size=16)
+    assert probe_result["metric"] == "mean_auc" and np.isfinite(probe_result["layers"][2]["test_mean"])
 
 
 def test_cli_empty_split_and_missing_pool_are_one_line_exit_2(tmp_path: Path, aptos_root: Path):
-    from fmcache.extract import ExtractSpec, run_extract
+    from fmcache.extract.plan import ExtractSpec
+    from fmcache.extract.run import run_extract
     from tests.conftest import spec_kwargs
     from tests.tiny_models import TINY
 

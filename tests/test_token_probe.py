@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from fmcache.cache.reader import CacheReader
 from fmcache.cli import app
-from fmcache.frozen.run import results_dir
+from fmcache.frozen.common import results_dir
 from fmcache.frozen.run_tokens import checkpoint_path
 from fmcache.frozen.tokens import LayerSpec, TokenNorm, layer_spec
 
@@ -253,7 +253,8 @@ def test_kill_9_then_rerun_gives_identical_numbers(tiny_cache, tmp_path, head):
 @pytest.fixture(scope="module")
 def views_cache(tmp_path_factory, aptos_root, tiny_weights) -> Path:
     """The APTOS fixture with 2 augmented views per train image and last-layer tokens."""
-    from fmcache.extract import ExtractSpec, run_extract
+    from fmcache.extract.plan import ExtractSpec
+    from fmcache.extract.run import run_extract
     from tests.conftest import quiet, spec_kwargs
 
     root = tmp_path_factory.mktemp("views_tokens")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import fmcache.extract as extract_mod
+import fmcache.extract.run as extract_mod
 from fmcache.cache.info import format_info
 from fmcache.cache.key import SCHEMA_VERSION
 from fmcache.cache.manifest import read_manifest
@@ -24,7 +24,8 @@ from fmcache.cli import app
 from fmcache.data import load_image
 from fmcache.data.transforms import draw_view, train_augmentation, view_seed
 from fmcache.errors import FmcacheError
-from fmcache.extract import Extractor, ExtractSpec, run_extract
+from fmcache.extract.plan import ExtractSpec, plan
+from fmcache.extract.run import run_extract
 from fmcache.models import create_foundation
 from tests.conftest import TINY_MODEL, TINY_OVERRIDES, TINY_SIZE, one_thread, quiet, spec_kwargs
 from tests.test_extract import (
@@ -89,7 +90,7 @@ def test_views_hold_the_model_on_seeded_augmented_train_images(views_cache, tiny
     reader = CacheReader(views_cache)
     assert reader.views_k == K and reader.manifest["schema"] == SCHEMA_VERSION == 2
     assert reader.manifest["inputs"]["views"]["k"] == K
-    extractor = Extractor(spec(aptos_root, views_cache.parents[2], weights=tiny_weights, views=K, tokens="last"))
+    extractor = plan(spec(aptos_root, views_cache.parents[2], weights=tiny_weights, views=K, tokens="last"))
     assert extractor.folder == views_cache
     model = create_foundation(TINY_MODEL, weights=tiny_weights, img_size=TINY_SIZE, arch_overrides=TINY_OVERRIDES)
     ids = reader.ids("train")
@@ -126,7 +127,7 @@ def test_center_crops_are_the_same_with_and_without_views(views_cache, plain_cac
 
 
 def test_views_are_part_of_the_key(aptos_root, tmp_path):
-    keys = {k: Extractor(spec(aptos_root, tmp_path, views=k)).key for k in (0, 1, 2)}
+    keys = {k: plan(spec(aptos_root, tmp_path, views=k)).key for k in (0, 1, 2)}
     assert len(set(keys.values())) == 3
 
 
@@ -267,9 +268,9 @@ PROBE = {"lrs": [1e-3, 1e-2], "seeds": 2, "epochs": 4, "batch_size": 8, "plots":
 
 
 def _probe(folder: Path, tmp_path: Path, **kw) -> dict:
-    from fmcache.frozen.run import run_probe
+    from tests.conftest import probe
 
-    return run_probe(CacheReader(folder), tmp_path / "results", **PROBE, **kw)
+    return probe(CacheReader(folder), tmp_path / "results", **PROBE, **kw)
 
 
 def _numbers(result: dict) -> list:

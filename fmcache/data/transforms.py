@@ -41,6 +41,15 @@ def _check_gray(gray: str) -> str:
     return gray
 
 
+def check_gray_for(gray: str, dataset: str) -> None:
+    """``--gray seed`` is the seed's red-channel trick for single-channel scans; on RGB data it would drop colour."""
+    _check_gray(gray)
+    if gray == "seed" and dataset not in GRAYSCALE_DATASETS:
+        raise FmcacheError(
+            f"--gray seed applies to grayscale datasets ({', '.join(GRAYSCALE_DATASETS)}), not {dataset}; drop the flag"
+        )
+
+
 def _red_channel_only(x: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(x)
     out[0] = x[0]

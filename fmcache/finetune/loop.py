@@ -33,13 +33,15 @@ from fmcache import metrics
 from fmcache.dist import Dist
 from fmcache.errors import FmcacheError
 from fmcache.files import atomic_write_bytes, atomic_write_json
-from fmcache.finetune.model import FineTuneModel, root_module
-from fmcache.frozen.linear import head_losses
+from fmcache.finetune.model import FineTuneModel
+from fmcache.headgrid import head_losses
 from fmcache.results import settings_hash
 from fmcache.training import (
     ADAM_BETAS,
     ADAM_EPS,
+    HeadRecords,
     adamw_param_groups,
+    json_roundtrip,
     load_checkpoint,
     lr_multiplier,
     save_checkpoint,
@@ -270,8 +272,9 @@ class Trainer:
         total = steps_per_epoch * self.s.epochs
         warmup = warmup_steps_for(self.s.warmup.get("warmup_epochs"), self.s.warmup.get("warmup_iters"),
                                   steps_per_epoch, total)  # fmt: skip
-        state = {"epoch": 0, "step": 0, "best_val": -math.inf, "best_epoch": -1, "curve": [], "test": None,
-                 "epoch_seconds": [], "eval_seconds": 0.0, "eval_images": 0}  # fmt: skip
+        state = {"epoch": 0, "step": 0, "epoch_seconds": [], "eval_seconds": 0.0, "eval_images": 0}
+        # the best epoch is kept as every head grid keeps it (first maximum of val; test read only there)
+        records = HeadRecords(1, self.s.epochs)
         # restores every RNG state too; refuses a checkpoint made with other settings
         ckpt = load_checkpoint(self.folder / LAST, self.settings_doc) if self.resume else None
         if ckpt is not None:
@@ -282,6 +285,7 @@ class Trainer:
             optimizer.load_state_dict(ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
             state.update(ckpt["loop"])
+            _load_records(records, state)
             self.eval_seconds, self.eval_images = state["eval_seconds"], state["eval_images"]
             self.log(f"resumed {self.folder.name} after epoch {state['epoch']} of {self.s.epochs}")
         for epoch in range(state["epoch"], self.s.epochs):
@@ -319,13 +323,13 @@ class Trainer:
                 raise FmcacheError(f"the training loss became non-finite in epoch {epoch + 1}; lower the LR")
             state["epoch_seconds"].append(time.perf_counter() - start)
             val = self._evaluate("val")
-            state["curve"].append(float(val["value"]))
-            if val["value"] > state["best_val"]:  # first maximum wins, as training.best_epochs
-                state["best_val"], state["best_epoch"] = float(val["value"]), epoch
-                state["test"] = self._evaluate("test")
+            if records.observe(epoch, [float(val["value"])]):
+                # through JSON now, so a resumed run (which reads it back from JSON) reports identical values
+                records.test_metrics[0] = json_roundtrip(self._evaluate("test"))
                 if self.dist.main:
                     self._export(model)
                     self._save_best_predictions()
+            state["records"] = records.state()
             state["epoch"] = epoch + 1
             state["eval_seconds"], state["eval_images"] = self.eval_seconds, self.eval_images
             if self.tb is not None and self.dist.main:
@@ -341,7 +345,7 @@ class Trainer:
                     "loop": state,
                 }, self.settings_doc)  # fmt: skip
             self.dist.barrier()
-        return self._finish(state, steps_per_epoch)
+        return self._finish(state, records, steps_per_epoch)
 
     def _export(self, model: FineTuneModel) -> None:
         from safetensors.torch import save
@@ -349,20 +353,20 @@ class Trainer:
         head = {k: v.detach().cpu().contiguous().clone() for k, v in model.head.state_dict().items()}
         atomic_write_bytes(self.folder / HEAD_EXPORT, save(head))
         if self.s.export:
-            root = root_module(model.foundation)
+            root = model.foundation.root
             tensors = {k: v.detach().float().cpu().contiguous().clone() for k, v in root.state_dict().items()}
             atomic_write_bytes(self.folder / EXPORT, save(tensors))
 
-    def _finish(self, state: dict, steps_per_epoch: int) -> dict:
+    def _finish(self, state: dict, records: HeadRecords, steps_per_epoch: int) -> dict:
         seconds = state["epoch_seconds"]
         result = {
             "settings_hash": self.settings_hash,
             "lr": self.s.lr,
             "seed": self.s.seed,
-            "curve": state["curve"],
-            "best_epoch": state["best_epoch"] + 1,
-            "val": state["best_val"],
-            "test": state["test"],
+            "curve": [float(v) for v in records.curves[0]],
+            "best_epoch": int(records.best_epoch[0]) + 1,
+            "val": float(records.best_val[0]),
+            "test": records.test_metrics[0],
             "steps_per_epoch": steps_per_epoch,
             "effective_batch_size": self.s.batch_size * self.s.accum * self.dist.world,
             "export": str(self.folder / EXPORT) if self.s.export else None,
@@ -377,6 +381,16 @@ class Trainer:
         if self.dist.main:
             atomic_write_json(self.folder / RESULT, result)
         return result
+
+
+def _load_records(records: HeadRecords, state: dict) -> None:
+    """A checkpoint's best-epoch records; one written before they were kept as ``HeadRecords`` has them loose."""
+    if "records" in state:
+        records.load(state["records"])
+        return
+    for epoch, value in enumerate(state.get("curve", [])):
+        records.observe(epoch, [value])
+    records.test_metrics[0] = state.get("test")
 
 
 class _TokenForward(torch.nn.Module):

@@ -1,7 +1,7 @@
 """``fmcache finetune``: the LR × seed grid of end-to-end runs, and its results in the probe's JSON/CSV schema.
 
-Every run starts from the same foundation: the registry model with weights from exactly one source, built the way
-``extract`` builds it (``--random-init`` under ``extract.RANDOM_INIT_SEED``), so a cache of the starting point
+Every run starts from the same foundation: the registry model with weights from exactly one source, built as
+``extract`` builds it (:func:`fmcache.models.create_foundation`, seeded), so a cache of the starting point
 and a cache of the export compare layer by layer. Runs go to ``<out>/<dataset>/<model>/<key12>/``, one
 subfolder per (lr, seed) with its checkpoint, export and ``run.json``; the key covers every setting but the LR
 and seed lists, so a grid that grows reuses the runs it already finished. The grid's result goes beside them, in
@@ -10,8 +10,6 @@ and seed lists, so a grid that grows reuses the runs it already finished. The gr
 
 from __future__ import annotations
 
-import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,97 +17,33 @@ import numpy as np
 import torch
 from torch import nn
 
-from fmcache.config import check_int
+from fmcache.dist import is_main_process
 from fmcache.errors import FmcacheError
 from fmcache.files import ensure_writable_dir
-from fmcache.finetune.loop import AMP_MODES, RunSettings, Trainer, _Labelled, resolve_amp
+from fmcache.finetune.loop import (
+    BEST_PREDICTIONS,
+    RunSettings,
+    Trainer,
+    _Labelled,
+    resolve_amp,
+    split_ids,
+    split_labels,
+)
 from fmcache.finetune.model import FineTuneModel, parse_freeze
-from fmcache.frozen.linear import ProbeResult
+from fmcache.finetune.spec import FinetuneSpec
+from fmcache.headgrid import ProbeResult, summarise
 from fmcache.progress import progress_bar
-from fmcache.results import probe_summary, result_folder, safe_name, settings_hash, write_result
+from fmcache.results import ResultSource, result_folder, safe_name, settings_hash, write_head_grid
+from fmcache.training import HeadRecords
 
-HEADS = ("linear", "deit")
-SCHEDULES = ("constant", "cosine")
-STD_DDOF = 1
 # Left out of the folder key but in each run's checkpoint: a rerun that changes one of these in the same --out is
 # refused by --resume (it would continue another run) and starts over with --no-resume.
 TRAINING_ONLY = ("epochs", "batch_size", "accum", "clip", "amp", "schedule", "layer_decay", "weight_decay")
 
 
-@dataclass(frozen=True)
-class FinetuneSpec:
-    """Everything ``fmcache finetune`` needs; a YAML config or the CLI flags fill it in."""
-
-    dataset: str | None = None
-    data_root: Path | None = None
-    model: str | None = None
-    weights: Path | None = None
-    random_init: bool = False
-    head: str = "linear"
-    head_weights: str | None = None  # deit: "imagenet" (default) or a file
-    head_random_init: bool = False
-    head_depth: int = 12  # DeiT blocks in the stacked head (the seed's 12; tests use fewer)
-    freeze: str = "none"
-    drop_after: int | None = None
-    lrs: tuple[float, ...] = (1e-4,)
-    seeds: int = 1
-    epochs: int = 100
-    batch_size: int = 64
-    accum: int = 1
-    img_size: int | None = None
-    workers: int = 2
-    schedule: str = "constant"
-    clip: float = 1.0
-    amp: str = "auto"
-    layer_decay: float = 1.0
-    weight_decay: float = 1e-5
-    out: Path = Path("runs")
-    resume: bool = True
-    from_cache: Path | None = None
-    tensorboard: bool = False
-    device: str | None = None
-    norm: str = "dataset"
-    gray: str = "repeat"
-    limit: int | None = None
-    metric: str | None = None
-    dataset_options: dict = field(default_factory=dict)
-    arch_overrides: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for name, low in (("seeds", 1), ("epochs", 1), ("batch_size", 1), ("accum", 1), ("workers", 0),
-                          ("head_depth", 1)):  # fmt: skip
-            check_int(name, getattr(self, name), low)
-        for name in ("img_size", "limit"):
-            if getattr(self, name) is not None:
-                check_int(name, getattr(self, name), 1)
-        choices = {"head": HEADS, "schedule": SCHEDULES, "amp": AMP_MODES}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise FmcacheError(
-                    f"unknown --{name.replace('_', '-')} '{getattr(self, name)}'; use {', '.join(allowed)}"
-                )
-        parse_freeze(self.freeze)
-        if not self.lrs or any(not (lr > 0) for lr in self.lrs):
-            raise FmcacheError(f"--lrs must be positive numbers, got {list(self.lrs)}")
-        if self.clip < 0 or self.weight_decay < 0 or not 0 < self.layer_decay <= 1:
-            raise FmcacheError("--clip and --weight-decay must be >= 0 and --layer-decay in (0, 1]")
-        if self.weights is not None and self.random_init:
-            raise FmcacheError("--weights and --random-init exclude each other; pass one")
-        if self.head == "linear" and (self.head_weights is not None or self.head_random_init):
-            raise FmcacheError("--head-weights / --head-random-init apply to --head deit; a linear head starts random")
-        if self.head_weights is not None and self.head_random_init:
-            raise FmcacheError("--head-weights and --head-random-init exclude each other; pass one")
-        if self.from_cache is None:
-            for required in ("dataset", "data_root", "model"):
-                if getattr(self, required) is None:
-                    raise FmcacheError(f"--{required.replace('_', '-')} is required (as a flag or in --config)")
-        elif self.model is None:
-            raise FmcacheError("--model is required with --from-cache (it must match the cache's model)")
-
-
 def _extract_spec(spec: FinetuneSpec, dataset: str, data_root: Path):
     """The equivalent ``ExtractSpec``: norm, weights identity and seeded random init come from extract's code."""
-    from fmcache.extract import ExtractSpec
+    from fmcache.extract.plan import ExtractSpec
 
     return ExtractSpec(
         dataset=dataset, data_root=data_root, model=spec.model, weights=spec.weights, random_init=spec.random_init,
@@ -119,14 +53,11 @@ def _extract_spec(spec: FinetuneSpec, dataset: str, data_root: Path):
 
 
 def build_foundation(spec: FinetuneSpec, img_size: int):
-    """The starting foundation, built exactly as ``extract`` builds it (seeded for --random-init)."""
-    from fmcache.extract import RANDOM_INIT_SEED
+    """The starting foundation, built exactly as ``extract`` builds it (the same seeded factory)."""
     from fmcache.models import create_foundation
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
-        return create_foundation(spec.model, weights=spec.weights, random_init=spec.random_init,
-                                 img_size=img_size, arch_overrides=spec.arch_overrides or None)  # fmt: skip
+    return create_foundation(spec.model, weights=spec.weights, random_init=spec.random_init, img_size=img_size,
+                             arch_overrides=spec.arch_overrides or None)  # fmt: skip
 
 
 def build_model(spec: FinetuneSpec, img_size: int, num_classes: int, seed: int) -> tuple[FineTuneModel, dict]:
@@ -171,16 +102,13 @@ def online_data(spec: FinetuneSpec) -> Data:
     """Images with the train augmentation (train) and the eval transform (val/test), as PROTOCOLS.md."""
     from fmcache.data import ImageDataset, build_transform, default_metric, load_dataset, train_augmentation
     from fmcache.data.describe import empty_split_warning
-    from fmcache.data.transforms import GRAYSCALE_DATASETS
-    from fmcache.extract import resolve_norm
+    from fmcache.data.transforms import check_gray_for
+    from fmcache.extract.plan import resolve_norm
     from fmcache.metrics import check_metric
     from fmcache.models import get_spec
 
     ex = _extract_spec(spec, spec.dataset, Path(spec.data_root))
-    if spec.gray == "seed" and spec.dataset not in GRAYSCALE_DATASETS:
-        raise FmcacheError(
-            f"--gray seed applies to grayscale datasets (cbis_ddsm, chexpert), not {spec.dataset}; drop the flag"
-        )
+    check_gray_for(spec.gray, spec.dataset)
     index = load_dataset(spec.dataset, spec.data_root, **spec.dataset_options)
     img_size = int(spec.img_size or get_spec(spec.model).default_img_size)
     mean, std, norm_source = resolve_norm(ex)
@@ -206,8 +134,8 @@ def online_data(spec: FinetuneSpec) -> Data:
 def cached_data(spec: FinetuneSpec) -> tuple[Data, object]:
     """Layer-K tokens of a cache (K = --freeze): the same model and weights identity, or refused."""
     from fmcache.cache.reader import CacheReader
-    from fmcache.extract import weights_identity
-    from fmcache.frozen.run import dataset_metric
+    from fmcache.extract.plan import weights_identity
+    from fmcache.frozen.common import resolve_metric
     from fmcache.models import get_spec
 
     freeze = parse_freeze(spec.freeze)
@@ -238,18 +166,13 @@ def cached_data(spec: FinetuneSpec) -> tuple[Data, object]:
             sub.labels = inner.labels[keep]  # type: ignore[attr-defined]
             splits[s] = _Labelled(sub, None)
     identity = {"cache": reader.key, "layer": freeze}
-    metric = dataset_metric(reader, spec.metric)
+    metric = resolve_metric(reader, spec.metric)
     notes = [f"from cache {reader.path}: blocks 1..{freeze} are not run and see no augmentation (center crops)"]
     data = Data(splits, reader.dataset, reader.class_names, reader.multilabel, metric, img_size, identity, notes)
     return data, reader
 
 
 # -- the grid ------------------------------------------------------------------------------------------------------
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), float(arr.std(ddof=STD_DDOF)) if len(arr) > STD_DDOF else 0.0
 
 
 def run_key(spec: FinetuneSpec, data: Data, weights: dict) -> str:
@@ -266,21 +189,21 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
     Returns ``folder`` (the result folder, ``<out>/<dataset>/<model>/<key12>/finetune_<head>-<hash12>``) and
     ``runs_folder`` (``<key12>``, with one subfolder per LR × seed).
     """
-    from fmcache.dist import close_dist, init_dist
-    from fmcache.extract import weights_identity
+    from fmcache.dist import close_dist, init_dist, pick_device
+    from fmcache.extract.plan import weights_identity
     from fmcache.models import get_spec
-    from fmcache.training import fit_warmup, paper_warmup, pick_device
+    from fmcache.training import fit_warmup, paper_warmup
 
     get_spec(spec.model)  # unknown names fail before any data is read
     resolve_amp(spec.amp, pick_device(spec.device))
-    main = int(os.environ.get("RANK", "0")) == 0
+    main = is_main_process()
     if spec.from_cache is not None:
         data, _ = cached_data(spec)
     else:
         data = online_data(spec)
     weights = weights_identity(_extract_spec(spec, data.dataset, Path(spec.data_root or ".")))
     # freezing is checked on the real model before any process group or file: a bad K is one line, nothing written
-    model0, head_info = build_model(spec, data.img_size, len(data.class_names), 0)
+    model0, head_info = build_model(spec, data.img_size, len(data.class_names), spec.seeds[0])
     if spec.from_cache is not None and model0.stages is None:
         raise FmcacheError(f"--from-cache needs a model made of blocks; {spec.model} is not")
     if main:
@@ -290,24 +213,23 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
     key = run_key(spec, data, weights)
     folder = Path(spec.out) / safe_name(data.dataset) / safe_name(spec.model) / key[:12]
     if spec.random_init and main:
-        log(f"[bold red]WARNING: {spec.model} runs with RANDOM weights (--random-init); not pretrained[/]")
+        log(f"WARNING: {spec.model} runs with RANDOM weights (--random-init); not pretrained")
     for note in data.notes:
         if main:
-            log(f"[yellow]note: {note}[/]")
+            log(f"note: {note}")
     tb = _tensorboard(spec, folder) if spec.tensorboard and main else None
     dist = init_dist(spec.device)
     amp = resolve_amp(spec.amp, dist.device)
     n_train = len(data.splits["train"])
     warmup = fit_warmup(paper_warmup(data.dataset), spec.epochs, n_train, spec.batch_size * spec.accum * dist.world)
-    seeds = list(range(spec.seeds))
+    seeds = list(spec.seeds)
     results: dict[tuple[float, int], dict] = {}
-    start = time.perf_counter()
     try:
         total = len(spec.lrs) * len(seeds) * spec.epochs * n_train
         with progress_bar(progress and dist.main, total, f"finetune {spec.model}", "finetune") as advance:
             for lr in spec.lrs:
                 for seed in seeds:
-                    model = model0 if (lr, seed) == (spec.lrs[0], 0) else build_model(
+                    model = model0 if (lr, seed) == (spec.lrs[0], seeds[0]) else build_model(
                         spec, data.img_size, len(data.class_names), seed)[0]  # fmt: skip
                     model0 = None  # type: ignore[assignment]  (every run starts from the pristine foundation)
                     settings = RunSettings(
@@ -325,7 +247,7 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
         close_dist(dist)
         if tb is not None:
             tb.close()
-    summary = summarise(data.metric, list(spec.lrs), seeds, results, time.perf_counter() - start)
+    summary = _summarise(folder, data.metric, list(spec.lrs), seeds, results)
     entry = summary.to_dict()
     entry["timings"].update(_timings(results))
     entry["head"] = head_info
@@ -345,17 +267,17 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
         "notes": data.notes,
     }
     if dist.main:
-        timings = {"train_seconds": summary.train_seconds,
-                   "inference_seconds_per_sample": summary.inference_seconds_per_sample,
-                   **entry["timings"]}  # fmt: skip
-        predictions = _predictions(folder, data, summary)
-        if predictions is None:
+        if summary.predictions is None:
             details["notes"] = [*data.notes, "runs from an older fmcache saved no predictions; rerun with --no-resume"]
-        write_result(
-            result_dir, protocol=f"finetune_{spec.head}", settings=settings, dataset=data.dataset, model=spec.model,
-            cache_key=None, weights=weights, metric=data.metric, timings=timings,
-            summary=probe_summary({layer: entry}, len(seeds)), details=details, rows=rows, predictions=predictions,
-            extra={"run_key": key},
+        source = ResultSource(
+            dataset=data.dataset, model=spec.model, cache_key=None, weights=weights,
+            ids={s: split_ids(data.splits[s]) for s in ("val", "test")},
+            labels={s: split_labels(data.splits[s]) for s in ("val", "test")},
+        )  # fmt: skip
+        write_head_grid(
+            result_dir, source, protocol=f"finetune_{spec.head}", settings=settings, metric=data.metric,
+            per_layer={layer: entry}, rows=rows, predictions=summary.predictions, details=details,
+            extra={"run_key": key}, timings_extra=entry["timings"],
         )  # fmt: skip
     return {"folder": result_dir, "runs_folder": folder, "metric": data.metric, "layers": {layer: entry},
             "rows": rows, "notes": data.notes}  # fmt: skip
@@ -368,7 +290,7 @@ def result_settings(spec: FinetuneSpec, amp: str, warmup: dict, world: int, effe
     """
     skip = ("out", "resume", "workers", "tensorboard", "device", "data_root", "from_cache")
     settings = {k: v for k, v in asdict(spec).items() if k not in skip}
-    settings.update(lrs=[float(lr) for lr in spec.lrs], seeds=list(range(spec.seeds)), from_cache=spec.from_cache
+    settings.update(lrs=[float(lr) for lr in spec.lrs], seeds=list(spec.seeds), from_cache=spec.from_cache
                     is not None, amp=amp, warmup=warmup, world_size=world, effective_batch_size=effective,
                     head_weights_identity=_without_paths(head))  # fmt: skip
     return settings
@@ -379,48 +301,25 @@ def _without_paths(info: dict) -> dict:
     return {k: _without_paths(v) if isinstance(v, dict) else v for k, v in info.items() if k != "path"}
 
 
-def _predictions(folder: Path, data: Data, summary: ProbeResult) -> dict | None:
-    """The best LR's runs (one per seed) at their best epoch, stacked for predictions.npz; None if one lacks them."""
-    from fmcache.finetune.loop import BEST_PREDICTIONS, split_ids, split_labels
-
-    scores: dict[str, list[np.ndarray]] = {"val": [], "test": []}
-    for seed in summary.seeds:
-        path = folder / f"lr{summary.best_lr:g}_seed{seed}" / BEST_PREDICTIONS
-        if not path.is_file():
-            return None
-        with np.load(path) as npz:
-            for split in scores:
-                scores[split].append(npz[f"{split}_scores"])
-    arrays: dict[str, np.ndarray] = {"seeds": np.asarray(summary.seeds, dtype=np.int64)}
-    for split, per_seed in scores.items():
-        arrays[f"{split}_ids"] = split_ids(data.splits[split])
-        arrays[f"{split}_labels"] = split_labels(data.splits[split])
-        arrays[f"{split}_scores"] = np.stack(per_seed).astype(np.float32)
-    return arrays
-
-
-def summarise(metric: str, lrs: list[float], seeds: list[int], results: dict, seconds: float) -> ProbeResult:
-    """The probe's result schema: per LR val/test mean ± std at each run's best epoch; best LR by mean val."""
-    per_lr, curves = {}, {}
-    for lr in lrs:
-        runs = [results[(lr, s)] for s in seeds]
-        val_mean, val_std = _mean_std([r["val"] for r in runs])
-        test_mean, test_std = _mean_std([r["test"]["value"] for r in runs])
-        per_lr[lr] = {
-            "val_mean": val_mean, "val_std": val_std, "test_mean": test_mean, "test_std": test_std,
-            "val_per_seed": [r["val"] for r in runs], "test_per_seed": [r["test"]["value"] for r in runs],
-            "best_epochs": [r["best_epoch"] for r in runs], "test_metrics": [r["test"] for r in runs],
-        }  # fmt: skip
-        curves[lr] = np.asarray([r["curve"] for r in runs])
-    best_lr = lrs[int(np.argmax([per_lr[lr]["val_mean"] for lr in lrs]))]  # ties: the first LR, as the probe
-    best = per_lr[best_lr]
-    inference = [r["timings"]["inference_s_per_img"] for r in results.values()]
-    return ProbeResult(
-        metric=metric, lrs=lrs, seeds=seeds, per_lr=per_lr, best_lr=best_lr, val_mean=best["val_mean"],
-        val_std=best["val_std"], test_mean=best["test_mean"], test_std=best["test_std"], curves=curves,
-        settings={}, train_seconds=float(sum(r["timings"]["train_seconds"] for r in results.values())),
-        inference_seconds_per_sample=float(np.mean(inference)),
-    )  # fmt: skip
+def _summarise(folder: Path, metric: str, lrs: list[float], seeds: list[int], results: dict) -> ProbeResult:
+    """The runs as one head grid (head = lr_index × n_seeds + seed_index, as the frozen grids), summarised by
+    :func:`fmcache.headgrid.summarise`: best LR by mean val, test mean ± std over seeds, each run's best epoch's
+    predictions (read back from its folder; none if an older run saved none)."""
+    runs = [results[(lr, seed)] for lr in lrs for seed in seeds]
+    records = HeadRecords(len(runs), max(len(r["curve"]) for r in runs))
+    for h, (run, (lr, seed)) in enumerate(zip(runs, ((lr, s) for lr in lrs for s in seeds), strict=True)):
+        for epoch, value in enumerate(run["curve"]):
+            records.observe(epoch, {h: value})
+        records.test_metrics[h] = run["test"]
+        path = folder / f"lr{lr:g}_seed{seed}" / BEST_PREDICTIONS
+        if path.is_file():
+            with np.load(path) as npz:
+                records.best_val_probs[h], records.best_test_probs[h] = npz["val_scores"], npz["test_scores"]
+    # inference time: the mean of the runs' own per-image times
+    records.forward_seconds = float(sum(r["timings"]["inference_s_per_img"] for r in runs))
+    records.forward_samples = len(runs)
+    train_seconds = float(sum(r["timings"]["train_seconds"] for r in runs))
+    return summarise(metric, lrs, seeds, records, {}, train_seconds)
 
 
 def _timings(results: dict) -> dict:

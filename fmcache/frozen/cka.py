@@ -34,19 +34,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from fmcache.dist import synchronize
 from fmcache.errors import FmcacheError
-from fmcache.frozen.cka_read import (  # noqa: F401 (select and the rest: their home before cka_read.py)
+from fmcache.frozen.cka_read import (
     MIN_SAMPLES,
-    POOLS,
-    SPLITS,
     Selection,
     aligned_ids,
     batch_bounds,
     paired_blocks,
     rebatch,
-    select,
 )
-from fmcache.training import synchronize
 
 ESTIMATORS = ("exact", "minibatch")
 # Feature-space accumulators beyond this many float64 values (about 4 GB) are refused in favour of minibatch.

@@ -140,9 +140,15 @@ def _blocks(selection: Selection, masks: list[np.ndarray]) -> Iterator[list[np.n
             elif selection.pool == "paper":
                 yield [fh["pooled/paper"][...][mask]]
             else:
-                stack = fh[f"pooled/{selection.pool}"][...]  # one contiguous read of (rows, L, D_max)
+                ds = fh[f"pooled/{selection.pool}"]
+                pairs = list(zip(selection.layers, selection.widths, strict=True))
+                if ds.chunks is not None and ds.chunks[1] == 1 and len(pairs) < ds.shape[1]:
+                    # chunks of one layer each: read only the selected layers
+                    yield [ds[:, n - 1, :w] if mask.all() else ds[:, n - 1, :w][mask] for n, w in pairs]
+                    continue
+                stack = ds[...]  # one contiguous read of (rows, L, D_max)
                 stack = stack if mask.all() else stack[mask]
-                yield [stack[:, n - 1, :w] for n, w in zip(selection.layers, selection.widths, strict=True)]
+                yield [stack[:, n - 1, :w] for n, w in pairs]
 
 
 def check_alignment(a: CacheReader, b: CacheReader) -> None:

@@ -45,22 +45,26 @@ def resolve_pool(reader: CacheReader, pool: str, layers: list[int]) -> list[str]
 
 
 class FeatureSource:
-    """Pooled features per (split, layer) for the requested kinds.
+    """Pooled features per (split, layer) for the requested kinds, read one layer at a time.
 
-    With several layers, each split's (n, L, D) stack is read once and kept in its stored dtype when it fits in
-    a quarter of the available memory; otherwise each layer is read on its own (bounded memory, more I/O).
+    A cache whose pooled datasets are chunked per layer (:mod:`fmcache.cache.shards`) reads each layer on its own,
+    so memory holds one layer, whatever the number of layers. An older cache (chunks of every layer) would read
+    every layer's bytes for each one, so with several layers its (n, L, D) stack is read once per split and kept in
+    the stored dtype when it fits in a quarter of the available memory (else each layer is read on its own:
+    bounded memory, more I/O).
     """
 
     def __init__(self, reader: CacheReader, layers: list[int], pools: list[str]):
         import psutil
 
         self.reader, self.layers, self.pools = reader, layers, pools
-        needed = sum(reader.pooled_nbytes(k) for k in pools if k != "paper")
-        self.keep = len(layers) > 1 and needed < psutil.virtual_memory().available / 4
+        self.stacked = [k for k in pools if k != "paper" and not reader.layer_chunked(k)]
+        needed = sum(reader.pooled_nbytes(k) for k in self.stacked)
+        self.keep = len(layers) > 1 and bool(self.stacked) and needed < psutil.virtual_memory().available / 4
         self._stacks: dict[tuple[str, str], np.ndarray] = {}
 
     def _layer(self, split: str, layer: int, kind: str) -> np.ndarray:
-        if kind == "paper" or not self.keep:
+        if not self.keep or kind not in self.stacked:
             return self.reader.pooled(split, layer, kind)
         if (split, kind) not in self._stacks:
             self._stacks[(split, kind)] = self.reader.pooled_stack(split, kind)
@@ -71,15 +75,40 @@ class FeatureSource:
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 
+# Rows per block when computing statistics and z-scores: float64 temporaries of one block, not of a whole split.
+_BLOCK_ROWS = 1 << 16
+
+
 def train_stats(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and std (float64) of the train split's features, for z-scoring every split alike."""
-    train = train.astype(np.float64)
-    mean, std = train.mean(axis=0), train.std(axis=0)
+    """Per-feature mean and std (float64) of the train split's features, for z-scoring every split alike.
+
+    Summed in float64 over blocks of rows (two passes: the mean, then squared deviations from it), so memory holds
+    one float64 block; for a split of at most one block the result is bit-identical to numpy's mean and std.
+    """
+    n = len(train)
+    total = np.zeros(train.shape[1:], np.float64)
+    for start in range(0, n, _BLOCK_ROWS):
+        total += train[start : start + _BLOCK_ROWS].astype(np.float64).sum(axis=0)
+    mean = total / n
+    squares = np.zeros_like(total)
+    for start in range(0, n, _BLOCK_ROWS):
+        dev = train[start : start + _BLOCK_ROWS].astype(np.float64) - mean
+        squares += np.multiply(dev, dev, out=dev).sum(axis=0)
+    std = np.sqrt(squares / n)
     std[std < 1e-12] = 1.0  # constant features (e.g. zero padding) stay constant rather than blow up
     return mean, std
+
+
+def standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """float32 ``(x - mean) / std`` computed in float64 block by block (the same values as in one go)."""
+    out = np.empty(x.shape, np.float32)
+    for start in range(0, len(x), _BLOCK_ROWS):
+        block = x[start : start + _BLOCK_ROWS].astype(np.float64)
+        out[start : start + _BLOCK_ROWS] = (block - mean) / std
+    return out
 
 
 def standardize_splits(data: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Z-score every split with the first (train) split's mean and std, computed in float64."""
     mean, std = train_stats(data[0][0])
-    return [(((x - mean) / std).astype(np.float32), y) for x, y in data]
+    return [(standardize(x, mean, std), y) for x, y in data]

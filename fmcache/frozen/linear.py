@@ -37,9 +37,9 @@ import torch
 from torch import nn
 
 from fmcache import metrics
+from fmcache.dist import pick_device, synchronize
 from fmcache.errors import FmcacheError
-from fmcache.frozen.grid import STD_DDOF, ProbeResult, check_lists, head_losses, labels_tensor, summarise
-from fmcache.frozen.sklearn_ref import fit_sklearn_reference  # noqa: F401 (its home before sklearn_ref.py)
+from fmcache.headgrid import STD_DDOF, ProbeResult, check_lists, head_losses, labels_tensor, summarise
 from fmcache.training import (
     ADAM_BETAS,
     ADAM_EPS,
@@ -47,8 +47,6 @@ from fmcache.training import (
     clip_per_head,
     decays,
     lr_multiplier,
-    pick_device,
-    synchronize,
     warmup_steps_for,
 )
 

@@ -35,9 +35,10 @@ import torch.nn.functional as F
 
 from fmcache import metrics
 from fmcache.cache.reader import CacheReader
+from fmcache.dist import synchronize
 from fmcache.errors import FmcacheError
-from fmcache.frozen.grid import ProbeResult, check_lists, head_losses, labels_tensor, summarise
 from fmcache.frozen.heads import DEIT_DEPTH, build_head, token_grid
+from fmcache.headgrid import ProbeResult, check_lists, head_losses, labels_tensor, summarise
 from fmcache.training import (
     ADAM_BETAS,
     ADAM_EPS,
@@ -47,7 +48,6 @@ from fmcache.training import (
     load_checkpoint,
     lr_multiplier,
     save_checkpoint,
-    synchronize,
     warmup_steps_for,
 )
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from fmcache.errors import FmcacheError
 from fmcache.models.registry import ModelSpec
-from fmcache.models.weights import LoadReport, load_weights_file
+from fmcache.weightfiles import LoadReport, load_weights_file
 
 LayerOut = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]
 
@@ -90,6 +90,27 @@ class TimmAdapter(nn.Module):
         normed = [_norm_tokens(self.final_norm, t) for t in tokens]
         return tokens, normed, None
 
+    root_attr = "model"  # the module whose state dict is the model's own key layout (export, --weights)
+
+    def block_layout(self, foundation):
+        """timm's plain ViTs and SAM's encoder are blocks; CNNs and hierarchical models are stages (None)."""
+        from timm.models.vision_transformer import VisionTransformer
+        from timm.models.vision_transformer_sam import VisionTransformerSAM
+
+        from fmcache.models.blocks import TimmSamStages, TimmVitStages
+
+        if type(self.model) is VisionTransformerSAM:
+            return TimmSamStages(foundation)
+        if type(self.model) is VisionTransformer and self.vit_like:
+            return TimmVitStages(foundation)
+        return None
+
+    @property
+    def layer_unit(self) -> str:
+        from timm.models.resnet import ResNet
+
+        return "stages (stem + 4 stages)" if isinstance(self.model, ResNet) else "stages"
+
 
 class OpenClipAdapter(nn.Module):
     """open_clip vision towers; the pooled output is CLIP's projection or CoCa's attention pooler."""
@@ -112,6 +133,14 @@ class OpenClipAdapter(nn.Module):
         normed = [_norm_tokens(self.final_norm, t) for t in tokens]
         return tokens, normed, out["image_features"]
 
+    root_attr = "visual"
+    layer_unit = "stages"
+
+    def block_layout(self, foundation):
+        from fmcache.models.blocks import OpenClipStages
+
+        return OpenClipStages(foundation) if hasattr(self.visual, "transformer") else None
+
 
 class HfAdapter(nn.Module):
     """transformers vision models through ``output_hidden_states`` (hidden_states[0] is the embedding, skipped)."""
@@ -132,6 +161,21 @@ class HfAdapter(nn.Module):
         self.num_prefix_tokens = tokens[-1].shape[1] - grid
         normed = [_norm_tokens(self.final_norm, t) for t in tokens]
         return tokens, normed, None
+
+    root_attr = "model"
+    layer_unit = "stages"
+
+    def block_layout(self, foundation):
+        return None
+
+
+class BlipAdapter(HfAdapter):
+    """BLIP's vision tower: a transformers ViT whose ``encoder.layers`` are blocks."""
+
+    def block_layout(self, foundation):
+        from fmcache.models.blocks import BlipStages
+
+        return BlipStages(foundation)
 
 
 # -- builders -----------------------------------------------------------------------------------------------------
@@ -271,7 +315,7 @@ def _build_blip(spec: ModelSpec, source: str, img_size: int, weights: Path | Non
             model = BlipForConditionalGeneration.from_pretrained(spec.arch).vision_model
         except Exception as exc:
             raise _hub_error(spec, exc) from exc
-        return HfAdapter(model, model.config.patch_size, model.config.image_size), None
+        return BlipAdapter(model, model.config.patch_size, model.config.image_size), None
     # BLIP's config initialises with std 1e-10 (meant to be overwritten by weights), which would make random-init
     # features constant; use a usual ViT std instead. Built at the requested size (224 or 384).
     config = {"initializer_range": 0.02, "image_size": img_size, **overrides}
@@ -290,7 +334,7 @@ def _build_blip(spec: ModelSpec, source: str, img_size: int, weights: Path | Non
             for module in model.modules():
                 if isinstance(module, nn.LayerNorm):
                     module.eps = BLIP_ORIGINAL_EPS
-    return HfAdapter(model, model.config.patch_size, model.config.image_size), report
+    return BlipAdapter(model, model.config.patch_size, model.config.image_size), report
 
 
 def build_hf(spec: ModelSpec, source: str, img_size: int, weights: Path | None, overrides: dict):
@@ -367,12 +411,18 @@ class SeemAdapter(nn.Module):
         tokens = [_flatten(t) for t in self.model.forward_stages(x)]
         return tokens, tokens, None
 
+    root_attr = "model"
+    layer_unit = "FocalNet stages"
+
+    def block_layout(self, foundation):
+        return None
+
 
 def _load_seem_hub(model: nn.Module, spec: ModelSpec) -> None:
     """Download SEEM's checkpoint and load its ``backbone.*`` tensors strictly, as the paper's seed does."""
     from huggingface_hub import hf_hub_download
 
-    from fmcache.models.weights import read_state_dict
+    from fmcache.weightfiles import read_state_dict
 
     try:
         path = hf_hub_download(spec.arch, spec.tag or "")

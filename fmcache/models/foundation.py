@@ -31,6 +31,9 @@ class FoundationOutput:
     pooled_kind: str
 
 
+RANDOM_INIT_SEED = 0  # --random-init weights are seeded so every process and every resume builds the same model
+
+
 class Foundation(nn.Module):
     """A frozen foundation model seen as a stack of layers.
 
@@ -48,6 +51,26 @@ class Foundation(nn.Module):
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def block_layout(self):
+        """The adapter's :class:`~fmcache.models.blocks.Stages` view (embedding, blocks, post modules), or None
+        when the model's layers are stages that cannot be frozen or run one block at a time."""
+        return self.adapter.block_layout(self)
+
+    @property
+    def root_attr(self) -> str:
+        """The adapter attribute holding the backend's own model (``model``, ``visual`` or ``encoder``)."""
+        return self.adapter.root_attr
+
+    @property
+    def root(self) -> nn.Module:
+        """The backend's own model, whose state dict (its own key layout) ``extract --weights`` loads."""
+        return getattr(self.adapter, self.adapter.root_attr)
+
+    @property
+    def layer_unit(self) -> str:
+        """What this model's layers are, in words, for messages that refuse a block number."""
+        return self.adapter.layer_unit
 
     def forward(self, images: torch.Tensor) -> FoundationOutput:
         if images.ndim != 4:
@@ -96,17 +119,26 @@ def create_foundation(
     random_init: bool = False,
     img_size: int | None = None,
     arch_overrides: dict | None = None,
+    seed: int = RANDOM_INIT_SEED,
 ) -> Foundation:
-    """Build a registry model in eval mode with weights from exactly one source.
+    """Build a registry model in eval mode with weights from exactly one source: the one way extract and finetune
+    build a foundation.
 
     Sources: the hub (default), a local ``weights`` file, or an explicit ``random_init``. There is no silent
-    fallback to random weights. ``arch_overrides`` are passed to the backend constructor (tests use them to build
-    the real architecture at a tiny depth/width).
+    fallback to random weights. The build runs under ``torch.manual_seed(seed)`` (the caller's RNG state is
+    restored), so random weights, and any parameter a weights file leaves at its init, are the same in every
+    process, resume and run: shards written by different ranks, and a fine-tune's start and its cache, come from
+    one model. ``arch_overrides`` are passed to the backend constructor (tests use them to build the real
+    architecture at a tiny depth/width).
     """
     spec = get_spec(name)
     source = _weights_source(spec, Path(weights) if weights is not None else None, random_init)
     size = int(img_size or spec.default_img_size)
-    adapter, report = build_backend(spec, source, size, Path(weights) if weights else None, dict(arch_overrides or {}))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        adapter, report = build_backend(
+            spec, source, size, Path(weights) if weights else None, dict(arch_overrides or {})
+        )
     if source == "file":
         assert report is not None
         info = {"source": "file", "path": report.path, "sha256": report.sha256, "report": report.summary()}

@@ -74,6 +74,12 @@ class Sam2Adapter(nn.Module):
         pooled = self.encoder.neck.vision_features(stages).float().mean(dim=(2, 3))
         return tokens, tokens, pooled
 
+    root_attr = "encoder"
+    layer_unit = "Hiera stages"
+
+    def block_layout(self, foundation):
+        return None
+
 
 def convert_release(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """The release layout (``image_encoder.trunk/neck``, ``mlp.layers.N``) → this module's names.

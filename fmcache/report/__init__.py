@@ -1,5 +1,5 @@
-"""Results → the paper's tables, figures and one HTML page (``fmcache report``); the grid runner (``fmcache grid``).
+"""Results -> the paper's tables, figures and one HTML page (``fmcache report``).
 
 The report reads only what :mod:`fmcache.results` writes (``result.json`` + ``predictions.npz`` per evaluation), so
-it never imports a model backend or the cache.
+it never imports a model backend, the cache, a runner or the grid.
 """

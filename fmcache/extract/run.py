@@ -9,76 +9,29 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from rich.markup import escape
 from torch.utils.data import DataLoader, Dataset
 
 import fmcache
-from fmcache.cache.key import SCHEMA_VERSION, cache_key
+from fmcache.cache.key import SCHEMA_VERSION
 from fmcache.cache.lock import CacheLock
-from fmcache.cache.manifest import MANIFEST, read_manifest, shard_entries, write_manifest
 from fmcache.cache.shards import BackgroundWriter, ShardWriter, finished_shards, remove_orphans
-from fmcache.cache.verify import DAMAGED_DIR, VerifyReport, drop_from_manifest, open_check, quarantine, verify_cache
 from fmcache.cache.views import SEED as VIEWS_SEED
 from fmcache.cache.views import views_batch_arrays
-from fmcache.data import ImageDataset, build_transform, default_metric, load_dataset
+from fmcache.data import ImageDataset, default_metric
 from fmcache.data.describe import empty_split_warning
-from fmcache.data.transforms import GRAYSCALE_DATASETS, train_augmentation
 from fmcache.data.views import ViewsImageDataset
-from fmcache.dist import Dist, close_dist, init_dist
+from fmcache.dist import Dist, close_dist, init_dist, is_main_process
 from fmcache.errors import FmcacheError
-
-# the plan (spec, selection, key inputs) lives in extract_plan.py; its names stay importable from here
-from fmcache.extract_plan import (
-    COMPRESSIONS,
-    DTYPES,
-    FINGERPRINTS,
-    NORMS,
-    ON_BAD_IMAGE,
-    RANDOM_INIT_SEED,
-    ExtractSpec,
-    cache_dir,
-    content_fingerprint,
-    key_inputs,
-    parse_tokens,
-    resolve_norm,
-    select_positions,
-    token_layers,
-    views_inputs,
-    weights_identity,
-)
+from fmcache.extract.plan import DTYPES, ExtractPlan, ExtractSpec, plan, token_layers
 from fmcache.files import ensure_writable_dir
-from fmcache.models import Foundation, FoundationOutput, create_foundation, get_spec
+from fmcache.models import Foundation, FoundationOutput, create_foundation
 from fmcache.models.final_norm import final_norm_params
 from fmcache.progress import progress_bar
-
-__all__ = [
-    "COMPRESSIONS",
-    "DTYPES",
-    "FINGERPRINTS",
-    "NORMS",
-    "ON_BAD_IMAGE",
-    "RANDOM_INIT_SEED",
-    "ExtractSpec",
-    "Extractor",
-    "cache_dir",
-    "content_fingerprint",
-    "describe_model",
-    "key_inputs",
-    "pack_outputs",
-    "parse_tokens",
-    "resolve_norm",
-    "run_extract",
-    "select_positions",
-    "token_layers",
-    "weights_identity",
-]
-
 
 # -- model output → arrays ---------------------------------------------------------------------------------------
 
@@ -170,77 +123,26 @@ def _versions() -> dict:
 
 
 class Extractor:
-    """One extraction run; ``run()`` returns the cache directory."""
+    """One extraction run of a :class:`~fmcache.extract.plan.ExtractPlan`; ``run()`` returns the cache directory."""
 
-    def __init__(self, spec: ExtractSpec, progress: bool = True, log=print):
-        self.spec = spec
-        self.progress = progress
-        self.log = log
-        self.index = load_dataset(spec.dataset, spec.data_root, **spec.dataset_options)
-        self.positions = select_positions(self.index, spec.limit)
-        model_spec = get_spec(spec.model)
-        self.img_size = int(spec.img_size or model_spec.default_img_size)
-        mean, std, self.norm_source = resolve_norm(spec)
-        if spec.gray == "seed" and spec.dataset not in GRAYSCALE_DATASETS:
-            raise FmcacheError(
-                f"--gray seed applies to grayscale datasets (cbis_ddsm, chexpert), not {spec.dataset}; drop the flag"
-            )
-        self.transform, desc = build_transform(
-            self.img_size, spec.resize, mean, std, interpolation=spec.interpolation, gray=spec.gray
-        )
-        self.transform_desc = {**desc, "norm_source": self.norm_source}
-        self.inputs = key_inputs(spec, self.index, self.positions, self.transform_desc, log)
-        self.inputs["views"] = views_inputs(spec, self.img_size, mean, std)
-        # views: PROTOCOLS' train augmentation (the one finetune uses), K draws per train image, seeded per view
-        self.augment = train_augmentation(self.img_size, mean, std, gray=spec.gray) if spec.views else None
-        self.key = cache_key(self.inputs)
-        self.folder = cache_dir(spec.cache_root, self.index.name, model_spec.name, self.key)
-        self.num_shards = max(1, -(-len(self.positions) // spec.shard_size))
-
-    def split_counts(self) -> dict[str, int]:
-        """Samples of each split that this run caches (after --limit)."""
-        return {s: int(np.isin(self.positions, self.index.indices(s)).sum()) for s in ("train", "val", "test")}
-
-    def previous_manifest(self, quiet: bool = False) -> dict | None:
-        """The manifest on disk, or None; an unreadable one is rebuilt from the shard files, not fatal."""
-        if not self.folder.is_dir():
-            return None
-        try:
-            manifest = read_manifest(self.folder)
-        except FmcacheError as exc:
-            if not quiet:
-                self.log(f"[yellow]{escape(str(exc).split(';')[0])}; rebuilding it from the shard files[/]")
-            return None
-        return manifest if manifest and manifest.get("key") == self.key else None
-
-    def _check_complete(self, manifest: dict | None) -> VerifyReport | None:
-        """The shard checks of a manifest that says complete (None for any other): cheap by default (a stat and
-        a metadata read per shard), and with --verify every sha256 too."""
-        if not manifest or manifest.get("status") != "complete":
-            return None
-        return verify_cache(self.folder, full=self.spec.verify, manifest=manifest)
-
-    def is_complete(self) -> bool:
-        """The manifest says complete and every shard passes the cheap checks (or the full ones with --verify)."""
-        report = self._check_complete(self.previous_manifest(quiet=True))
-        return report is not None and not report.damaged
-
-    def shard_positions(self, shard: int) -> np.ndarray:
-        size = self.spec.shard_size
-        return self.positions[shard * size : (shard + 1) * size]
+    def __init__(self, plan: ExtractPlan, progress: bool = True, log=print):
+        self.plan, self.spec, self.progress, self.log = plan, plan.spec, progress, log
+        self.index, self.positions, self.img_size = plan.index, plan.positions, plan.img_size
+        self.key, self.folder, self.num_shards, self.inputs = plan.key, plan.folder, plan.num_shards, plan.inputs
+        self.cache = plan.cache
 
     def run(self) -> Path:
-        counts = self.split_counts()
+        counts = self.plan.split_counts()
         empty = empty_split_warning(self.index.name, counts)
         if empty and not self.spec.allow_empty_split:  # refused before any model is built or file written
             raise FmcacheError(f"{empty}; or pass --allow-empty-split if you mean it")
-        report = self._check_complete(self.previous_manifest())
+        report = self.cache.check_complete(self.cache.previous_manifest())
         if report is not None:
             if not report.damaged:
                 self.log(f"cache already complete: {self.folder}")
                 self._log_skipped(report.manifest, already=True)
                 return self.folder
-            self.log(f"[yellow]{escape(report.summary())}; recomputing them[/]")
+            self.log(f"warning: {report.summary()}; recomputing them")
         dist = init_dist(self.spec.device)
         lock = CacheLock(self.folder)
         fresh = not self.folder.exists()
@@ -253,7 +155,7 @@ class Extractor:
                 removed = remove_orphans(self.folder)
                 if removed:
                     self.log(f"removed {len(removed)} unfinished shard file(s) from an interrupted run")
-                self._set_aside_damaged(report)
+                self.cache.set_aside_damaged(report)
             dist.barrier()
             self._extract(dist)
             for part in dist.all_gather_object(self._written):  # also the barrier before the final manifest
@@ -266,7 +168,7 @@ class Extractor:
         except BaseException:
             # only a run that held the lock may clean up: a refused run must not touch the winner's files
             if dist.main and fresh and lock.held:
-                self._remove_if_empty(lock)
+                self.cache.remove_if_empty(lock)
             raise
         finally:
             if dist.main:
@@ -274,92 +176,37 @@ class Extractor:
             close_dist(dist)
         return self.folder
 
-    def _set_aside_damaged(self, checked: VerifyReport | None) -> None:
-        """Under the lock: finished shards that fail the checks move to damaged/, so this run recomputes them.
-
-        ``checked`` is run()'s report from before the lock; it stands when the manifest has not changed since,
-        so a damaged complete cache is not opened (or, with --verify, hashed) twice.
-        """
-        on_disk = finished_shards(self.folder)
-        if not on_disk:
-            return
-        manifest = self.previous_manifest(quiet=True)
-        if manifest is None:  # no usable manifest: all that can be checked is that each shard opens
-            checks = [open_check(path, index) for index, path in sorted(on_disk.items())]
-        elif checked is not None and checked.manifest == manifest:
-            checks = checked.checks
-        else:
-            checks = verify_cache(self.folder, full=self.spec.verify, manifest=manifest).checks
-        moved = quarantine(self.folder, checks)
-        if moved:
-            names = ", ".join(f"{file} ({c.problem})" for file, _ in moved for c in checks if c.file == file)
-            self.log(
-                f"[yellow]moved {len(moved)} damaged shard(s) to {DAMAGED_DIR}/ for recomputation: {escape(names)}[/]"
-            )
-            if manifest is not None:
-                drop_from_manifest(self.folder, manifest)  # partial at once, even if this run is interrupted
-
     def _log_skipped(self, manifest: dict, already: bool = False) -> None:
         """One line: how many bad images were left out, and the first few paths (``fmcache info`` lists all)."""
         skipped = manifest.get("skipped", [])
         if not skipped:
             return
         if already and self.spec.on_bad_image == "error":
-            self.log(
-                f"[yellow]note: this cache was built with {len(skipped)} bad image(s) skipped; see `fmcache info`[/]"
-            )
+            self.log(f"note: this cache was built with {len(skipped)} bad image(s) skipped; see `fmcache info`")
             return
         first = ", ".join(str(s["path"]) for s in skipped[:3])
         more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
         self.log(
-            f"[yellow]skipped {len(skipped)} bad image(s) (--on-bad-image skip): {escape(first)}{more}; "
-            f"`fmcache info {escape(str(self.folder))}` lists them all[/]"
+            f"warning: skipped {len(skipped)} bad image(s) (--on-bad-image skip): {first}{more}; "
+            f"`fmcache info {self.folder}` lists them all"
         )
 
-    def _remove_if_empty(self, lock: CacheLock) -> None:
-        """A fresh run that failed before finishing any shard leaves no folder behind.
-
-        Called only while this run holds the lock, so the manifest and temporary files are its own.
-        """
-        if not self.folder.is_dir() or finished_shards(self.folder):
-            return
-        (self.folder / MANIFEST).unlink(missing_ok=True)
-        remove_orphans(self.folder)
-        lock.release()
-        with contextlib.suppress(OSError):
-            self.folder.rmdir()  # fails harmlessly when another run has put its lock in it meanwhile
-            self.folder.parent.rmdir()  # <model>/ and <dataset>/ too, when nothing else lives there
-            self.folder.parent.parent.rmdir()
-
-    # The manifest is rebuilt from the shard files, so every rank's finished work is listed after a crash too.
     def _write_manifest(self) -> dict:
-        previous = self.previous_manifest(quiet=True) or {}
-        known = {s["file"]: s for s in previous.get("shards", []) if "sha256" in s}
-        known.update(getattr(self, "_written", {}))
-        entries = shard_entries(self.folder, self.key, known)
-        return write_manifest(self.folder, self._base, entries, self.num_shards)
+        return self.cache.write_manifest(self._base, getattr(self, "_written", {}), self.num_shards)
 
     def _build_model(self, device: torch.device) -> Foundation:
         spec = self.spec
-        # Random init is seeded: a resumed or multi-rank run must rebuild exactly the same random weights,
-        # otherwise shards written by different processes would come from different models.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
-            model = create_foundation(
-                spec.model,
-                weights=spec.weights,
-                random_init=spec.random_init,
-                img_size=self.img_size,
-                arch_overrides=spec.arch_overrides or None,
-            ).to(device)
+        # seeded inside: a resumed or multi-rank run rebuilds exactly the same random weights, so shards written
+        # by different processes come from one model
+        model = create_foundation(
+            spec.model, weights=spec.weights, random_init=spec.random_init, img_size=self.img_size,
+            arch_overrides=spec.arch_overrides or None,
+        ).to(device)  # fmt: skip
         differs = model.weights_source.get("differs_from_paper")
-        if differs and int(os.environ.get("RANK", "0")) == 0:
-            self.log(f"[yellow]note: {escape(differs)}[/]")
-        if spec.random_init and int(os.environ.get("RANK", "0")) == 0:
-            self.log(
-                f"[bold red]WARNING: {spec.model} runs with RANDOM weights (--random-init); "
-                "features are not pretrained[/]"
-            )
+        if differs and is_main_process():
+            self.log(f"note: {differs}")
+        if spec.random_init and is_main_process():
+            self.log(f"WARNING: {spec.model} runs with RANDOM weights (--random-init); features are not pretrained")
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         return model
@@ -393,7 +240,7 @@ class Extractor:
             self._write_manifest()
         done = set(finished_shards(self.folder))
         mine = [s for s in range(self.num_shards) if s % dist.world == dist.rank and s not in done]
-        total = sum(len(self.shard_positions(s)) for s in mine)
+        total = sum(len(self.plan.shard_positions(s)) for s in mine)
         writer = BackgroundWriter()
         try:
             with progress_bar(self.progress and dist.main, total, f"{spec.model} → {self.folder}") as advance:
@@ -419,7 +266,7 @@ class Extractor:
                 "class_names": list(self.index.class_names),
                 "multilabel": bool(self.index.multilabel),
                 "metric": default_metric(self.index),
-                "split_counts": self.split_counts(),
+                "split_counts": self.plan.split_counts(),
                 "problems": list(self.index.problems),
             },
             "shard_size": self.spec.shard_size,
@@ -430,15 +277,15 @@ class Extractor:
 
     def _extract_shard(self, shard, forward, model_info, device, writer, advance) -> None:
         spec = self.spec
-        positions = self.shard_positions(shard)
+        positions = self.plan.shard_positions(shard)
         store_dtype = torch.float16 if spec.dtype == "fp16" else torch.float32
         attrs = {"key": self.key, "schema": SCHEMA_VERSION, "shard": shard}
         shard_writer = ShardWriter(self.folder, shard, len(positions), attrs, spec.compression)
         loader = DataLoader(
             _Guarded(
-                ViewsImageDataset(self.index, positions, self.transform, self.augment, spec.views, VIEWS_SEED)
+                ViewsImageDataset(self.index, positions, self.plan.transform, self.plan.augment, spec.views, VIEWS_SEED)
                 if spec.views
-                else ImageDataset(self.index, positions, self.transform)
+                else ImageDataset(self.index, positions, self.plan.transform)
             ),
             batch_size=spec.batch_size,
             shuffle=False,
@@ -526,4 +373,4 @@ def _to_numpy(arrays: dict) -> dict[str, np.ndarray]:
 
 def run_extract(spec: ExtractSpec, progress: bool = True, log=print) -> Path:
     """Extract (or resume, or return at once when complete) and return the cache directory."""
-    return Extractor(spec, progress=progress, log=log).run()
+    return Extractor(plan(spec, log), progress=progress, log=log).run()

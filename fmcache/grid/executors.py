@@ -1,6 +1,6 @@
 """Executors of the grid's jobs: ``local`` one after another or ``--jobs N`` subprocesses, and ``slurm`` (submitit).
 
-Each skips the jobs already done (:func:`fmcache.report.grid_run.is_done`) and never starts a job whose dependency
+Each skips the jobs already done (:func:`fmcache.grid.run.is_done`) and never starts a job whose dependency
 failed or could not start; one job's failure does not stop the independent ones.
 """
 
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fmcache.errors import FmcacheError
-from fmcache.report.grid_config import GridOptions, Log
-from fmcache.report.grid_jobs import Job
-from fmcache.report.grid_run import _job_doc, is_done, run_and_record, submitted_job
+from fmcache.grid.config import GridOptions, Log
+from fmcache.grid.jobs import Job
+from fmcache.grid.run import _job_doc, is_done, run_and_record, submitted_job
 
 
 @dataclass
@@ -101,7 +101,7 @@ def run_parallel(jobs: list[Job], n: int, logs: Path, log: Log) -> Outcome:
             spec, log_file = logs / f"{_log_name(job)}.json", logs / f"{_log_name(job)}.log"
             spec.write_text(json.dumps(_job_doc(job), default=str))
             handle = open(log_file, "w")  # noqa: SIM115  (closed when the job ends)
-            proc = subprocess.Popen([sys.executable, "-m", "fmcache.report.grid", str(spec)], env=env, stdout=handle,
+            proc = subprocess.Popen([sys.executable, "-m", "fmcache.grid.main", str(spec)], env=env, stdout=handle,
                                     stderr=subprocess.STDOUT)  # fmt: skip
             running[job.id] = (proc, gpu, log_file, handle)
             log(f"started {job.id}" + (f" on GPU {gpu}" if gpu is not None else ""))

@@ -9,14 +9,14 @@ its entry exists and :func:`fmcache.results.is_complete` holds for that folder. 
 result, so a crash at any point leaves the job undone, and a rerun completes only what is missing.
 
 Executors: ``local`` runs the jobs one after another in this process, or ``--jobs N`` at once as subprocesses
-(``python -m fmcache.report.grid JOB.json``) with one GPU each via ``CUDA_VISIBLE_DEVICES``; ``slurm`` submits through
+(``python -m fmcache.grid.main JOB.json``) with one GPU each via ``CUDA_VISIBLE_DEVICES``; ``slurm`` submits through
 submitit (imported only then), with ``afterok`` dependencies from each extract to its readers and submitit's per-job
 logs.
 
-This module is the command (data roots, the dry run, :func:`run_grid`, the subprocess entry point) and keeps every
-public name of the grid importable from here. The parts: :mod:`~fmcache.report.grid_config` (the YAML and the
-options), :mod:`~fmcache.report.grid_jobs` (expansion into jobs, ``--only``), :mod:`~fmcache.report.grid_run` (one
-job, the ledger, done-detection) and :mod:`~fmcache.report.executors` (local, ``--jobs N``, slurm).
+This module is the command (data roots, the dry run, :func:`run_grid`, the subprocess entry point). The parts:
+:mod:`~fmcache.grid.config` (the YAML and the options), :mod:`~fmcache.grid.jobs` (expansion into jobs, ``--only``),
+:mod:`~fmcache.grid.run` (one job, the ledger, done-detection) and :mod:`~fmcache.grid.executors` (local,
+``--jobs N``, slurm).
 """
 
 from __future__ import annotations
@@ -29,26 +29,10 @@ import time
 from pathlib import Path
 
 from fmcache.errors import FmcacheError
-from fmcache.report.executors import Outcome, import_submitit, run_local, run_parallel, run_submitit
-from fmcache.report.grid_config import KINDS, GridConfig, GridOptions, Log, load_grid
-from fmcache.report.grid_jobs import Job, expand, select
-from fmcache.report.grid_run import (
-    execute,
-    extract_spec,
-    finetune_spec,
-    is_done,
-    ledger_path,
-    run_and_record,
-    submitted_job,
-)
-
-__all__ = [
-    "KINDS", "GridConfig", "GridOptions", "Job", "Outcome", "check_roots", "estimate", "execute", "expand",
-    "extract_spec", "finetune_spec", "import_submitit", "is_done", "ledger_path", "load_grid", "main", "plan",
-    "prepare_digits", "run_and_record", "run_grid", "run_local", "run_parallel", "run_submitit", "select",
-    "submitted_job",
-]  # fmt: skip
-
+from fmcache.grid.config import KINDS, GridConfig, GridOptions, Log, load_grid
+from fmcache.grid.executors import import_submitit, run_local, run_parallel, run_submitit
+from fmcache.grid.jobs import Job, expand, select
+from fmcache.grid.run import is_done, submitted_job
 
 # -- data roots, dry run ---------------------------------------------------------------------------------------------
 
@@ -71,7 +55,7 @@ def check_roots(grid: GridConfig, dry_run: bool, log: Log) -> None:
 
 def prepare_digits(root: Path, per_class: int) -> Path:
     """The demo's digits ImageFolder, written beside and renamed into place, so a killed run never leaves half."""
-    from fmcache.demo import write_digits
+    from fmcache.data.digits import write_digits
 
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
@@ -182,7 +166,7 @@ def run_grid(config: Path, options: GridOptions, log: Log = print) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m fmcache.report.grid JOB.json``: one job in a fresh process (the ``--jobs N`` executor)."""
+    """``python -m fmcache.grid.main JOB.json``: one job in a fresh process (the ``--jobs N`` executor)."""
     doc = json.loads(Path(argv[0]).read_text())
     try:
         print(submitted_job(doc), flush=True)

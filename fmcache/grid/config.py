@@ -1,21 +1,22 @@
-"""The grid's input: a YAML experiment checked against the runners' own options, and the command line's options.
+"""The grid's input: a YAML experiment checked against the protocols' own specs, and the command line's options.
 
 Every unknown key is refused with one line naming it and the valid ones; a protocol variant may set exactly its
-runner's parameters (fine-tuning: ``FinetuneSpec``'s fields) less what the grid fixes itself (:data:`GRID_OWNED`).
+spec's fields (:mod:`fmcache.protocols`: ``KnnSpec``, ``ProbeSpec``, ``FinetuneSpec``, ...) less what the grid fixes
+itself (:data:`GRID_OWNED`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from fmcache.errors import FmcacheError
+from fmcache.protocols import NAMES, get_protocol
 
-KINDS = ("extract", "knn", "probe_linear", "probe_deit", "probe_attentive", "cka", "finetune_linear", "finetune_deit")
+KINDS = ("extract", *NAMES)  # an extract job, then one kind per protocol
 TOP_KEYS = ("results", "cache_root", "models", "datasets", "extract", "protocols")
 MODEL_KEYS = ("name", "weights", "random_init", "img_size", "arch_overrides", "tokens")
 DATASET_KEYS = ("name", "root", "split", "uncertain", "layout", "csv", "prepare", "per_class", "limit")
@@ -25,7 +26,7 @@ PREPARERS = ("digits",)
 VARIANT_KEYS = ("models",)
 # fixed by the grid itself, so a YAML may not set them inside extract: or a protocol
 GRID_OWNED = {"dataset", "data_root", "model", "weights", "random_init", "cache_root", "dataset_options",
-              "arch_overrides", "out", "reader", "reader_b", "head", "progress", "from_cache", "img_size"}  # fmt: skip
+              "arch_overrides", "out", "cache", "cache_b", "head", "from_cache", "img_size"}  # fmt: skip
 
 Log = Callable[[str], None]
 
@@ -37,26 +38,16 @@ def _unknown(keys, valid, where: str, source: Path) -> None:
 
 
 def _runner_options(kind: str) -> set[str]:
-    """The options a protocol variant may set: its runner's parameters (finetune: FinetuneSpec's fields)."""
-    if kind == "knn":
-        from fmcache.frozen.run import run_knn as fn
-    elif kind == "probe_linear":
-        from fmcache.frozen.run import run_probe as fn
-    elif kind in ("probe_deit", "probe_attentive"):
-        from fmcache.frozen.run_tokens import run_token_probe as fn
-    elif kind == "cka":
-        from fmcache.frozen.run import run_cka as fn
-
-        return (set(inspect.signature(fn).parameters) - GRID_OWNED) | {"across_models"}
-    else:
-        from fmcache.finetune.run import FinetuneSpec
-
-        return {f.name for f in dataclasses.fields(FinetuneSpec)} - GRID_OWNED - {"resume"}
-    return set(inspect.signature(fn).parameters) - GRID_OWNED
+    """The options a protocol variant may set: its spec's fields, less what the grid fixes (and CKA's pairing)."""
+    protocol = get_protocol(kind)
+    fields = {f.name for f in dataclasses.fields(protocol.spec_class())} - GRID_OWNED
+    if protocol.reads == "images":
+        fields -= {"resume"}  # a fine-tune job always resumes its runs; --no-resume is the CLI's
+    return fields | {"across_models"} if kind == "cka" else fields
 
 
 def _extract_options() -> set[str]:
-    from fmcache.extract import ExtractSpec
+    from fmcache.extract.plan import ExtractSpec
 
     return ({f.name for f in dataclasses.fields(ExtractSpec)} - GRID_OWNED) | {"tokens"}
 

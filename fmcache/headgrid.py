@@ -1,9 +1,10 @@
-"""What every grid of heads (LRs × seeds) shares: its checks, its loss, and its summary as a :class:`ProbeResult`.
+"""What every grid of heads (LRs × seeds) shares, frozen or fine-tuned: its checks, its loss and its summary.
 
-The linear grid (:mod:`fmcache.frozen.linear`) and the token heads (:mod:`fmcache.frozen.tokens`) order their heads
-LR-major (head = lr_index × n_seeds + seed_index) and report them alike: each head's best epoch on val
-(:class:`fmcache.training.HeadRecords`), the best LR by mean val, test mean ± std over seeds at that LR. Standard
-deviations are sample std (ddof=1; 0 for one seed). Fine-tuning reports through :class:`ProbeResult` too.
+The linear grid (:mod:`fmcache.frozen.linear`), the token heads (:mod:`fmcache.frozen.tokens`) and fine-tuning
+(:mod:`fmcache.finetune.run`) order their heads LR-major (head = lr_index × n_seeds + seed_index), keep each head's
+best epoch on val in :class:`fmcache.training.HeadRecords`, and report them alike through :func:`summarise`: the best
+LR by mean val, test mean ± std over seeds at that LR, as a :class:`ProbeResult`. Standard deviations are sample std
+(ddof=1; 0 for one seed).
 """
 
 from __future__ import annotations
@@ -165,11 +166,13 @@ def summarise(metric, lrs, seeds, evaluator: HeadRecords, settings, train_second
         curves[lr] = evaluator.curves[list(heads)]
     best = per_lr[lrs[best_lr_index]]
     best_heads = range(best_lr_index * n_seeds, (best_lr_index + 1) * n_seeds)
-    predictions = {
-        "seeds": np.asarray(seeds, dtype=np.int64),
-        "val_scores": np.stack([evaluator.best_val_probs[h] for h in best_heads]),
-        "test_scores": np.stack([evaluator.best_test_probs[h] for h in best_heads]),
-    }
+    predictions = None  # a head without its best epoch's probabilities (a run of an older fmcache): none at all
+    if all(evaluator.best_val_probs[h] is not None and evaluator.best_test_probs[h] is not None for h in best_heads):
+        predictions = {
+            "seeds": np.asarray(seeds, dtype=np.int64),
+            "val_scores": np.stack([evaluator.best_val_probs[h] for h in best_heads]),
+            "test_scores": np.stack([evaluator.best_test_probs[h] for h in best_heads]),
+        }
     return ProbeResult(
         metric=metric,
         lrs=lrs,

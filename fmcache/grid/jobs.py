@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 
 from fmcache.errors import FmcacheError
-from fmcache.report.grid_config import VARIANT_KEYS, GridConfig
+from fmcache.grid.config import VARIANT_KEYS, GridConfig
 
 
 @dataclass

@@ -13,8 +13,9 @@ import json
 from pathlib import Path
 
 from fmcache.errors import FmcacheError
-from fmcache.report.grid_config import DATASET_OPTIONS, Log
-from fmcache.report.grid_jobs import Job
+from fmcache.grid.config import DATASET_OPTIONS, Log
+from fmcache.grid.jobs import Job
+from fmcache.protocols import get_protocol
 
 LEDGER = ".grid"
 
@@ -31,7 +32,7 @@ def _source(data: dict, model: dict) -> dict:
 
 
 def extract_spec(job: Job, model: dict | None = None):
-    from fmcache.extract import ExtractSpec
+    from fmcache.extract.plan import ExtractSpec
 
     settings = dict(job.extract)
     if job.dataset.get("limit") is not None:
@@ -39,72 +40,41 @@ def extract_spec(job: Job, model: dict | None = None):
     return ExtractSpec(**_source(job.dataset, model or job.model), cache_root=Path(job.cache_root), **settings)
 
 
-def _extractor(job: Job, model: dict | None = None):
-    """The extraction a job reads (an extract job: the one it runs), quiet: only its folder and state are asked."""
-    from fmcache.extract import Extractor
+def _plan(job: Job, model: dict | None = None):
+    """The extraction a job reads (an extract job: the one it runs); planning reads labels, no image, no model."""
+    from fmcache.extract.plan import plan
 
-    return Extractor(extract_spec(job, model), progress=False, log=lambda _m: None)
+    return plan(extract_spec(job, model), log=lambda _m: None)
 
 
 def _cache_folder(job: Job, model: dict | None = None) -> Path:
     """The complete cache a reader job reads; an incomplete one means its extract job failed or never ran."""
-    extractor = _extractor(job, model)
-    if not extractor.is_complete():
-        raise FmcacheError(
-            f"the cache of {job.id} is not complete ({extractor.folder}); its extract job must run first"
-        )
-    return extractor.folder
+    planned = _plan(job, model)
+    if not planned.is_complete():
+        raise FmcacheError(f"the cache of {job.id} is not complete ({planned.folder}); its extract job must run first")
+    return planned.folder
 
 
-def finetune_spec(job: Job):
-    from fmcache.finetune.run import FinetuneSpec
-
+def job_spec(job: Job):
+    """The spec a protocol job runs: its YAML options plus what the grid fixes (cache or images, results root)."""
+    protocol = get_protocol(job.kind)
     options = dict(job.options)
-    if isinstance(options.get("lrs"), list):
-        options["lrs"] = tuple(float(x) for x in options["lrs"])
-    for key in ("freeze", "head_weights"):
-        if options.get(key) is not None:
-            options[key] = str(options[key])
-    if job.dataset.get("limit") is not None:
-        options.setdefault("limit", job.dataset["limit"])
-    return FinetuneSpec(
-        **_source(job.dataset, job.model), head=job.kind.split("_", 1)[1], out=Path(job.results), **options
-    )
+    if protocol.reads == "images":
+        if job.dataset.get("limit") is not None:
+            options.setdefault("limit", job.dataset["limit"])
+        return protocol.make_spec(**_source(job.dataset, job.model), out=Path(job.results), **options)
+    if job.kind == "cka" and job.model_b:
+        options["cache_b"] = _cache_folder(job, job.model_b)
+    return protocol.make_spec(cache=_cache_folder(job), out=Path(job.results), **options)
 
 
 def execute(job: Job, log: Log = print) -> Path:
     """Run one job in this process with the library's functions; returns the cache or result folder."""
-    results = Path(job.results)
     if job.kind == "extract":
-        from fmcache.extract import run_extract
+        from fmcache.extract.run import run_extract
 
         return run_extract(extract_spec(job), progress=False, log=log)
-    if job.kind.startswith("finetune"):
-        from fmcache.finetune.run import run_finetune
-
-        return Path(run_finetune(finetune_spec(job), progress=False, log=log)["folder"])
-    from fmcache.cache.reader import CacheReader
-
-    reader = CacheReader(_cache_folder(job))
-    options = dict(job.options)
-    if job.kind == "knn":
-        from fmcache.frozen.run import run_knn
-
-        out = run_knn(reader, out=results, **options)
-    elif job.kind == "probe_linear":
-        from fmcache.frozen.run import run_probe
-
-        out = run_probe(reader, out=results, head="linear", **options)
-    elif job.kind in ("probe_deit", "probe_attentive"):
-        from fmcache.frozen.run_tokens import run_token_probe
-
-        out = run_token_probe(reader, out=results, head=job.kind.split("_", 1)[1], **options)
-    else:
-        from fmcache.frozen.run import run_cka
-
-        reader_b = CacheReader(_cache_folder(job, job.model_b)) if job.model_b else None
-        out = run_cka(reader, reader_b, out=results, **options)
-    return Path(out["folder"])
+    return Path(get_protocol(job.kind).run(job_spec(job), progress=False, log=log)["folder"])
 
 
 def ledger_path(job: Job) -> Path:
@@ -116,7 +86,7 @@ def is_done(job: Job) -> bool:
     from fmcache.results import is_complete
 
     if job.kind == "extract":
-        return _extractor(job).is_complete()
+        return _plan(job).is_complete()
     try:
         entry = json.loads(ledger_path(job).read_text())
     except (OSError, ValueError):

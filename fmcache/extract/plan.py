@@ -2,6 +2,8 @@
 
 Everything here is decided before a model is built or a file written: the samples to cache, the normalisation,
 the token layers, the weights identity, the dataset fingerprint, and so the key and the cache folder.
+:func:`plan` is cheap (it reads the label files and stats the images, decodes none and builds no model), so the
+grid asks it whether a cache is complete before deciding to run an extract.
 """
 
 from __future__ import annotations
@@ -13,21 +15,27 @@ from pathlib import Path
 
 import numpy as np
 
-from fmcache.cache.key import SCHEMA_VERSION
+from fmcache.cache.folder import CacheFolder
+from fmcache.cache.key import SCHEMA_VERSION, cache_key
 from fmcache.cache.views import SEED as VIEWS_SEED
-from fmcache.config import check_int
-from fmcache.data import DatasetIndex, dataset_norm
-from fmcache.data.transforms import GRAY_MODES, INTERPOLATIONS, train_augmentation_spec
+from fmcache.config import as_path, check_int
+from fmcache.data import DatasetIndex, build_transform, dataset_norm, load_dataset
+from fmcache.data.transforms import (
+    GRAY_MODES,
+    INTERPOLATIONS,
+    check_gray_for,
+    train_augmentation,
+    train_augmentation_spec,
+)
 from fmcache.errors import FmcacheError
 from fmcache.files import sha256_file
-from fmcache.models import get_spec
+from fmcache.models import RANDOM_INIT_SEED, get_spec
 
 DTYPES = {"fp16": np.float16, "fp32": np.float32}
 ON_BAD_IMAGE = ("error", "skip")
 NORMS = ("dataset", "model")
 COMPRESSIONS = (None, "gzip", "lzf")
 FINGERPRINTS = ("stat", "content")  # path + size + mtime (cheap), or the bytes of every image
-RANDOM_INIT_SEED = 0  # --random-init weights are seeded so every process and every resume builds the same model
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,10 @@ class ExtractSpec:
 
     def __post_init__(self) -> None:
         """Check choices, types and ranges once, so bad values fail as one clear line before any work."""
+        for name in ("data_root", "weights", "cache_root"):
+            object.__setattr__(self, name, as_path(getattr(self, name)))
+        if self.tokens is not None and not isinstance(self.tokens, str):
+            object.__setattr__(self, "tokens", str(self.tokens))  # YAML reads `tokens: 12` as a number
         for name, low in (("batch_size", 1), ("shard_size", 1), ("workers", 0), ("views", 0)):
             check_int(name, getattr(self, name), low)
         for name in ("img_size", "resize", "limit"):
@@ -220,3 +232,57 @@ def views_inputs(spec: ExtractSpec, img_size: int, mean: tuple[float, ...], std:
 def cache_dir(cache_root: Path, dataset: str, model: str, key: str) -> Path:
     safe_model = model.replace(":", "_").replace("/", "_")
     return Path(cache_root) / dataset / safe_model / key[:12]
+
+
+@dataclass
+class ExtractPlan:
+    """A checked request with everything decided: samples, transforms, key inputs, key and cache folder."""
+
+    spec: ExtractSpec
+    index: DatasetIndex
+    positions: np.ndarray
+    img_size: int
+    transform: object
+    transform_desc: dict
+    augment: object | None  # PROTOCOLS' train augmentation for --views K (the one finetune uses), else None
+    inputs: dict
+    key: str
+    folder: Path
+    num_shards: int
+    cache: CacheFolder
+
+    def split_counts(self) -> dict[str, int]:
+        """Samples of each split that this run caches (after --limit)."""
+        return {s: int(np.isin(self.positions, self.index.indices(s)).sum()) for s in ("train", "val", "test")}
+
+    def shard_positions(self, shard: int) -> np.ndarray:
+        size = self.spec.shard_size
+        return self.positions[shard * size : (shard + 1) * size]
+
+    def is_complete(self) -> bool:
+        return self.cache.is_complete()
+
+
+def plan(spec: ExtractSpec, log=print) -> ExtractPlan:
+    """Everything about an extraction that needs no model and no decoded image: the key and the cache folder."""
+    index = load_dataset(spec.dataset, spec.data_root, **spec.dataset_options)
+    positions = select_positions(index, spec.limit)
+    model_spec = get_spec(spec.model)
+    img_size = int(spec.img_size or model_spec.default_img_size)
+    mean, std, norm_source = resolve_norm(spec)
+    check_gray_for(spec.gray, spec.dataset)
+    transform, desc = build_transform(
+        img_size, spec.resize, mean, std, interpolation=spec.interpolation, gray=spec.gray
+    )
+    transform_desc = {**desc, "norm_source": norm_source}
+    inputs = key_inputs(spec, index, positions, transform_desc, log)
+    inputs["views"] = views_inputs(spec, img_size, mean, std)
+    augment = train_augmentation(img_size, mean, std, gray=spec.gray) if spec.views else None
+    key = cache_key(inputs)
+    folder = cache_dir(spec.cache_root, index.name, model_spec.name, key)
+    return ExtractPlan(
+        spec=spec, index=index, positions=positions, img_size=img_size, transform=transform,
+        transform_desc=transform_desc, augment=augment, inputs=inputs, key=key, folder=folder,
+        num_shards=max(1, -(-len(positions) // spec.shard_size)),
+        cache=CacheFolder(folder, key, verify=spec.verify, log=log),
+    )  # fmt: skip

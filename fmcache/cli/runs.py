@@ -1,0 +1,169 @@
+"""Commands that run or gather whole experiments: ``finetune``, ``report``, ``grid``, ``demo``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from fmcache.cli.app import SPLIT_HELP, _build_spec, _log, app, cli_command, console
+from fmcache.cli.stage_two import _print_cka, _print_folder, _print_knn, _print_probe
+
+
+def _print_finetune(result: dict) -> None:
+    table = Table(title=f"fine-tuning ({result['metric']}, test mean ± std over seeds at the best val LR)")
+    for col in ("layer", "best lr", "val", "test", "train s/epoch", "effective batch"):
+        table.add_column(col)
+    for layer, r in result["layers"].items():
+        t = r["timings"]
+        table.add_row(
+            str(layer), f"{r['best_lr']:g}", f"{r['val_mean']:.4f} ± {r['val_std']:.4f}",
+            f"{r['test_mean']:.4f} ± {r['test_std']:.4f}", f"{t['train_s_per_epoch']:.2f}", str(t["effective_batch_size"]),
+        )  # fmt: skip
+    console.print(table)
+    _print_folder(result)
+
+
+FINETUNE_FREEZE_HELP = (
+    "none | all | K. none: every block trains; all: frozen foundation (online baseline); K: blocks 1..K frozen "
+    "(run under no_grad). Patch/position embedding and the final norm are frozen whenever any block is, as in the seed."
+)
+
+
+@app.command("finetune")
+@cli_command
+def finetune_cmd(
+    dataset: Annotated[str | None, typer.Option(help="Dataset name (see `fmcache datasets`).")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Dataset folder in the official layout.")] = None,
+    model: Annotated[str | None, typer.Option(help="Registry name (see `fmcache models`).")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Local foundation weights file.")] = None,
+    random_init: Annotated[
+        bool | None, typer.Option("--random-init", help="Random foundation weights (the same as extract's).")
+    ] = None,
+    head: Annotated[str | None, typer.Option(help="linear (on the pooled feature) or deit (stacked DeiT-B).")] = None,
+    head_weights: Annotated[
+        str | None, typer.Option(help="DeiT head: imagenet (default, the seed's DeiT-B/16) or a weights FILE.")
+    ] = None,
+    head_random_init: Annotated[
+        bool | None, typer.Option("--head-random-init", help="DeiT head with random weights, on purpose.")
+    ] = None,
+    head_depth: Annotated[int | None, typer.Option(help="Blocks of the DeiT head (the seed's 12).")] = None,
+    freeze: Annotated[str | None, typer.Option(help=FINETUNE_FREEZE_HELP)] = None,
+    drop_after: Annotated[
+        int | None, typer.Option(help="Decapitate: stop after block I; its tokens / pooled feature feed the head.")
+    ] = None,
+    lrs: Annotated[str | None, typer.Option(help="Comma-separated learning rates.")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Seeds per learning rate (0..N-1).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs; the best epoch is chosen on val.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size per process.")] = None,
+    accum: Annotated[int | None, typer.Option(help="Gradient accumulation steps.")] = None,
+    img_size: Annotated[int | None, typer.Option(help="Input size.")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="After warmup: constant (the seed's) or cosine.")] = None,
+    clip: Annotated[float | None, typer.Option(help="Gradient-norm clipping (0: off).")] = None,
+    amp: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, off on CPU), bf16, fp16 or off.")] = None,
+    layer_decay: Annotated[float | None, typer.Option(help="Layer-wise LR decay (1.0: none, the seed's).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay on weights.")] = None,
+    norm: Annotated[str | None, typer.Option(help="Normalisation: dataset (the seed's) or model.")] = None,
+    gray: Annotated[str | None, typer.Option(help="Grayscale scans: repeat or seed.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N samples of each split.")] = None,
+    metric: Annotated[str | None, typer.Option(help="Override the dataset's paper metric.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Runs root.")] = None,
+    resume: Annotated[
+        bool | None, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint (default).")
+    ] = None,
+    from_cache: Annotated[
+        Path | None, typer.Option(help="Train blocks K+1.. and the head from this cache's layer-K tokens.")
+    ] = None,
+    tensorboard: Annotated[bool | None, typer.Option("--tensorboard", help="Also log to TensorBoard.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    uncertain: Annotated[str | None, typer.Option(help="CheXpert uncertain labels: zeros, ones or ignore.")] = None,
+    split: Annotated[str | None, typer.Option(help=SPLIT_HELP)] = None,
+    layout: Annotated[str | None, typer.Option(help="CBIS-DDSM layout: auto, lists or tcia.")] = None,
+    csv: Annotated[str | None, typer.Option(help="CSV manifest file name for --dataset csv.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file of these options; flags override it.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Fine-tune a foundation end to end (unfrozen, first K blocks frozen, or decapitated) with a linear or DeiT head.
+
+    Patch/position embedding and the final norm are frozen whenever any block is frozen.
+    """
+    flags = {k: v for k, v in locals().items() if k not in ("config", "quiet")}
+    from fmcache.dist import is_main_process
+    from fmcache.finetune.spec import FinetuneSpec
+    from fmcache.protocols import head_protocol
+
+    spec = _build_spec(FinetuneSpec, config, flags)
+    result = head_protocol("finetune", spec.head).run(spec, progress=not quiet, log=_log)
+    if is_main_process():
+        _print_finetune(result)
+
+
+@app.command("report")
+@cli_command
+def report_cmd(
+    results: Annotated[Path, typer.Argument(help="A results tree (fmcache grid / evaluations write it).")] = Path(
+        "results"
+    ),
+    out: Annotated[Path, typer.Option(help="Folder for the report's files.")] = Path("report"),
+    format: Annotated[
+        str, typer.Option(help="Comma-separated: md, csv, tex, html (Markdown and CSV are always written).")
+    ] = "md,csv,tex,html",
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for CIs and paired tests.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+) -> None:
+    """The paper's tables (mean ± std, bootstrap CIs, paired tests), figures and one HTML page from a results tree."""
+    from fmcache.report.render import build_report, parse_formats
+
+    report = build_report(results, out, parse_formats(format), resamples, seed)
+    console.print(f"{report['n_results']} result(s) → {len(report['files'])} file(s) in {report['out']}", markup=False)
+    for path in report["files"]:
+        console.print(f"  {path}", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command("grid")
+@cli_command
+def grid_cmd(
+    config: Annotated[Path, typer.Argument(help="Grid YAML (see configs/paper.yaml, configs/demo_grid.yaml).")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan: jobs per kind, done, cost.")] = False,
+    executor: Annotated[str, typer.Option(help="local (this machine) or slurm (submitit).")] = "local",
+    only: Annotated[
+        str | None, typer.Option(help="Comma-separated job kinds, models or datasets to keep, e.g. extract,knn.")
+    ] = None,
+    results: Annotated[Path | None, typer.Option(help="Results root (overrides the YAML's).")] = None,
+    cache_root: Annotated[Path | None, typer.Option(help="Cache root (overrides the YAML's).")] = None,
+    jobs: Annotated[int, typer.Option(help="local: N jobs at once, as subprocesses with one GPU each.")] = 1,
+    slurm_partition: Annotated[str | None, typer.Option(help="slurm: partition.")] = None,
+    gpus_per_job: Annotated[int, typer.Option(help="slurm: GPUs per job.")] = 1,
+    time: Annotated[int, typer.Option(help="slurm: time limit per job, minutes.")] = 240,
+    logs: Annotated[Path | None, typer.Option(help="Per-job logs (default: <results>/grid_logs).")] = None,
+) -> None:
+    """Expand a YAML experiment into extract → protocol jobs, skip finished ones, run the rest locally or on Slurm."""
+    from fmcache.grid.config import GridOptions
+    from fmcache.grid.main import run_grid
+
+    options = GridOptions(dry_run=dry_run, executor=executor, only=only, results=results, cache_root=cache_root,
+                          jobs=jobs, slurm_partition=slurm_partition, gpus_per_job=gpus_per_job, time_min=time,
+                          logs=logs)  # fmt: skip
+    run_grid(config, options, log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
+
+
+@app.command("demo")
+@cli_command
+def demo_cmd(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's data, cache and results.")] = Path("demo_out"),
+    model: Annotated[str, typer.Option(help="Registry model to extract (random weights offline).")] = "resnet50",
+    img_size: Annotated[int, typer.Option(help="Input size.")] = 32,
+    epochs: Annotated[int, typer.Option(help="Linear-probe epochs.")] = 30,
+) -> None:
+    """Offline demo: scikit-learn digits → extract → info → k-NN → linear probe → CKA."""
+    from fmcache.cache.info import format_info
+    from fmcache.demo import run_demo
+
+    result = run_demo(out, model, img_size, epochs=epochs, log=_log)
+    console.print(format_info(result["cache"]), highlight=False, soft_wrap=True)
+    _print_knn(result["knn"])
+    _print_probe(result["probe"])
+    _print_cka(result["cka"])

@@ -1,0 +1,231 @@
+"""Stage two's commands, from a cache: ``knn``, ``probe``, ``cka``, and their result tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from fmcache.cli.app import _build_spec, _log, app, cli_command, console
+
+# -- stage two ---------------------------------------------------------------------------------------------------
+
+
+def _print_folder(result: dict) -> None:
+    """The result folder on a line of its own: in a table title it wraps mid-hash on an 80-column terminal."""
+    console.print(f"→ {result['folder']}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _print_knn(result: dict) -> None:
+    table = Table(title=f"k-NN ({result['metric']})")
+    extra = result["metric"] != "accuracy"  # accuracy is always reported; don't show it twice
+    for col in ("layer", "split", "k", result["metric"], *(["accuracy"] if extra else [])):
+        table.add_column(col)
+    for row in result["rows"]:
+        cells = [str(row["layer"]), row["split"], str(row["k"]), f"{row['value']:.4f}"]
+        table.add_row(*cells, *([f"{row['accuracy']:.4f}"] if extra else []))
+    console.print(table)
+    _print_folder(result)
+    skipped = sorted({name for row in result["rows"] for name in row.get("skipped", "").split(";") if name})
+    if skipped:  # never scored 0.5 silently: say which labels had a single class in some split
+        console.print(
+            f"[yellow]labels left out of the mean AUC in some split (one class only): {', '.join(skipped)}[/]"
+        )
+
+
+def _print_probe(result: dict) -> None:
+    table = Table(
+        title=f"{result.get('head', 'linear')} probe ({result['metric']}, test mean ± std over seeds at the best val LR)"
+    )
+    for col in ("layer", "best lr", "val", "test", "train s"):
+        table.add_column(col)
+    for layer, r in result["layers"].items():
+        table.add_row(
+            str(layer), f"{r['best_lr']:g}", f"{r['val_mean']:.4f} ± {r['val_std']:.4f}",
+            f"{r['test_mean']:.4f} ± {r['test_std']:.4f}", f"{r['timings']['train_seconds']:.1f}",
+        )  # fmt: skip
+        if "sklearn" in r:
+            ref = r["sklearn"]
+            table.add_row(str(layer), f"sklearn C={ref['best_C']:g}", f"{ref['val']:.4f}", f"{ref['value']:.4f}", "")
+    console.print(table)
+    _print_folder(result)
+
+
+@app.command("knn")
+@cli_command
+def knn_cmd(
+    cache: Annotated[Path, typer.Argument(help="A cache directory (see `fmcache ls`).")],
+    k: Annotated[
+        str | None, typer.Option("--k", help="Comma-separated k values; one search at the largest serves all.")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="Vote weight exp(sim/T) (default 0.07); the seed used k=200, T=0.1.")
+    ] = None,
+    layer: Annotated[str | None, typer.Option(help="last (default), all or a 1-based layer number.")] = None,
+    pool: Annotated[
+        str | None, typer.Option(help="auto (the model's paper feature), cls, mean, paper or cls+mean.")
+    ] = None,
+    eval: Annotated[str | None, typer.Option("--eval", help="Splits to evaluate: val, test or val,test.")] = None,
+    metric: Annotated[str | None, typer.Option(help="Override the dataset's paper metric.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Results root (default results).")] = None,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Force the FAISS CPU index even when a GPU exists.")] = False,
+    plots: Annotated[bool | None, typer.Option("--plots/--no-plots", help="PNG plots beside the results.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file of these options; flags override it.")] = None,
+) -> None:
+    """Weighted k-NN from a cache (FAISS, exact inner product on L2-normalised features). Defaults: k
+    10,20,100,200, T 0.07, the last layer."""
+    from fmcache.protocols import get_protocol
+
+    flags = {"ks": k, "temperature": temperature, "layer": layer, "pool": pool, "eval_splits": eval,
+             "metric": metric, "out": out, "use_gpu": False if cpu else None, "plots": plots}  # fmt: skip
+    protocol = get_protocol("knn")
+    result = protocol.run(_build_spec(protocol.spec_class(), config, flags, cache=cache), log=_log)
+    _print_knn(result)
+    if result.get("views_note"):
+        console.print(f"note: {result['views_note']}", markup=False)
+
+
+@app.command("probe")
+@cli_command
+def probe_cmd(
+    cache: Annotated[Path, typer.Argument(help="A cache directory (see `fmcache ls`).")],
+    head: Annotated[
+        str | None,
+        typer.Option(help="linear (pooled features; default), deit (the seed's stacked DeiT-B) or attentive (tokens)."),
+    ] = None,
+    lrs: Annotated[
+        str | None, typer.Option(help="Comma-separated learning rates (default 1e-5,3e-5,1e-4,1e-3).")
+    ] = None,
+    seeds: Annotated[
+        str | None, typer.Option(help="Seeds per learning rate: a count N (0..N-1; default 5) or a list.")
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Epochs (default 100); the best epoch per head is chosen on val.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (default 64).")] = None,
+    layer: Annotated[
+        str | None,
+        typer.Option(help="last (default), all or a 1-based layer; token heads also take lists such as 4,8,12."),
+    ] = None,
+    pool: Annotated[str | None, typer.Option(help="Linear head: auto, cls, mean, paper or cls+mean.")] = None,
+    metric: Annotated[str | None, typer.Option(help="Override the dataset's paper metric.")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (default 1e-5).")] = None,
+    schedule: Annotated[
+        str | None, typer.Option(help="After the linear warmup: constant (the seed's, the paper's code) or cosine.")
+    ] = None,
+    sklearn: Annotated[
+        bool | None, typer.Option("--sklearn", help="Linear head: also fit scikit-learn LogisticRegression (C sweep).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    standardize: Annotated[
+        bool | None,
+        typer.Option("--standardize/--no-standardize", help="Linear head: z-score features with train statistics."),
+    ] = None,
+    head_weights: Annotated[
+        str | None,
+        typer.Option(help="DeiT head init: imagenet (timm's DeiT-B/16, the seed's; default) or a checkpoint FILE."),
+    ] = None,
+    head_random_init: Annotated[
+        bool | None,
+        typer.Option("--head-random-init", help="DeiT head: random init (explicit; reported in every output)."),
+    ] = None,
+    head_depth: Annotated[
+        int | None, typer.Option(help="DeiT head: the first N blocks of DeiT-B (1..12; default 12).")
+    ] = None,
+    token_norm: Annotated[
+        str | None, typer.Option(help="Tokens fed to token heads: seed (the seed's per model; default), none or final.")
+    ] = None,
+    preload: Annotated[
+        str | None, typer.Option(help="Token heads: tokens in RAM: auto (when they fit), yes or no.")
+    ] = None,
+    heads_per_pass: Annotated[
+        int | None, typer.Option(help="Token heads: at most N heads trained together (0: the whole grid).")
+    ] = None,
+    resume: Annotated[
+        bool | None,
+        typer.Option("--resume/--no-resume", help="Token heads: continue from the per-epoch checkpoint (default)."),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Token heads: DataLoader workers when tokens are streamed.")
+    ] = None,
+    plots: Annotated[bool | None, typer.Option("--plots/--no-plots", help="PNG plots beside the results.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Results root (default results).")] = None,
+    views: Annotated[
+        str | None,
+        typer.Option(help="Train on the cache's augmented views: on or off (default: on when the cache has them)."),
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file of these options; flags override it.")] = None,
+) -> None:
+    """Train every LR × seed head at once from the cache (linear on pooled features; deit or attentive on tokens)."""
+    flags = {k: v for k, v in locals().items() if k not in ("cache", "config", "head")}
+    from fmcache.config import load_config
+    from fmcache.protocols import head_protocol
+
+    protocol = head_protocol("probe", head or str(load_config(config).get("head") or "linear"))
+    spec = _build_spec(protocol.spec_class(), config, flags, cache=cache, **dict(protocol.fixed))
+    result = protocol.run(spec, progress=True, log=_log)
+    if result.get("head_weights", {}).get("source") == "random" and spec.head == "deit":
+        console.print("[bold yellow]the deit head started from random weights (--head-random-init)[/]")
+    _print_probe(result)
+    if spec.head == "linear":
+        _print_views(result)
+
+
+def _print_views(result: dict) -> None:
+    """Which inputs the heads trained on: cached augmented views, or center crops only."""
+    used = result.get("views") or {}
+    if used.get("used"):
+        console.print(f"train: one of {used['k']} cached augmented views per sample per epoch; val/test: center crops")
+    else:
+        console.print("train, val and test: center crops (no augmented views)")
+
+
+def _print_cka(result: dict) -> None:
+    kind = "debiased" if result["debiased"] else "biased"
+    table = Table(title=f"linear CKA ({kind}, {result['estimator']}, n={result['n']})")
+    table.add_column("A \\ B")
+    for label in result["col_layers"]:
+        table.add_column(str(label), justify="right")
+    for label, values in zip(result["row_layers"], result["matrix"], strict=True):
+        table.add_row(str(label), *(f"{v:.3f}" for v in values))
+    console.print(table)
+    _print_folder(result)
+
+
+@app.command("cka")
+@cli_command
+def cka_cmd(
+    cache: Annotated[Path, typer.Argument(help="A cache directory (see `fmcache ls`).")],
+    cache_b: Annotated[
+        Path | None, typer.Argument(help="A second cache of the same samples: layers of A × layers of B.")
+    ] = None,
+    layers: Annotated[str | None, typer.Option(help="all (default), last or 1-based layers such as 4,8,12.")] = None,
+    layers_b: Annotated[str | None, typer.Option(help="Layers of the second cache (default: --layers).")] = None,
+    pool: Annotated[
+        str | None, typer.Option(help="auto (default), cls, mean, paper or tokens (the cached token maps, flattened).")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="test (default), val, train or all.")] = None,
+    estimator: Annotated[
+        str | None, typer.Option(help="exact or minibatch (default: exact for pooled, minibatch for tokens).")
+    ] = None,
+    debiased: Annotated[
+        bool | None, typer.Option("--debiased/--biased", help="Unbiased HSIC (default) or Kornblith 2019's biased CKA.")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Minibatch estimator only: samples per batch (default 256).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Results root (default results).")] = None,
+    plots: Annotated[
+        bool | None, typer.Option("--plots/--no-plots", help="The heatmap PNG beside the results.")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file of these options; flags override it.")] = None,
+) -> None:
+    """Linear CKA between every pair of layers of one cache, or of two caches aligned by sample id."""
+    flags = {k: v for k, v in locals().items() if k not in ("cache", "config")}
+    from fmcache.protocols import get_protocol
+
+    protocol = get_protocol("cka")
+    result = protocol.run(_build_spec(protocol.spec_class(), config, flags, cache=cache), log=_log)
+    _print_cka(result)

@@ -1,0 +1,199 @@
+"""A foundation seen as embedding → blocks → post-block modules: each backend's block layout, run piece by piece.
+
+``Foundation.forward`` returns every layer at once, which is what extraction wants. Fine-tuning needs the pieces: the
+frozen prefix (embedding and blocks 1..K) runs under ``torch.no_grad``, the forward stops after block I
+(decapitation), and the from-cache path starts at block K+1 from cached layer-K tokens. Each adapter that has a block
+list answers ``block_layout()`` with one of these views, which run those pieces with the backend's own modules (timm
+ViT ``blocks``, timm SAM ``blocks`` in NHWC, open_clip ``transformer.resblocks``, transformers BLIP
+``encoder.layers``). CNNs, Hiera (SAM2), FocalNet and other stage-based models answer None: they fine-tune whole or
+frozen, and a block number is refused naming their unit (``layer_unit``).
+
+A view's outputs equal the ``Foundation``'s for the same layer (``tests/test_finetune.py`` checks it), so a head sees
+the same features as in the cache.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from fmcache.models.foundation import Foundation
+
+from fmcache.errors import FmcacheError
+
+
+class Stages:
+    """One backend's embedding, blocks and post-block modules; subclasses know how to run each."""
+
+    unit = "blocks"
+
+    def __init__(self, foundation: Foundation, root: nn.Module, blocks: nn.ModuleList, post: tuple[str, ...]):
+        self.foundation = foundation
+        self.root = root  # the module whose state dict is the model's own key layout
+        self.blocks = blocks
+        self.post = post  # attribute names of modules used only after the blocks (final norm, pooling, projection)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def prefix(self) -> int:
+        return int(self.foundation.adapter.num_prefix_tokens)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run_block(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        return self.blocks[i](h)
+
+    def to_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        """The layer's raw output as (B, T, D), prefix tokens first: the layout the cache stores."""
+        return h
+
+    def from_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_tokens`: cached layer tokens back into the next block's input."""
+        return t
+
+    def norm(self, h: torch.Tensor) -> torch.Tensor:
+        return h
+
+    def pooled(self, h: torch.Tensor, last: bool) -> torch.Tensor:
+        """The paper's pooled feature of this layer (CLS or patch mean after the final norm)."""
+        normed = self.norm(h)
+        kind = self.pooled_kind
+        if kind == "cls":
+            return normed[:, 0]
+        return normed[:, self.prefix :].mean(dim=1)
+
+    @property
+    def pooled_kind(self) -> str:
+        kind = self.foundation.spec.pooled
+        if kind == "auto":
+            kind = "cls" if self.prefix > 0 else "mean"
+        return "cls" if kind == "pooled" else kind
+
+    def deit_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        """Patch tokens for the stacked DeiT head: prefix dropped, before the final norm (PROTOCOLS.md)."""
+        return self.to_tokens(h)[:, self.prefix :]
+
+    def post_uses_norm_for_tokens(self) -> bool:
+        return False
+
+    def partition(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """The root's parameters as embed / block i / post (names in the root's own layout)."""
+        block_ids = {id(p): i for i, b in enumerate(self.blocks) for p in b.parameters()}
+        post_ids = {id(p) for name in self.post if isinstance(getattr(self.root, name, None), nn.Module)
+                    for p in getattr(self.root, name).parameters()}  # fmt: skip
+        post_ids |= {
+            id(getattr(self.root, n)) for n in self.post if isinstance(getattr(self.root, n, None), nn.Parameter)
+        }
+        out: dict[str, list] = {"embed": [], "post": [], **{f"block{i}": [] for i in range(self.depth)}}
+        for name, p in self.root.named_parameters():
+            if id(p) in block_ids:
+                out[f"block{block_ids[id(p)]}"].append((name, p))
+            elif id(p) in post_ids:
+                out["post"].append((name, p))
+            else:
+                out["embed"].append((name, p))
+        return out
+
+
+class TimmVitStages(Stages):
+    def __init__(self, foundation: Foundation):
+        m = foundation.adapter.model
+        super().__init__(foundation, m, m.blocks, ("norm", "fc_norm", "head", "attn_pool"))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.root
+        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+
+    def norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.root.norm(h)
+
+
+class TimmSamStages(Stages):
+    """timm's SAM encoder keeps (B, H, W, C) maps between blocks; the cache stores them flattened row-major."""
+
+    def __init__(self, foundation: Foundation):
+        m = foundation.adapter.model
+        super().__init__(foundation, m, m.blocks, ("neck", "head"))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        from timm.layers import resample_abs_pos_embed_nhwc
+
+        m = self.root
+        h = m.patch_embed(x)
+        if m.pos_embed is not None:
+            h = h + resample_abs_pos_embed_nhwc(m.pos_embed, h.shape[1:3])
+        return m.norm_pre(m.patch_drop(m.pos_drop(h)))
+
+    def to_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        return h.reshape(h.shape[0], -1, h.shape[-1])
+
+    def from_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        side = round(t.shape[1] ** 0.5)
+        if side * side != t.shape[1]:
+            raise FmcacheError(f"cached SAM tokens ({t.shape[1]}) do not form a square map")
+        return t.reshape(t.shape[0], side, side, t.shape[-1])
+
+    def norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.to_tokens(h)  # no final norm on SAM's tokens (the neck is not used)
+
+
+class OpenClipStages(Stages):
+    def __init__(self, foundation: Foundation):
+        v = foundation.adapter.visual
+        super().__init__(
+            foundation, v, v.transformer.resblocks, ("ln_post", "proj", "attn_pool", "attn_pool_contrastive")
+        )
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.root._embeds(x)
+
+    def run_block(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        if getattr(self.root.transformer, "batch_first", True):
+            return self.blocks[i](h, attn_mask=None)
+        return self.blocks[i](h.transpose(0, 1), attn_mask=None).transpose(0, 1)
+
+    def norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.root.ln_post(h)
+
+    def pooled(self, h: torch.Tensor, last: bool) -> torch.Tensor:
+        # CLIP's projection / CoCa's attention pooler is defined on the last block only; a decapitated CLIP
+        # gives its CLS after ln_post instead
+        if self.foundation.spec.pooled == "pooled" and last:
+            pooled, _ = self.root._pool(h)
+            return pooled @ self.root.proj if self.root.proj is not None else pooled
+        return self.norm(h)[:, 0]
+
+
+class BlipStages(Stages):
+    def __init__(self, foundation: Foundation):
+        m = foundation.adapter.model
+        super().__init__(foundation, m, m.encoder.layers, ("post_layernorm",))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        native = self.foundation.adapter.native_size
+        kwargs = {"interpolate_pos_encoding": True} if x.shape[-1] != native else {}
+        return self.root.embeddings(x, **kwargs)
+
+    def run_block(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        out = self.blocks[i](h)
+        return out[0] if isinstance(out, tuple) else out
+
+    def norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.root.post_layernorm(h)
+
+    @property
+    def prefix(self) -> int:
+        return 1  # BLIP's CLS is token 0 (its adapter learns this on the first forward)
+
+    def deit_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(h)[:, 1:]  # BLIP feeds the DeiT head after its final norm (PROTOCOLS.md)
+
+    def post_uses_norm_for_tokens(self) -> bool:
+        return True
