@@ -6,6 +6,8 @@ import errno
 import hashlib
 import json
 import os
+import re
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -15,17 +17,62 @@ from fmcache.errors import FmcacheError
 
 
 def _writer_id() -> str:
-    # process and thread: two writers in one process (threads) must not share a temporary name either
-    return f"{os.getpid()}-{threading.get_ident()}"
+    # process and thread: two writers in one process (threads) must not share a temporary name either; the host,
+    # so a rerun can tell its own dead writers' leftovers from a live writer's on another node of a shared filesystem
+    return f"{os.getpid()}-{threading.get_ident()}@{socket.gethostname()}"
+
+
+# what _writer_id() puts after ".tmp-": pid, thread and host
+_TMP_WRITER = re.compile(r"\.tmp-(\d+)-\d+@(.+)$")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host and is not a zombie (a killed child not yet reaped is dead)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): the signal check is all there is
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the temporaries of ``path`` that :func:`atomic_write_with` left behind in writers that died.
+
+    Only files whose writer was on this host and whose pid no longer runs: a live writer (another thread or process
+    writing the same file now) or a writer on another host of a shared filesystem keeps its file. Names without a
+    host (written before 0.3) are left alone, as their writer cannot be told apart from a live one.
+    """
+    path = Path(path)
+    host, removed = socket.gethostname(), []
+    try:
+        candidates = [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.tmp-")]
+    except OSError:
+        return removed
+    for tmp in candidates:
+        match = _TMP_WRITER.search(tmp.name)
+        if match and match.group(2) == host and not pid_alive(int(match.group(1))):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def atomic_write_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Stream into a temporary name in the same folder with ``write(fh)``, fsync, then rename over ``path``.
 
-    A crash leaves at most a hidden temporary file, never a partial file under the real name. Streaming lets large
-    payloads (a grid of DeiT-B heads' checkpoint) go to disk without a second copy in RAM.
+    A crash leaves at most a hidden temporary file, never a partial file under the real name; the next write of the
+    same file removes it (:func:`remove_stale_temporaries`), which matters for checkpoints of many GB. Streaming lets
+    large payloads (a grid of DeiT-B heads' checkpoint) go to disk without a second copy in RAM.
     """
     path = Path(path)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{_writer_id()}")
     try:
         with open(tmp, "wb") as fh:

@@ -230,6 +230,13 @@ def check_checkpoint(path: Path, settings: dict) -> bool:
     return True
 
 
+def checkpoint_position(path: Path) -> dict:
+    """The numbers at the top of a checkpoint's ``state`` (epoch, pass, ...), read cheaply (memory-mapped), so a
+    runner can say where it resumes before it loads the tensors."""
+    state = _read_checkpoint(Path(path), mmap=True)["state"]
+    return {k: v for k, v in state.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def load_checkpoint(path: Path, settings: dict, restore_rng: bool = True) -> dict | None:
     """The ``state`` saved by :func:`save_checkpoint` at ``path`` (None when there is none), after checking that it
     was made with the same ``settings``; restores the global RNG states too unless ``restore_rng`` is False."""

@@ -110,6 +110,9 @@ def test_bad_input_is_one_line(tmp_path: Path, tiny: Path, monkeypatch):
     bad.write_text(TINY.replace("root: data/digits, prepare: digits, per_class: 8", "root: nowhere"))
     _one_line_exit_2(_grid(bad), "root", "nowhere", "does not exist")
     assert not (tmp_path / "out").exists()  # refused before any job started
+    _one_line_exit_2(_grid(tiny, "--executor", "slurm", "--slurm-option", "dependency=afterok:1"),
+                     "the grid sets --dependency itself")  # fmt: skip
+    _one_line_exit_2(_grid(tiny, "--executor", "slurm", "--slurm-option", "=16G"), "give KEY=VALUE")
     monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
     _one_line_exit_2(_grid(tiny, "--executor", "slurm"), "pip install submitit")
     assert not (tmp_path / "data").exists()
@@ -173,3 +176,63 @@ def test_demo_grid_end_to_end(tmp_path: Path):
     assert "imagefolder (accuracy) linear frozen" in md and "resnet50" in md
     figures = {p.name for p in (tmp_path / "report" / "figures").iterdir()}
     assert "imagefolder_frozen_blocks.png" in figures and "imagefolder_cka_last_layer_models.png" in figures
+
+
+def test_job_lock_skips_waits_for_and_recovers_from_another_grid(tiny: Path, tmp_path: Path):
+    """A job whose lock another grid holds is skipped (and named with its pid and host), waited for with --wait, and
+    a lock left by a dead process is taken over."""
+    import json
+    import socket
+    import threading
+
+    from fmcache.grid.lock import JobLock
+    from fmcache.grid.run import ledger_path
+
+    knn = next(j for j in expand(load_grid(tiny)) if j.kind == "knn")
+    lock = JobLock(knn)
+    lock.path.parent.mkdir(parents=True)
+    lock.acquire()
+    messages: list[str] = []
+    out = run_grid(tiny, GridOptions(), log=messages.append)
+    lock.release()
+    holder = f"running in another grid (pid {os.getpid()}, host {socket.gethostname()})"
+    assert out["elsewhere"] == {knn.id: holder} and knn.id not in out["ran"] and len(out["ran"]) == 3, messages
+    assert f"  skipped: {holder}; pass --wait to wait for it" in messages
+    assert any(m.startswith("4 job(s): 3 ran, 0 already done, 0 failed, 0 not started, 1 running in another grid")
+               for m in messages), messages  # fmt: skip
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.path.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "then"}))
+    messages.clear()
+    out = run_grid(tiny, GridOptions(), log=messages.append)
+    assert out["ran"] == [knn.id] and any(f"stale lock from dead pid {dead.pid}" in m for m in messages), messages
+    assert not lock.path.exists()
+
+    ledger_path(knn).unlink()  # undone again; this time the holder lets go while the grid waits
+    lock = JobLock(knn)
+    lock.acquire()
+    threading.Timer(1.5, lock.release).start()
+    messages.clear()
+    out = run_grid(tiny, GridOptions(wait=True), log=messages.append)
+    assert out["ran"] == [knn.id], messages
+    assert f"  waiting for {knn.id}: {holder}" in messages
+
+
+@pytest.mark.slow
+def test_two_local_grids_at_once_never_run_a_job_twice(tiny: Path, tmp_path: Path):
+    """Two grids on one results folder started together (one of them with --jobs 2): each job runs once."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    commands = [["--wait", "--jobs", "2", "--logs", str(tmp_path / "logs")], ["--wait"]]
+    procs = [subprocess.Popen([sys.executable, "-m", "fmcache", "grid", str(tiny), *extra], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for extra in commands]  # fmt: skip
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    ran = 0
+    for proc, out in zip(procs, outs, strict=True):
+        assert proc.returncode == 0, out
+        counts = re.search(r"4 job\(s\): (\d+) ran, (\d+) already done, 0 failed, 0 not started;", out)
+        assert counts, out
+        ran += int(counts.group(1))
+    assert ran == 4, outs  # together they ran every job once
+    assert len(find_results(tmp_path / "out" / "results")) == 3

@@ -1,4 +1,5 @@
-"""A single-writer lock per cache directory, with stale-lock detection."""
+"""Lock files that hold pid, host and start time, with stale-lock recovery: the cache's single-writer lock, and the
+base the grid's per-job lock extends (:mod:`fmcache.grid.lock`)."""
 
 from __future__ import annotations
 
@@ -10,39 +11,63 @@ import uuid
 from pathlib import Path
 
 from fmcache.errors import FmcacheError
+from fmcache.files import pid_alive
 
 LOCK_NAME = "writer.lock"
+# a lock file still without a record after this long was left by a holder killed while it created it
+UNREADABLE_STALE_S = 60.0
+
+# kept under its old name: tests and callers of 0.2 import it from here
+_pid_alive = pid_alive
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+class LockHeld(FmcacheError):
+    """Another live process holds the lock; ``holder`` is its record (pid, host, started, and what the lock adds)."""
+
+    def __init__(self, message: str, holder: dict):
+        super().__init__(message)
+        self.holder = holder
 
 
-class CacheLock:
-    """Held by the one process that writes a cache directory (rank 0 under torchrun).
+class PidLock:
+    """A lock file taken with an exclusive create, holding pid, host, start time and ``extra`` fields.
 
-    The lock file holds pid, host and start time. A second writer is refused; a lock whose process is dead on
-    this host is reported and taken over.
+    A second taker is refused with :class:`LockHeld`; a lock whose holder is gone (:meth:`is_stale`: by default a
+    dead pid on this host) is taken over, and :attr:`stale_message` says so. Subclasses name what the lock protects
+    (:meth:`held_message`) and may know more ways a holder can be gone.
     """
 
-    def __init__(self, folder: Path):
-        self.path = folder / LOCK_NAME
+    def __init__(self, path: Path, extra: dict | None = None):
+        self.path = Path(path)
+        self.extra = dict(extra or {})
         self.stale_message: str | None = None
         self.held = False
         # threads of one process share a pid; the token tells this lock object's file from any other's
         self.token = uuid.uuid4().hex
 
-    def acquire(self) -> CacheLock:
+    # -- what subclasses adapt ---------------------------------------------------------------------------------
+
+    def held_message(self, holder: dict) -> str:
+        return (
+            f"{self.path} is held by pid {holder.get('pid', '?')} on {holder.get('host', '?')} since "
+            f"{holder.get('started', '?')}; wait for it, or delete {self.path} if that process is gone"
+        )
+
+    def missing_folder_message(self) -> str:
+        return f"folder {self.path.parent} disappeared; rerun the command"
+
+    def is_stale(self, holder: dict) -> bool:
+        """Whether the holder is certainly gone: only a dead pid on this host can be told from here."""
+        return holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", -1)))
+
+    # -- taking and releasing ------------------------------------------------------------------------------------
+
+    def acquire(self) -> PidLock:
         record = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **self.extra,
             "token": self.token,
         }
         for _ in range(3):
@@ -52,12 +77,19 @@ class CacheLock:
                 self._handle_existing()
                 continue
             except FileNotFoundError:  # the folder was removed under us (a failed run cleaning up its own folder)
-                raise FmcacheError(f"cache folder {self.path.parent} disappeared; rerun the command") from None
+                raise FmcacheError(self.missing_folder_message()) from None
             with os.fdopen(fd, "w") as fh:
                 json.dump(record, fh)
             self.held = True
             return self
-        raise FmcacheError(f"could not take the lock {self.path}; remove it if no extraction is running")
+        raise FmcacheError(f"could not take the lock {self.path}; remove it if nothing holds it")
+
+    def holder(self) -> dict | None:
+        """The record of the live process holding the lock, or None when the lock is free or its holder is gone."""
+        held = self._read_settled()
+        if not held:
+            return None
+        return None if self.is_stale(held) else held
 
     def _read(self, path: Path) -> dict:
         try:
@@ -65,20 +97,32 @@ class CacheLock:
         except (OSError, ValueError):
             return {}
 
-    def _handle_existing(self) -> None:
+    def _read_settled(self) -> dict:
         held = self._read(self.path)
         if not held and self.path.exists():
             # the holder may be between creating the file and writing its record: give it a moment
             time.sleep(0.05)
             held = self._read(self.path)
-        pid, host = int(held.get("pid", -1)), held.get("host", "?")
-        if held and host == socket.gethostname() and not _pid_alive(pid):
+        return held
+
+    def _handle_existing(self) -> None:
+        held = self._read_settled()
+        if held and self.is_stale(held):
             self._break_stale(held)
             return
-        raise FmcacheError(
-            f"cache {self.path.parent} is being written by pid {pid} on {host} since {held.get('started', '?')}; "
-            f"wait for it to finish, or delete {self.path} if that process is gone"
-        )
+        if not held and self._age() > UNREADABLE_STALE_S:
+            # a holder killed between creating the file and writing its record: nobody could ever free it
+            self._break_stale(held)
+            return
+        if not held and not self.path.exists():
+            return  # released meanwhile: retry the exclusive create
+        raise LockHeld(self.held_message(held), held)
+
+    def _age(self) -> float:
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except OSError:
+            return 0.0
 
     def _break_stale(self, stale: dict) -> None:
         """Remove a dead process's lock without ever removing a live one.
@@ -87,7 +131,7 @@ class CacheLock:
         created, so the file is first renamed to a private name (atomic: only one run gets it), and put back
         if it turns out not to be the stale record that was read.
         """
-        private = self.path.with_name(f"{LOCK_NAME}.breaking-{self.token}")
+        private = self.path.with_name(f"{self.path.name}.breaking-{self.token}")
         try:
             os.rename(self.path, private)
         except FileNotFoundError:
@@ -106,14 +150,41 @@ class CacheLock:
             private.unlink(missing_ok=True)
 
     def release(self) -> None:
-        """Remove the lock file only if it is still this object's: a refused writer must not free another's lock."""
+        """Remove the lock file only if it is still this object's: a refused taker must not free another's lock."""
         if self.held:
             if self._read(self.path).get("token") == self.token:
                 self.path.unlink(missing_ok=True)
             self.held = False
 
-    def __enter__(self) -> CacheLock:
+    def __enter__(self) -> PidLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class CacheLock(PidLock):
+    """Held by the one process that writes a cache directory (rank 0 under torchrun).
+
+    The lock file holds pid, host and start time. A second writer is refused; a lock whose process is dead on
+    this host is reported and taken over.
+    """
+
+    def __init__(self, folder: Path):
+        super().__init__(Path(folder) / LOCK_NAME)
+
+    def held_message(self, holder: dict) -> str:
+        return (
+            f"cache {self.path.parent} is being written by pid {holder.get('pid', -1)} on {holder.get('host', '?')} "
+            f"since {holder.get('started', '?')}; wait for it to finish, or delete {self.path} if that process is gone"
+        )
+
+    def missing_folder_message(self) -> str:
+        return f"cache folder {self.path.parent} disappeared; rerun the command"
+
+    def acquire(self) -> CacheLock:
+        super().acquire()
+        return self
+
+    def __enter__(self) -> CacheLock:
+        return self.acquire()

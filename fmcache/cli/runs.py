@@ -135,18 +135,30 @@ def grid_cmd(
     results: Annotated[Path | None, typer.Option(help="Results root (overrides the YAML's).")] = None,
     cache_root: Annotated[Path | None, typer.Option(help="Cache root (overrides the YAML's).")] = None,
     jobs: Annotated[int, typer.Option(help="local: N jobs at once, as subprocesses with one GPU each.")] = 1,
-    slurm_partition: Annotated[str | None, typer.Option(help="slurm: partition.")] = None,
-    gpus_per_job: Annotated[int, typer.Option(help="slurm: GPUs per job.")] = 1,
+    slurm_partition: Annotated[str | None, typer.Option(help="slurm: partition (sinfo lists them).")] = None,
+    slurm_account: Annotated[str | None, typer.Option(help="slurm: account to charge (sbatch --account).")] = None,
+    slurm_qos: Annotated[str | None, typer.Option(help="slurm: quality of service (sbatch --qos).")] = None,
+    slurm_option: Annotated[
+        list[str] | None,
+        typer.Option(help="slurm: any other sbatch flag as KEY=VALUE (or KEY), repeatable: mem=16G, constraint=a100."),
+    ] = None,
+    gpus_per_job: Annotated[
+        int | None, typer.Option(help="slurm: GPUs per job (default: 1 if the cluster has GPU gres, else 0).")
+    ] = None,
     time: Annotated[int, typer.Option(help="slurm: time limit per job, minutes.")] = 240,
     logs: Annotated[Path | None, typer.Option(help="Per-job logs (default: <results>/grid_logs).")] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="A job running in another grid: wait for it instead of skipping it.")
+    ] = False,
 ) -> None:
     """Expand a YAML experiment into extract → protocol jobs, skip finished ones, run the rest locally or on Slurm."""
-    from fmcache.grid.config import GridOptions
+    from fmcache.grid.config import GridOptions, parse_slurm_options
     from fmcache.grid.main import run_grid
 
     options = GridOptions(dry_run=dry_run, executor=executor, only=only, results=results, cache_root=cache_root,
                           jobs=jobs, slurm_partition=slurm_partition, gpus_per_job=gpus_per_job, time_min=time,
-                          logs=logs)  # fmt: skip
+                          logs=logs, wait=wait, slurm_account=slurm_account, slurm_qos=slurm_qos,
+                          slurm_options=parse_slurm_options(slurm_option))  # fmt: skip
     run_grid(config, options, log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
 
 

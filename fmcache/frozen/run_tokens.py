@@ -29,7 +29,7 @@ from fmcache.frozen.tokens import (
 )
 from fmcache.progress import progress_bar
 from fmcache.results import csv_bytes, plot_probe_curves, plot_probe_vs_layer, start_result, write_head_grid
-from fmcache.training import check_checkpoint
+from fmcache.training import check_checkpoint, checkpoint_position
 
 EVAL = ("train", "val", "test")
 
@@ -79,13 +79,18 @@ def run_token_probe(spec: TokenProbeSpec, progress: bool = False, log=print) -> 
               "token_norm": norm, "heads_per_pass": heads_per_pass, "device": dev.type,
               "views": reader.views_k if with_views else 0}  # fmt: skip
     ckpt_settings = {n: {**common, "layer": n} for n in layers}
+    resumes = {}
     if spec.resume:  # refuse a mismatched checkpoint before anything is trained or written
         for n in layers:
-            check_checkpoint(checkpoint_path(folder, head, n), ckpt_settings[n])
+            if check_checkpoint(checkpoint_path(folder, head, n), ckpt_settings[n]):
+                resumes[n] = checkpoint_position(checkpoint_path(folder, head, n))
     start_result(folder)
     per_layer, rows, read_info, predictions = {}, [], {}, None
     n_heads = len(lrs) * len(seed_list)
+    n_passes = -(-n_heads // (heads_per_pass or n_heads))
     for n in layers:
+        if n in resumes:  # as fine-tuning does: a rerun says where it picks up
+            log(f"resumed {stem} layer {n} {_resume_point(resumes[n], epochs, n_passes)}")
         t0 = time.perf_counter()
         splits = [TokenSplit(reader, s, n, loads[n], spec.workers, with_views and s == "train") for s in EVAL]
         read_info[n] = {"preloaded": loads[n], "read_seconds": time.perf_counter() - t0}
@@ -117,6 +122,15 @@ def run_token_probe(spec: TokenProbeSpec, progress: bool = False, log=print) -> 
     )  # fmt: skip
     return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows, "head": head,
             "head_weights": weights_info}  # fmt: skip
+
+
+def _resume_point(position: dict, epochs: int, n_passes: int) -> str:
+    """Where a checkpoint left the grid: the next (pass, epoch) it recorded, in words."""
+    p, epoch = int(position.get("pass", 0)), int(position.get("epoch", 0))
+    if p >= n_passes:
+        return "from its checkpoint: every epoch was done"
+    of_passes = f" of pass {p + 1} of {n_passes}" if n_passes > 1 else ""
+    return f"after epoch {epoch} of {epochs}{of_passes}"
 
 
 def _write_vs_layer(folder: Path, stem: str, head: str, per_layer: dict, metric: str, plots: bool) -> None:

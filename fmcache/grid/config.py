@@ -139,7 +139,30 @@ class GridOptions:
     cache_root: Path | None = None
     jobs: int = 1
     slurm_partition: str | None = None
-    gpus_per_job: int = 1
+    gpus_per_job: int | None = None  # None: 1 where the cluster has GPU gres (sinfo -o %G), else 0
     time_min: int = 240
     logs: Path | None = None
     submitit_cluster: str | None = None  # tests: "local" runs the submitit path without Slurm
+    wait: bool = False  # a job running in another grid: wait for it (else report it and skip it)
+    slurm_account: str | None = None
+    slurm_qos: str | None = None
+    slurm_options: dict[str, str | bool] = dataclasses.field(default_factory=dict)  # more sbatch flags, KEY=VALUE
+    poll_s: float = 1.0  # Slurm: first interval between state polls (it grows to 30 s while nothing changes)
+
+
+# sbatch flags the grid sets itself; --slurm-option may not override them
+GRID_SBATCH = ("dependency", "job-name", "output", "error", "array", "open-mode", "signal", "wckey")
+
+
+def parse_slurm_options(items: list[str] | None) -> dict[str, str | bool]:
+    """``--slurm-option KEY=VALUE`` (repeatable; a bare KEY is a flag) → sbatch's ``--KEY=VALUE``."""
+    options: dict[str, str | bool] = {}
+    for item in items or []:
+        key, sep, value = str(item).partition("=")
+        key = key.strip().lstrip("-").replace("_", "-")
+        if not key:
+            raise FmcacheError(f"--slurm-option '{item}': give KEY=VALUE, e.g. --slurm-option mem=16G")
+        if key in GRID_SBATCH:
+            raise FmcacheError(f"--slurm-option {key}: the grid sets --{key} itself; leave it out")
+        options[key] = value.strip() if sep else True
+    return options

@@ -1,7 +1,9 @@
-"""Executors of the grid's jobs: ``local`` one after another or ``--jobs N`` subprocesses, and ``slurm`` (submitit).
+"""Executors of the grid's jobs: ``local`` one after another or ``--jobs N`` subprocesses, and ``slurm`` (submitit;
+the real cluster's side is :mod:`fmcache.grid.slurm`).
 
 Each skips the jobs already done (:func:`fmcache.grid.run.is_done`) and never starts a job whose dependency
-failed or could not start; one job's failure does not stop the independent ones.
+failed or could not start; one job's failure does not stop the independent ones. A job that another grid runs now
+(its lock, :mod:`fmcache.grid.lock`) is reported and skipped, or waited for with ``--wait``; never run twice.
 """
 
 from __future__ import annotations
@@ -18,28 +20,48 @@ from pathlib import Path
 from fmcache.errors import FmcacheError
 from fmcache.grid.config import GridOptions, Log
 from fmcache.grid.jobs import Job
-from fmcache.grid.run import _job_doc, is_done, run_and_record, submitted_job
+from fmcache.grid.lock import JobBusy, JobLock, describe_holder
+from fmcache.grid.run import EXIT_BUSY, EXIT_DONE_ELSEWHERE, _job_doc, is_done, run_and_record, submitted_job
 
 
 @dataclass
 class Outcome:
     ran: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    blocked: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # done before, or finished by another grid meanwhile
+    failed: dict[str, str] = field(default_factory=dict)  # job → its error in one line (and where its log is)
+    blocked: dict[str, str] = field(default_factory=dict)  # job → why it did not start ("not started: X failed")
+    elsewhere: dict[str, str] = field(default_factory=dict)  # job → "running in another grid (pid …, host …)"
+    cancelled: set[str] = field(default_factory=set)  # the failed jobs that were cancelled (scancel, Slurm)
+
+    def settled(self, job_id: str) -> bool:
+        return any(job_id in group for group in (self.ran, self.skipped, self.failed, self.blocked, self.elsewhere))
 
 
 def _ready(job: Job, outcome: Outcome) -> str | None:
-    """None when every dependency is available, else why the job cannot run."""
-    bad = [d for d in job.deps if d in outcome.failed or d in outcome.blocked]
-    return f"needs {', '.join(bad)}" if bad else None
+    """None when no dependency failed, was cancelled, or is left to another grid; else why the job cannot start."""
+    for dep in job.deps:
+        if dep in outcome.cancelled:
+            return f"not started: {dep} was cancelled"
+        if dep in outcome.failed:
+            return f"not started: {dep} failed"
+        if dep in outcome.blocked:
+            return f"not started: {dep} did not start"
+        if dep in outcome.elsewhere:
+            return f"not started: {dep} is {outcome.elsewhere[dep]}; rerun when it ends, or pass --wait"
+    return None
 
 
-def run_local(jobs: list[Job], log: Log) -> Outcome:
+def _busy(holder: dict) -> str:
+    return f"running in another grid ({describe_holder(holder)})"
+
+
+def run_local(jobs: list[Job], log: Log, wait: bool = False) -> Outcome:
     outcome = Outcome()
     for job in jobs:
-        if _ready(job, outcome):
-            outcome.blocked.append(job.id)
+        why = _ready(job, outcome)
+        if why:
+            outcome.blocked[job.id] = why
+            log(f"{job.id}: {why}")
             continue
         if is_done(job):
             outcome.skipped.append(job.id)
@@ -47,10 +69,17 @@ def run_local(jobs: list[Job], log: Log) -> Outcome:
         log(f"[{len(outcome.ran) + len(outcome.skipped) + len(outcome.failed) + 1}/{len(jobs)}] {job.id}")
         start = time.perf_counter()
         try:
-            run_and_record(job, log=lambda _m: None)
+            folder = run_and_record(job, log=lambda _m: None, wait=wait, note=lambda m: log(f"  {m}"))
+        except JobBusy as exc:
+            outcome.elsewhere[job.id] = _busy(exc.holder)
+            log(f"  skipped: {outcome.elsewhere[job.id]}; pass --wait to wait for it")
+            continue
         except Exception as exc:  # one job's failure (bad input or a bug) must not stop the independent ones
             outcome.failed[job.id] = str(exc) if isinstance(exc, FmcacheError) else f"{type(exc).__name__}: {exc}"
             log(f"  failed: {outcome.failed[job.id]}")
+            continue
+        if folder is None:
+            outcome.skipped.append(job.id)
             continue
         outcome.ran.append(job.id)
         log(f"  done in {time.perf_counter() - start:.1f} s")
@@ -69,30 +98,58 @@ def _gpu_ids() -> list[str]:
         return []
 
 
-def run_parallel(jobs: list[Job], n: int, logs: Path, log: Log) -> Outcome:
+def _log_error(log_file: Path, returncode: int) -> str:
+    """A subprocess job's error in one line: the exception it died of (or its own ``error:`` line), and its log."""
+    from fmcache.grid.slurm_cli import job_exception, read_text
+
+    text = read_text(log_file)
+    errors = [line[len("error: ") :] for line in text.splitlines() if line.startswith("error: ")]
+    what = job_exception(text) or (errors[-1] if errors else None)
+    if what is None:
+        tail = [line for line in text.strip().splitlines() if line.strip()][-1:] or ["no output"]
+        what = f"exit {returncode}: {tail[0]}"
+    return f"{what} (log: {log_file})"
+
+
+def run_parallel(jobs: list[Job], n: int, logs: Path, log: Log, wait: bool = False) -> Outcome:
     """Up to ``n`` jobs at once as subprocesses; each gets one GPU of this machine (round robin over free ones)."""
     outcome = Outcome()
     gpus = _gpu_ids()
     free_gpus = list(gpus)
     pending = list(jobs)
-    running: dict[str, tuple[subprocess.Popen, str | None, Path, object]] = {}
+    running: dict[str, tuple[Job, subprocess.Popen, str | None, Path, object]] = {}
     finished: set[str] = set()
+    waiting: set[str] = set()
     ids = {j.id for j in jobs}
     logs.mkdir(parents=True, exist_ok=True)
     while pending or running:
         for job in list(pending):
             if len(running) >= n:
                 break
-            if _ready(job, outcome):
-                outcome.blocked.append(job.id)
+            why = _ready(job, outcome)
+            if why:
+                outcome.blocked[job.id] = why
+                log(f"{job.id}: {why}")
                 pending.remove(job)
                 continue
             if any(d not in finished for d in job.deps if d in ids):
+                continue
+            holder = JobLock(job).holder()
+            if holder is not None:  # another grid runs it: skip it, or leave it pending until that ends (--wait)
+                if not wait:
+                    outcome.elsewhere[job.id] = _busy(holder)
+                    log(f"skipped {job.id}: {outcome.elsewhere[job.id]}; pass --wait to wait for it")
+                    pending.remove(job)
+                elif job.id not in waiting:
+                    waiting.add(job.id)
+                    log(f"waiting for {job.id}: {_busy(holder)}")
                 continue
             pending.remove(job)
             if is_done(job):
                 outcome.skipped.append(job.id)
                 finished.add(job.id)
+                if job.id in waiting:
+                    log(f"done {job.id} by another grid meanwhile")
                 continue
             env = dict(os.environ)
             gpu = free_gpus.pop(0) if free_gpus else None
@@ -103,22 +160,28 @@ def run_parallel(jobs: list[Job], n: int, logs: Path, log: Log) -> Outcome:
             handle = open(log_file, "w")  # noqa: SIM115  (closed when the job ends)
             proc = subprocess.Popen([sys.executable, "-m", "fmcache.grid.main", str(spec)], env=env, stdout=handle,
                                     stderr=subprocess.STDOUT)  # fmt: skip
-            running[job.id] = (proc, gpu, log_file, handle)
+            running[job.id] = (job, proc, gpu, log_file, handle)
             log(f"started {job.id}" + (f" on GPU {gpu}" if gpu is not None else ""))
-        for job_id, (proc, gpu, log_file, handle) in list(running.items()):
+        for job_id, (job, proc, gpu, log_file, handle) in list(running.items()):
             if proc.poll() is None:
                 continue
             handle.close()  # type: ignore[attr-defined]
             del running[job_id]
             if gpu is not None:
                 free_gpus.append(gpu)
-            finished.add(job_id)
-            if proc.returncode == 0:
-                outcome.ran.append(job_id)
-                log(f"done {job_id}")
+            if proc.returncode == EXIT_BUSY:  # another grid took the lock between our look and the child's
+                if wait:
+                    pending.insert(0, job)
+                    continue
+                outcome.elsewhere[job_id] = "running in another grid (see its log: " + str(log_file) + ")"
+                log(f"skipped {job_id}: {outcome.elsewhere[job_id]}")
+                continue
+            if proc.returncode in (0, EXIT_DONE_ELSEWHERE):
+                finished.add(job_id)
+                (outcome.ran if proc.returncode == 0 else outcome.skipped).append(job_id)
+                log(f"done {job_id}" + (" by another grid meanwhile" if proc.returncode else ""))
             else:
-                tail = log_file.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-                outcome.failed[job_id] = f"exit {proc.returncode}: {tail[0]} (log: {log_file})"
+                outcome.failed[job_id] = _log_error(log_file, proc.returncode)
                 log(f"failed {job_id}: {outcome.failed[job_id]}")
         time.sleep(0.2)
     return outcome
@@ -137,14 +200,21 @@ def import_submitit():
 
 
 def run_submitit(jobs: list[Job], options: GridOptions, logs: Path, log: Log) -> Outcome:
-    """Submit through submitit: on Slurm every job at once with afterok dependencies; elsewhere (submitit's local
-    cluster, used by the tests) wave by wave, since only Slurm can hold a job until its dependencies succeed."""
+    """Submit through submitit: on Slurm (:func:`fmcache.grid.slurm.run_slurm`) every job at once with afterok
+    dependencies; elsewhere (submitit's local cluster, used by the tests) wave by wave, since only Slurm can hold a
+    job until its dependencies succeed."""
     submitit = import_submitit()
     cluster = options.submitit_cluster
     if cluster is None:
         if shutil.which("sbatch") is None:
             raise FmcacheError("--executor slurm: sbatch not found; run the grid on a Slurm login node")
         cluster = "slurm"
+    if cluster == "slurm":
+        from fmcache.grid.slurm import run_slurm
+
+        return run_slurm(jobs, options, logs, log)
+    from fmcache.grid.slurm_cli import job_exception, read_text
+
     outcome = Outcome()
     todo = []
     for job in jobs:
@@ -153,50 +223,41 @@ def run_submitit(jobs: list[Job], options: GridOptions, logs: Path, log: Log) ->
         else:
             todo.append(job)
     executor = submitit.AutoExecutor(folder=logs / "%j", cluster=cluster)
-    params: dict = {"timeout_min": options.time_min, "gpus_per_node": options.gpus_per_job, "tasks_per_node": 1,
-                    "nodes": 1}  # fmt: skip
-    if cluster == "slurm" and options.slurm_partition:
-        params["slurm_partition"] = options.slurm_partition
-    executor.update_parameters(**params)
-    submitted: dict[str, object] = {}
-    ids = {j.id for j in todo}
+    executor.update_parameters(timeout_min=options.time_min, gpus_per_node=options.gpus_per_job or 0,
+                               tasks_per_node=1, nodes=1)  # fmt: skip
 
     def collect(job_id: str, handle) -> None:
         try:
-            handle.result()
-        except Exception as exc:  # the job's own traceback is in its log; one line here
-            message = str(exc).strip().splitlines()
-            outcome.failed[job_id] = f"{message[-1] if message else type(exc).__name__} (log: {handle.paths.stdout})"
+            folder = handle.result()
+        except Exception as exc:  # the job's exception from its stderr; the whole traceback stays in the log
+            lines = str(exc).strip().splitlines()
+            what = job_exception(read_text(handle.paths.stderr)) or (lines[-1] if lines else type(exc).__name__)
+            outcome.failed[job_id] = f"{what} (stderr: {handle.paths.stderr})"
             log(f"failed {job_id}: {outcome.failed[job_id]}")
             return
-        outcome.ran.append(job_id)
+        (outcome.ran if folder is not None else outcome.skipped).append(job_id)
         log(f"done {job_id} (log: {handle.paths.stdout})")
 
-    if cluster == "slurm":
-        for job in todo:
-            deps = [submitted[d].job_id for d in job.deps if d in submitted]  # type: ignore[attr-defined]
-            extra = {"dependency": f"afterok:{':'.join(deps)}", "kill-on-invalid-dep": "yes"} if deps else {}
-            executor.update_parameters(name=job.id, slurm_additional_parameters=extra)
-            submitted[job.id] = executor.submit(submitted_job, _job_doc(job))
-            log(f"submitted {job.id} as {submitted[job.id].job_id}")  # type: ignore[attr-defined]
-        for job_id, handle in submitted.items():
-            collect(job_id, handle)
-        return outcome
     remaining = list(todo)
     while remaining:
-        wave = [j for j in remaining if all(d not in ids or d in outcome.ran for d in j.deps)]
-        blocked = [j for j in remaining if _ready(j, outcome)]
-        outcome.blocked += [j.id for j in blocked]
-        wave = [j for j in wave if j not in blocked]
-        if not wave:
-            outcome.blocked += [j.id for j in remaining if j not in blocked]
+        blocked = {j.id: why for j in remaining if (why := _ready(j, outcome))}
+        outcome.blocked.update(blocked)
+        remaining = [j for j in remaining if j.id not in blocked]
+        wave = [j for j in remaining if all(outcome.settled(d) or d not in {t.id for t in todo} for d in j.deps)]
+        if not wave:  # cannot happen with jobs in dependency order; never leave a job unaccounted for
+            outcome.blocked.update({j.id: "not started: its dependencies did not finish" for j in remaining})
             break
         handles = {}
         for job in wave:
+            holder = JobLock(job).holder()
+            if holder is not None and not options.wait:
+                outcome.elsewhere[job.id] = _busy(holder)
+                log(f"skipped {job.id}: {outcome.elsewhere[job.id]}; pass --wait to wait for it")
+                continue
             executor.update_parameters(name=job.id)
             handles[job.id] = executor.submit(submitted_job, _job_doc(job))
             log(f"submitted {job.id} as {handles[job.id].job_id}")
         for job_id, handle in handles.items():
             collect(job_id, handle)
-        remaining = [j for j in remaining if j.id not in handles and j not in blocked]
+        remaining = [j for j in remaining if j not in wave]
     return outcome

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -32,7 +33,8 @@ from fmcache.errors import FmcacheError
 from fmcache.grid.config import KINDS, GridConfig, GridOptions, Log, load_grid
 from fmcache.grid.executors import import_submitit, run_local, run_parallel, run_submitit
 from fmcache.grid.jobs import Job, expand, select
-from fmcache.grid.run import is_done, submitted_job
+from fmcache.grid.lock import JobBusy
+from fmcache.grid.run import EXIT_BUSY, EXIT_DONE_ELSEWHERE, is_done, submitted_job
 
 # -- data roots, dry run ---------------------------------------------------------------------------------------------
 
@@ -60,7 +62,12 @@ def prepare_digits(root: Path, per_class: int) -> Path:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     write_digits(tmp, per_class=per_class)
-    os.replace(tmp, root)
+    try:
+        os.replace(tmp, root)
+    except OSError:
+        if not root.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another grid wrote the same digits meanwhile: keep theirs
     return root
 
 
@@ -150,29 +157,40 @@ def run_grid(config: Path, options: GridOptions, log: Log = print) -> dict:
     if options.executor == "slurm":
         outcome = run_submitit(jobs, options, logs, log)
     elif options.jobs > 1:
-        outcome = run_parallel(jobs, options.jobs, logs, log)
+        outcome = run_parallel(jobs, options.jobs, logs, log, wait=options.wait)
     else:
-        outcome = run_local(jobs, log)
+        outcome = run_local(jobs, log, wait=options.wait)
     seconds = time.perf_counter() - start
+    elsewhere = f", {len(outcome.elsewhere)} running in another grid" if outcome.elsewhere else ""
     log(f"{len(jobs)} job(s): {len(outcome.ran)} ran, {len(outcome.skipped)} already done, "
-        f"{len(outcome.failed)} failed, {len(outcome.blocked)} blocked; {seconds:.1f} s")  # fmt: skip
+        f"{len(outcome.failed)} failed, {len(outcome.blocked)} not started{elsewhere}; {seconds:.1f} s")  # fmt: skip
+    # the summary names every job that did not end done, so nothing needs digging out of the lines above
+    for job_id, why in [*outcome.failed.items(), *outcome.blocked.items(), *outcome.elsewhere.items()]:
+        log(f"  {job_id}: {why if job_id not in outcome.failed else 'failed: ' + why}")
     if outcome.failed or outcome.blocked:
-        first = next(iter(outcome.failed.items()), ("", ""))
+        first = next(iter(outcome.failed.items()), None) or next(iter(outcome.blocked.items()))
         raise FmcacheError(
             f"{len(outcome.failed)} job(s) failed and {len(outcome.blocked)} could not start; first: {first[0]}: "
             f"{first[1]}; rerun the same command to retry only those"
         )
-    return {"jobs": len(jobs), "ran": outcome.ran, "skipped": outcome.skipped, "seconds": seconds}
+    return {"jobs": len(jobs), "ran": outcome.ran, "skipped": outcome.skipped, "elsewhere": dict(outcome.elsewhere),
+            "seconds": seconds}  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
     """``python -m fmcache.grid.main JOB.json``: one job in a fresh process (the ``--jobs N`` executor)."""
     doc = json.loads(Path(argv[0]).read_text())
     try:
-        print(submitted_job(doc), flush=True)
+        folder = submitted_job(doc, wait=False)  # the parent waits (--wait) or reports; never the child
+    except JobBusy as exc:
+        print(f"busy: {exc}", flush=True)
+        return EXIT_BUSY
     except FmcacheError as exc:
         print(f"error: {exc}", flush=True)
         return 2
+    if folder is None:
+        return EXIT_DONE_ELSEWHERE
+    print(folder, flush=True)
     return 0
 
 

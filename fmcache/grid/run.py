@@ -15,9 +15,12 @@ from pathlib import Path
 from fmcache.errors import FmcacheError
 from fmcache.grid.config import DATASET_OPTIONS, Log
 from fmcache.grid.jobs import Job
+from fmcache.grid.lock import LEDGER, JobLock
 from fmcache.protocols import get_protocol
 
-LEDGER = ".grid"
+# exit codes of ``python -m fmcache.grid.main JOB.json`` (the --jobs N subprocess) besides 0 (ran) and 2 (failed)
+EXIT_BUSY = 3  # the job runs in another grid now
+EXIT_DONE_ELSEWHERE = 4  # another grid finished it before this process got the lock
 
 
 def _source(data: dict, model: dict) -> dict:
@@ -94,23 +97,43 @@ def is_done(job: Job) -> bool:
     return is_complete(Path(entry.get("folder", "")))
 
 
-def run_and_record(job: Job, log: Log = print) -> str:
-    """Execute a job, then record where it wrote (after the result exists, so a crash leaves the job undone)."""
+def run_and_record(job: Job, log: Log = print, wait: bool = False, note: Log | None = None) -> str | None:
+    """Run a job under its lock, then record where it wrote (after the result exists, so a crash leaves the job
+    undone). Returns the folder, or None when the job was done once the lock was ours (another grid finished it).
+
+    Raises :class:`fmcache.grid.lock.JobBusy` when another grid runs the job now, unless ``wait``; ``note`` gets
+    the lock's own messages (waiting, a stale lock taken over), ``log`` the job's.
+    """
     from fmcache.files import atomic_write_bytes, ensure_writable_dir
 
-    folder = execute(job, log)
-    if job.kind != "extract":
-        path = ledger_path(job)
-        ensure_writable_dir(path.parent)
-        entry = {"job": job.id, "kind": job.kind, "folder": str(Path(folder).resolve()), "job_spec": _job_doc(job)}
-        atomic_write_bytes(path, (json.dumps(entry, indent=2, default=str) + "\n").encode())
-    return str(folder)
+    note = note or log
+    lock = JobLock(job)
+    ensure_writable_dir(lock.path.parent)
+    waited = lock.acquire_or_wait(wait, note)
+    try:
+        # checked again under the lock: another grid may have finished it since this one looked
+        if is_done(job):
+            note(f"{job.id}: " + ("done by another grid meanwhile" if waited else "already done") + "; nothing to do")
+            return None
+        log(f"running {job.id}")
+        folder = execute(job, log)
+        if job.kind != "extract":
+            path = ledger_path(job)
+            entry = {"job": job.id, "kind": job.kind, "folder": str(Path(folder).resolve()), "job_spec": _job_doc(job)}
+            atomic_write_bytes(path, (json.dumps(entry, indent=2, default=str) + "\n").encode())
+        return str(folder)
+    finally:
+        lock.release()
 
 
 def _job_doc(job: Job) -> dict:
     return dataclasses.asdict(job)
 
 
-def submitted_job(doc: dict) -> str:
-    """What a subprocess or a Slurm node runs: one job from its plain-data description."""
-    return run_and_record(Job(**doc), log=lambda m: print(m, flush=True))
+def submitted_job(doc: dict, wait: bool = True) -> str | None:
+    """What a subprocess or a Slurm node runs: one job from its plain-data description.
+
+    On Slurm it always waits for a run of the same job in another grid: its dependents start on its success
+    (``afterok``), so it may only end once the job's work exists.
+    """
+    return run_and_record(Job(**doc), log=lambda m: print(m, flush=True), wait=wait)
