@@ -6,13 +6,22 @@
 (b) ``--from-cache --freeze K`` vs online ``--freeze K`` per epoch, K = 3/4 of the depth: the online side runs the
     frozen prefix (under no_grad) every step, the cached side starts at block K+1 from layer-K tokens.
 
+(c) ``--method lora`` vs ``--method full`` (issue 21): step time, peak memory, trainable parameters and checkpoint
+    size, each method in its own process (so the peak is its own: ``max_memory_allocated`` on GPU, the process's peak
+    RSS on CPU, printed with its rise over the built model), both with ``--freeze none`` and a linear head.
+
 Both sides read preloaded tensors (no image decoding), so the ratios measure the model work; the one-time cost of
-extracting the layer-K tokens is printed beside (b). Usage: ``python benchmarks/bench_finetune.py [--depth 8]``.
+extracting the layer-K tokens is printed beside (b). Usage: ``python benchmarks/bench_finetune.py [--depth 8]
+[--only a|b|lora] [--rank 8]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fmcache.dist import Dist
 from fmcache.finetune.loop import RunSettings, Trainer, _Labelled
 from fmcache.finetune.model import FineTuneModel
-from fmcache.finetune.run import FinetuneSpec, build_foundation
+from fmcache.finetune.run import FinetuneSpec, build_foundation, build_model
 
 
 class _Rows(TensorDataset):
@@ -88,8 +97,17 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--only", choices=("a", "b", "lora"), default=None, help="One section (default: all).")
+    parser.add_argument("--rank", type=int, default=8, help="(c): LoRA rank.")
+    parser.add_argument("--worker", choices=("full", "lora"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(_method_worker(args)))
+        return
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.only == "lora":
+        _lora_row(args, dev)
+        return
     classes = 5
     torch.manual_seed(0)
     x = torch.randn(args.n, 3, args.size, args.size)
@@ -103,12 +121,21 @@ def main() -> None:
         return FineTuneModel(foundation, nn.Linear(384, classes), "pooled", freeze, None)
 
     print(f"device {dev}; ViT-S/14 depth {args.depth} at {args.size} px, {args.n} images, batch {args.batch}")
+    if args.only == "b":
+        _section_b(args, spec, model, x, y, dev)
+        return
     bare = _bare_epoch_s(spec, args.size, x, y, args.epochs, args.batch, classes, dev)
     ours = _fmcache_epoch_s(model("none"), _data(x, y), args.epochs, args.batch, False, dev)
     print(
         f"(a) train throughput fmcache / bare timm loop: {bare / ours:.2f}x  ({ours:.2f} s vs {bare:.2f} s per epoch)"
     )
+    if args.only == "a":
+        return
+    _section_b(args, spec, model, x, y, dev)
+    _lora_row(args, dev)
 
+
+def _section_b(args, spec: FinetuneSpec, model, x: torch.Tensor, y: torch.Tensor, dev: torch.device) -> None:
     k = args.depth * 3 // 4
     online = _fmcache_epoch_s(model(str(k)), _data(x, y), args.epochs, args.batch, False, dev)
     m = model(str(k)).to(dev)
@@ -119,6 +146,56 @@ def main() -> None:
     cached = _fmcache_epoch_s(m, _data(tokens, y), args.epochs, args.batch, True, dev)
     print(f"(b) --freeze {k} per epoch, online / from cache: {online / cached:.2f}x faster from cache "
           f"({online:.2f} s vs {cached:.2f} s; extracting layer-{k} tokens once: {extract_s:.2f} s)")  # fmt: skip
+
+
+def _method_worker(args) -> dict:
+    """(c), one method in this process: the real ``build_model`` (peft adapters for lora) through the Trainer."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    classes = 5
+    torch.manual_seed(0)
+    x = torch.randn(args.n, 3, args.size, args.size)
+    y = torch.randint(0, classes, (args.n,))
+    lora = {"lora_rank": args.rank} if args.worker == "lora" else {}
+    spec = FinetuneSpec(model="dinov2_vits14", random_init=True, img_size=args.size, data_root=Path("."),
+                        dataset="imagefolder", arch_overrides={"depth": args.depth}, method=args.worker, **lora)  # fmt: skip
+    model, _ = build_model(spec, args.size, classes, 0)
+    rss_built = _rss_bytes()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Trainer(model, _data(x, y), _settings(args.epochs, args.batch, False), Path(tmp), Dist(0, 1, dev),
+                         resume=False, log=lambda m: None).run()  # fmt: skip
+    peak = result["timings"]["peak_memory_bytes"]
+    return {"step_s": result["timings"]["train_s_per_epoch_min"] / result["steps_per_epoch"], "peak_bytes": peak,
+            "rise_bytes": peak - rss_built if dev.type == "cpu" else None, "device": str(dev),
+            "trainable": result["trainable_parameters"], "checkpoint_bytes": result["checkpoint_bytes"]}  # fmt: skip
+
+
+def _rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _lora_row(args, dev: torch.device) -> None:
+    """(c) LoRA vs full fine-tuning, one process each."""
+    rows = {}
+    for method in ("full", "lora"):
+        cmd = [sys.executable, __file__, "--worker", method, "--depth", str(args.depth), "--size", str(args.size),
+               "--n", str(args.n), "--batch", str(args.batch), "--epochs", str(args.epochs), "--rank", str(args.rank)]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rows[method] = json.loads(done.stdout.strip().splitlines()[-1])
+    full, lora = rows["full"], rows["lora"]
+    mb = 1e6
+    memory = (
+        f"peak memory (GPU allocated) {full['peak_bytes'] / mb:.0f} MB vs {lora['peak_bytes'] / mb:.0f} MB"
+        if dev.type == "cuda"
+        else f"peak RSS {full['peak_bytes'] / mb:.0f} MB vs {lora['peak_bytes'] / mb:.0f} MB (rise over the built "
+        f"model {full['rise_bytes'] / mb:.0f} MB vs {lora['rise_bytes'] / mb:.0f} MB)"
+    )
+    print(f"(c) {dev}, ViT-S/14 depth {args.depth} at {args.size} px, batch {args.batch}, --freeze none, linear head; "
+          f"full vs LoRA r={args.rank} (attn.qkv, attn.proj): step {full['step_s']:.3f} s vs {lora['step_s']:.3f} s "
+          f"({full['step_s'] / lora['step_s']:.2f}x); {memory}; trainable {full['trainable']:,} vs "
+          f"{lora['trainable']:,}; checkpoint {full['checkpoint_bytes'] / mb:.1f} MB vs "
+          f"{lora['checkpoint_bytes'] / mb:.2f} MB")  # fmt: skip
 
 
 def _layer_tokens(model: FineTuneModel, x: torch.Tensor, k: int) -> torch.Tensor:

@@ -54,6 +54,26 @@ def finetune_cmd(
     drop_after: Annotated[
         int | None, typer.Option(help="Decapitate: stop after block I; its tokens / pooled feature feed the head.")
     ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="full (every weight of the trainable parts, the paper's) or lora (peft adapters in the "
+            "trainable blocks; base weights frozen)."
+        ),
+    ] = None,
+    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank r (default 8).")] = None,
+    lora_alpha: Annotated[
+        float | None, typer.Option(help="LoRA alpha; the update is scaled by alpha / r (16).")
+    ] = None,
+    lora_dropout: Annotated[float | None, typer.Option(help="Dropout on the LoRA branch's input (0).")] = None,
+    lora_targets: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated module names inside a block (default: the attention qkv and output "
+            "projection: attn.qkv,attn.proj for timm ViT/SAM, self_attn.qkv,self_attn.projection for BLIP; "
+            "open_clip: mlp.c_fc,mlp.c_proj); a wrong name lists the ones that exist."
+        ),
+    ] = None,
     lrs: Annotated[str | None, typer.Option(help="Comma-separated learning rates.")] = None,
     seeds: Annotated[int | None, typer.Option(help="Seeds per learning rate (0..N-1).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs; the best epoch is chosen on val.")] = None,
@@ -99,6 +119,12 @@ def finetune_cmd(
     result = head_protocol("finetune", spec.head).run(spec, progress=not quiet, log=_log)
     if is_main_process():
         _print_finetune(result)
+        if result.get("lora"):
+            lora, size = result["lora"], result.get("checkpoint_bytes")
+            console.print(f"LoRA r={lora['rank']} on {', '.join(lora['targets'])} of blocks {lora['blocks'][0]}.."
+                          f"{lora['blocks'][1]}: {lora['adapter_parameters']:,} adapter parameters, "
+                          f"{result['trainable_parameters']:,} trainable with the head; checkpoint "
+                          f"{size if size is None else f'{size / 1e6:.2f} MB'}", markup=False)  # fmt: skip
 
 
 @app.command("report")

@@ -33,6 +33,7 @@ from fmcache import metrics
 from fmcache.dist import Dist
 from fmcache.errors import FmcacheError
 from fmcache.files import atomic_write_bytes, atomic_write_json
+from fmcache.finetune.lora import adapter_state_dict
 from fmcache.finetune.model import FineTuneModel
 from fmcache.headgrid import head_losses
 from fmcache.results import settings_hash
@@ -53,6 +54,7 @@ LAST = "last.pt"  # the per-epoch resumable checkpoint, beside the run's results
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 EXPORT = "foundation.safetensors"
 HEAD_EXPORT = "head.safetensors"
+ADAPTER_EXPORT = "adapter.safetensors"  # --method lora: the best epoch's adapters alone (peft's names in the model)
 RESULT = "run.json"
 # val and test probabilities at the best val epoch so far, rewritten with the export; gathered into the grid's
 # predictions.npz (fmcache.results), and still there when a finished run is reused
@@ -352,9 +354,13 @@ class Trainer:
 
         head = {k: v.detach().cpu().contiguous().clone() for k, v in model.head.state_dict().items()}
         atomic_write_bytes(self.folder / HEAD_EXPORT, save(head))
-        if self.s.export:
-            root = model.foundation.root
-            tensors = {k: v.detach().float().cpu().contiguous().clone() for k, v in root.state_dict().items()}
+        if model.method == "lora":
+            adapters = {k: v.detach().cpu().contiguous().clone()
+                        for k, v in adapter_state_dict(model.foundation.root).items()}  # fmt: skip
+            atomic_write_bytes(self.folder / ADAPTER_EXPORT, save(adapters))
+        if self.s.export:  # the foundation's own key layout; LoRA adapters merged into their weights
+            state = model.foundation_state_dict()
+            tensors = {k: v.detach().float().cpu().contiguous().clone() for k, v in state.items()}
             atomic_write_bytes(self.folder / EXPORT, save(tensors))
 
     def _finish(self, state: dict, records: HeadRecords, steps_per_epoch: int) -> dict:
@@ -370,6 +376,8 @@ class Trainer:
             "steps_per_epoch": steps_per_epoch,
             "effective_batch_size": self.s.batch_size * self.s.accum * self.dist.world,
             "export": str(self.folder / EXPORT) if self.s.export else None,
+            "trainable_parameters": sum(p.numel() for _, p in self.model.trainable_named_parameters()),
+            "checkpoint_bytes": (self.folder / LAST).stat().st_size if (self.folder / LAST).is_file() else None,
             "timings": {
                 "train_seconds": float(sum(seconds)),
                 "train_s_per_epoch": float(np.mean(seconds)) if seconds else None,

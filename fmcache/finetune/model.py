@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fmcache.errors import FmcacheError
+from fmcache.finetune.lora import is_lora_parameter, merged_state_dict
 from fmcache.models import Foundation
 from fmcache.models.blocks import Stages
 
@@ -39,6 +40,9 @@ class FineTuneModel(nn.Module):
     ``head_input`` is "pooled" (the layer's pooled feature, for a linear head) or "tokens" (patch tokens, for the
     stacked DeiT head). The foundation stays in eval mode while training, as in the seed: dropout and drop-path
     are off and BatchNorm statistics stay fixed.
+
+    ``method`` "lora": only the peft adapters already injected into the trainable blocks train (the embedding,
+    final norm and every base weight stay frozen); the export merges them (:meth:`foundation_state_dict`).
     """
 
     def __init__(
@@ -49,11 +53,14 @@ class FineTuneModel(nn.Module):
         freeze: str | int,
         drop_after: int | None,
         stages: Stages | None = None,
+        method: str = "full",
     ):
         super().__init__()
         self.foundation = foundation
         self.head = head
         self.head_input = head_input
+        self.method = method  # full, or lora: only the adapters (fmcache.finetune.lora) of the trainable blocks train
+        self.lora: dict | None = None  # the adapters' report (fmcache.finetune.run.build_model), for the results
         self.stages = stages if stages is not None else foundation.block_layout()
         self.freeze, self.drop_after = check_freeze(foundation, self.stages, freeze, drop_after)
         self._apply_freeze()
@@ -88,6 +95,12 @@ class FineTuneModel(nn.Module):
         if self.stages is None:  # stage-based models: whole (none) or nothing (all)
             self.foundation.requires_grad_(True)
             return
+        if self.method == "lora":  # the adapters peft injected into the trainable blocks, nothing else
+            for i in range(self.first_trainable_block, self.used_blocks):
+                for name, p in self.stages.blocks[i].named_parameters():
+                    if is_lora_parameter(name):
+                        p.requires_grad_(True)
+            return
         parts = self.stages.partition()
         trainable = [f"block{i}" for i in range(self.first_trainable_block, self.used_blocks)]
         if not self.any_block_frozen:
@@ -105,6 +118,12 @@ class FineTuneModel(nn.Module):
 
     def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    def foundation_state_dict(self) -> dict[str, torch.Tensor]:
+        """The foundation's weights in its own key layout (what ``extract --weights`` loads); LoRA adapters merged."""
+        if self.method == "lora":
+            return merged_state_dict(self.foundation.root)
+        return self.foundation.root.state_dict()
 
     def layer_ids(self) -> dict[str, int]:
         """Layer index per trainable parameter for layer-wise LR decay: embedding 0, block i i+1, rest depth+1."""

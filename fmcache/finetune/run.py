@@ -68,6 +68,7 @@ def build_model(spec: FinetuneSpec, img_size: int, num_classes: int, seed: int) 
     model = FineTuneModel(foundation, nn.Identity(), head_input, parse_freeze(spec.freeze), drop)
     with torch.no_grad():
         probe = model.features(torch.zeros(1, 3, img_size, img_size))
+    lora = _inject_lora(spec, model, seed) if spec.method == "lora" else None
     torch.manual_seed(seed)
     info: dict = {"kind": spec.head}
     if spec.head == "linear":
@@ -80,7 +81,34 @@ def build_model(spec: FinetuneSpec, img_size: int, num_classes: int, seed: int) 
             info["weights"] = "random"
         else:
             info["weights"] = load_deit_weights(head, spec.head_weights or "imagenet")
-    return FineTuneModel(foundation, head, head_input, model.freeze, model.drop_after, model.stages), info
+    final = FineTuneModel(foundation, head, head_input, model.freeze, model.drop_after, model.stages, spec.method)
+    final.lora = lora
+    return final, info
+
+
+def _inject_lora(spec: FinetuneSpec, model: FineTuneModel, seed: int) -> dict:
+    """peft adapters in the blocks that train (K+1..I), seeded by the run's seed; what the result reports."""
+    from fmcache.finetune.lora import inject, is_lora_parameter, resolve_targets
+
+    f = model.foundation
+    targets = resolve_targets(model.stages, f.name, f.layer_unit, spec.lora_targets)
+    blocks = range(model.first_trainable_block, model.used_blocks)
+    modules = inject(model.stages, blocks, targets, spec.lora_rank, spec.lora_alpha, spec.lora_dropout, seed)
+    params = sum(p.numel() for n, p in f.root.named_parameters() if is_lora_parameter(n))
+    return {"rank": spec.lora_rank, "alpha": spec.lora_alpha, "dropout": spec.lora_dropout, "targets": list(targets),
+            "blocks": [blocks.start + 1, blocks.stop], "modules": len(modules), "adapter_parameters": params}  # fmt: skip
+
+
+# full fine-tuning's result folders keep the names they had before --method existed: its fields enter the keys only
+# for --method lora (with the targets resolved on the model, so the default and the same list named share a folder)
+METHOD_FIELDS = ("method", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def _method_doc(spec: FinetuneSpec, lora: dict | None) -> dict:
+    if spec.method == "full" or lora is None:
+        return {}
+    return {"method": spec.method, "lora_rank": spec.lora_rank, "lora_alpha": spec.lora_alpha,
+            "lora_dropout": spec.lora_dropout, "lora_targets": list(lora["targets"])}  # fmt: skip
 
 
 # -- data ----------------------------------------------------------------------------------------------------------
@@ -175,10 +203,11 @@ def cached_data(spec: FinetuneSpec) -> tuple[Data, object]:
 # -- the grid ------------------------------------------------------------------------------------------------------
 
 
-def run_key(spec: FinetuneSpec, data: Data, weights: dict) -> str:
+def run_key(spec: FinetuneSpec, data: Data, weights: dict, lora: dict | None = None) -> str:
     doc = {k: v for k, v in asdict(spec).items()
            if k not in ("lrs", "seeds", "out", "resume", "workers", "tensorboard", "device", "from_cache",
-                        "dataset_options", "data_root", *TRAINING_ONLY)}  # fmt: skip
+                        "dataset_options", "data_root", *TRAINING_ONLY, *METHOD_FIELDS)}  # fmt: skip
+    doc.update(_method_doc(spec, lora))
     doc.update(data=data.identity, weights=weights)
     return settings_hash(doc)
 
@@ -210,7 +239,8 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
         ensure_writable_dir(Path(spec.out))
     export = any(p.requires_grad for p in model0.foundation.parameters())
     layer = model0.used_blocks or None
-    key = run_key(spec, data, weights)
+    lora = model0.lora
+    key = run_key(spec, data, weights, lora)
     folder = Path(spec.out) / safe_name(data.dataset) / safe_name(spec.model) / key[:12]
     if spec.random_init and main:
         log(f"WARNING: {spec.model} runs with RANDOM weights (--random-init); not pretrained")
@@ -253,7 +283,7 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
     entry["head"] = head_info
     rows = [{"layer": layer, "head": spec.head, "freeze": spec.freeze, **r} for r in summary.rows()]
     effective = spec.batch_size * spec.accum * dist.world
-    settings = result_settings(spec, amp, warmup, dist.world, effective, head_info)
+    settings = result_settings(spec, amp, warmup, dist.world, effective, head_info, lora)
     result_dir = result_folder(spec.out, data.dataset, spec.model, key, f"finetune_{spec.head}", settings)
     details = {
         "run_key": key,
@@ -265,7 +295,10 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
         "device": str(dist.device),
         "layers": {layer: entry},
         "notes": data.notes,
+        **_sizes(results),
     }
+    if lora is not None:
+        details["lora"] = lora
     if dist.main:
         if summary.predictions is None:
             details["notes"] = [*data.notes, "runs from an older fmcache saved no predictions; rerun with --no-resume"]
@@ -280,16 +313,28 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
             extra={"run_key": key}, timings_extra=entry["timings"],
         )  # fmt: skip
     return {"folder": result_dir, "runs_folder": folder, "metric": data.metric, "layers": {layer: entry},
-            "rows": rows, "notes": data.notes}  # fmt: skip
+            "rows": rows, "notes": data.notes, "lora": lora, **_sizes(results)}  # fmt: skip
 
 
-def result_settings(spec: FinetuneSpec, amp: str, warmup: dict, world: int, effective: int, head: dict) -> dict:
+def _sizes(results: dict) -> dict:
+    """What trains and what a checkpoint weighs (``last.pt``: the trainable tensors, their optimizer state, RNG);
+    runs finished by an older fmcache recorded neither."""
+    runs = list(results.values())
+    params = [r["trainable_parameters"] for r in runs if r.get("trainable_parameters") is not None]
+    sizes = [r["checkpoint_bytes"] for r in runs if r.get("checkpoint_bytes") is not None]
+    return {"trainable_parameters": params[0] if params else None, "checkpoint_bytes": max(sizes) if sizes else None}
+
+
+def result_settings(spec: FinetuneSpec, amp: str, warmup: dict, world: int, effective: int, head: dict,
+                    lora: dict | None = None) -> dict:  # fmt: skip
     """Every setting that changes the numbers, for the result folder's hash: not paths, workers, device, logging.
 
-    ``head`` is the head weights report (``build_model``), so DeiT heads from other weights get other folders.
+    ``head`` is the head weights report (``build_model``), so DeiT heads from other weights get other folders;
+    ``lora`` is the adapters' report (``build_model``), whose resolved targets enter the settings.
     """
-    skip = ("out", "resume", "workers", "tensorboard", "device", "data_root", "from_cache")
+    skip = ("out", "resume", "workers", "tensorboard", "device", "data_root", "from_cache", *METHOD_FIELDS)
     settings = {k: v for k, v in asdict(spec).items() if k not in skip}
+    settings.update(_method_doc(spec, lora))
     settings.update(lrs=[float(lr) for lr in spec.lrs], seeds=list(spec.seeds), from_cache=spec.from_cache
                     is not None, amp=amp, warmup=warmup, world_size=world, effective_batch_size=effective,
                     head_weights_identity=_without_paths(head))  # fmt: skip

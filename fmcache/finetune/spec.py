@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from fmcache.config import as_floats, as_path, as_seeds, as_text, check_int
 from fmcache.errors import FmcacheError
 from fmcache.finetune.loop import AMP_MODES
+from fmcache.finetune.lora import METHODS
 from fmcache.finetune.model import parse_freeze
 from fmcache.training import SCHEDULES
 
@@ -29,6 +30,12 @@ class FinetuneSpec:
     head_depth: int = 12  # DeiT blocks in the stacked head (the seed's 12; tests use fewer)
     freeze: str = "none"
     drop_after: int | None = None
+    # full: every weight of the trainable parts (the paper's); lora: peft adapters in the trainable blocks only
+    method: str = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] | None = None  # names inside a block; None: the family's attention qkv + projection
     lrs: tuple[float, ...] = (1e-4,)
     seeds: tuple[int, ...] = (0,)  # a count N (seeds 0..N-1) or a list
     epochs: int = 100
@@ -66,13 +73,14 @@ class FinetuneSpec:
         for name in ("img_size", "limit"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)
-        choices = {"head": HEADS, "schedule": SCHEDULES, "amp": AMP_MODES}
+        choices = {"head": HEADS, "schedule": SCHEDULES, "amp": AMP_MODES, "method": METHODS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise FmcacheError(
                     f"unknown --{name.replace('_', '-')} '{getattr(self, name)}'; use {', '.join(allowed)}"
                 )
         parse_freeze(self.freeze)
+        self._check_lora()
         if not self.lrs or any(not (lr > 0) for lr in self.lrs):
             raise FmcacheError(f"--lrs must be positive numbers, got {list(self.lrs)}")
         if self.clip < 0 or self.weight_decay < 0 or not 0 < self.layer_decay <= 1:
@@ -89,3 +97,35 @@ class FinetuneSpec:
                     raise FmcacheError(f"--{required.replace('_', '-')} is required (as a flag or in --config)")
         elif self.model is None:
             raise FmcacheError("--model is required with --from-cache (it must match the cache's model)")
+
+    def _check_lora(self) -> None:
+        object.__setattr__(self, "lora_targets", _as_names("lora_targets", self.lora_targets))
+        check_int("lora_rank", self.lora_rank, 1)
+        try:
+            object.__setattr__(self, "lora_alpha", float(self.lora_alpha))
+            object.__setattr__(self, "lora_dropout", float(self.lora_dropout))
+        except (TypeError, ValueError):
+            raise FmcacheError(f"bad --lora-alpha / --lora-dropout ({self.lora_alpha}, {self.lora_dropout})") from None
+        if not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1:
+            raise FmcacheError("--lora-alpha must be > 0 and --lora-dropout in [0, 1)")
+        if self.method == "full":
+            given = [name for name in LORA_FIELDS if getattr(self, name) != _DEFAULTS[name]]
+            if given:
+                raise FmcacheError(f"--{given[0].replace('_', '-')} applies to --method lora; pass that or drop it")
+        elif str(self.freeze).strip().lower() == "all":
+            raise FmcacheError("--method lora with --freeze all adapts no block; use --freeze none or K")
+
+
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+_DEFAULTS = {f.name: f.default for f in fields(FinetuneSpec) if f.name in LORA_FIELDS}
+
+
+def _as_names(name: str, value: object) -> tuple[str, ...] | None:
+    """``attn.qkv,attn.proj`` (text) or a YAML list, as a tuple of names; None or empty stays None (the default)."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        raise FmcacheError(f"bad --{name.replace('_', '-')} {value!r}; give comma-separated module names")
+    names = tuple(v.strip() for v in items if v.strip())
+    return names or None
