@@ -319,7 +319,7 @@ def test_two_slurm_grids_at_once_never_run_a_job_twice(tmp_path: Path, base: Pat
 
 def test_stale_lock_of_a_finished_slurm_job_is_taken_over(tmp_path: Path, base: Path):
     """A lock left by a Slurm job on another node that no longer runs is stale: the next grid takes it over."""
-    done = subprocess.run(["sbatch", "--parsable", "-t", "1", "--wrap", "true"], capture_output=True, text=True,
+    done = subprocess.run(["sbatch", "--parsable", "-t", "1", "-o", "/dev/null", "--wrap", "true"], capture_output=True, text=True,
                           check=True)  # fmt: skip
     slurm_id = done.stdout.strip().split(";")[0]
     _wait_until_ended(slurm_id)
