@@ -10,6 +10,7 @@ on the app when imported here. ``fmcache.cli:main`` is the console script.
 from fmcache.cli import stage_one  # noqa: F401
 from fmcache.cli import stage_two  # noqa: F401
 from fmcache.cli import runs  # noqa: F401
+from fmcache.cli import tools  # noqa: F401
 
 # isort: on
 from fmcache.cli.app import app, main

@@ -1,0 +1,172 @@
+"""The grid's cost before it runs: exact FLOP counts against closed forms, rates, the dry run's cost table for the
+paper's grid, ``fmcache calibrate``, and the estimate against the demo grid's measured jobs."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fmcache.cli import app
+from fmcache.errors import FmcacheError
+from fmcache.grid import cost
+from fmcache.grid.config import GridOptions, load_grid
+from fmcache.grid.dry_run import dataset_splits, device_rate
+from fmcache.grid.main import run_grid
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def private_files(tmp_path, monkeypatch):
+    """Counts and calibrations in the test's own folder, never the user's."""
+    monkeypatch.setenv("FMCACHE_CALIBRATION", str(tmp_path / "calibration.json"))
+    monkeypatch.setenv("FMCACHE_FLOPS_CACHE", str(tmp_path / "flops.json"))
+
+
+def vit_flops(tokens: int, width: int, depth: int) -> float:
+    """A ViT's blocks: QKV, projection and the ×4 MLP (2·T·12·D² per block) plus attention's two products
+    (4·T²·D per block)."""
+    return depth * (2 * tokens * 12 * width**2 + 4 * tokens**2 * width)
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "tokens", "width", "depth", "patch"),
+    [("deit_base", 224, 197, 768, 12, 16), ("dinov2_vitb14", 224, 257, 768, 12, 14),
+     ("dinov2_vitl14", 224, 257, 1024, 24, 14), ("dinov2_vitg14", 224, 257, 1536, 40, 14)],
+)  # fmt: skip
+def test_foundation_flops_match_the_closed_form(name, size, tokens, width, depth, patch):
+    shape = cost.Counts().model({"name": name, "img_size": size})
+    blocks = vit_flops(tokens, width, depth)
+    if name == "dinov2_vitg14":  # ViT-g/14: SwiGLU MLP of hidden 4096 (3 matrices) instead of 4·D
+        blocks = depth * (2 * tokens * (4 * width**2 + 3 * width * 4096) + 4 * tokens**2 * width)
+    embed = 2 * (tokens - 1) * 3 * patch**2 * width
+    assert shape.flops == pytest.approx(blocks + embed, rel=0.03)
+    assert (shape.layers, shape.dims[-1], shape.tokens[-1]) == (depth, width, tokens)
+    assert shape.head_tokens == (tokens - 1, width) and shape.prefix == 1 and not shape.conv
+
+
+def test_head_and_resnet_flops_and_the_cache_row():
+    counts = cost.Counts()
+    flops, params = counts.head("deit", 196, 768, 5, 12)
+    proj = 2 * 196 * 768 * 768
+    assert flops == pytest.approx(vit_flops(197, 768, 12) + proj, rel=0.02)
+    assert 85e6 < params < 87e6  # DeiT-B's blocks, position table, CLS, projection and classifier
+    resnet = counts.model({"name": "resnet50", "img_size": 224})
+    assert resnet.conv and resnet.flops == pytest.approx(2 * 4.11e9, rel=0.03)  # 4.11 GMACs, the published count
+    # a ViT-B row: CLS + mean of 12 layers + the paper feature, fp16 (README P6 measured 38.9 KB with HDF5's own)
+    row = cost.Estimator(cost.preset("h200"), {}, counts).row_bytes(counts.model({"name": "deit_base"}), {})
+    assert row == pytest.approx((2 * 12 * 768 + 768) * 2, rel=0.01)
+    with_tokens = cost.Estimator(cost.preset("h200"), {}, counts).row_bytes(
+        counts.model({"name": "deit_base"}), {"tokens": "last,paper"}
+    )
+    assert with_tokens - row == (197 + 196) * 768 * 2
+
+
+def test_counts_are_kept_and_reused(tmp_path, monkeypatch):
+    counts = cost.Counts()
+    counts.model({"name": "deit_base", "img_size": 224})  # counted, then kept
+    counts.save()
+    doc = json.loads((tmp_path / "flops.json").read_text())
+    assert len(doc) == 1
+
+    def refuse(*args):
+        raise AssertionError("counted again")
+
+    monkeypatch.setattr(cost, "_count_foundation", refuse)
+    assert cost.Counts().model({"name": "deit_base", "img_size": 224}).layers == 12
+
+
+def test_device_rate_choices(tmp_path):
+    messages: list[str] = []
+    assert cost.resolve_rates(None, messages.append).label == "H200 SXM"
+    assert "no calibration for this machine" in messages[0] and "fmcache calibrate" in messages[0]
+    h100, a100 = cost.resolve_rates("h100", print), cost.resolve_rates("A100", print)
+    assert h100.fwd == pytest.approx(989e12 * cost.UTILISATION) and a100.fwd < h100.fwd
+    assert "estimate" in h100.source and "published" in h100.source
+    assert cost.resolve_rates("4e14", print).train == 4e14
+    for bad in ("0", "nope"):
+        with pytest.raises(FmcacheError, match="--device-rate"):
+            cost.resolve_rates(bad, print)
+    calibration = tmp_path / "other.json"
+    fields = {f: 1.0 for f in cost.Rates.__dataclass_fields__ if f not in ("label", "overlap", "source")}
+    calibration.write_text(json.dumps({"Some GPU": {**fields, "measured_at": "then"}}))
+    assert cost.resolve_rates(str(calibration), print).label == "Some GPU"
+
+
+def test_paper_dry_run_prints_the_cost_and_the_seeds(tmp_path):
+    (tmp_path / "configs").mkdir()
+    shutil.copy(REPO / "configs" / "paper.yaml", tmp_path / "configs" / "paper.yaml")
+    messages: list[str] = []
+    with device_rate("h200"):
+        out = run_grid(tmp_path / "configs" / "paper.yaml", GridOptions(dry_run=True), log=messages.append)
+    text = "\n".join(messages)
+    result = out["cost"]
+    assert not result["not_estimated"], result["not_estimated"]
+    assert len(result["jobs"]) == out["jobs"] and f"cost of the {out['jobs']} job(s) to run on H200 SXM" in text
+    assert re.search(r"about [\d,.]+ device-hours on H200 SXM", text)
+    assert "the seed's online protocol for the same results" in text
+    # caching saves the seed's recomputation: every frozen protocol costs less than the seed's run of it
+    for job_id, doc in result["jobs"].items():
+        if job_id.startswith(("probe_", "knn")):
+            assert doc["seed"]["seconds"] > doc["ours"]["seconds"], job_id
+    assert result["seed_hours"] > result["hours"] > 0
+    # the official counts, split by each dataset's rule (CheXpert: the seed's first int(0.2 n) + 15 held out)
+    splits = dataset_splits(load_grid(tmp_path / "configs" / "paper.yaml"), print)
+    n = 224316
+    assert splits["chexpert"].train == n - (int(0.2 * n) + 15) and splits["aptos2019"].val == int(3662 * 0.3) // 2
+    assert "split 80/10/10 assumed" in splits["cbis_ddsm"].note
+    # extraction forwards: every image once plus K = 10 views of each train image
+    extract = result["jobs"]["extract/chexpert/dinov2_vitb14"]["ours"]
+    assert extract["forwards"] == n + 10 * splits["chexpert"].train
+
+
+def test_grid_device_rate_flag_and_calibrate_quick(tmp_path):
+    tiny = tmp_path / "grid.yaml"
+    tiny.write_text(
+        "models: [{name: resnet50, random_init: true, img_size: 32}]\n"
+        "datasets: [{name: imagefolder, root: data/digits, prepare: digits, per_class: 8}]\n"
+        "extract: {batch_size: 32, workers: 0}\nprotocols: {knn: {ks: [3]}, probe_linear: {seeds: 1, epochs: 2}}\n"
+    )
+    result = runner.invoke(app, ["grid", str(tiny), "--dry-run", "--device-rate", "a100"])
+    assert result.exit_code == 0, result.output
+    assert "cost of the 3 job(s) to run on A100 SXM 80GB" in result.output
+    bad = runner.invoke(app, ["grid", str(tiny), "--dry-run", "--device-rate", "warp9"])
+    assert bad.exit_code == 2 and "--device-rate warp9" in bad.output
+    calibrated = runner.invoke(app, ["calibrate", "--quick"])
+    assert calibrated.exit_code == 0, calibrated.output
+    doc = json.loads((tmp_path / "calibration.json").read_text())
+    (name, entry), *_ = doc.items()
+    assert name.startswith("cpu") and entry["quick"] and entry["fwd"] > 0 and entry["train"] > 0
+    mine = runner.invoke(app, ["grid", str(tiny), "--dry-run"])  # this machine's calibration by default
+    assert f"to run on {name} (fmcache calibrate" in mine.output, mine.output
+
+
+@pytest.mark.slow
+def test_demo_grid_estimate_within_2x_of_its_measured_jobs(tmp_path):
+    """configs/demo_grid.yaml: the estimate on this machine's quick calibration against the jobs' wall times."""
+    (tmp_path / "configs").mkdir()
+    config = tmp_path / "configs" / "demo_grid.yaml"
+    shutil.copy(REPO / "configs" / "demo_grid.yaml", config)
+    assert runner.invoke(app, ["calibrate", "--quick"]).exit_code == 0
+    plan = run_grid(config, GridOptions(dry_run=True), log=lambda m: None)
+    estimated = {job_id: doc["ours"]["seconds"] for job_id, doc in plan["cost"]["jobs"].items()}
+    messages: list[str] = []
+    run_grid(config, GridOptions(), log=messages.append)
+    measured, current = {}, None
+    for line in messages:
+        if match := re.match(r"\[\d+/\d+\] (\S+)$", line):
+            current = match.group(1)
+        elif match := re.match(r"  done in ([\d.]+) s$", line):
+            measured[current] = float(match.group(1))
+    assert set(measured) == set(estimated)
+    for job_id in measured:
+        print(f"{job_id:<60} estimated {estimated[job_id]:7.1f} s  measured {measured[job_id]:7.1f} s")
+    total_e, total_m = sum(estimated.values()), sum(measured.values())
+    print(f"total: estimated {total_e:.0f} s, measured {total_m:.0f} s ({total_e / total_m:.2f}x)")
+    assert 0.5 <= total_e / total_m <= 2.0
