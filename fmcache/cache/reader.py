@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 
@@ -45,6 +45,47 @@ def split_code(split: str) -> int:
     if split not in SPLIT_CODES:
         raise FmcacheError(f"unknown split '{split}'; use one of {', '.join(SPLIT_CODES)}")
     return SPLIT_CODES[split]
+
+
+# A shard's wanted rows are read as one hyperslab from the first to the last of them and masked in memory (one HDF5
+# call; h5py's point selection is far slower), unless that span would be larger than this, as for token maps: then
+# each run of consecutive rows is read on its own, straight into the output.
+_SPAN_BYTES = 64 << 20
+
+
+def selected_shape(shape: tuple[int, ...], select: tuple) -> tuple[int, ...]:
+    """The shape after the row axis of ``ds[(rows, *select)]`` for a dataset of ``shape`` (nothing is allocated)."""
+    return np.broadcast_to(np.empty((), np.int8), (1, *shape[1:]))[(slice(None), *select)].shape[1:]
+
+
+def read_rows(ds: h5py.Dataset, mask: np.ndarray, select: tuple, out: np.ndarray) -> None:
+    """``out[...] = ds[mask][(slice(None), *select)]``, reading only the selected part of the wanted rows.
+
+    With ``select`` naming one layer of a (n, L, D) dataset, only that layer's chunks are read where the shard
+    stores one layer per chunk; an older shard (chunks of every layer) is read whole but the other layers are
+    dropped chunk by chunk inside HDF5, never held.
+    """
+    rows = np.flatnonzero(mask)
+    lo, hi = int(rows[0]), int(rows[-1]) + 1
+    if hi - lo == len(rows):
+        _read_span(ds, lo, hi, select, out)
+        return
+    row_bytes = int(np.prod(out.shape[1:], dtype=np.int64)) * ds.dtype.itemsize
+    if (hi - lo) * row_bytes <= _SPAN_BYTES:
+        out[...] = ds[(slice(lo, hi), *select)][rows - lo]
+        return
+    breaks = np.flatnonzero(np.diff(rows) > 1)
+    pos = 0
+    for start, stop in zip(rows[np.r_[0, breaks + 1]], rows[np.r_[breaks, len(rows) - 1]] + 1, strict=True):
+        _read_span(ds, int(start), int(stop), select, out[pos : pos + stop - start])
+        pos += stop - start
+
+
+def _read_span(ds: h5py.Dataset, lo: int, hi: int, select: tuple, out: np.ndarray) -> None:
+    if out.dtype == ds.dtype and out.flags.c_contiguous:
+        ds.read_direct(out, source_sel=(slice(lo, hi), *select))  # no temporary copy
+    else:
+        out[...] = ds[(slice(lo, hi), *select)]  # e.g. fp16 → float32 while copying
 
 
 class CacheReader:
@@ -149,25 +190,49 @@ class CacheReader:
         """Indices of the concatenated rows that belong to ``split`` (empty split → error)."""
         return np.flatnonzero(self._split_mask(split))
 
-    def _per_shard(self, split: str, read: Callable[[Path, h5py.File, np.ndarray], np.ndarray]) -> np.ndarray:
-        """``read(path, open shard, mask of its rows in split)`` for every shard holding rows of ``split``, joined.
-
-        ``read`` runs with the shard open, so an HDF5 error while reading names the shard (see ``read_shard``).
-        """
+    def _shard_masks(self, split: str) -> list[tuple[Path, np.ndarray]]:
+        """(shard path, mask of its rows in ``split``) for every shard holding rows of ``split`` (no shard I/O)."""
         wanted = self._split_mask(split)
-        parts, start = [], 0
-        for path in self.files:
+        bounds = np.cumsum([0, *np.bincount(self._index[2][:, 0], minlength=len(self.files))])
+        masks = [(path, wanted[lo:hi]) for path, lo, hi in zip(self.files, bounds[:-1], bounds[1:], strict=True)]
+        return [(path, mask) for path, mask in masks if mask.any()]
+
+    def _fill(
+        self, split: str, name: str, selects: list[tuple], dtype: np.dtype | None = None, views: bool = False
+    ) -> list[np.ndarray]:
+        """``name``'s rows of ``split``, one array per ``select`` (applied after the row axis), each allocated once
+        and filled shard by shard: only the selected part of each shard is read, and nothing is concatenated.
+
+        ``views``: ``name`` lives in the ``views/`` group, which holds exactly the shard's train rows. Each shard is
+        read inside ``read_shard``, so an HDF5 error names the shard.
+        """
+        total = int(self._split_mask(split).sum())
+        outs: list[np.ndarray] = []
+        pos = 0
+        for path, mask in self._shard_masks(split):
+            m = int(mask.sum())
             with read_shard(path) as fh:
-                n = fh["ids"].shape[0] if "ids" in fh else 0
-                mask = wanted[start : start + n]
-                start += n
-                if mask.any():
-                    parts.append(read(path, fh, mask))
-        return np.concatenate(parts)
+                ds = fh[name]
+                if views:
+                    if ds.shape[0] != m:
+                        raise damaged_shard(path, f"{name} has {ds.shape[0]} rows, the shard {m} train rows")
+                    mask = np.ones(m, bool)
+                if not outs:
+                    outs = [np.empty((total, *selected_shape(ds.shape, s)), dtype or ds.dtype) for s in selects]
+                if len(selects) == 1:
+                    read_rows(ds, mask, selects[0], outs[0][pos : pos + m])
+                else:  # several parts of the same rows (every layer): the shard's rows are read once
+                    block = np.empty((m, *ds.shape[1:]), ds.dtype)
+                    read_rows(ds, mask, (), block)
+                    for out, select in zip(outs, selects, strict=True):
+                        out[pos : pos + m] = block[(slice(None), *select)]
+            pos += m
+        assert pos == total, "every row of the split is read exactly once"
+        return outs
 
     def _gather(self, name: str, split: str, select: tuple = ()) -> np.ndarray:
-        # read the shard's whole array contiguously, then select: far faster than fancy indexing
-        return self._per_shard(split, lambda _path, fh, mask: fh[name][...][mask][(slice(None), *select)])
+        """``name``'s rows of ``split`` in the stored dtype, with ``select`` applied after the row axis."""
+        return self._fill(split, name, [select])[0]
 
     def ids(self, split: str) -> np.ndarray:
         return self._index[1][self.rows(split)]  # already read with the split codes; no shard I/O
@@ -185,18 +250,20 @@ class CacheReader:
         """float32 (n, D) pooled features of one layer; ``kind`` is cls, mean or paper (``paper`` has no layer)."""
         self._check_pool(kind)
         if kind == "paper":
-            return self._gather("pooled/paper", split).astype(np.float32)
+            return self._fill(split, "pooled/paper", [()], np.float32)[0]
         number = self.resolve_layer(layer)
         dim = self.layer_dims[number - 1]
-        return self._gather(f"pooled/{kind}", split, (number - 1, slice(0, dim))).astype(np.float32)
+        # only this layer's bytes are read (all of them, in caches written before per-layer chunks), straight
+        # into the one float32 output array
+        return self._fill(split, f"pooled/{kind}", [(number - 1, slice(0, dim))], np.float32)[0]
 
     def pooled_all_layers(self, split: str, kind: str = "cls") -> list[np.ndarray]:
         """Every layer's pooled features for one split, reading the shards once."""
         self._check_pool(kind)
         if kind == "paper":
             raise FmcacheError("the 'paper' pooled feature has no per-layer form; use cls or mean with --layer all")
-        stacked = self.pooled_stack(split, kind)
-        return [stacked[:, i, :d].astype(np.float32) for i, d in enumerate(self.layer_dims)]
+        selects = [(i, slice(0, d)) for i, d in enumerate(self.layer_dims)]
+        return self._fill(split, f"pooled/{kind}", selects, np.float32)
 
     def pooled_stack(self, split: str, kind: str = "cls") -> np.ndarray:
         """(n, L, D_max) pooled features of every layer in the stored dtype (zero-padded; see ``layer_dims``)."""
@@ -211,34 +278,40 @@ class CacheReader:
         itemsize = 2 if self.manifest.get("dtype") == "fp16" else 4
         return rows * self.num_layers * max(self.layer_dims) * itemsize
 
+    def layer_chunked(self, kind: str = "cls") -> bool:
+        """True when each stored chunk of ``pooled/<kind>`` holds one layer (caches written since per-layer chunks),
+        so one layer reads without the others; False for older caches, whose chunks hold every layer."""
+        self._check_pool(kind)
+        if kind == "paper" or self.num_layers == 1:
+            return True
+        for path in self.files:
+            with read_shard(path) as fh:
+                if "ids" in fh:
+                    chunks = fh[f"pooled/{kind}"].chunks
+                    return chunks is not None and chunks[1] == 1
+        return True
+
     # -- augmented views (schema 2, ``--views K``; train rows only) ------------------------------------------------
     @property
     def views_k(self) -> int:
         """K augmented views per train sample; 0 for a cache without views (every schema-1 cache)."""
         return views_k(self.manifest)
 
-    def _gather_views(self, name: str, select: tuple = ()) -> np.ndarray:
+    def _gather_views(self, name: str, select: tuple = (), dtype: np.dtype | None = None) -> np.ndarray:
         """(n_train, K, ...) of ``views/<name>``, rows in the order of ``ids("train")``."""
         if not self.views_k:
             raise no_views_error(self.path)
-
-        def read(path: Path, fh: h5py.File, mask: np.ndarray) -> np.ndarray:
-            # the group holds exactly the shard's train rows, in row order (fmcache verify checks the ids)
-            data, m = fh[f"views/{name}"][...], int(mask.sum())
-            if len(data) != m:
-                raise damaged_shard(path, f"views/{name} has {len(data)} rows, the shard {m} train rows")
-            return data[(slice(None), slice(None), *select)]
-
-        return self._per_shard("train", read)
+        # the group holds exactly the shard's train rows, in row order (fmcache verify checks the ids)
+        return self._fill("train", f"views/{name}", [(slice(None), *select)], dtype, views=True)[0]
 
     def views_pooled(self, layer: int | str = "last", kind: str = "cls") -> np.ndarray:
         """float32 (n_train, K, D) pooled features of the K augmented views of every train sample (one layer)."""
         self._check_pool(kind)
         if kind == "paper":
-            return self._gather_views("pooled/paper").astype(np.float32)
+            return self._gather_views("pooled/paper", (), np.float32)
         number = self.resolve_layer(layer)
         dim = self.layer_dims[number - 1]
-        return self._gather_views(f"pooled/{kind}", (number - 1, slice(0, dim))).astype(np.float32)
+        return self._gather_views(f"pooled/{kind}", (number - 1, slice(0, dim)), np.float32)
 
     def view_tokens(self, layer: int | str) -> ViewTokenDataset:
         """Streams the token maps of the train views; item ``i * K + v`` is view v of train sample i."""
@@ -262,7 +335,9 @@ class TokenDataset(torch.utils.data.Dataset):
     """Streams (tokens (T, D) float32, label, id) for one split and layer.
 
     HDF5 handles are opened lazily per process (h5py handles are not fork-safe), and each item is one contiguous
-    read of a single sample.
+    read of a single sample (one chunk: see :mod:`fmcache.cache.shards`). A list of indices gives the whole batch at
+    once, (tokens (B, T, D) float32, labels, ids), read straight into one array: a DataLoader with ``batch_size=None``
+    over lists of indices then yields ready batches, several times faster than stacking B items (``batch``).
     """
 
     def __init__(self, reader: CacheReader, split: str, layer: int):
@@ -273,6 +348,7 @@ class TokenDataset(torch.utils.data.Dataset):
         self.labels = reader.labels(split)
         self.ids = reader.ids(split)
         self._handles: dict[int, h5py.File] = {}
+        self._datasets: dict[int, h5py.Dataset] = {}
         self._pid = -1
 
     def __len__(self) -> int:
@@ -280,21 +356,45 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def _file(self, shard: int) -> h5py.File:
         if self._pid != os.getpid():
-            self._handles, self._pid = {}, os.getpid()
+            self._handles, self._datasets, self._pid = {}, {}, os.getpid()
         if shard not in self._handles:
             self._handles[shard] = h5py.File(self.files[shard], "r")
         return self._handles[shard]
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _source(self, i: int) -> tuple[int, tuple, int]:
+        """(shard, selection in its dataset, row of ``labels``/``ids``) of item ``i``."""
         shard, row = self.where[i]
+        return int(shard), (int(row),), int(i)
+
+    def _read(self, i: int) -> tuple[np.ndarray, int]:
+        shard, select, at = self._source(int(i))
         try:
-            tokens = self._file(int(shard))[self.name][int(row)]
+            if shard not in self._datasets or self._pid != os.getpid():
+                self._datasets[shard] = self._file(shard)[self.name]
+            return self._datasets[shard][select], at
         except (OSError, KeyError, RuntimeError, ValueError) as exc:
-            raise damaged_shard(Path(self.files[int(shard)]), exc) from exc
-        return torch.from_numpy(tokens.astype(np.float32)), torch.as_tensor(self.labels[i]), int(self.ids[i])
+            raise damaged_shard(Path(self.files[shard]), exc) from exc
+
+    def __getitem__(self, i):
+        if not isinstance(i, int | np.integer):
+            return self.batch(i)
+        tokens, at = self._read(i)
+        return torch.from_numpy(tokens.astype(np.float32)), torch.as_tensor(self.labels[at]), int(self.ids[at])
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens (B, T, D) float32, labels (B, ...), ids (B,)) of ``indices``: the values of stacking the items,
+        each sample read once and converted while copied into the one output array."""
+        indices = [int(i) for i in indices]
+        first, at = self._read(indices[0])
+        out = np.empty((len(indices), *first.shape), np.float32)
+        out[0], rows = first, [at]
+        for j, i in enumerate(indices[1:], start=1):
+            out[j], at = self._read(i)
+            rows.append(at)
+        return torch.from_numpy(out), torch.as_tensor(self.labels[rows]), torch.as_tensor(self.ids[rows])
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_handles": {}, "_pid": -1}
+        return {**self.__dict__, "_handles": {}, "_datasets": {}, "_pid": -1}
 
 
 class ViewTokenDataset(TokenDataset):
@@ -312,14 +412,10 @@ class ViewTokenDataset(TokenDataset):
     def __len__(self) -> int:
         return len(self.where) * self.k
 
-    def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _source(self, j: int) -> tuple[int, tuple, int]:
         i, view = divmod(int(j), self.k)
         shard, row = self.where[i]
-        try:
-            tokens = self._file(int(shard))[self.name][int(row), view]
-        except (OSError, KeyError, RuntimeError, ValueError) as exc:
-            raise damaged_shard(Path(self.files[int(shard)]), exc) from exc
-        return torch.from_numpy(tokens.astype(np.float32)), torch.as_tensor(self.labels[i]), int(self.ids[i])
+        return int(shard), (int(row), view), i
 
 
 def align(a: CacheReader, b: CacheReader, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -4,6 +4,23 @@ One shard holds a fixed slice of the dataset's canonical order. Arrays:
 ``ids`` (n,) int64 global sample index, ``split`` (n,) int8, ``labels`` (n,) int64 or (n, C) float32 with NaN,
 ``pooled/cls`` and ``pooled/mean`` (n, L, D) and ``pooled/paper`` (n, D_p), ``tokens/layer_XX`` (n, T, D),
 and with ``--views`` the ``views/`` group of train rows only (see :mod:`fmcache.cache.views`).
+
+Chunk layout (every dataset has a fletcher32 checksum per chunk; the reader assumes no layout):
+
+- ``pooled/cls`` and ``pooled/mean`` are chunked one layer at a time, ``(rows, 1, D)`` with rows chosen so a chunk
+  is about 512 KiB (256 rows of a 1,024-d fp16 layer), so stage two reads one layer without the others' bytes
+  (knn and probe on one layer of a 24-layer cache read 1/24 of it). ``views/pooled/*`` likewise: ``(rows, K, 1, D)``.
+  Caches written before this layout chunk (256, L, D): every layer's bytes are read for one, but still only the
+  asked layer is held in memory.
+- ``tokens/layer_XX``: one sample per chunk, ``(1, T, D)``, and one view per chunk in ``views/tokens``. Token heads
+  read samples in a shuffled order, so a chunk of several samples is read (and checksummed) whole for each one:
+  measured with 4,096 samples, 2 cores, warm page cache, item by item in a shuffled order, ViT-B (197 × 768 fp16)
+  reads 2,224 samples/s (0.67 GB/s) with 1 sample per chunk, 756/s with 8 and 236/s with 32; ViT-L (257 × 1,024)
+  1,180/s, 537/s and 139/s (cold: 1,142/s vs 588/s for ViT-B, 441/s vs 276/s for ViT-L). A whole-shard
+  sequential read is about as fast with any of them (0.9-1 GB/s cold, 2-2.8 GB/s warm). Through a DataLoader,
+  stacking single items costs more than reading them; ``TokenDataset.batch`` (an index list) reads a batch into
+  one array: ViT-L 1,240 samples/s warm, 691/s cold, vs 586/s and 390/s item by item (``bench_scale.py``).
+- everything else: up to 256 rows per chunk (K times fewer for a sample's K views).
 """
 
 from __future__ import annotations
@@ -45,6 +62,41 @@ def finished_shards(folder: Path) -> dict[int, Path]:
     return {int(m.group(1)): p for p in folder.iterdir() if (m := SHARD_RE.match(p.name))}
 
 
+# Bytes of one chunk of a per-layer pooled dataset (see the module doc).
+LAYER_CHUNK_BYTES = 512 << 10
+_SMALL_ROWS = 256
+
+
+def per_layer(name: str, sample_shape: tuple[int, ...]) -> bool:
+    """Is ``name`` a pooled (…, L, D) dataset (``pooled/cls``, ``pooled/mean`` and their ``views/`` twins)?"""
+    return name.rsplit("/", 2)[-2:] in (["pooled", "cls"], ["pooled", "mean"]) and len(sample_shape) >= 2
+
+
+def chunk_shape(name: str, sample_shape: tuple[int, ...], itemsize: int, planned: int) -> tuple[int, ...]:
+    """The chunk of a shard dataset (module doc): one sample (one view) of a token map, one layer of a pooled
+    stack, and a few hundred rows of anything else."""
+    planned = max(planned, 1)
+    if "tokens/" in name and len(sample_shape) >= 2:
+        return (1, *[1] * (len(sample_shape) - 2), *sample_shape[-2:])
+    if per_layer(name, sample_shape):
+        inner = (*sample_shape[:-2], 1, sample_shape[-1])  # (K,) 1, D
+        rows = LAYER_CHUNK_BYTES // max(1, int(np.prod(inner)) * itemsize)
+        return (min(planned, max(rows, 1)), *inner)
+    rows = min(planned, _SMALL_ROWS)
+    if name.startswith("views/") and sample_shape:
+        rows = max(1, rows // sample_shape[0])
+    return (rows, *sample_shape)
+
+
+def _band_cache(sample_shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int) -> dict:
+    """Chunk-cache settings that hold every chunk of one band of rows (twice over), when that is over the default."""
+    band = int(np.prod([-(-size // chunk) for size, chunk in zip(sample_shape, chunks[1:], strict=True)]))
+    nbytes = 2 * band * int(np.prod(chunks)) * itemsize
+    if nbytes <= 1 << 20:  # HDF5's default cache
+        return {}
+    return {"rdcc_nbytes": nbytes, "rdcc_nslots": 10007, "rdcc_w0": 1.0}
+
+
 class ShardWriter:
     """Appends batches to one shard's temporary file; ``commit`` closes and renames it into place."""
 
@@ -63,21 +115,20 @@ class ShardWriter:
     def _dataset(self, name: str, sample_shape: tuple[int, ...], dtype: np.dtype) -> h5py.Dataset:
         if name in self.file:
             return self.file[name]
-        # one sample per chunk for token maps (whole-sample reads); a few hundred rows for small arrays, and
-        # K times fewer for a sample's K augmented views, so a chunk stays as large as a center-crop one
-        rows = 1 if len(sample_shape) >= 2 and "tokens/" in name else min(self.planned, 256)
-        if name.startswith("views/") and sample_shape:
-            rows = max(1, rows // sample_shape[0])
+        chunks = chunk_shape(name, sample_shape, np.dtype(dtype).itemsize, self.planned)
         return self.file.create_dataset(
             name,
             shape=(0, *sample_shape),
             maxshape=(self.planned, *sample_shape),
             dtype=dtype,
-            chunks=(max(rows, 1), *sample_shape),
+            chunks=chunks,
             compression=self.compression,
             # a per-chunk checksum: a flipped bit in the data fails the read of that chunk instead of returning
             # wrong numbers (HDF5's own metadata is checksummed under libver="latest")
             fletcher32=True,
+            # a batch appended to per-layer chunks touches one chunk of every layer: the cache holds that band so
+            # a partly filled chunk is not written, read back and checksummed again by the next batch
+            **_band_cache(sample_shape, chunks, np.dtype(dtype).itemsize),
         )
 
     def append(self, arrays: dict[str, np.ndarray]) -> None:
