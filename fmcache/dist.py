@@ -34,6 +34,11 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def world_size() -> int:
+    """Processes in this torchrun job (1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_main_process() -> bool:
     """Rank 0: the process that prints and writes what the whole job shares."""
     return rank() == 0
@@ -64,7 +69,7 @@ class Dist:
 
 def init_dist(requested_device: str | None = None) -> Dist:
     """Join the torchrun group when WORLD_SIZE > 1 (gloo on CPU, nccl on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     device = pick_device(requested_device)
     if world > 1:
         if device.type == "cuda":

@@ -30,6 +30,11 @@ Contract (``fmcache report``/``fmcache grid`` read exactly this):
   one row per seed (in ``seeds`` order); for k-NN one row (seed -1), the best k on the last layer. Labels are
   int (n,) for single-label data and (n, C) 0/1 with NaN = unknown for multi-label data. CKA has no predictions.
 
+* Label-efficiency runs (``--train-fraction``/``--train-per-class``) are ordinary results whose ``settings`` hold
+  ``train_subset`` (``fraction`` or ``per_class``, ``repeat``, ``sampling``, ``val_follows``), with a top-level
+  ``subset`` record and ``subsets.npz`` (the rows) in the folder; a result without ``train_subset`` used the whole
+  train split. The report keeps them out of the paper's tables (:func:`train_subset`).
+
 Every file goes to a temporary name in the target folder and is moved into place with ``os.replace``,
 so a crash never leaves a half-written result that looks valid.
 """
@@ -99,21 +104,45 @@ def is_complete(folder: Path) -> bool:
     return isinstance(document, dict) and document.get("status") == "complete"
 
 
-def find_results(root: Path) -> list[dict]:
+def find_results(root: Path, problems: list[tuple[Path, str]] | None = None) -> list[dict]:
     """Every complete ``result.json`` under ``root``, each loaded with ``"folder"`` (its folder, str) added.
 
-    Sorted by folder so reports are stable. Unreadable or incomplete files are skipped: they belong to runs that
-    crashed or are still going, which the grid reruns.
+    Sorted by folder so reports are stable. A folder without ``result.json`` is a run that crashed or is still going
+    (the grid reruns it). A ``result.json`` that does not parse, or is not a complete result, is skipped too, and
+    named in ``problems`` (path, why) when a list is given: ``result.json`` is written atomically, so a torn or
+    edited one is damage a report must not hide.
     """
     found = []
     for path in sorted(Path(root).rglob(RESULT_JSON)):
         try:
             document = json.loads(path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            if problems is not None:
+                problems.append((path, f"unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:80]})"))
             continue
         if isinstance(document, dict) and document.get("status") == "complete":
             found.append({**document, "folder": str(path.parent)})
+        elif problems is not None:
+            problems.append((path, "not a complete result (no status complete)"))
     return found
+
+
+def check_predictions(document: Mapping) -> Path | None:
+    """The ``predictions.npz`` of a result, checked against the sha256 its ``result.json`` records.
+
+    None when the result has no predictions file; a file that is not the one the run wrote (edited, swapped,
+    damaged) is one error line naming it, so it never turns into different confidence intervals.
+    """
+    path = Path(document["folder"]) / PREDICTIONS
+    if not path.is_file():
+        return None
+    recorded = document.get("predictions_sha256")
+    if recorded and hashlib.sha256(path.read_bytes()).hexdigest() != recorded:
+        raise FmcacheError(
+            f"{path} does not match the sha256 its result.json records: it was changed after the run; rerun that "
+            "evaluation (or remove its folder)"
+        )
+    return path
 
 
 def to_jsonable(obj):
@@ -227,12 +256,16 @@ def write_result(
     get_protocol(protocol)  # an unknown name is one line listing the valid ones
     folder = start_result(folder)
     atomic_write_bytes(folder / RESULT_CSV, csv_bytes(rows))
+    predictions_sha256 = None
     if predictions is not None:
         arrays = {k: np.asarray(v, dtype=np.float32) if k.endswith("_scores") else np.asarray(v)
                   for k, v in predictions.items()}  # fmt: skip
-        atomic_write_bytes(folder / PREDICTIONS, _npz_bytes(arrays))
+        data = _npz_bytes(arrays)
+        atomic_write_bytes(folder / PREDICTIONS, data)
+        predictions_sha256 = hashlib.sha256(data).hexdigest()  # the report refuses a file that differs
     document = {
         **to_jsonable(extra or {}),
+        **({"predictions_sha256": predictions_sha256} if predictions_sha256 else {}),
         "protocol": protocol,
         "status": "complete",
         "dataset": dataset,
@@ -268,11 +301,17 @@ class ResultSource:
     extract_seconds_per_image: float | None = None
     ids: Mapping[str, np.ndarray] = field(default_factory=dict)
     labels: Mapping[str, np.ndarray] = field(default_factory=dict)
+    split: Mapping | None = None  # the dataset's split identity (mode, seed, files): a table never mixes two
+    img_size: int | None = None  # the input size the foundation saw (Table 3 is the 1024 px one)
 
     def identity(self) -> dict:
         """The identity keys of ``result.json``: dataset, model, cache_key, weights."""
         return {"dataset": self.dataset, "model": self.model, "cache_key": self.cache_key,
                 "weights": dict(self.weights)}  # fmt: skip
+
+    def facts(self) -> dict:
+        """Top-level ``result.json`` keys the report groups by: the split identity and the input size."""
+        return {"split": to_jsonable(self.split), "img_size": self.img_size}
 
     def timings(self, train_seconds: float | None, inference_s_per_sample: float | None) -> dict:
         """The contract's timings: train s, inference s/sample, and extraction s/image when the cache recorded it."""
@@ -312,7 +351,7 @@ def write_head_grid(
     return write_result(
         folder, protocol=protocol, settings=settings, metric=metric, timings=timings,
         summary=probe_summary(per_layer, len(settings["seeds"])), details=details, rows=rows, predictions=arrays,
-        extra=extra, **source.identity(),
+        extra={**source.facts(), **(extra or {})}, **source.identity(),
     )  # fmt: skip
 
 
@@ -435,7 +474,11 @@ def plot_probe_vs_layer(
     layers = list(per_layer)
     means = np.array([per_layer[n]["test_mean"] for n in layers], dtype=np.float64)
     stds = np.array([per_layer[n]["test_std"] for n in layers], dtype=np.float64)
-    ax.errorbar([int(n) for n in layers], means, yerr=np.nan_to_num(stds), marker="o", capsize=3)
+    numeric = all(str(n).lstrip("-").isdigit() for n in layers)
+    xs = [int(n) for n in layers] if numeric else list(range(len(layers)))  # "paper" tokens: placed after the blocks
+    ax.errorbar(xs, means, yerr=np.nan_to_num(stds), marker="o", capsize=3)
+    if not numeric:
+        ax.set_xticks(xs, [str(n) for n in layers])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"test {metric} (best LR, mean ± std over seeds)")
     ax.set_title(title)
@@ -457,4 +500,124 @@ def plot_cka_heatmap(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="linear CKA")
+    return save_png(fig, path)
+
+
+# -- label efficiency (``--train-fraction`` / ``--train-per-class``) ------------------------------------------------
+# A subset run is a plain result whose settings hold ``train_subset`` ({fraction or per_class, repeat, sampling,
+# val_follows}), one folder per (fraction, repeat); ``subsets.npz`` beside it holds its rows. The runner also writes
+# ``<root>/<dataset>/<model>/<key12>/label_efficiency/<protocol>-<hash12>/`` (label_efficiency.csv and .png, every
+# subset in subsets.npz, label_efficiency.json last); the report reads only the results themselves.
+
+SUBSETS = "subsets.npz"
+LABEL_EFFICIENCY = "label_efficiency"
+
+
+def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """The bytes of an ``.npz`` (compressed) holding ``arrays``, for :func:`fmcache.files.atomic_write_bytes`."""
+    return _npz_bytes(arrays)
+
+
+def train_subset(document: Mapping) -> dict | None:
+    """A result's ``train_subset`` settings (a label-efficiency run), or None for a run on the whole train split."""
+    subset = (document.get("settings") or {}).get("train_subset")
+    return dict(subset) if isinstance(subset, Mapping) else None
+
+
+def base_settings(document: Mapping) -> dict:
+    """A result's settings without its subset: what every point of one label-efficiency curve shares."""
+    return {k: v for k, v in (document.get("settings") or {}).items() if k != "train_subset"}
+
+
+def label_efficiency_folder(root: Path, dataset: str, model: str, key: str, protocol: str, settings: Mapping) -> Path:
+    """``<root>/<dataset>/<model>/<key12>/label_efficiency/<protocol>-<hash12>``: a curve's own files (no result.json,
+    so neither the report nor the grid takes it for a result)."""
+    folder = result_folder(root, dataset, model, key, protocol, settings)
+    return folder.parent / LABEL_EFFICIENCY / folder.name
+
+
+def _pooled(parts: Sequence[tuple[float, float, int]]) -> tuple[float | None, float | None, int]:
+    """Mean and sample std (ddof 1) of all values of groups given as (mean, std, n): repeats × seeds as one sample."""
+    parts = [(float(m), float(s or 0.0), int(n)) for m, s, n in parts if m is not None and n]
+    total = sum(n for _, _, n in parts)
+    if not total:
+        return None, None, 0
+    mean = sum(m * n for m, _, n in parts) / total
+    squares = sum((n - 1) * s * s + n * m * m for m, s, n in parts) - total * mean * mean
+    return mean, math.sqrt(max(squares, 0.0) / (total - 1)) if total > 1 else 0.0, total
+
+
+def _knn_points(summary: Mapping) -> dict[str, dict]:
+    """Per layer, the k chosen on val (test without val; the smallest k on ties) and its val and test values."""
+    by_layer: dict[str, dict[str, dict[int, float]]] = {}
+    for row in summary.get("rows") or []:
+        if row.get("value") is not None:
+            by_layer.setdefault(str(row["layer"]), {}).setdefault(row["split"], {})[int(row["k"])] = row["value"]
+    points = {}
+    for layer, splits in by_layer.items():
+        chooser = splits.get("val") or splits.get("test") or {}
+        if not chooser:
+            continue
+        k = max(chooser, key=lambda kk: (chooser[kk], -kk))
+        points[layer] = {s: (splits[s].get(k), 0.0, 1) for s in ("val", "test") if k in splits.get(s, {})}
+    return points
+
+
+def subset_points(document: Mapping) -> dict[str, dict]:
+    """Per layer, ``{"val": (mean, std, n), "test": (...)}`` of one result: a head grid's best-LR mean ± std over
+    seeds (n seeds), or k-NN's value at the k chosen on val (n 1)."""
+    summary = document.get("summary") or {}
+    if document.get("protocol") == "knn":
+        return _knn_points(summary)
+    per_layer = summary.get("per_layer") or {str((document.get("settings") or {}).get("layers", ["?"])[-1]): summary}
+    return {str(layer): {s: (e.get(f"{s}_mean"), e.get(f"{s}_std"), e.get("n_seeds") or 1) for s in ("val", "test")}
+            for layer, e in per_layer.items()}  # fmt: skip
+
+
+def label_efficiency_rows(documents: Sequence[Mapping]) -> list[dict]:
+    """One row per (amount, layer) of subset results of one curve: val and test mean ± std over repeats × seeds."""
+    groups: dict[tuple, list] = {}
+    for doc in documents:
+        subset = train_subset(doc)
+        if subset is None:
+            continue
+        axis = "fraction" if subset.get("fraction") is not None else "per_class"
+        n_train = (doc.get("subset") or {}).get("n_train")
+        for layer, point in subset_points(doc).items():
+            groups.setdefault((axis, float(subset[axis]), layer), []).append((point, n_train, doc.get("metric")))
+    rows = []
+    for (axis, x, layer), items in sorted(groups.items(), key=lambda kv: (kv[0][0], _layer_order(kv[0][2]), kv[0][1])):
+        row = {"axis": axis, axis: x, "layer": layer, "metric": items[0][2], "repeats": len(items)}
+        counts = [n for _, n, _ in items if n is not None]
+        row["n_train"] = float(np.mean(counts)) if counts else None
+        for split in ("test", "val"):
+            mean, std, n = _pooled([p[split] for p, _, _ in items if split in p])
+            row.update({f"{split}_mean": mean, f"{split}_std": std, f"{split}_n": n})
+        rows.append(row)
+    return rows
+
+
+def _layer_order(layer: str) -> tuple[int, str]:
+    return (int(layer), "") if str(layer).lstrip("-").isdigit() else (10**9, str(layer))
+
+
+def plot_label_efficiency(path: Path, lines: Mapping[str, Sequence[Mapping]], metric: str, title: str) -> Path:
+    """PNG of test metric against the train amount (fraction on a log axis, or samples per class), one line per
+    label, mean ± std over repeats × seeds; ``lines`` maps a label to :func:`label_efficiency_rows` rows."""
+    fig, (ax,) = new_figure()
+    axis = "fraction"
+    for label, rows in lines.items():
+        rows = sorted(rows, key=lambda r: r[r["axis"]])
+        if not rows:
+            continue
+        axis = rows[0]["axis"]
+        xs = [r[axis] for r in rows]
+        means = [np.nan if r["test_mean"] is None else r["test_mean"] for r in rows]
+        stds = [r["test_std"] or 0.0 for r in rows]
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of the train split (labelled)" if axis == "fraction" else "train samples per class")
+    ax.set_ylabel(f"test {metric} (mean ± std over repeats × seeds)")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
     return save_png(fig, path)

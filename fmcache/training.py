@@ -82,9 +82,20 @@ def paper_warmup(dataset: str) -> dict:
     return dict(PAPER_WARMUP.get(dataset, DEFAULT_WARMUP))
 
 
-def fit_warmup(warmup: dict, epochs: int, n_train: int, batch_size: int) -> dict:
+def batch_starts(n: int, batch_size: int, drop_last: bool) -> range:
+    """Where each train batch starts: every ``batch_size`` rows, without the last partial batch when ``drop_last``
+    (the seed's train loader: ``drop_last: true``)."""
+    if drop_last and n < batch_size:
+        raise FmcacheError(
+            f"the train split has {n} samples, fewer than the batch size {batch_size}, so the seed's drop_last would "
+            "drop every batch; lower --batch-size, or pass --keep-last to train on the partial batch"
+        )
+    return range(0, (n // batch_size) * batch_size if drop_last else n, batch_size)
+
+
+def fit_warmup(warmup: dict, epochs: int, n_train: int, batch_size: int, drop_last: bool = False) -> dict:
     """The paper's warmup, shortened to a tenth of training when a short run would otherwise be all warmup."""
-    steps_per_epoch = -(-n_train // batch_size)
+    steps_per_epoch = max(1, n_train // batch_size if drop_last else -(-n_train // batch_size))
     total = steps_per_epoch * epochs
     steps = warmup.get("warmup_iters", round(warmup.get("warmup_epochs", 0) * steps_per_epoch))
     if steps < total:

@@ -726,7 +726,7 @@ def test_train_augmentation() -> None:
     torch.manual_seed(0)
     assert first.shape == (3, 64, 64) and torch.equal(first, augment(image))
     spec = train_augmentation_spec(64)
-    assert spec["crop_scale"] == [0.8, 1.0] and spec["paper_crop_scale"] == [0.8, 1.2]
+    assert spec["crop_scale"] == [0.8, 1.2]  # the seed's, torchvision's full-image fallback included
 
 
 def test_image_dataset(aptos_root: Path) -> None:

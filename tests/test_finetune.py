@@ -251,3 +251,78 @@ def test_deit_head_on_decapitated_tokens(aptos_root, tmp_path):
     assert not list(
         Path(result["runs_folder"]).glob("lr*/foundation.safetensors")
     )  # a frozen foundation is not exported
+
+
+# -- the seed's training modes (PROTOCOLS.md, "Details that change numbers") -----------------------------------------
+
+
+def _one_epoch(spec: FinetuneSpec, size: int, folder: Path):
+    """One real training epoch of ``spec``'s model through the Trainer; returns the trained model."""
+    from fmcache.dist import Dist
+
+    data = online_data(spec)
+    model, _ = build_model(spec, size, len(data.class_names), 0)
+    settings = RunSettings(lr=1e-3, seed=0, epochs=1, batch_size=8, accum=1, clip=1.0, amp="off", schedule="constant",
+                           warmup={"warmup_iters": 0}, weight_decay=1e-5, layer_decay=1.0, metric=data.metric,
+                           multilabel=False, export=False)  # fmt: skip
+    with one_thread():
+        Trainer(model, data.splits, settings, folder, Dist(0, 1, torch.device("cpu")), log=lambda m: None).run()
+    return model
+
+
+def _bn_stats(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.foundation.root.state_dict().items() if k.endswith("running_mean")}
+
+
+def test_unfrozen_resnet_epoch_updates_batchnorm_statistics_frozen_does_not(aptos_root, tmp_path):
+    size, overrides, *_ = TINY["resnet50"]
+    changed = {}
+    for freeze in ("none", "all"):
+        spec = _spec(aptos_root, tmp_path / freeze, model="resnet50", img_size=size, arch_overrides=overrides,
+                     freeze=freeze, limit=8)  # fmt: skip
+        start = _bn_stats(build_model(spec, size, 5, 0)[0])
+        after = _bn_stats(_one_epoch(spec, size, tmp_path / freeze / "run"))
+        changed[freeze] = sum(not torch.equal(start[k], after[k]) for k in start)
+    assert changed["none"] == len(start) > 0  # train mode: every BatchNorm's running statistics moved
+    assert changed["all"] == 0  # eval mode: untouched
+
+
+def test_modes_follow_what_trains(aptos_root, tmp_path):
+    model, _ = build_model(_spec(aptos_root, tmp_path, freeze="1"), TINY_SIZE, 5, 0)
+    model.train()
+    assert model.head.training and not model.stages.blocks[0].training and model.stages.blocks[1].training
+    assert not model.foundation.adapter.model.patch_embed.training  # frozen embedding: eval mode
+    model.eval()
+    assert not model.stages.blocks[1].training and not model.head.training
+    full, _ = build_model(_spec(aptos_root, tmp_path, freeze="none"), TINY_SIZE, 5, 0)
+    full.train()
+    assert all(m.training for m in full.foundation.modules())
+
+
+def test_freeze_zero_is_the_seeds_cutoff_zero(aptos_root, tmp_path):
+    """--freeze 0 trains every block but keeps patch/position embedding, CLS and the final norm frozen."""
+    zero, _ = build_model(_spec(aptos_root, tmp_path, freeze="0"), TINY_SIZE, 5, 0)
+    none, _ = build_model(_spec(aptos_root, tmp_path, freeze="none"), TINY_SIZE, 5, 0)
+    trainable = lambda m: {n for n, p in m.foundation.named_parameters() if p.requires_grad}  # noqa: E731
+    frozen_in_zero = trainable(none) - trainable(zero)
+    assert trainable(zero) < trainable(none)
+    assert {n.split("model.", 1)[1].split(".")[0] for n in frozen_in_zero} >= {"cls_token", "pos_embed", "patch_embed"}
+    assert any(n.endswith("model.norm.weight") for n in frozen_in_zero)
+    assert all(".blocks." in n for n in trainable(zero))
+    zero.train()
+    assert all(b.training for b in zero.stages.blocks) and not zero.foundation.adapter.model.norm.training
+
+
+def test_focalnet_has_seems_stochastic_depth_in_train_mode_only():
+    from fmcache.models.seem_focal import SeemFocalNet
+
+    torch.manual_seed(0)
+    net = SeemFocalNet(embed_dim=16, depths=(2, 2, 6, 2))
+    rates = [b.drop_path.drop_prob for stage in net.layers for b in stage.blocks if hasattr(b.drop_path, "drop_prob")]
+    assert rates == pytest.approx(torch.linspace(0, 0.3, 12).tolist()[1:])  # the first block's rate is 0
+    x = torch.randn(2, 3, 64, 64)
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(net.forward_stages(x)[-1], net.forward_stages(x)[-1])
+        net.train()
+        assert not torch.equal(net.forward_stages(x)[-1], net.forward_stages(x)[-1])

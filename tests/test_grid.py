@@ -69,7 +69,7 @@ def test_grid_runs_then_does_nothing_then_reports(tiny: Path, tmp_path: Path):
     assert other.exit_code == 0 and "2 job(s): 1 ran, 1 already done" in other.output, other.output
     report = runner.invoke(app, ["report", str(results), "--out", str(tmp_path / "report"), "--resamples", "50"])
     assert report.exit_code == 0, report.output
-    for name in ("report.md", "report.html", "report.tex", "table1.csv", "table2_knn.csv", "timings.csv"):
+    for name in ("report.md", "report.html", "report.tex", "table1_frozen.csv", "fig2_knn.csv", "fig3_time.csv"):
         assert (tmp_path / "report" / name).is_file(), name
 
 
@@ -173,9 +173,10 @@ def test_demo_grid_end_to_end(tmp_path: Path):
     report = runner.invoke(app, ["report", str(tmp_path / "results"), "--out", str(tmp_path / "report")])
     assert report.exit_code == 0, report.output
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "imagefolder (accuracy) linear frozen" in md and "resnet50" in md
+    table1 = md.split("## Table 1", 1)[1].split("\n## ", 1)[0]
+    assert "imagefolder (accuracy) linear" in table1 and "resnet50" in table1
     figures = {p.name for p in (tmp_path / "report" / "figures").iterdir()}
-    assert "imagefolder_frozen_blocks.png" in figures and "imagefolder_cka_last_layer_models.png" in figures
+    assert "fig4_freeze_imagefolder.png" in figures and "fig8_cka_models_imagefolder.png" in figures
 
 
 def test_job_lock_skips_waits_for_and_recovers_from_another_grid(tiny: Path, tmp_path: Path):

@@ -223,3 +223,57 @@ def test_final_norm_params_come_from_the_adapter(name: str, kind: str | None):
 
     params = final_norm_params(tiny(name).adapter)
     assert (params and params["kind"]) == kind
+
+
+# -- the tokens the paper's DeiT head reads (PROTOCOLS.md, "Details that change numbers"), by hand per family ------
+
+
+def _hand_head_tokens(name: str, model, x: torch.Tensor) -> torch.Tensor:
+    """Each seed's DeiT-head input computed with the backend's own modules, not through ``head_tokens``."""
+    adapter = model.adapter
+    if name == "sam_vit_b":  # WACV seed: the last block's map (neck dropped, no final norm), flattened
+        out = adapter.model.forward_intermediates(x, indices=None, norm=False, output_fmt="NCHW",
+                                                  intermediates_only=True)  # fmt: skip
+        return out[-1].flatten(2).transpose(1, 2)
+    if name in ("dinov2_vits14", "deit_base", "dino_vitb16"):  # WACV seed: last block, pre-norm, CLS dropped
+        return adapter.model.forward_intermediates(x, indices=None, norm=False, output_fmt="NLC",
+                                                   intermediates_only=True)[-1]  # fmt: skip
+    if name in ("mae_vitb16", "aimv2_l14"):  # the follow-up: after the final norm, prefix dropped
+        feats = adapter.model.forward_features(x)
+        return feats[:, adapter.model.num_prefix_tokens :]
+    if name == "blip_base":  # WACV seed: BLIP after its final norm, CLS dropped
+        return adapter.model(pixel_values=x).last_hidden_state[:, 1:]
+    if name == "clip_vitb16":  # WACV seed: the last block's patch tokens before ln_post
+        v = adapter.visual
+        h = v.transformer(v._embeds(x))
+        return h[:, 1:]
+    if name == "coca_vitb32":  # the follow-up: attention pooler → ln_post; its first output projected
+        v = adapter.visual
+        h = v.ln_post(v.attn_pool(v.transformer(v._embeds(x))))
+        return torch.cat([(h[:, 0] @ v.proj)[:, None], h[:, 1:]], dim=1)
+    if name == "sam2_b":  # the follow-up: the FPN neck's stride-16 vision_features, flattened
+        enc = adapter.encoder
+        return enc.neck.vision_features(enc.forward_stages(x)).flatten(2).transpose(1, 2)
+    if name == "focal":  # WACV seed: SEEM's flattened last stage (res5)
+        return adapter.model.forward_stages(x)[-1].flatten(2).transpose(1, 2)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["dinov2_vits14", "sam_vit_b", "clip_vitb16", "blip_base", "focal", "mae_vitb16", "aimv2_l14", "coca_vitb32",
+     "sam2_b", "deit_base"],
+)  # fmt: skip
+def test_head_tokens_are_what_each_seed_feeds_its_deit_head(name):
+    torch.manual_seed(0)
+    model = tiny(name)
+    size = TINY[name][0]
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        got = model(x).head_tokens
+        want = _hand_head_tokens(name, model, x)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    rule = get_spec(name).head_tokens
+    assert rule == {"blip_base": "final", "mae_vitb16": "final", "aimv2_l14": "final", "coca_vitb32": "pooler",
+                    "sam2_b": "neck"}.get(name, "prenorm")  # fmt: skip

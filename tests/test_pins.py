@@ -19,14 +19,16 @@ from tests.fixtures_data import make_aptos
 
 FIXED_MTIME = 1_700_000_000
 
-# the values fmcache 0.2.0 computed for these specs (before the move to fmcache/grid, fmcache/extract, one spec each)
+# The values fmcache 0.2.0 computed for these specs, kept through the move to fmcache/grid, fmcache/extract and one
+# spec per runner. fmcache 0.3's protocol fixes (the seed's drop_last, the DeiT head's default init) changed the trained
+# heads on purpose: probe_linear, probe_deit and finetune_linear were re-pinned then; the key, k-NN and CKA were not.
 PINNED_KEY = "62bbf4f3cab41eeadb2797078259484512aea4f81c44e82e2610dcdd82a79271"
 PINNED = {
     "knn": ("974e7827ac1ec20f75998576e9c9f19c00310ce09800f9638dc7be392ec2d5b8", -0.2857142857142858),
-    "probe_linear": ("70a69b92f2cbb19b1c1222763aa1b88d629f738a139adf4cddab79a3f9b515fc", -0.22300109529025192),
-    "probe_deit": ("07b18e3d66043cde28b4edb610edeac6ab655fda546d717b52b53d4989fe942f", 0.0),
+    "probe_linear": ("11992fd00050a9f65ea209ffe8289b6de224040f6f68a8c7949852216bd712e5", -0.3076923076923077),
+    "probe_deit": ("c052fb6a7574fcff30a572988fb9bcaaac81b838ae2840487d4f607262ba7c57", 0.0),
     "cka": ("dfd4cc653153b25f2e1d130b0830c20e8f4f758b79ec6540d1c1506888c39097", -0.2107404577472756),
-    "finetune_linear": ("d6b51d2d6bc98eaf84d161b6ccf75ed7f9587b6660b4f07eff002e1fa9e13e17", 0.0),
+    "finetune_linear": ("4267752801b17c6ca6f9ff5ab1e85b597e478bc6b55340f9ac2ec5aaa5124e6c", 0.0),
 }
 
 
@@ -63,14 +65,14 @@ def test_protocol_settings_hashes_are_pinned(pinned_cache, pinned_root, tmp_path
     out = tmp_path / "results"
     options = {
         "knn": {"cache": pinned_cache, "ks": (3, 5), "layer": "last"},
-        "probe_linear": {"cache": pinned_cache, "lrs": (1e-3, 1e-2), "seeds": 2, "epochs": 3},
+        "probe_linear": {"cache": pinned_cache, "lrs": (1e-3, 1e-2), "seeds": 2, "epochs": 3, "batch_size": 8},
         "probe_deit": {"cache": pinned_cache, "lrs": (1e-4,), "seeds": 1, "epochs": 1, "batch_size": 8,
                        "head_random_init": True, "head_depth": 1, "workers": 0},
         "cka": {"cache": pinned_cache, "layers": "all"},
         "finetune_linear": {
             **{k: v for k, v in spec_kwargs(pinned_root, tmp_path).items()
                if k in ("dataset", "data_root", "model", "img_size", "arch_overrides", "random_init")},
-            "lrs": (1e-3,), "seeds": 1, "epochs": 1, "batch_size": 8, "workers": 0, "limit": 6,
+            "lrs": (1e-3,), "seeds": 1, "epochs": 1, "batch_size": 4, "workers": 0, "limit": 6,
         },
     }  # fmt: skip
     folders = {}

@@ -21,20 +21,29 @@ N, D, C = 150, 12, 4
 LRS = [1e-2, 3e-3]
 SEEDS = [0, 7]
 EPOCHS = 4
-BATCH = 32  # 150 = 4 × 32 + 22: the last partial batch is kept
+BATCH = 32  # 150 = 4 × 32 + 22: the seed drops the last partial batch (drop_last=False keeps it)
 
 
-def _reference_head(x, y, seed, lr, *, multilabel, warmup, schedule, grad_clip=1.0, val=None, weight_decay=1e-5):
-    """One head trained the ordinary way; returns (weight (C, D), bias (C,), per-epoch val metric)."""
+def _steps(n: int, drop_last: bool) -> int:
+    return n // BATCH if drop_last else math.ceil(n / BATCH)
+
+
+def _reference_head(
+    x, y, seed, lr, *, multilabel, warmup, schedule, grad_clip=1.0, val=None, weight_decay=1e-5, drop_last=True
+):
+    """One head trained the ordinary way (the seed's loader drops its last partial batch); returns (weight (C, D),
+    bias (C,), per-epoch val metric)."""
     torch.manual_seed(seed)
     model = nn.Linear(x.shape[1], C)
     opt = torch.optim.AdamW(training.adamw_param_groups(model.named_parameters(), weight_decay), lr=lr)
-    total = math.ceil(len(x) / BATCH) * EPOCHS
+    total = _steps(len(x), drop_last) * EPOCHS
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: training.lr_multiplier(step, total, warmup, schedule))
     gen = torch.Generator().manual_seed(seed)
     curve = []
     for _ in range(EPOCHS):
         for idx in torch.randperm(len(x), generator=gen).split(BATCH):
+            if drop_last and len(idx) < BATCH:
+                continue
             logits = model(x[idx])
             if multilabel:
                 known = ~torch.isnan(y[idx])
@@ -68,23 +77,25 @@ def _data(seed=0, n=N, multilabel=False):
 
 
 @pytest.mark.parametrize(
-    ("multilabel", "schedule", "warmup", "grad_clip"),
-    [(False, "cosine", 5, 1.0), (False, "constant", 0, 0.05), (True, "cosine", 3, 1.0)],
-)
-def test_batched_heads_equal_independent_heads(multilabel, schedule, warmup, grad_clip):
+    ("multilabel", "schedule", "warmup", "grad_clip", "drop_last"),
+    [(False, "cosine", 5, 1.0, True), (False, "constant", 0, 0.05, True), (True, "cosine", 3, 1.0, True),
+     (False, "cosine", 5, 1.0, False)],
+)  # fmt: skip
+def test_batched_heads_equal_independent_heads(multilabel, schedule, warmup, grad_clip, drop_last):
     x, y = _data(multilabel=multilabel)
     xt = torch.as_tensor(x)
     yt = torch.as_tensor(y) if multilabel else torch.as_tensor(y, dtype=torch.int64)
     grid = probe.LinearHeadGrid(xt, yt, LRS, SEEDS, C, multilabel, 1e-5, grad_clip, torch.device("cpu"))
-    total = math.ceil(N / BATCH) * EPOCHS
+    total = _steps(N, drop_last) * EPOCHS
     for _ in range(EPOCHS):
-        grid.train_epoch(BATCH, lambda step: training.lr_multiplier(step, total, warmup, schedule))
+        grid.train_epoch(BATCH, lambda step: training.lr_multiplier(step, total, warmup, schedule), drop_last)
     assert grid.step == total
     for i, lr in enumerate(LRS):
         for j, seed in enumerate(SEEDS):
             w, b, _ = _reference_head(
-                xt, yt, seed, lr, multilabel=multilabel, warmup=warmup, schedule=schedule, grad_clip=grad_clip
-            )
+                xt, yt, seed, lr, multilabel=multilabel, warmup=warmup, schedule=schedule, grad_clip=grad_clip,
+                drop_last=drop_last,
+            )  # fmt: skip
             head = i * len(SEEDS) + j
             torch.testing.assert_close(grid.weight[head].detach(), w, atol=1e-5, rtol=0)
             torch.testing.assert_close(grid.bias[head].detach(), b, atol=1e-5, rtol=0)
@@ -95,7 +106,7 @@ def test_weight_decay_on_weights_only():
     x, y = _data()
     xt, yt = torch.as_tensor(x), torch.as_tensor(y, dtype=torch.int64)
     grid = probe.LinearHeadGrid(xt, yt, LRS, SEEDS, C, False, 0.5, 1.0, torch.device("cpu"))
-    total = math.ceil(N / BATCH) * EPOCHS
+    total = _steps(N, True) * EPOCHS
     for _ in range(EPOCHS):
         grid.train_epoch(BATCH, lambda step: training.lr_multiplier(step, total, 0, "constant"))
     w, b, _ = _reference_head(
@@ -141,7 +152,7 @@ def test_grid_curves_and_selection_match_reference_heads():
     best = result.per_lr[result.best_lr]
     assert result.test_mean == pytest.approx(np.mean(best["test_per_seed"]))
     assert result.test_std == pytest.approx(np.std(best["test_per_seed"], ddof=1))
-    assert result.settings["total_steps"] == 5 * EPOCHS and result.settings["warmup_steps"] == 5
+    assert result.settings["total_steps"] == 4 * EPOCHS and result.settings["warmup_steps"] == 5  # 150 // 32
     assert result.train_seconds > 0 and result.inference_seconds_per_sample > 0
     assert len(result.rows()) == len(LRS) * len(SEEDS)
 

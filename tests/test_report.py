@@ -62,14 +62,16 @@ def tree(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
     for dataset in ("a", "b"):
         for model, quality in (("m1", 0.3), ("m2", 0.15), ("m3", 0.12)):
-            _write(root, dataset, model, "probe_linear", {"epochs": 3}, _predictions(rng, 3, quality, 3), key=model)
+            _write(root, dataset, model, "probe_linear", {"epochs": 3, "pool": ["paper"]},
+                   _predictions(rng, 3, quality, 3), key=model)  # fmt: skip
             knn_pred = _predictions(rng, 3, quality, 1)
             test = _score("accuracy", knn_pred, "test")[0]
             rows = [{"layer": layer, "split": split, "k": k, "temperature": 0.07, "value": test - 0.01 * (4 - layer)}
                     for layer in (1, 2, 3, 4) for split in ("val", "test") for k in (10, 20)]  # fmt: skip
             _write(root, dataset, model, "knn", {"ks": [10, 20]}, knn_pred, key=model,
                    summary={"rows": rows, "best": {"k": 20, "layer": 4, "test": test}})  # fmt: skip
-    _write(root, "a", "m1", "probe_deit", {"epochs": 3}, _predictions(rng, 3, 0.8, 2), seeds_requested=3, key="m1")
+    _write(root, "a", "m1", "probe_deit", {"epochs": 3, "layers": ["paper"]}, _predictions(rng, 3, 0.8, 2),
+           seeds_requested=3, key="m1")  # fmt: skip
     for freeze in ("none", "2", "4", "all"):
         _write(root, "a", "m1", "finetune_linear", {"freeze": freeze, "drop_after": None},
                _predictions(rng, 3, 0.7, 2), key="f" + freeze)  # fmt: skip
@@ -101,18 +103,20 @@ def test_tables_equal_the_json_summaries(tree: Path, tmp_path: Path):
     for doc in docs:
         if doc["protocol"] != "probe_linear" or "per_layer" in doc["summary"]:
             continue
-        col = header.index(f"{doc['dataset']} (accuracy) linear frozen")
+        col = header.index(f"{doc['dataset']} (accuracy) linear")
         mean, std = body[doc["model"]][col].rstrip(FEWER_SEEDS).split(" ± ")
         assert float(mean) == pytest.approx(doc["summary"]["test_mean"], abs=6e-5)
         assert float(std) == pytest.approx(doc["summary"]["test_std"], abs=6e-5)
-    # a DeiT probe with 2 of 3 seeds is marked; dataset b has no DeiT or fine-tune: missing, never 0
-    deit = body["m1"][header.index("a (accuracy) DeiT frozen")]
+    # a DeiT probe with 2 of 3 seeds is marked; dataset b has no DeiT result: missing, never 0
+    deit = body["m1"][header.index("a (accuracy) DeiT")]
     assert deit.endswith(FEWER_SEEDS)
-    assert body["m1"][header.index("b (accuracy) DeiT frozen")] == MISSING
-    assert body["m2"][header.index("a (accuracy) linear fine-tuned")] == MISSING
-    assert body["m1"][header.index("a (accuracy) linear fine-tuned")] != MISSING
+    assert body["m1"][header.index("b (accuracy) DeiT")] == MISSING
+    # Table 2 is the unfrozen one (fine-tuning with --freeze none); only m1 on dataset a has it
+    unfrozen = _md_table(md, "Table 2")
+    assert unfrozen[0] == ["model", "a (accuracy) linear", "a (accuracy) DeiT"]
+    assert [row[0] for row in unfrozen[1:]] == ["m1"] and unfrozen[1][2] == MISSING
     # the values CSV holds the exact numbers; missing cells are empty there
-    with open(out / "table1_values.csv") as fh:
+    with open(out / "table1_frozen_values.csv") as fh:
         records = list(csv.DictReader(fh))
     by = {(r["model"], r["dataset"], r["head"], r["regime"]): r for r in records}
     deit_doc = next(d for d in docs if d["protocol"] == "probe_deit")
@@ -120,21 +124,82 @@ def test_tables_equal_the_json_summaries(tree: Path, tmp_path: Path):
     assert by["m1", "a", "deit", "frozen"]["fewer_seeds"] == "True"
     assert by["m1", "b", "deit", "frozen"]["test_mean"] == ""
     # displayed CSV mirrors the Markdown
-    with open(out / "table1.csv") as fh:
+    with open(out / "table1_frozen.csv") as fh:
         shown = list(csv.reader(fh))
     assert shown[0] == header and [r[0] for r in shown[1:]] == ["m1", "m2", "m3"]
-    # Table 2 states k and T
-    knn = _md_table(md, "Table 2")
+    # k-NN is the paper's Fig. 2 (never "Table 2"), and states k and T
+    knn = _md_table(md, "Fig. 2 (data)")
     assert "k=20" in knn[1][1] and "T=0.07" in knn[1][1]
+    assert "k-NN" not in md.split("## Table 2", 1)[1].split("\n## ", 1)[0]
     names = {p.name for p in (out / "figures").iterdir()}
-    for expected in ("a_bars.png", "a_knn_vs_k.png", "a_knn_vs_layer.png", "a_probe_linear_vs_layer.png",
-                     "a_frozen_blocks.png", "a_cka_last_layer_models.png"):  # fmt: skip
+    for expected in ("supp_bars_a_accuracy.png", "fig2_knn_a.png", "supp_knn_vs_layer_a.png",
+                     "supp_linear_vs_layer_a.png", "fig4_freeze_a.png", "fig8_cka_models_a.png"):  # fmt: skip
         assert expected in names, names
-    assert any(n.startswith("a_cka_m1_vs_m1") for n in names)
+    assert any(n.startswith("supp_cka_a_m1_vs_m1") for n in names)
+    files = {p.name for p in out.iterdir()}
+    assert {"table1_frozen.csv", "table2_unfrozen.csv", "fig2_knn.csv", "fig3_time.csv"} <= files
     tex = (out / "report.tex").read_text()
     assert "\\toprule" in tex and "$\\pm$" in tex
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(names) and "http" not in page.replace("http-equiv", "")
+
+
+def test_cells_never_mix_metrics_or_features(tree: Path, tmp_path: Path):
+    """A run with --metric accuracy beside the default quadratic-κ run, and a per-layer CLS run beside the paper
+    feature: each metric gets its own column, and only the paper feature enters Table 1."""
+    rng = np.random.default_rng(5)
+    _write(tree, "a", "m1", "probe_linear", {"epochs": 3, "pool": ["paper"], "metric": "qwk"},
+           _predictions(rng, 3, 0.9, 3), metric="qwk", key="m1")  # fmt: skip
+    cls_run = _write(tree, "a", "m2", "probe_linear", {"epochs": 9, "pool": ["cls"], "layers": [1, 2, 3, 4]},
+                     _predictions(rng, 3, 2.0, 3), key="m2")  # fmt: skip
+    out = build_report(tree, tmp_path / "report", resamples=20)["out"]
+    table = _md_table((out / "report.md").read_text(), "Table 1")
+    header, body = table[0], {row[0]: row for row in table[1:]}
+    assert "a (accuracy) linear" in header and "a (qwk) linear" in header
+    assert body["m2"][header.index("a (qwk) linear")] == MISSING  # m2 ran no qwk probe
+    with open(out / "table1_frozen_values.csv") as fh:
+        records = list(csv.DictReader(fh))
+    assert all(r["folder"] != str(cls_run) for r in records)
+    qwk = next(r for r in records if r["metric"] == "qwk" and r["model"] == "m1")
+    assert qwk["candidates"] == "1" and qwk["test_mean"] != ""
+
+
+def test_missing_predictions_are_named_damaged_ones_are_one_line(tree: Path, tmp_path: Path):
+    import json
+
+    from fmcache.results import find_results
+
+    docs = find_results(tree)
+    probe = next(d for d in docs if d["protocol"] == "probe_linear" and d["model"] == "m3" and d["dataset"] == "b")
+    (Path(probe["folder"]) / "predictions.npz").unlink()
+    result = runner.invoke(app, ["report", str(tree), "--out", str(tmp_path / "r1"), "--resamples", "20"])
+    assert result.exit_code == 0, result.output
+    assert f"{probe['folder']} has no predictions.npz" in result.output
+    assert (
+        f"Not in the bootstrap (no predictions.npz): {probe['folder']}" in (tmp_path / "r1" / "report.md").read_text()
+    )
+    # a truncated result.json next to good ones is named, not silently skipped
+    other = next(d for d in docs if d["protocol"] == "knn" and d["model"] == "m3" and d["dataset"] == "b")
+    path = Path(other["folder"]) / "result.json"
+    path.write_text(path.read_text()[:50])
+    result = runner.invoke(app, ["report", str(tree), "--out", str(tmp_path / "r2"), "--resamples", "20"])
+    assert result.exit_code == 0 and f"skipped {path}" in result.output
+    # one flipped byte in a predictions.npz: one line naming the file, exit 2, no traceback
+    victim = next(d for d in docs if d["protocol"] == "probe_linear" and d["model"] == "m1" and d["dataset"] == "a")
+    npz = Path(victim["folder"]) / "predictions.npz"
+    data = bytearray(npz.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    npz.write_bytes(bytes(data))
+    result = runner.invoke(app, ["report", str(tree), "--out", str(tmp_path / "r3"), "--resamples", "20"])
+    assert result.exit_code == 2 and str(npz) in result.output and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    # predictions swapped after the run (a valid file, but not the one the run wrote): detected by its sha256
+    donor = next(d for d in docs if d["protocol"] == "probe_linear" and d["model"] == "m3" and d["dataset"] == "a")
+    npz.write_bytes((Path(donor["folder"]) / "predictions.npz").read_bytes())
+    result = runner.invoke(app, ["report", str(tree), "--out", str(tmp_path / "r4"), "--resamples", "20"])
+    assert result.exit_code == 2 and "does not match the sha256" in result.output and str(npz) in result.output
+    assert json.loads((Path(victim["folder"]) / "result.json").read_text())["predictions_sha256"]
 
 
 def test_bootstrap_ci_contains_point_and_is_seeded():
@@ -196,3 +261,32 @@ def test_html_renders_in_headless_chromium(tree: Path, tmp_path: Path):
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
     assert pixels.shape == (900, 1200) and pixels.var() > 10  # text and tables, not a blank page
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("model", "pooled_kind", "pools", "layers", "paper"),
+    [
+        ("dinov2_vitb14", "cls", ["cls"], [12], True),  # CLS after the final norm = pooled/paper
+        ("dinov2_vitb14", "cls", ["paper"], [12], True),
+        ("dinov2_vitb14", "cls", ["mean"], [12], False),
+        ("sam_vit_b", "mean", ["mean"], [12], True),  # SAM/SEEM/MAE/AIMv2/ResNet: the patch mean
+        ("clip_vitb16", "pooled", ["cls"], [12], False),  # CLIP/CoCa: ln_post(CLS) @ proj, not the CLS
+        ("clip_vitb16", "pooled", ["paper"], [12], True),
+        ("coca_vitb32", "pooled", ["cls"], list(range(1, 13)), False),  # per layer: a study, not Table 1
+        ("sam2_b", "pooled", ["mean"], [4], False),  # SAM2: the neck's mean, not the trunk's
+        ("sam2_b", "pooled", ["paper"], [4], True),
+    ],
+)
+def test_table1_cell_comes_from_each_familys_paper_feature(tmp_path, model, pooled_kind, pools, layers, paper):
+    """What the probe runner records (is_paper_feature) decides Table 1; the report admits only paper features."""
+    from types import SimpleNamespace
+
+    from fmcache.frozen.common import is_paper_feature
+    from fmcache.report.tables import doc_outputs
+
+    reader = SimpleNamespace(manifest={"model": {"pooled_kind": pooled_kind}}, num_layers=layers[-1])
+    recorded = is_paper_feature(reader, layers, pools)
+    assert recorded is paper
+    doc = {"protocol": "probe_linear", "model": model, "img_size": 224, "paper_feature": recorded,
+           "settings": {"pool": pools, "layers": layers}}  # fmt: skip
+    assert ("table1_frozen" in doc_outputs(doc)) is paper

@@ -180,7 +180,8 @@ def test_knn_and_probe_cli_print_tables(tiny_cache: Path, tmp_path: Path):
     result = _cli("knn", str(tiny_cache), "--k", "3,5", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
     assert "k-NN (qwk)" in result.output
-    result = _cli("probe", str(tiny_cache), "--lrs", "1e-3", "--seeds", "2", "--epochs", "2", "--out", str(tmp_path))
+    result = _cli("probe", str(tiny_cache), "--lrs", "1e-3", "--seeds", "2", "--epochs", "2", "--batch-size", "8",
+                  "--out", str(tmp_path))  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "linear probe (qwk" in result.output
 

@@ -149,3 +149,17 @@ def test_imagenet_head_weights_offline_is_one_line(monkeypatch):
         deit_pretrained_state("imagenet", depth=1)
     message = str(info.value)
     assert "\n" not in message and "--head-weights FILE" in message and "--head-random-init" in message
+
+
+def test_deit_head_new_layers_keep_pytorch_default_init():
+    """The seed builds the projection and the classifier as plain nn.Linear/LayerNorm: PyTorch's default init
+    (kaiming-uniform, bound 1/sqrt(fan_in)), not timm's trunc-normal 0.02, which DeiT's own parts keep."""
+    torch.manual_seed(0)
+    head = DeiTHead(64, 5, depth=1)
+    proj, norm = head.proj[0], head.proj[1]
+    bound = 1 / 64**0.5
+    assert proj.weight.abs().max() <= bound and proj.weight.abs().max() > 0.1  # trunc-normal 0.02 stays under 0.04
+    assert proj.bias.abs().max() > 0  # default Linear bias is uniform, not zeros
+    assert norm.eps == 1e-5 and torch.equal(norm.weight, torch.ones(768))
+    assert head.head.bias.abs().max() > 0 and head.head.weight.abs().max() <= 1 / 768**0.5
+    assert head.blocks[0].attn.qkv.bias.abs().max() == 0  # DeiT's blocks: timm's init (zero biases)

@@ -296,3 +296,37 @@ def test_deit_head_from_a_release_file_records_it(tiny_cache, tmp_path):
     weights = _json(_folder(tiny_cache, out), "deit")["details"]["head_weights"]
     assert weights["source"] == "file" and len(weights["sha256"]) == 64 and weights["loaded"] == weights["total"]
     assert not _json(_folder(tiny_cache, out), "deit")["details"]["head_random_init"]
+
+
+def test_paper_tokens_are_cached_and_probed_as_the_paper_feeds_them(aptos_root, tmp_path):
+    """--tokens last,paper caches what the seed's DeiT head reads; --layer paper trains on it; both that and the last
+    layer under the model's own rule (pre-norm for DINOv2) count as the paper's Table 1 input."""
+    import json
+
+    from fmcache.extract.plan import ExtractSpec
+    from fmcache.extract.run import run_extract
+    from tests.conftest import spec_kwargs, token_probe
+
+    folder = run_extract(ExtractSpec(**spec_kwargs(aptos_root, tmp_path / "c", tokens="last,paper", limit=8)),
+                         progress=False, log=lambda m: None)  # fmt: skip
+    reader = CacheReader(folder)
+    assert reader.has_paper_tokens and reader.manifest["model"]["head_tokens"] == "prenorm"
+    assert reader.manifest["inputs"]["tokens"] == ["last", "paper"]
+    paper = reader.tokens("test", "paper")
+    last = reader.tokens("test", 2)
+    assert torch.equal(paper[0][0], last[0][0][1:])  # DINOv2: the last block's patch tokens, before the norm
+    options = {"lrs": (1e-3,), "seeds": 1, "epochs": 1, "batch_size": 4, "head_random_init": True, "head_depth": 1,
+               "workers": 0, "plots": False}  # fmt: skip
+    by_paper = token_probe(reader, tmp_path / "r", layer="paper", **options)
+    doc = json.loads((Path(by_paper["folder"]) / "result.json").read_text())
+    assert doc["settings"]["layers"] == ["paper"] and doc["paper_feature"] is True
+    by_last = token_probe(reader, tmp_path / "r", layer="last", **options)
+    assert json.loads((Path(by_last["folder"]) / "result.json").read_text())["paper_feature"] is True
+    final = token_probe(reader, tmp_path / "r", layer="last", token_norm="final", **options)
+    assert json.loads((Path(final["folder"]) / "result.json").read_text())["paper_feature"] is False
+    from fmcache.errors import FmcacheError
+
+    with pytest.raises(FmcacheError, match="no paper tokens"):
+        plain = run_extract(ExtractSpec(**spec_kwargs(aptos_root, tmp_path / "c2", tokens="last", limit=8)),
+                            progress=False, log=lambda m: None)  # fmt: skip
+        token_probe(CacheReader(plain), tmp_path / "r", layer="paper", **options)

@@ -53,3 +53,23 @@ def test_train_augmentation_resizes_and_center_crops_first():
     assert spec["steps"][:3] == ["resize", "center_crop", "random_resized_crop"] and spec["resize"] == [256, 256]
     torch.manual_seed(0)
     assert train_augmentation(56)(_gray_image(200)).shape == (3, 56, 56)
+
+
+def test_random_resized_crop_draws_the_seeds_boxes_fallback_included():
+    """Same seed → the same boxes as torchvision's RandomResizedCrop(224, scale=(0.8, 1.2)) with the seed's defaults;
+    about 12 % of them are torchvision's full-image fallback (a clamped (0.8, 1.0) gives under 1 %)."""
+    from torchvision import transforms as T
+
+    ours = train_augmentation(224).transforms[2]
+    seeds = T.RandomResizedCrop(224, scale=(0.8, 1.2))  # the seed's call: default ratio, bilinear
+    image = Image.new("RGB", (224, 224))
+    draws = 4000
+    full = 0
+    for seed in range(draws):
+        torch.manual_seed(seed)
+        box = T.RandomResizedCrop.get_params(image, ours.scale, ours.ratio)
+        torch.manual_seed(seed)
+        assert box == T.RandomResizedCrop.get_params(image, seeds.scale, seeds.ratio)
+        full += box == (0, 0, 224, 224)
+    assert 0.10 < full / draws < 0.14, full / draws
+    assert ours.interpolation == seeds.interpolation and train_augmentation_spec(224)["crop_scale"] == [0.8, 1.2]

@@ -313,15 +313,25 @@ class CacheReader:
         dim = self.layer_dims[number - 1]
         return self._gather_views(f"pooled/{kind}", (number - 1, slice(0, dim)), np.float32)
 
+    @property
+    def has_paper_tokens(self) -> bool:
+        """Whether the cache holds ``tokens/paper``: what the paper's DeiT head reads (``extract --tokens paper``)."""
+        return "paper_token_shape" in self.manifest["model"]
+
     def view_tokens(self, layer: int | str) -> ViewTokenDataset:
         """Streams the token maps of the train views; item ``i * K + v`` is view v of train sample i."""
-        number = self.resolve_layer(layer)
         if not self.views_k:
             raise no_views_error(self.path)
-        self.tokens("train", number)  # the same checks: the layer's tokens were cached
-        return ViewTokenDataset(self, number)
+        self.tokens("train", layer)  # the same checks: the layer's tokens were cached
+        return ViewTokenDataset(self, PAPER_TOKENS if layer == PAPER_TOKENS else self.resolve_layer(layer))
 
     def tokens(self, split: str, layer: int | str) -> TokenDataset:
+        if layer == PAPER_TOKENS:
+            if not self.has_paper_tokens:
+                raise FmcacheError(
+                    f"cache {self.path.name} holds no paper tokens; extract again with --tokens paper (or e.g. last,paper)"
+                )
+            return TokenDataset(self, split, PAPER_TOKENS)
         number = self.resolve_layer(layer)
         if number not in self.token_layers:
             raise FmcacheError(
@@ -329,6 +339,14 @@ class CacheReader:
                 "extract again with --tokens including it"
             )
         return TokenDataset(self, split, number)
+
+
+PAPER_TOKENS = "paper"  # the token "layer" that holds what the paper's DeiT head reads
+
+
+def token_dataset(layer: int | str) -> str:
+    """The shard dataset of a token layer: ``tokens/layer_XX``, or ``tokens/paper``."""
+    return "tokens/paper" if layer == PAPER_TOKENS else f"tokens/layer_{int(layer):02d}"
 
 
 class TokenDataset(torch.utils.data.Dataset):
@@ -340,9 +358,9 @@ class TokenDataset(torch.utils.data.Dataset):
     over lists of indices then yields ready batches, several times faster than stacking B items (``batch``).
     """
 
-    def __init__(self, reader: CacheReader, split: str, layer: int):
+    def __init__(self, reader: CacheReader, split: str, layer: int | str):
         self.files = [str(f) for f in reader.files]
-        self.name = f"tokens/layer_{layer:02d}"
+        self.name = token_dataset(layer)
         rows = reader.rows(split)
         self.where = reader._index[2][rows]
         self.labels = reader.labels(split)
@@ -401,9 +419,9 @@ class ViewTokenDataset(TokenDataset):
     """Streams (tokens (T, D) float32, label, id) of the train views of one layer; item ``i * K + v`` is view v of
     train sample i (the order of ``ids("train")``), one contiguous read each."""
 
-    def __init__(self, reader: CacheReader, layer: int):
+    def __init__(self, reader: CacheReader, layer: int | str):
         super().__init__(reader, "train", layer)
-        self.name, self.k = f"views/tokens/layer_{layer:02d}", reader.views_k
+        self.name, self.k = f"views/{token_dataset(layer)}", reader.views_k
         # a train row's place in its shard's views group: how many train rows of that shard come before it
         shards = self.where[:, 0]
         rank = np.arange(len(shards)) - np.searchsorted(shards, shards, side="left")

@@ -5,7 +5,8 @@ sample. Only train rows have views, so the group has its own row count m (the sh
 
 - ``views/ids`` (m,) int64: the global ids of those rows (equal to ``ids[split == 0]``);
 - ``views/pooled/<kind>`` (m, K, L, D) for cls and mean, ``views/pooled/paper`` (m, K, D_p);
-- ``views/tokens/layer_XX`` (m, K, T, D) for every ``--tokens`` layer.
+- ``views/tokens/layer_XX`` (m, K, T, D) for every ``--tokens`` layer, and ``views/tokens/paper`` with
+  ``--tokens paper``.
 
 Val and test rows have no views at all (no zero padding to store or mistake for features).
 """
@@ -42,6 +43,8 @@ def views_datasets(model: dict, k: int) -> dict[str, tuple[int, ...]]:
         shape = model.get("token_shapes", {}).get(str(layer))
         if shape is not None:
             out[f"{GROUP}/tokens/layer_{int(layer):02d}"] = (k, *(int(d) for d in shape))
+    if "paper_token_shape" in model:
+        out[f"{GROUP}/tokens/paper"] = (k, *(int(d) for d in model["paper_token_shape"]))
     return out
 
 

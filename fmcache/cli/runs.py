@@ -27,8 +27,10 @@ def _print_finetune(result: dict) -> None:
 
 
 FINETUNE_FREEZE_HELP = (
-    "none | all | K. none: every block trains; all: frozen foundation (online baseline); K: blocks 1..K frozen "
-    "(run under no_grad). Patch/position embedding and the final norm are frozen whenever any block is, as in the seed."
+    "none | all | K. none: the whole foundation trains (paper Table 2). all: the foundation is frozen (the online "
+    "frozen baseline). K (0..depth): blocks 1..K frozen, blocks K+1.. train, while the patch/position embedding, CLS "
+    "and final norm stay frozen, as the seed's unfreeze_cutoff=K (paper Fig. 4); 0 trains every block but not those. "
+    "Trainable parts run in train mode (dropout, drop-path, BatchNorm statistics), frozen parts in eval mode."
 )
 
 
@@ -78,6 +80,12 @@ def finetune_cmd(
     seeds: Annotated[int | None, typer.Option(help="Seeds per learning rate (0..N-1).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs; the best epoch is chosen on val.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size per process.")] = None,
+    drop_last: Annotated[
+        bool | None,
+        typer.Option(
+            "--drop-last/--keep-last", help="Drop the last partial train batch (default, as the seed's loader)."
+        ),
+    ] = None,
     accum: Annotated[int | None, typer.Option(help="Gradient accumulation steps.")] = None,
     img_size: Annotated[int | None, typer.Option(help="Input size.")] = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
@@ -108,7 +116,7 @@ def finetune_cmd(
 ) -> None:
     """Fine-tune a foundation end to end (unfrozen, first K blocks frozen, or decapitated) with a linear or DeiT head.
 
-    Patch/position embedding and the final norm are frozen whenever any block is frozen.
+    Patch/position embedding, CLS and the final norm train only with --freeze none, as in the seed.
     """
     flags = {k: v for k, v in locals().items() if k not in ("config", "quiet")}
     from fmcache.dist import is_main_process
@@ -143,7 +151,7 @@ def report_cmd(
     """The paper's tables (mean ± std, bootstrap CIs, paired tests), figures and one HTML page from a results tree."""
     from fmcache.report.render import build_report, parse_formats
 
-    report = build_report(results, out, parse_formats(format), resamples, seed)
+    report = build_report(results, out, parse_formats(format), resamples, seed, log=_log)
     console.print(f"{report['n_results']} result(s) → {len(report['files'])} file(s) in {report['out']}", markup=False)
     for path in report["files"]:
         console.print(f"  {path}", markup=False, highlight=False, soft_wrap=True)
@@ -176,16 +184,25 @@ def grid_cmd(
     wait: Annotated[
         bool, typer.Option("--wait", help="A job running in another grid: wait for it instead of skipping it.")
     ] = False,
+    device_rate: Annotated[
+        str | None,
+        typer.Option(
+            help="--dry-run: estimate time on h200, h100 or a100 (published peak x assumed utilisation), a FLOP/s "
+            "number, a device or file that `fmcache calibrate` measured (default: this machine's calibration, else h200)."
+        ),
+    ] = None,
 ) -> None:
     """Expand a YAML experiment into extract → protocol jobs, skip finished ones, run the rest locally or on Slurm."""
     from fmcache.grid.config import GridOptions, parse_slurm_options
+    from fmcache.grid.dry_run import device_rate as estimate_on
     from fmcache.grid.main import run_grid
 
     options = GridOptions(dry_run=dry_run, executor=executor, only=only, results=results, cache_root=cache_root,
                           jobs=jobs, slurm_partition=slurm_partition, gpus_per_job=gpus_per_job, time_min=time,
                           logs=logs, wait=wait, slurm_account=slurm_account, slurm_qos=slurm_qos,
                           slurm_options=parse_slurm_options(slurm_option))  # fmt: skip
-    run_grid(config, options, log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
+    with estimate_on(device_rate):
+        run_grid(config, options, log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
 
 
 @app.command("demo")

@@ -13,6 +13,25 @@ from fmcache.cli.app import _build_spec, _log, app, cli_command, console
 # -- stage two ---------------------------------------------------------------------------------------------------
 
 
+# options that knn and probe share, declared once
+TrainFraction = Annotated[
+    str | None,
+    typer.Option(help="Label efficiency: comma-separated train fractions (e.g. 0.01,0.1,1.0), one run each."),
+]
+TrainPerClass = Annotated[
+    str | None, typer.Option(help="Label efficiency: train samples per class instead (e.g. 1,5,10).")
+]
+SubsetRepeats = Annotated[
+    int | None, typer.Option(help="Label efficiency: subsets drawn per fraction, seeded 0..R-1 (default 1).")
+]
+ValFractionFollows = Annotated[
+    bool | None,
+    typer.Option("--val-fraction-follows", help="Label efficiency: cut val like train (default: val stays full)."),
+]
+Plots = Annotated[bool | None, typer.Option("--plots/--no-plots", help="PNG plots beside the results.")]
+Config = Annotated[Path | None, typer.Option(help="YAML file of these options; flags override it.")]
+
+
 def _print_folder(result: dict) -> None:
     """The result folder on a line of its own: in a table title it wraps mid-hash on an 80-column terminal."""
     console.print(f"→ {result['folder']}", markup=False, highlight=False, soft_wrap=True)
@@ -71,17 +90,26 @@ def knn_cmd(
     metric: Annotated[str | None, typer.Option(help="Override the dataset's paper metric.")] = None,
     out: Annotated[Path | None, typer.Option(help="Results root (default results).")] = None,
     cpu: Annotated[bool, typer.Option("--cpu", help="Force the FAISS CPU index even when a GPU exists.")] = False,
-    plots: Annotated[bool | None, typer.Option("--plots/--no-plots", help="PNG plots beside the results.")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML file of these options; flags override it.")] = None,
+    train_fraction: TrainFraction = None,
+    train_per_class: TrainPerClass = None,
+    subset_repeats: SubsetRepeats = None,
+    val_fraction_follows: ValFractionFollows = None,
+    plots: Plots = None,
+    config: Config = None,
 ) -> None:
     """Weighted k-NN from a cache (FAISS, exact inner product on L2-normalised features). Defaults: k
     10,20,100,200, T 0.07, the last layer."""
     from fmcache.protocols import get_protocol
 
     flags = {"ks": k, "temperature": temperature, "layer": layer, "pool": pool, "eval_splits": eval,
-             "metric": metric, "out": out, "use_gpu": False if cpu else None, "plots": plots}  # fmt: skip
+             "metric": metric, "out": out, "use_gpu": False if cpu else None, "plots": plots,
+             "train_fraction": train_fraction, "train_per_class": train_per_class, "subset_repeats": subset_repeats,
+             "val_fraction_follows": val_fraction_follows}  # fmt: skip
     protocol = get_protocol("knn")
     result = protocol.run(_build_spec(protocol.spec_class(), config, flags, cache=cache), log=_log)
+    if "label_efficiency" in result:
+        _print_label_efficiency(result)
+        return
     _print_knn(result)
     if result.get("views_note"):
         console.print(f"note: {result['views_note']}", markup=False)
@@ -105,6 +133,12 @@ def probe_cmd(
         int | None, typer.Option(help="Epochs (default 100); the best epoch per head is chosen on val.")
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (default 64).")] = None,
+    drop_last: Annotated[
+        bool | None,
+        typer.Option(
+            "--drop-last/--keep-last", help="Drop the last partial train batch (default, as the seed's loader)."
+        ),
+    ] = None,
     layer: Annotated[
         str | None,
         typer.Option(help="last (default), all or a 1-based layer; token heads also take lists such as 4,8,12."),
@@ -150,13 +184,17 @@ def probe_cmd(
     workers: Annotated[
         int | None, typer.Option(help="Token heads: DataLoader workers when tokens are streamed.")
     ] = None,
-    plots: Annotated[bool | None, typer.Option("--plots/--no-plots", help="PNG plots beside the results.")] = None,
+    plots: Plots = None,
     out: Annotated[Path | None, typer.Option(help="Results root (default results).")] = None,
     views: Annotated[
         str | None,
         typer.Option(help="Train on the cache's augmented views: on or off (default: on when the cache has them)."),
     ] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML file of these options; flags override it.")] = None,
+    train_fraction: TrainFraction = None,
+    train_per_class: TrainPerClass = None,
+    subset_repeats: SubsetRepeats = None,
+    val_fraction_follows: ValFractionFollows = None,
+    config: Config = None,
 ) -> None:
     """Train every LR × seed head at once from the cache (linear on pooled features; deit or attentive on tokens)."""
     flags = {k: v for k, v in locals().items() if k not in ("cache", "config", "head")}
@@ -166,11 +204,35 @@ def probe_cmd(
     protocol = head_protocol("probe", head or str(load_config(config).get("head") or "linear"))
     spec = _build_spec(protocol.spec_class(), config, flags, cache=cache, **dict(protocol.fixed))
     result = protocol.run(spec, progress=True, log=_log)
+    if "label_efficiency" in result:
+        _print_label_efficiency(result)
+        return
     if result.get("head_weights", {}).get("source") == "random" and spec.head == "deit":
         console.print("[bold yellow]the deit head started from random weights (--head-random-init)[/]")
     _print_probe(result)
     if spec.head == "linear":
         _print_views(result)
+
+
+def _print_label_efficiency(result: dict) -> None:
+    """The curve: test (and val) mean ± std over repeats × seeds per train amount and layer, then where it went."""
+    rows = result["rows"]
+    axis = rows[0]["axis"] if rows else "fraction"
+    table = Table(title=f"label efficiency, {result['protocol']} ({result['metric']}, mean ± std over repeats × seeds)")
+    for col in (axis.replace("_", " "), "n train", "layer", "repeats", "val", "test"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            f"{r[axis]:g}", f"{r['n_train']:g}" if r["n_train"] is not None else "", str(r["layer"]), str(r["repeats"]),
+            _mean_std(r["val_mean"], r["val_std"]), _mean_std(r["test_mean"], r["test_std"]),
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"→ {len(result['folders'])} result folders; curve: {result['label_efficiency']}", markup=False,
+                  highlight=False, soft_wrap=True)  # fmt: skip
+
+
+def _mean_std(mean: float | None, std: float | None) -> str:
+    return "–" if mean is None else f"{mean:.4f} ± {std or 0.0:.4f}"
 
 
 def _print_views(result: dict) -> None:
@@ -220,7 +282,7 @@ def cka_cmd(
     plots: Annotated[
         bool | None, typer.Option("--plots/--no-plots", help="The heatmap PNG beside the results.")
     ] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML file of these options; flags override it.")] = None,
+    config: Config = None,
 ) -> None:
     """Linear CKA between every pair of layers of one cache, or of two caches aligned by sample id."""
     flags = {k: v for k, v in locals().items() if k not in ("cache", "config")}

@@ -36,6 +36,8 @@ class DatasetSpec:
     description: str
     norm: Norm | None
     metric: str = "accuracy"
+    official_images: int | None = None  # images in the official release (the paper's sizes); a dry run plans with it
+    classes: int | None = None
 
     def option_defaults(self) -> dict[str, object]:
         """The loader's keyword options and their defaults (the valid ``load_dataset`` options)."""
@@ -52,16 +54,22 @@ DATASETS: dict[str, DatasetSpec] = {
             "APTOS 2019 diabetic retinopathy, 5 grades",
             ((0.415, 0.221, 0.073), (0.275, 0.150, 0.081)),
             metric="qwk",
+            official_images=3662,
+            classes=5,
         ),
-        DatasetSpec("cbis_ddsm", load_cbis_ddsm, "CBIS-DDSM mammograms, binary", _gray(0.286, 0.267), "auc"),
+        DatasetSpec("cbis_ddsm", load_cbis_ddsm, "CBIS-DDSM mammograms, binary", _gray(0.286, 0.267), "auc", 10239, 2),
         DatasetSpec(
             "isic2019",
             load_isic2019,
             "ISIC 2019 dermoscopy, 8 classes",
             ((0.6678, 0.5296, 0.5243), (0.2238, 0.2036, 0.2154)),
             metric="macro_recall",
+            official_images=25331,
+            classes=8,
         ),
-        DatasetSpec("chexpert", load_chexpert, "CheXpert chest X-rays, 14 labels", _gray(0.503, 0.292), "mean_auc"),
+        DatasetSpec(
+            "chexpert", load_chexpert, "CheXpert chest X-rays, 14 labels", _gray(0.503, 0.292), "mean_auc", 224316, 14
+        ),
         DatasetSpec("csv", load_csv, "any images listed in a CSV manifest", None),
         DatasetSpec("imagefolder", load_imagefolder, "any images in class folders", None),
     )

@@ -21,11 +21,20 @@ INTERPOLATIONS: dict[str, T.InterpolationMode] = {
     "lanczos": T.InterpolationMode.LANCZOS,
 }
 
-# PROTOCOLS.md asks for RandomResizedCrop scale 0.8-1.2, but a crop cannot cover more than the whole image:
-# torchvision rejects every draw above 1 and, after 10 failures, falls back to the full image, so the seed code
-# really sampled 0.8-1.0 with a spike at 1.0. We sample 0.8-1.0 uniformly and keep the paper's value on record.
-PAPER_CROP_SCALE: tuple[float, float] = (0.8, 1.2)
-CROP_SCALE: tuple[float, float] = (0.8, 1.0)
+# The seed's RandomResizedCrop: scale (0.8, 1.2), torchvision's default ratio (3/4, 4/3), bilinear. A crop cannot
+# cover more than the whole image, so torchvision rejects the draws above 1 and, after 10 failures, falls back to a
+# center crop of the whole image: about 12 % of the seed's crops are the full image. fmcache uses torchvision's class
+# with exactly these arguments, so it draws the seed's boxes, fallback included (tests/test_transforms_protocol.py).
+CROP_SCALE: tuple[float, float] = (0.8, 1.2)
+CROP_RATIO: tuple[float, float] = (3 / 4, 4 / 3)
+
+
+def seed_random_resized_crop(img_size: int) -> T.RandomResizedCrop:
+    """RandomResizedCrop(img_size, scale=(0.8, 1.2)) as the seed builds it (see :data:`CROP_SCALE`)."""
+    return T.RandomResizedCrop(
+        img_size, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=T.InterpolationMode.BILINEAR, antialias=True
+    )
+
 
 # How a grayscale scan meets a model trained on RGB. "repeat" (fmcache's default) feeds the one channel three times.
 # "seed" reproduces the original code, which keeps one channel and cuts the first layer down to its red-channel
@@ -135,9 +144,9 @@ def train_augmentation(
     """PROTOCOLS.md train augmentations, in the seed's order.
 
     The seed first resizes and center-crops exactly as the evaluation transform does (256 → 224 at the paper's
-    size), then draws RandomResizedCrop(img_size, scale=:data:`CROP_SCALE`) from that crop — see the note there on
-    the paper's 0.8–1.2 —, vertical and horizontal flips each with p=0.5, ColorJitter(0.2, 0.2, 0.1, 0.1) with
-    p=0.8, then normalises. Randomness comes from torch's RNG; seed it (and each DataLoader worker) for
+    size), then draws RandomResizedCrop(img_size, scale=(0.8, 1.2)) from that crop (:func:`seed_random_resized_crop`,
+    torchvision's full-image fallback included), vertical and horizontal flips each with p=0.5,
+    ColorJitter(0.2, 0.2, 0.1, 0.1) with p=0.8, then normalises. Randomness comes from torch's RNG; seed it (and each DataLoader worker) for
     reproducible views.
     """
     img_size = _check_size(img_size, "img_size")
@@ -148,7 +157,7 @@ def train_augmentation(
         [
             T.Resize((resize, resize), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
             T.CenterCrop(img_size),
-            T.RandomResizedCrop(img_size, scale=CROP_SCALE, antialias=True),
+            seed_random_resized_crop(img_size),
             T.RandomVerticalFlip(p=0.5),
             T.RandomHorizontalFlip(p=0.5),
             T.RandomApply([T.ColorJitter(0.2, 0.2, 0.1, 0.1)], p=0.8),
@@ -174,7 +183,7 @@ def train_augmentation_spec(
         "resize": [default_resize(_check_size(img_size, "img_size"))] * 2,
         "crop": _check_size(img_size, "img_size"),
         "crop_scale": list(CROP_SCALE),
-        "paper_crop_scale": list(PAPER_CROP_SCALE),
+        "crop_ratio": [round(r, 6) for r in CROP_RATIO],
         "flip_p": 0.5,
         "color_jitter": [0.2, 0.2, 0.1, 0.1],
         "color_jitter_p": 0.8,

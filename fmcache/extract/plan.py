@@ -122,31 +122,49 @@ def resolve_norm(spec: ExtractSpec) -> tuple[tuple[float, ...], tuple[float, ...
     raise FmcacheError(f"unknown --norm '{spec.norm}'; use dataset or model")
 
 
-def parse_tokens(tokens: str) -> str | list[int]:
-    """Normalise the --tokens request: 'none', 'last', 'all' or a sorted list of 1-based layer numbers."""
+PAPER_TOKENS = "paper"  # --tokens paper: what the paper's DeiT head reads (the registry's head_tokens rule)
+
+
+def parse_tokens(tokens: str) -> str | list:
+    """Normalise the --tokens request: 'none', 'last', 'all', or a list of 1-based layer numbers, 'last', 'all'
+    and 'paper' (sorted numbers first; the one-word requests stay strings, as the keys of existing caches)."""
     text = str(tokens).strip().lower()
     if text in ("none", "last", "all", ""):
         return text or "none"
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    words = [p for p in ("last", "all", PAPER_TOKENS) if p in parts]
     try:
-        layers = sorted({int(t) for t in text.split(",") if t.strip()})
+        layers = sorted({int(t) for t in parts if t not in words})
     except ValueError:
-        raise FmcacheError(f"bad --tokens '{tokens}'; use none, last, all or layer numbers like 4,8,12") from None
-    if not layers or layers[0] < 1:
+        raise FmcacheError(
+            f"bad --tokens '{tokens}'; use none, last, all, paper or layer numbers like 4,8,12 (e.g. last,paper)"
+        ) from None
+    if (layers and layers[0] < 1) or not (layers or words):
         raise FmcacheError(f"bad --tokens '{tokens}'; layer numbers start at 1")
-    return layers
+    return [*layers, *words] if words else layers
 
 
-def token_layers(request: str | list[int], num_layers: int) -> list[int]:
+def token_layers(request: str | list, num_layers: int) -> list[int]:
+    """The 1-based layers whose tokens a request caches (``paper`` is not a layer: see :func:`wants_paper_tokens`)."""
     if request == "none":
         return []
     if request == "last":
         return [num_layers]
     if request == "all":
         return list(range(1, num_layers + 1))
-    bad = [n for n in request if n > num_layers]
+    numbers = {n for n in request if isinstance(n, int)}
+    if "all" in request:
+        numbers |= set(range(1, num_layers + 1))
+    if "last" in request:
+        numbers.add(num_layers)
+    bad = [n for n in sorted(numbers) if n > num_layers]
     if bad:
         raise FmcacheError(f"--tokens asks for layer {bad[0]} but the model has {num_layers} layers")
-    return list(request)
+    return sorted(numbers)
+
+
+def wants_paper_tokens(request: str | list) -> bool:
+    return isinstance(request, list) and PAPER_TOKENS in request
 
 
 def weights_identity(spec: ExtractSpec) -> dict:

@@ -27,7 +27,7 @@ from fmcache.data.describe import empty_split_warning
 from fmcache.data.views import ViewsImageDataset
 from fmcache.dist import Dist, close_dist, init_dist, is_main_process
 from fmcache.errors import FmcacheError
-from fmcache.extract.plan import DTYPES, ExtractPlan, ExtractSpec, plan, token_layers
+from fmcache.extract.plan import DTYPES, ExtractPlan, ExtractSpec, plan, token_layers, wants_paper_tokens
 from fmcache.files import ensure_writable_dir
 from fmcache.models import Foundation, FoundationOutput, create_foundation
 from fmcache.models.final_norm import final_norm_params
@@ -41,13 +41,17 @@ def _stack_padded(per_layer: list[torch.Tensor], width: int) -> torch.Tensor:
     return torch.stack([torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in per_layer], dim=1)
 
 
-def pack_outputs(out: FoundationOutput, layers_tok: list[int], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def pack_outputs(
+    out: FoundationOutput, layers_tok: list[int], dtype: torch.dtype, paper_tokens: bool = False
+) -> dict[str, torch.Tensor]:
     width = max(t.shape[-1] for t in out.tokens)
     arrays = {"pooled/mean": _stack_padded(out.pooled_mean, width), "pooled/paper": out.pooled}
     if out.pooled_cls is not None:
         arrays["pooled/cls"] = _stack_padded(out.pooled_cls, width)
     for number in layers_tok:
         arrays[f"tokens/layer_{number:02d}"] = out.tokens[number - 1]
+    if paper_tokens:
+        arrays["tokens/paper"] = out.head_tokens
     packed = {k: v.to(dtype) for k, v in arrays.items()}
     bad = [k for k, v in packed.items() if not bool(torch.isfinite(v).all())]
     if bad:  # fp16 tops out at 65504; inf would turn into NaN after L2 normalisation downstream
@@ -74,6 +78,9 @@ def describe_model(model: Foundation, device: torch.device, img_size: int, layer
         "pools": (["cls"] if out.pooled_cls is not None else []) + ["mean", "paper"],
         "token_layers": layers_tok,
         "token_shapes": {str(n): list(out.tokens[n - 1].shape[1:]) for n in layers_tok},
+        # the tokens the paper's DeiT head reads: the rule, and their shape when cached (--tokens paper)
+        "head_tokens": model.spec.head_tokens,
+        **({"paper_token_shape": list(out.head_tokens.shape[1:])} if wants_paper_tokens(layers_req) else {}),
         "img_size": img_size,
         # tokens are cached pre-norm; stage two applies this norm itself (probe --token-norm final)
         "final_norm": final_norm_params(model.adapter),
@@ -347,7 +354,7 @@ class Extractor:
                     out = forward(images)
             else:
                 out = forward(images)
-            packed = pack_outputs(out, layers_tok, store_dtype)
+            packed = pack_outputs(out, layers_tok, store_dtype, "paper_token_shape" in model_info)
         if device.type != "cuda":
             return packed
         # copy to pinned host memory without blocking; the writer thread waits on the event before reading

@@ -42,6 +42,7 @@ from fmcache.training import (
     ADAM_EPS,
     HeadRecords,
     adamw_param_groups,
+    batch_starts,
     json_roundtrip,
     load_checkpoint,
     lr_multiplier,
@@ -78,6 +79,7 @@ class RunSettings:
     multilabel: bool
     label_names: list[str] | None = None
     workers: int = 0
+    drop_last: bool = True  # the seed's train loader drops its last partial batch
     from_cache: bool = False
     export: bool = True
     extra: dict = field(default_factory=dict)  # everything else that identifies the run (model, data, freezing)
@@ -196,7 +198,7 @@ class Trainer:
         )
         loader = DataLoader(
             self.data["train"], batch_size=self.s.batch_size, sampler=sampler, num_workers=self.s.workers,
-            generator=generator, pin_memory=self.device.type == "cuda", drop_last=False,
+            generator=generator, pin_memory=self.device.type == "cuda", drop_last=self.s.drop_last,
         )  # fmt: skip
         return loader, sampler
 
@@ -270,6 +272,8 @@ class Trainer:
         generator = torch.Generator()
         loader, sampler = self._train_loader(generator)
         batches = len(loader)
+        if batches == 0:  # drop_last with fewer train samples than one batch: nothing would ever train
+            batch_starts(len(sampler), self.s.batch_size, self.s.drop_last)
         steps_per_epoch = math.ceil(batches / self.s.accum)
         total = steps_per_epoch * self.s.epochs
         warmup = warmup_steps_for(self.s.warmup.get("warmup_epochs"), self.s.warmup.get("warmup_iters"),

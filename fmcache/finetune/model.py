@@ -17,11 +17,6 @@ from fmcache.finetune.lora import is_lora_parameter, merged_state_dict
 from fmcache.models import Foundation
 from fmcache.models.blocks import Stages
 
-FREEZE_HELP = (
-    "none: every block trains; all: the foundation is frozen (the online baseline); K: blocks 1..K are frozen. "
-    "Patch/position embedding and the final norm are frozen whenever any block is (as in the seed)."
-)
-
 
 def parse_freeze(value: str | int) -> str | int:
     text = str(value).strip().lower()
@@ -36,13 +31,16 @@ def parse_freeze(value: str | int) -> str | int:
 class FineTuneModel(nn.Module):
     """Foundation + head with the requested freezing and decapitation applied.
 
-    ``freeze`` is "none", "all" or K (blocks 1..K frozen); ``drop_after`` I runs blocks 1..I only (None: all).
-    ``head_input`` is "pooled" (the layer's pooled feature, for a linear head) or "tokens" (patch tokens, for the
-    stacked DeiT head). The foundation stays in eval mode while training, as in the seed: dropout and drop-path
-    are off and BatchNorm statistics stay fixed.
+    ``freeze`` is "none" (everything trains), "all" or K (blocks 1..K frozen; embedding, CLS, position table and
+    final norm frozen too, as the seed's ``unfreeze_cutoff=K``, K = 0 included); ``drop_after`` I runs blocks 1..I
+    only (None: all). ``head_input`` is "pooled" (the layer's pooled feature, for a linear head) or "tokens" (patch
+    tokens, for the stacked DeiT head).
 
     ``method`` "lora": only the peft adapters already injected into the trainable blocks train (the embedding,
     final norm and every base weight stay frozen); the export merges them (:meth:`foundation_state_dict`).
+
+    Modes follow the seed (PROTOCOLS.md, "Details that change numbers"): in :meth:`train`, the parts that train run
+    in train mode (dropout, drop-path such as SEEM's 0.3, BatchNorm statistics update), the frozen ones in eval mode.
     """
 
     def __init__(
@@ -84,8 +82,10 @@ class FineTuneModel(nn.Module):
         return min(int(self.freeze), self.used_blocks)
 
     @property
-    def any_block_frozen(self) -> bool:
-        return self.freeze == "all" or (isinstance(self.freeze, int) and self.freeze > 0)
+    def embed_trainable(self) -> bool:
+        """Embedding, CLS, position table and final norm train only with ``--freeze none`` (the seed's cutoff K,
+        0 included, keeps them frozen); never with LoRA, which trains adapters only."""
+        return self.freeze == "none" and self.method == "full"
 
     def _apply_freeze(self) -> None:
         self.foundation.requires_grad_(False)
@@ -103,7 +103,7 @@ class FineTuneModel(nn.Module):
             return
         parts = self.stages.partition()
         trainable = [f"block{i}" for i in range(self.first_trainable_block, self.used_blocks)]
-        if not self.any_block_frozen:
+        if self.embed_trainable:
             trainable.append("embed")
             if self.head_input == "pooled" or self.stages.post_uses_norm_for_tokens():
                 trainable.append("post")  # unused post modules (e.g. CLIP's projection for a DeiT head) stay out
@@ -112,8 +112,14 @@ class FineTuneModel(nn.Module):
                 p.requires_grad_(True)
 
     def train(self, mode: bool = True) -> FineTuneModel:
+        """Train mode for what trains, eval mode for what is frozen (the seed's ``backbone.eval()`` while frozen)."""
         super().train(mode)
-        self.foundation.eval()  # the seed keeps the backbone in eval mode
+        if not mode or (self.freeze == "none" and self.method == "full"):
+            return self  # --freeze none: the whole foundation trains, as the seed's freeze_backbone=false
+        self.foundation.eval()
+        if self.stages is not None:
+            for i in range(self.first_trainable_block, self.used_blocks):
+                self.stages.blocks[i].train(mode)
         return self
 
     def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -149,14 +155,14 @@ class FineTuneModel(nn.Module):
                 out = self.foundation(images)
             if self.head_input == "pooled":
                 return out.pooled
-            return out.tokens[-1][:, out.num_prefix_tokens :]
+            return out.head_tokens  # the registry's rule: pre/post-norm patch tokens, SAM2's neck, ...
         start = self.first_trainable_block
-        with _grad(not self.any_block_frozen):
+        with _grad(self.embed_trainable):
             h = self.stages.embed(images)
         for i in range(self.used_blocks):
             with _grad(i >= start):
                 h = self.stages.run_block(i, h)
-        return self._head_input(h, start < self.used_blocks or not self.any_block_frozen)
+        return self._head_input(h, start < self.used_blocks or self.embed_trainable)
 
     def features_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """The head's input from cached layer-K tokens (K = ``freeze``): only blocks K+1..I run."""

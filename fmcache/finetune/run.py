@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fmcache.dist import is_main_process
+from fmcache.dist import is_main_process, world_size
 from fmcache.errors import FmcacheError
 from fmcache.files import ensure_writable_dir
 from fmcache.finetune.loop import (
@@ -34,11 +34,12 @@ from fmcache.finetune.spec import FinetuneSpec
 from fmcache.headgrid import ProbeResult, summarise
 from fmcache.progress import progress_bar
 from fmcache.results import ResultSource, result_folder, safe_name, settings_hash, write_head_grid
-from fmcache.training import HeadRecords
+from fmcache.training import HeadRecords, batch_starts
 
 # Left out of the folder key but in each run's checkpoint: a rerun that changes one of these in the same --out is
 # refused by --resume (it would continue another run) and starts over with --no-resume.
-TRAINING_ONLY = ("epochs", "batch_size", "accum", "clip", "amp", "schedule", "layer_decay", "weight_decay")
+TRAINING_ONLY = ("epochs", "batch_size", "drop_last", "accum", "clip", "amp", "schedule", "layer_decay",
+                 "weight_decay")  # fmt: skip
 
 
 def _extract_spec(spec: FinetuneSpec, dataset: str, data_root: Path):
@@ -235,6 +236,8 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
     model0, head_info = build_model(spec, data.img_size, len(data.class_names), spec.seeds[0])
     if spec.from_cache is not None and model0.stages is None:
         raise FmcacheError(f"--from-cache needs a model made of blocks; {spec.model} is not")
+    # a train split smaller than one batch fails here, before any folder is written (each rank gets its share)
+    batch_starts(-(-len(data.splits["train"]) // world_size()), spec.batch_size, spec.drop_last)
     if main:
         ensure_writable_dir(Path(spec.out))
     export = any(p.requires_grad for p in model0.foundation.parameters())
@@ -251,7 +254,8 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
     dist = init_dist(spec.device)
     amp = resolve_amp(spec.amp, dist.device)
     n_train = len(data.splits["train"])
-    warmup = fit_warmup(paper_warmup(data.dataset), spec.epochs, n_train, spec.batch_size * spec.accum * dist.world)
+    warmup = fit_warmup(paper_warmup(data.dataset), spec.epochs, n_train, spec.batch_size * spec.accum * dist.world,
+                        spec.drop_last)  # fmt: skip
     seeds = list(spec.seeds)
     results: dict[tuple[float, int], dict] = {}
     try:
@@ -263,7 +267,8 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
                         spec, data.img_size, len(data.class_names), seed)[0]  # fmt: skip
                     model0 = None  # type: ignore[assignment]  (every run starts from the pristine foundation)
                     settings = RunSettings(
-                        lr=lr, seed=seed, epochs=spec.epochs, batch_size=spec.batch_size, accum=spec.accum,
+                        lr=lr, seed=seed, epochs=spec.epochs, batch_size=spec.batch_size, drop_last=spec.drop_last,
+                        accum=spec.accum,
                         clip=spec.clip, amp=amp, schedule=spec.schedule, warmup=warmup,
                         weight_decay=spec.weight_decay, layer_decay=spec.layer_decay, metric=data.metric,
                         multilabel=data.multilabel, label_names=data.class_names if data.multilabel else None,
@@ -306,6 +311,7 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
             dataset=data.dataset, model=spec.model, cache_key=None, weights=weights,
             ids={s: split_ids(data.splits[s]) for s in ("val", "test")},
             labels={s: split_labels(data.splits[s]) for s in ("val", "test")},
+            split=data.identity.get("split"), img_size=data.img_size,
         )  # fmt: skip
         write_head_grid(
             result_dir, source, protocol=f"finetune_{spec.head}", settings=settings, metric=data.metric,

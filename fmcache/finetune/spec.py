@@ -40,6 +40,7 @@ class FinetuneSpec:
     seeds: tuple[int, ...] = (0,)  # a count N (seeds 0..N-1) or a list
     epochs: int = 100
     batch_size: int = 64
+    drop_last: bool = True  # the seed's train loader drops its last partial batch
     accum: int = 1
     img_size: int | None = None
     workers: int = 2

@@ -6,6 +6,7 @@ Both take (B, T, D) tokens (prefix tokens already dropped) and return (B, classe
   ``depth`` DeiT-B blocks (timm's ``Block``, width 768, 12 heads, MLP ×4, LayerNorm eps 1e-6, dropout and drop-path 0)
   with DeiT's own CLS token and 14 × 14 position table, the table bicubic-interpolated (align_corners False) to the
   token grid on every forward, the CLS position kept; then the final LayerNorm, DeiT's CLS → ``Linear(768, classes)``.
+  The projection and the classifier keep PyTorch's default initialisation, as in the seed.
   Parameter names follow timm's ``VisionTransformer`` (``cls_token``, ``pos_embed``, ``blocks.*``, ``norm.*``,
   ``head.*``), so DeiT's release file and timm's state dict load by name; the projection is ``proj.*``.
 - :class:`AttentiveHead`: one learnable query attends over LayerNorm'd tokens (heads = width / 64), then residual +
@@ -30,10 +31,10 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from fmcache.errors import FmcacheError
+from fmcache.frozen.specs import DEIT_DEPTH, TOKEN_HEADS
 
 DEIT_WIDTH = 768
 DEIT_HEADS = 12
-DEIT_DEPTH = 12
 DEIT_GRID = (14, 14)  # DeiT-B/16 at 224: the position table the checkpoint holds
 DEIT_HUB_ID = "timm/deit_base_patch16_224.fb_in1k"
 DEIT_EPS = 1e-6
@@ -94,11 +95,14 @@ class DeiTHead(_DeiTBody):
             )
         self.in_dim, self.num_classes, self.depth = in_dim, num_classes, depth
         self.grid = None if grid is None else (int(grid[0]), int(grid[1]))
+        # the seed's new layers keep PyTorch's default init (kaiming-uniform Linear, LayerNorm eps 1e-5); only the
+        # DeiT-B parts, which a checkpoint overwrites, start as timm initialises DeiT
         self.proj = nn.Sequential(nn.Linear(in_dim, DEIT_WIDTH), nn.LayerNorm(DEIT_WIDTH))
         self.head = nn.Linear(DEIT_WIDTH, num_classes)
         trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
-        self.apply(_init_linear_and_norm)
+        self.blocks.apply(_init_linear_and_norm)
+        self.norm.apply(_init_linear_and_norm)
 
     def pos_table(self, grid: tuple[int, int]) -> torch.Tensor:
         """(1, 1 + rows·cols, 768): the CLS position, then the 14 × 14 table resampled bicubically to ``grid``."""
@@ -229,7 +233,7 @@ class AttentiveHead(nn.Module):
         return self.head(x[:, 0])
 
 
-HEADS = ("deit", "attentive")
+HEADS = TOKEN_HEADS
 
 
 def build_head(

@@ -7,7 +7,8 @@ it):
 
 - init: ``nn.Linear(D, C)`` created right after ``torch.manual_seed(seed)``;
 - data order: a ``torch.Generator`` seeded with ``seed`` draws ``randperm(N)`` each epoch; batches of
-  ``batch_size`` in that order, the last partial batch kept;
+  ``batch_size`` in that order, the last partial batch dropped as the seed's train loader drops it
+  (``drop_last=False`` keeps it);
 - loss: cross-entropy averaged over the batch, or for multi-label BCE-with-logits averaged over the
   batch's known (non-NaN) labels;
 - ``torch.optim.AdamW`` (betas 0.9/0.999, eps 1e-8) over :func:`fmcache.training.adamw_param_groups`
@@ -44,6 +45,7 @@ from fmcache.training import (
     ADAM_BETAS,
     ADAM_EPS,
     HeadRecords,
+    batch_starts,
     clip_per_head,
     decays,
     lr_multiplier,
@@ -174,6 +176,7 @@ def train_linear_grid(
     device: str | torch.device | None = None,
     on_epoch: Callable[[int], None] | None = None,
     train_views: np.ndarray | None = None,
+    drop_last: bool = True,
 ) -> ProbeResult:
     """Train the linear-probe grid (every LR × every seed) in one pass; see the module doc.
 
@@ -197,12 +200,13 @@ def train_linear_grid(
         if views.ndim != 3 or views.shape[0] != len(x) or views.shape[2] != x.shape[1] or views.shape[1] < 1:
             raise FmcacheError(f"train views must be ({len(x)}, K, {x.shape[1]}), got {tuple(views.shape)}")
         views = views.to(dev)
-    steps_per_epoch = math.ceil(len(x) / batch_size)
+    steps_per_epoch = len(batch_starts(len(x), batch_size, drop_last))
     total_steps = steps_per_epoch * epochs
     warmup = warmup_steps_for(warmup_epochs, warmup_iters, steps_per_epoch, total_steps)
     settings = {
         "epochs": epochs,
         "batch_size": batch_size,
+        "drop_last": drop_last,
         "weight_decay": weight_decay,
         "warmup_steps": warmup,
         "steps_per_epoch": steps_per_epoch,
@@ -220,7 +224,7 @@ def train_linear_grid(
     run = LinearHeadGrid(x, y, lrs, seeds, num_classes, multilabel, weight_decay, grad_clip, dev, views=views)
     evaluator = _Evaluator(val, test, metric, multilabel, label_names, len(lrs) * len(seeds), epochs)
     for epoch in range(epochs):
-        run.train_epoch(batch_size, lambda step: lr_multiplier(step, total_steps, warmup, schedule))
+        run.train_epoch(batch_size, lambda step: lr_multiplier(step, total_steps, warmup, schedule), drop_last)
         evaluator.evaluate_epoch(epoch, run.weight.detach(), run.bias.detach())
         if on_epoch is not None:
             on_epoch(epoch + 1)
@@ -261,7 +265,7 @@ class LinearHeadGrid:
         self.step = 0
         self.train_seconds = 0.0
 
-    def train_epoch(self, batch_size: int, multiplier: Callable[[int], float]) -> None:
+    def train_epoch(self, batch_size: int, multiplier: Callable[[int], float], drop_last: bool = True) -> None:
         """One pass over the data; ``multiplier(step)`` scales the base LRs at global step ``step``."""
         synchronize(self.device)
         start = time.perf_counter()
@@ -275,7 +279,7 @@ class LinearHeadGrid:
             # its own generator per (seed, epoch), so the data order is the same as without views
             chosen = torch.stack([epoch_views(s, self.epoch, n, k) for s in self.seeds]).to(self.device)
             head_view = chosen[self.head_seed]  # (H, N): the view of each sample, by the head's seed
-        for begin in range(0, n, batch_size):
+        for begin in batch_starts(n, batch_size, drop_last):
             idx = head_order[:, begin : begin + batch_size]
             xb = self.x[idx] if self.views is None else self.views[idx, head_view.gather(1, idx)]
             self._train_step(xb, self.y[idx], multiplier(self.step))

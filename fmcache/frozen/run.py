@@ -11,10 +11,25 @@ import numpy as np
 
 from fmcache.cache.reader import CacheReader
 from fmcache.errors import FmcacheError
-from fmcache.frozen.common import protocol_dir, resolve_metric, result_source, views_and_warmup
+from fmcache.frozen.common import (
+    finish_label_efficiency,
+    is_paper_feature,
+    protocol_dir,
+    resolve_metric,
+    result_source,
+    rows_of,
+    subset_drop_last,
+    subset_plan,
+    subset_settings,
+    subset_source,
+    take,
+    views_and_warmup,
+    write_subset,
+)
 from fmcache.frozen.features import FeatureSource, resolve_layers, resolve_pool, standardize_splits, train_stats
 from fmcache.frozen.knn import knn_evaluate, knn_rows
 from fmcache.frozen.specs import CkaSpec, KnnSpec, ProbeSpec
+from fmcache.frozen.subsets import Subset
 from fmcache.progress import progress_bar
 from fmcache.results import (
     plot_knn_vs_k,
@@ -33,21 +48,42 @@ def run_knn(spec: KnnSpec, progress: bool = False, log=print) -> dict:
     """Weighted k-NN (train split as the bank) for each requested layer, into its own result folder.
 
     Writes ``result.csv`` (one row per layer × split × k), plots, ``predictions.npz`` (the best k on the last layer,
-    chosen on val) and ``result.json`` last (``fmcache.results``).
+    chosen on val) and ``result.json`` last (``fmcache.results``). With ``--train-fraction``/``--train-per-class``,
+    one such folder per (amount, repeat), the bank cut to the subset, then the curve (:func:`finish_label_efficiency`).
     """
     reader = CacheReader(spec.cache)
-    ks, temperature, splits = spec.ks, spec.temperature, list(spec.eval_splits)
+    subsets = subset_plan(reader, spec)
+    if subsets is None:
+        return _run_knn(reader, spec, None, log)
+    folders = [_run_knn(reader, spec, subset, log)["folder"] for subset in subsets]
+    return finish_label_efficiency(reader, spec, "knn", folders, subsets, log)
+
+
+def _subset_ks(ks: tuple[int, ...], subset: Subset | None, log) -> tuple[int, ...]:
+    """A subset's bank may hold fewer samples than the largest k: those k run as the whole bank (said once)."""
+    if subset is None or max(ks) <= len(subset.train):
+        return ks
+    log(f"note: subset {subset.tag()} has {len(subset.train)} train samples; k > {len(subset.train)} runs as "
+        f"k = {len(subset.train)}")  # fmt: skip
+    return tuple(dict.fromkeys(min(k, len(subset.train)) for k in ks))
+
+
+def _run_knn(reader: CacheReader, spec: KnnSpec, subset: Subset | None, log) -> dict:
+    """One k-NN run: on the whole train split (``subset`` None, the plain run) or on a subset of it."""
+    ks, temperature, splits = _subset_ks(spec.ks, subset, log), spec.temperature, list(spec.eval_splits)
     metric = resolve_metric(reader, spec.metric)
     layers = resolve_layers(reader, spec.layer)
     pools = resolve_pool(reader, spec.pool, layers)
     features = FeatureSource(reader, layers, pools)
+    train_rows = rows_of(subset, "train")
     start = time.perf_counter()
     per_layer, rows = {}, []
     for number in layers:
-        queries = {s: (features.get(s, number), reader.labels(s)) for s in splits}
+        queries = {s: (take(features.get(s, number), rows_of(subset, s)), take(reader.labels(s), rows_of(subset, s)))
+                   for s in splits}  # fmt: skip
         result = knn_evaluate(
-            features.get("train", number),
-            reader.labels("train"),
+            take(features.get("train", number), train_rows),
+            take(reader.labels("train"), train_rows),
             queries,
             ks,
             temperature=temperature,
@@ -57,15 +93,17 @@ def run_knn(spec: KnnSpec, progress: bool = False, log=print) -> dict:
             label_names=reader.class_names if reader.multilabel else None,
             use_gpu=spec.use_gpu,
             keep_scores=True,
+            overwrite=True,
         )
         scores = result.pop("scores")  # the protocol's payload stays JSON; scores go to predictions.npz
         if number == layers[-1]:
             last_scores = scores
         per_layer[number] = result
         rows += knn_rows(result, layer=number, pool="+".join(pools))
-    settings = {"ks": [int(k) for k in ks], "temperature": float(temperature), "layers": layers, "pool": pools,
-                "metric": metric, "eval_splits": splits}  # fmt: skip
+    settings = {"ks": [int(k) for k in spec.ks], "temperature": float(temperature), "layers": layers, "pool": pools,
+                "metric": metric, "eval_splits": splits, **subset_settings(subset)}  # fmt: skip
     folder = start_result(protocol_dir(reader, spec.out, "knn", settings))
+    subset_facts = write_subset(folder, reader, subset)
     payload = {"cache": str(reader.path), "layers": per_layer, "total_seconds": time.perf_counter() - start}
     if reader.views_k:  # the bank and the queries are center crops; augmented views are for trained heads
         payload["views"] = VIEWS_IGNORED.format(k=reader.views_k)
@@ -74,7 +112,7 @@ def run_knn(spec: KnnSpec, progress: bool = False, log=print) -> dict:
         "rows": [{key: r[key] for key in ("layer", "split", "k", "temperature", "value")} for r in rows],
         "best": best,
     }
-    source = result_source(reader, tuple(splits))
+    source = subset_source(result_source(reader, tuple(splits)), subset)
     predictions = source.predictions({s: last_scores[s][best["k"]][None] for s in splits}, [-1])
     last_timings = per_layer[layers[-1]]["timings"]
     timings = source.timings(last_timings["index_seconds"], last_timings["inference_seconds_per_sample"])
@@ -86,6 +124,7 @@ def run_knn(spec: KnnSpec, progress: bool = False, log=print) -> dict:
     write_result(
         folder, protocol="knn", settings=settings, metric=metric, timings=timings, summary=summary, details=payload,
         rows=rows, predictions=predictions, **source.identity(),
+        extra={**source.facts(), "paper_feature": is_paper_feature(reader, layers, pools), **subset_facts},
     )  # fmt: skip
     return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows, "views_note": payload.get("views"),
             "best": best}  # fmt: skip
@@ -113,11 +152,23 @@ def run_probe(spec: ProbeSpec, progress: bool = False, log=print) -> dict:
     ``spec.standardize`` z-scores features with train-split statistics first (as a non-affine BatchNorm in MAE's
     linear probe): feature scales differ by orders of magnitude across models and layers, and one LR grid must
     serve them all.
+
+    With ``--train-fraction``/``--train-per-class``, one such folder per (amount, repeat): heads train on the subset
+    (its own z-score statistics and warmup), val stays full unless it follows, then the label-efficiency curve.
     """
+    reader = CacheReader(spec.cache)
+    subsets = subset_plan(reader, spec)
+    if subsets is None:
+        return _run_probe(reader, spec, None, progress, log)
+    folders = [_run_probe(reader, spec, subset, progress, log)["folder"] for subset in subsets]
+    return finish_label_efficiency(reader, spec, "probe_linear", folders, subsets, log)
+
+
+def _run_probe(reader: CacheReader, spec: ProbeSpec, subset: Subset | None, progress: bool, log) -> dict:
+    """One linear grid: on the whole train split (``subset`` None, the plain run) or on a subset of it."""
     from fmcache.frozen.linear import train_linear_grid
     from fmcache.frozen.sklearn_ref import fit_sklearn_reference
 
-    reader = CacheReader(spec.cache)
     lrs, epochs, batch_size, schedule = spec.lrs, spec.epochs, spec.batch_size, spec.schedule
     metric = resolve_metric(reader, spec.metric)
     layers = resolve_layers(reader, spec.layer)
@@ -126,18 +177,23 @@ def run_probe(spec: ProbeSpec, progress: bool = False, log=print) -> dict:
         raise FmcacheError("--sklearn fits a single-label LogisticRegression; it does not apply to multi-label data")
     from fmcache.frozen.views import pooled_views
 
-    with_views, warmup = views_and_warmup(reader, spec.views, epochs, batch_size)
+    drop_last = subset_drop_last(subset, batch_size, spec.drop_last, log)
+    n_train = None if subset is None else len(subset.train)
+    with_views, warmup = views_and_warmup(reader, spec.views, epochs, batch_size, drop_last, n_train)
     features = FeatureSource(reader, layers, pools)
     seed_list = list(spec.seeds)
     settings = {"head": spec.head, "lrs": [float(lr) for lr in lrs], "seeds": seed_list, "epochs": epochs,
-                "batch_size": batch_size, "layers": layers, "pool": pools, "metric": metric,
+                "batch_size": batch_size, "drop_last": spec.drop_last, "layers": layers, "pool": pools, "metric": metric,
                 "weight_decay": spec.weight_decay, "schedule": schedule, "standardize": spec.standardize, **warmup,
-                "views": {"used": with_views, "k": reader.views_k if with_views else 0}}  # fmt: skip
+                "views": {"used": with_views, "k": reader.views_k if with_views else 0},
+                **subset_settings(subset)}  # fmt: skip
     folder = start_result(protocol_dir(reader, spec.out, "probe_linear", settings))
+    subset_facts = write_subset(folder, reader, subset)
     per_layer, rows, predictions = {}, [], None
     for number in layers:
-        data = [(features.get(s, number), reader.labels(s)) for s in ("train", "val", "test")]
-        train_views = pooled_views(reader, number, pools) if with_views else None
+        data = [(take(features.get(s, number), rows_of(subset, s)), take(reader.labels(s), rows_of(subset, s)))
+                for s in ("train", "val", "test")]  # fmt: skip
+        train_views = take(pooled_views(reader, number, pools), rows_of(subset, "train")) if with_views else None
         if spec.standardize and train_views is not None:
             # the center crops' train statistics, so val and test are scaled exactly as with --views off
             mean, std = train_stats(data[0][0])
@@ -153,7 +209,8 @@ def run_probe(spec: ProbeSpec, progress: bool = False, log=print) -> dict:
                 lrs=lrs, seeds=seed_list, num_classes=len(reader.class_names), metric=metric,
                 multilabel=reader.multilabel, epochs=epochs, batch_size=batch_size, weight_decay=spec.weight_decay,
                 schedule=schedule, label_names=reader.class_names if reader.multilabel else None,
-                device=spec.device, on_epoch=lambda _: advance(1), train_views=train_views, **warmup,
+                device=spec.device, on_epoch=lambda _: advance(1), train_views=train_views, drop_last=drop_last,
+                **warmup,
             )  # fmt: skip
         entry = result.to_dict()
         if spec.sklearn:
@@ -168,8 +225,9 @@ def run_probe(spec: ProbeSpec, progress: bool = False, log=print) -> dict:
         plot_probe_vs_layer(folder / "probe_linear_vs_layer.png", per_layer, metric)
     details = {"cache": str(reader.path), "sklearn": spec.sklearn, "layers": per_layer}
     write_head_grid(
-        folder, result_source(reader), protocol="probe_linear", settings=settings, metric=metric,
-        per_layer=per_layer, rows=rows, predictions=predictions, details=details,
+        folder, subset_source(result_source(reader), subset), protocol="probe_linear", settings=settings,
+        metric=metric, per_layer=per_layer, rows=rows, predictions=predictions, details=details,
+        extra={"paper_feature": is_paper_feature(reader, layers, pools), **subset_facts},
     )  # fmt: skip
     return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows, "views": settings["views"]}
 
@@ -250,7 +308,7 @@ def run_cka(spec: CkaSpec, progress: bool = False, log=print) -> dict:
     summary = {"layers_a": sel_a.labels, "layers_b": labels_b, "matrix": matrix}
     write_result(
         folder, protocol="cka", settings=settings, metric="linear_cka", timings=timings, summary=summary,
-        details=payload, rows=rows, **source.identity(),
+        details=payload, rows=rows, extra=source.facts(), **source.identity(),
     )  # fmt: skip
     return {"folder": folder, "matrix": matrix, "rows": rows, "n": result["n"], "row_layers": sel_a.labels,
             "col_layers": labels_b, "estimator": estimator, "debiased": debiased}  # fmt: skip

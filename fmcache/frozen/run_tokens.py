@@ -12,17 +12,31 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fmcache.cache.reader import CacheReader
+from fmcache.cache.reader import PAPER_TOKENS, CacheReader
 from fmcache.dist import pick_device
 from fmcache.files import atomic_write_bytes
-from fmcache.frozen.common import protocol_dir, resolve_metric, result_source, views_and_warmup
+from fmcache.frozen.common import (
+    finish_label_efficiency,
+    protocol_dir,
+    resolve_metric,
+    result_source,
+    rows_of,
+    subset_drop_last,
+    subset_plan,
+    subset_settings,
+    subset_source,
+    views_and_warmup,
+    write_subset,
+)
 from fmcache.frozen.heads import deit_pretrained_state
 from fmcache.frozen.specs import TokenProbeSpec
+from fmcache.frozen.subsets import Subset
 from fmcache.frozen.tokens import (
     GridConfig,
     TokenSplit,
     check_token_layers,
     layer_spec,
+    paper_tokens_note,
     should_preload,
     token_norm_for,
     train_token_grid,
@@ -34,8 +48,13 @@ from fmcache.training import check_checkpoint, checkpoint_position
 EVAL = ("train", "val", "test")
 
 
-def checkpoint_path(folder: Path, head: str, layer: int) -> Path:
-    return folder / "checkpoints" / f"probe_{head}_layer{layer:02d}.pt"
+def layer_tag(layer: int | str) -> str:
+    """``layer04`` for a block, ``paper`` for the paper's tokens: file names of per-layer outputs."""
+    return f"layer{layer:02d}" if isinstance(layer, int) else str(layer)
+
+
+def checkpoint_path(folder: Path, head: str, layer: int | str) -> Path:
+    return folder / "checkpoints" / f"probe_{head}_{layer_tag(layer)}.pt"
 
 
 def _head_source(spec: TokenProbeSpec):
@@ -48,17 +67,32 @@ def _head_source(spec: TokenProbeSpec):
 
 
 def run_token_probe(spec: TokenProbeSpec, progress: bool = False, log=print) -> dict:
-    """Token heads (``deit`` or ``attentive``) for the LR × seed grid on each requested cached token layer."""
+    """Token heads (``deit`` or ``attentive``) for the LR × seed grid on each requested cached token layer; with
+    ``--train-fraction``/``--train-per-class`` one folder per (amount, repeat), then the label-efficiency curve."""
     reader = CacheReader(spec.cache)
+    subsets = subset_plan(reader, spec)
+    if subsets is None:
+        return _run_token_probe(reader, spec, None, progress, log)
+    folders = [_run_token_probe(reader, spec, subset, progress, log)["folder"] for subset in subsets]
+    return {**finish_label_efficiency(reader, spec, f"probe_{spec.head}", folders, subsets, log), "head": spec.head}
+
+
+def _run_token_probe(reader: CacheReader, spec: TokenProbeSpec, subset: Subset | None, progress: bool, log) -> dict:
+    """One token-head grid: on the whole train split (``subset`` None, the plain run) or on a subset of it."""
     head, lrs, epochs, batch_size, schedule = spec.head, list(spec.lrs), spec.epochs, spec.batch_size, spec.schedule
     metric = resolve_metric(reader, spec.metric)
     layers = check_token_layers(reader, spec.layer)
     norm = token_norm_for(reader, spec.token_norm)
     seed_list = list(spec.seeds)
+    note = paper_tokens_note(reader, layers) if spec.token_norm == "seed" else None
+    if note:
+        log(note)
     specs = {n: layer_spec(reader, n, norm, head) for n in layers}
     loads = {n: should_preload(reader, n, spec.preload) for n in layers}
     dev = pick_device(spec.device)
-    with_views, warmup = views_and_warmup(reader, spec.views, epochs, batch_size)
+    drop_last = subset_drop_last(subset, batch_size, spec.drop_last, log)
+    n_train = None if subset is None else len(subset.train)
+    with_views, warmup = views_and_warmup(reader, spec.views, epochs, batch_size, drop_last, n_train)
     pretrained, weights_info = _head_source(spec)
     head_depth, heads_per_pass = spec.head_depth, spec.heads_per_pass
     weights_record = {k: v for k, v in weights_info.items() if k in ("source", "hub_id", "sha256", "depth")}
@@ -66,18 +100,21 @@ def run_token_probe(spec: TokenProbeSpec, progress: bool = False, log=print) -> 
     # what names the folder: every setting that changes the numbers (not passes, preload, workers or device, which
     # only change how they are computed; the checkpoint still records those and refuses a resume across them)
     settings = {"head": head, "lrs": [float(x) for x in lrs], "seeds": seed_list, "epochs": epochs,
-                "batch_size": batch_size, "layers": layers, "metric": metric, "weight_decay": spec.weight_decay,
+                "batch_size": batch_size, "drop_last": spec.drop_last, "layers": layers, "metric": metric,
+                "weight_decay": spec.weight_decay,
                 "schedule": schedule, **warmup, "token_norm": norm,
                 "head_weights": weights_record,
                 "head_depth": head_depth if head == "deit" else None,
-                "views": {"used": with_views, "k": reader.views_k if with_views else 0}}  # fmt: skip
+                "views": {"used": with_views, "k": reader.views_k if with_views else 0},
+                **subset_settings(subset)}  # fmt: skip
     folder = protocol_dir(reader, spec.out, stem, settings)
     common = {"cache_key": reader.key, "head": head, "lrs": [float(x) for x in lrs], "seeds": seed_list,
-              "epochs": epochs, "batch_size": batch_size, "weight_decay": spec.weight_decay, "schedule": schedule,
+              "epochs": epochs, "batch_size": batch_size, "drop_last": spec.drop_last,
+              "weight_decay": spec.weight_decay, "schedule": schedule,
               "warmup": warmup, "metric": metric, "head_weights": weights_record,
               "head_depth": head_depth if head == "deit" else None,
               "token_norm": norm, "heads_per_pass": heads_per_pass, "device": dev.type,
-              "views": reader.views_k if with_views else 0}  # fmt: skip
+              "views": reader.views_k if with_views else 0, **subset_settings(subset)}  # fmt: skip
     ckpt_settings = {n: {**common, "layer": n} for n in layers}
     resumes = {}
     if spec.resume:  # refuse a mismatched checkpoint before anything is trained or written
@@ -85,6 +122,7 @@ def run_token_probe(spec: TokenProbeSpec, progress: bool = False, log=print) -> 
             if check_checkpoint(checkpoint_path(folder, head, n), ckpt_settings[n]):
                 resumes[n] = checkpoint_position(checkpoint_path(folder, head, n))
     start_result(folder)
+    subset_facts = write_subset(folder, reader, subset)
     per_layer, rows, read_info, predictions = {}, [], {}, None
     n_heads = len(lrs) * len(seed_list)
     n_passes = -(-n_heads // (heads_per_pass or n_heads))
@@ -92,11 +130,12 @@ def run_token_probe(spec: TokenProbeSpec, progress: bool = False, log=print) -> 
         if n in resumes:  # as fine-tuning does: a rerun says where it picks up
             log(f"resumed {stem} layer {n} {_resume_point(resumes[n], epochs, n_passes)}")
         t0 = time.perf_counter()
-        splits = [TokenSplit(reader, s, n, loads[n], spec.workers, with_views and s == "train") for s in EVAL]
+        splits = [TokenSplit(reader, s, n, loads[n], spec.workers, with_views and s == "train", rows_of(subset, s))
+                  for s in EVAL]  # fmt: skip
         read_info[n] = {"preloaded": loads[n], "read_seconds": time.perf_counter() - t0}
         cfg = GridConfig(head, list(lrs), seed_list, len(reader.class_names), metric, reader.multilabel, epochs,
                          batch_size, spec.weight_decay, warmup, schedule, 1.0, head_depth, heads_per_pass,
-                         reader.class_names if reader.multilabel else None)  # fmt: skip
+                         reader.class_names if reader.multilabel else None, drop_last)  # fmt: skip
         with progress_bar(progress, epochs * max(1, -(-n_heads // (heads_per_pass or n_heads))), f"layer {n}",
                           f"{head} {n_heads} heads, layer {n}", "epoch/s") as advance:  # fmt: skip
             result = train_token_grid(
@@ -108,7 +147,7 @@ def run_token_probe(spec: TokenProbeSpec, progress: bool = False, log=print) -> 
         per_layer[n] = entry
         predictions = result.predictions  # the last layer's is the headline, as the linear probe
         rows += [{"layer": n, "head": head, **r} for r in result.rows()]
-        suffix = "" if len(layers) == 1 else f"_layer{n:02d}"
+        suffix = "" if len(layers) == 1 else f"_{layer_tag(n)}"
         if spec.plots:
             plot_probe_curves(folder / f"{stem}_curves{suffix}.png", result.curves, metric=f"val {metric}")
     if len(layers) > 1:
@@ -117,8 +156,9 @@ def run_token_probe(spec: TokenProbeSpec, progress: bool = False, log=print) -> 
                "head_random_init": weights_info["source"] == "random", "heads_per_pass": heads_per_pass,
                "device": dev.type, "layers": per_layer}  # fmt: skip
     write_head_grid(
-        folder, result_source(reader), protocol=stem, settings=settings, metric=metric, per_layer=per_layer,
-        rows=rows, predictions=predictions, details=details,
+        folder, subset_source(result_source(reader), subset), protocol=stem, settings=settings, metric=metric,
+        per_layer=per_layer, rows=rows, predictions=predictions, details=details,
+        extra={"paper_feature": _paper_tokens(reader, layers, norm), **subset_facts},
     )  # fmt: skip
     return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows, "head": head,
             "head_weights": weights_info}  # fmt: skip
@@ -131,6 +171,16 @@ def _resume_point(position: dict, epochs: int, n_passes: int) -> str:
         return "from its checkpoint: every epoch was done"
     of_passes = f" of pass {p + 1} of {n_passes}" if n_passes > 1 else ""
     return f"after epoch {epoch} of {epochs}{of_passes}"
+
+
+def _paper_tokens(reader: CacheReader, layers: list, norm: str) -> bool:
+    """Whether the head read what the paper's DeiT head reads (Table 1's input): ``paper`` tokens, or the last
+    layer's patch tokens under the model's own rule (the same numbers for the pre-/post-norm rules)."""
+    if layers == [PAPER_TOKENS]:
+        return True
+    rule = reader.manifest["model"].get("head_tokens")
+    want = {"prenorm": "none", "final": "final"}.get(rule or "")
+    return layers == [reader.num_layers] and want is not None and norm == want
 
 
 def _write_vs_layer(folder: Path, stem: str, head: str, per_layer: dict, metric: str, plots: bool) -> None:

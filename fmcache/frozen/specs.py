@@ -14,12 +14,15 @@ from fmcache.config import as_floats, as_ints, as_path, as_seeds, as_text, check
 from fmcache.errors import FmcacheError
 from fmcache.frozen.cka import ESTIMATORS
 from fmcache.frozen.cka_read import SPLITS as CKA_SPLITS
-from fmcache.frozen.heads import DEIT_DEPTH
-from fmcache.frozen.heads import HEADS as TOKEN_HEADS
 from fmcache.frozen.knn import DEFAULT_KS, DEFAULT_TEMPERATURE
-from fmcache.frozen.tokens import PRELOAD, TOKEN_NORMS
 from fmcache.frozen.views import MODES as VIEW_MODES
 from fmcache.training import SCHEDULES
+
+# the token heads' choices live here, not in heads.py/tokens.py: the linear probe's spec must not import timm
+TOKEN_HEADS = ("deit", "attentive")
+TOKEN_NORMS = ("seed", "none", "final")
+PRELOAD = ("auto", "yes", "no")
+DEIT_DEPTH = 12  # DeiT-B's blocks
 
 DEFAULT_LRS = (1e-5, 3e-5, 1e-4, 1e-3)
 VIEWS = (None, "auto", *VIEW_MODES)
@@ -57,6 +60,10 @@ class KnnSpec:
     metric: str | None = None
     use_gpu: bool | None = None  # None: FAISS on GPU when present; False: --cpu
     plots: bool = True
+    train_fraction: tuple[float, ...] | None = None  # label efficiency: one run per fraction × repeat (subsets.py)
+    train_per_class: tuple[int, ...] | None = None  # ... or per count of train samples per class
+    subset_repeats: int = 1
+    val_fraction_follows: bool = False  # val is subset like train (default: full val for model selection)
 
     def __post_init__(self) -> None:
         _set(self, "cache", as_path(self.cache))
@@ -72,6 +79,7 @@ class KnnSpec:
         if not float(self.temperature) > 0:
             raise FmcacheError(f"--temperature must be > 0, got {self.temperature}")
         _set(self, "temperature", float(self.temperature))
+        _subset_fields(self)
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,7 @@ class ProbeSpec:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     epochs: int = 100
     batch_size: int = 64
+    drop_last: bool = True  # the seed's train loader drops its last partial batch
     layer: str = "last"
     pool: str = "auto"
     metric: str | None = None
@@ -95,6 +104,10 @@ class ProbeSpec:
     standardize: bool = True
     plots: bool = True
     views: str | None = None
+    train_fraction: tuple[float, ...] | None = None  # label efficiency: one run per fraction × repeat (subsets.py)
+    train_per_class: tuple[int, ...] | None = None  # ... or per count of train samples per class
+    subset_repeats: int = 1
+    val_fraction_follows: bool = False  # val is subset like train (default: full val for model selection)
 
     def __post_init__(self) -> None:
         _head_grid_fields(self)
@@ -113,6 +126,7 @@ class TokenProbeSpec:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     epochs: int = 100
     batch_size: int = 64
+    drop_last: bool = True  # the seed's train loader drops its last partial batch
     layer: str = "last"
     metric: str | None = None
     weight_decay: float = 1e-5
@@ -128,6 +142,10 @@ class TokenProbeSpec:
     device: str | None = None
     plots: bool = True
     views: str | None = None
+    train_fraction: tuple[float, ...] | None = None  # label efficiency: one run per fraction × repeat (subsets.py)
+    train_per_class: tuple[int, ...] | None = None  # ... or per count of train samples per class
+    subset_repeats: int = 1
+    val_fraction_follows: bool = False  # val is subset like train (default: full val for model selection)
 
     def __post_init__(self) -> None:
         _head_grid_fields(self)
@@ -162,6 +180,29 @@ def _head_grid_fields(spec: ProbeSpec | TokenProbeSpec) -> None:
     _choice("schedule", spec.schedule, SCHEDULES)
     _choice("views", spec.views, VIEWS)
     _layer_text(spec)
+    _subset_fields(spec)
+
+
+def _subset_fields(spec: KnnSpec | ProbeSpec | TokenProbeSpec) -> None:
+    """The label-efficiency options: ascending distinct fractions in (0, 1] or counts >= 1, never both."""
+    fractions, counts = spec.train_fraction, spec.train_per_class
+    if fractions is not None and counts is not None:
+        raise FmcacheError("pass either --train-fraction or --train-per-class, not both")
+    if fractions is not None:
+        fractions = as_floats("train_fraction", fractions)
+        if any(not 0 < f <= 1 for f in fractions) or len(set(fractions)) != len(fractions):
+            raise FmcacheError(f"--train-fraction must be distinct numbers in (0, 1], got {list(fractions)}")
+        _set(spec, "train_fraction", tuple(sorted(fractions)))  # the curve's order; each run is independent
+    if counts is not None:
+        counts = as_ints("train_per_class", counts, low=1)
+        if len(set(counts)) != len(counts):
+            raise FmcacheError(f"--train-per-class repeats a count: {list(counts)}")
+        _set(spec, "train_per_class", tuple(sorted(counts)))
+    check_int("subset_repeats", spec.subset_repeats, 1)
+    _set(spec, "val_fraction_follows", bool(spec.val_fraction_follows))
+    if fractions is None and counts is None and (spec.subset_repeats != 1 or spec.val_fraction_follows):
+        what = "--subset-repeats" if spec.subset_repeats != 1 else "--val-fraction-follows"
+        raise FmcacheError(f"{what} applies to label-efficiency runs; add --train-fraction or --train-per-class")
 
 
 @dataclass(frozen=True)

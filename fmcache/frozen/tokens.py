@@ -5,7 +5,7 @@ Each head is what this would train on its own:
 - init: the head built right after ``torch.manual_seed(seed)`` (so heads that share a seed share the init of the
   new parameters), then the pretrained DeiT-B parts loaded over it (``--head-weights``), unless random init;
 - data order: a ``torch.Generator`` seeded with ``seed`` draws ``randperm(N)`` each epoch; batches of ``batch_size``
-  in that order, the last partial batch kept. Heads that share a seed share the order, so one read of a token
+  in that order, the last partial batch dropped as the seed's train loader drops it (``drop_last`` off keeps it). Heads that share a seed share the order, so one read of a token
   batch feeds every LR of that seed;
 - ``torch.optim.AdamW`` over :func:`fmcache.training.adamw_param_groups` (no decay on biases and 1-D parameters),
   ``clip_grad_norm_`` at 1.0, LR = base × :func:`fmcache.training.lr_multiplier` per step; bf16 autocast on GPU;
@@ -23,7 +23,6 @@ run (on CPU); a rerun with other settings is refused.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,16 +33,18 @@ import torch
 import torch.nn.functional as F
 
 from fmcache import metrics
-from fmcache.cache.reader import CacheReader
+from fmcache.cache.reader import PAPER_TOKENS, CacheReader, token_dataset
 from fmcache.dist import synchronize
 from fmcache.errors import FmcacheError
 from fmcache.frozen.heads import DEIT_DEPTH, build_head, token_grid
+from fmcache.frozen.specs import PRELOAD, TOKEN_NORMS
 from fmcache.headgrid import ProbeResult, check_lists, head_losses, labels_tensor, summarise
 from fmcache.training import (
     ADAM_BETAS,
     ADAM_EPS,
     HeadRecords,
     adamw_param_groups,
+    batch_starts,
     json_roundtrip,
     load_checkpoint,
     lr_multiplier,
@@ -51,43 +52,69 @@ from fmcache.training import (
     warmup_steps_for,
 )
 
-# The seed's choice of tokens per model (PROTOCOLS.md, "The stacked DeiT head"): BLIP's after its final norm; DINOv2,
-# SAM, OpenCLIP pre-norm; SEEM's flattened last-stage map (no final norm). Exact registry names; others: pre-norm.
+# The seed's choice for the token layers of caches written before the manifest recorded the model's head_tokens rule
+# (PROTOCOLS.md, "The stacked DeiT head"): BLIP's after its final norm; the rest pre-norm.
 SEED_TOKEN_NORM = {"blip_base": "final"}
-TOKEN_NORMS = ("seed", "none", "final")
-PRELOAD = ("auto", "yes", "no")
 _EVAL_BATCH = 256
 
 
 def token_norm_for(reader: CacheReader, choice: str) -> str:
-    """``none`` or ``final``: ``seed`` resolves to the seed's choice for the cache's model."""
+    """``none`` or ``final``: ``seed`` resolves to what the seeds feed the DeiT head for the cache's model, as the
+    registry's ``head_tokens`` rule recorded in the manifest says (``final``: BLIP in the WACV seed, MAE and AIMv2 in
+    the follow-up; ``prenorm``: the rest; CoCa's pooler and SAM2's neck are ``--layer paper`` tokens, not a layer's)."""
     if choice not in TOKEN_NORMS:
         raise FmcacheError(f"unknown --token-norm '{choice}'; use {', '.join(TOKEN_NORMS)}")
-    return SEED_TOKEN_NORM.get(reader.model, "none") if choice == "seed" else choice
+    if choice != "seed":
+        return choice
+    rule = reader.manifest["model"].get("head_tokens")
+    if rule is None:
+        return SEED_TOKEN_NORM.get(reader.model, "none")
+    return "final" if rule == "final" else "none"
 
 
-def check_token_layers(reader: CacheReader, layer: str) -> list[int]:
-    """1-based token layers from ``12``, ``all`` (every cached token layer) or ``4,8,12``, all of them cached."""
+def paper_tokens_note(reader: CacheReader, layers: list) -> str | None:
+    """A note when the seed feeds this model's DeiT head something other than a layer's tokens (CoCa, SAM2)."""
+    rule = reader.manifest["model"].get("head_tokens")
+    if rule in ("pooler", "neck") and PAPER_TOKENS not in layers:
+        what = "its attention pooler's outputs" if rule == "pooler" else "its FPN neck's features (stride 16)"
+        return (f"note: the follow-up feeds {reader.model}'s DeiT head {what}, not a layer's tokens; extract with "
+                "--tokens paper and probe --layer paper for the paper's cell")  # fmt: skip
+    return None
+
+
+def check_token_layers(reader: CacheReader, layer: str) -> list[int | str]:
+    """Token layers from ``12``, ``last``, ``all`` (every cached token layer), ``paper`` (what the paper's DeiT head
+    reads, ``extract --tokens paper``) or lists such as ``4,8,12``, all of them cached."""
     cached = reader.token_layers
+    parts = [part.strip() for part in str(layer).split(",") if part.strip()]
+    if parts == ["paper"] or (PAPER_TOKENS in parts and not cached):
+        reader.tokens("val", PAPER_TOKENS)  # the check: one line naming the fix when they were not cached
+        if parts != ["paper"]:
+            raise FmcacheError(f"cache {reader.path.name} holds no token layers besides paper; use --layer paper")
+        return [PAPER_TOKENS]
     if not cached:
         raise FmcacheError(
-            f"cache {reader.path} holds no token layers; extract again with --tokens last (or --tokens all / 4,8,12) "
-            "to train token heads"
+            f"cache {reader.path} holds no token layers; extract again with --tokens last (or --tokens all / 4,8,12 "
+            "/ paper) to train token heads"
         )
-    if str(layer) == "all":
+    if parts == ["all"]:
         return list(cached)
     try:
-        layers = [reader.resolve_layer(part.strip()) for part in str(layer).split(",") if part.strip()]
+        layers: list[int | str] = [
+            PAPER_TOKENS if part == PAPER_TOKENS else reader.resolve_layer(part) for part in parts
+        ]  # fmt: skip
     except FmcacheError as exc:
         raise FmcacheError(f"{exc}; cached token layers: {', '.join(map(str, cached))}") from None
     if not layers:
-        raise FmcacheError(f"bad --layer '{layer}'; use all, last or layer numbers such as 4,8,12")
-    missing = [n for n in layers if n not in cached]
+        raise FmcacheError(f"bad --layer '{layer}'; use all, last, paper or layer numbers such as 4,8,12")
+    missing = [n for n in layers if n != PAPER_TOKENS and n not in cached]
     if missing:
         raise FmcacheError(
             f"cache {reader.path.name} has no tokens of layer {missing[0]}; cached token layers: "
             f"{', '.join(map(str, cached))}; extract again with --tokens including {missing[0]} (e.g. --tokens all)"
         )
+    if PAPER_TOKENS in layers:
+        reader.tokens("val", PAPER_TOKENS)
     if len(set(layers)) != len(layers):
         raise FmcacheError(f"--layer '{layer}' repeats a layer")
     return layers
@@ -97,7 +124,7 @@ def check_token_layers(reader: CacheReader, layer: str) -> list[int]:
 class LayerSpec:
     """What a head sees of one cached token layer: patch tokens (prefix dropped) of width ``dim`` on ``grid``."""
 
-    layer: int
+    layer: int | str  # a block number, or "paper"
     prefix: int
     num_tokens: int  # patch tokens
     dim: int
@@ -105,8 +132,11 @@ class LayerSpec:
     norm: dict | None  # the final norm's parameters when --token-norm final
 
 
-def layer_spec(reader: CacheReader, layer: int, norm: str, head: str) -> LayerSpec:
+def layer_spec(reader: CacheReader, layer: int | str, norm: str, head: str) -> LayerSpec:
     model = reader.manifest["model"]
+    if layer == PAPER_TOKENS:  # stored as the seed feeds them: no prefix, the seed's norm already applied
+        total, dim = model["paper_token_shape"]
+        return LayerSpec(layer, 0, total, dim, token_grid(total) if head == "deit" else None, None)
     total, dim = model["token_shapes"][str(layer)]
     prefix = max(0, int(model.get("num_prefix_tokens", 0)))
     patches = total - prefix
@@ -154,21 +184,36 @@ class TokenSplit:
     """One split's tokens of one layer, in RAM (stored dtype) or streamed from the shards by a DataLoader.
 
     Both give the same batches for the same index lists, so preloading never changes the numbers. With ``views``
-    (train only), items are the cached augmented views: item ``i * k + v`` is view v of sample i.
+    (train only), items are the cached augmented views: item ``i * k + v`` is view v of sample i. ``rows`` (sorted
+    positions in the split, a label-efficiency subset) makes sample i the split's row ``rows[i]``.
     """
 
-    def __init__(self, reader: CacheReader, split: str, layer: int, preload: bool, workers: int, views: bool = False):
+    def __init__(
+        self, reader: CacheReader, split: str, layer: int | str, preload: bool, workers: int, views: bool = False,
+        rows: np.ndarray | None = None,
+    ):  # fmt: skip
         self.dataset = reader.view_tokens(layer) if views else reader.tokens(split, layer)
         self.k = reader.views_k if views else 0
-        self.labels = reader.labels(split)
+        self.rows = None if rows is None else torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        self.labels = reader.labels(split) if rows is None else reader.labels(split)[rows]
         self.n = len(self.labels)
         self.workers = workers
         self.x = None
         if preload and views:  # views live in their own group of train rows: read item by item, keep stored dtype
             dtype = torch.float16 if reader.manifest.get("dtype", "fp16") == "fp16" else torch.float32
-            self.x = torch.stack([self.dataset[j][0].to(dtype) for j in range(len(self.dataset))])
+            items = range(len(self.dataset)) if self.rows is None else self._items(torch.arange(self.n * self.k))
+            self.x = torch.stack([self.dataset[int(j)][0].to(dtype) for j in items])
         elif preload:
-            self.x = torch.from_numpy(reader._gather(f"tokens/layer_{layer:02d}", split))
+            x = torch.from_numpy(reader._gather(token_dataset(layer), split))
+            self.x = x if self.rows is None else x[self.rows]
+
+    def _items(self, idx: torch.Tensor) -> torch.Tensor:
+        """The dataset's items for the subset's index list ``idx`` (a view item keeps its view: i·k + v)."""
+        if self.rows is None:
+            return idx
+        if not self.k:
+            return self.rows[idx]
+        return self.rows[idx // self.k] * self.k + idx % self.k
 
     def batches(self, index_lists: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
         """(B, T, D) token batches (stored dtype in RAM, float32 when streamed) for each index list in turn."""
@@ -178,7 +223,7 @@ class TokenSplit:
             return
         loader = torch.utils.data.DataLoader(
             self.dataset,
-            batch_sampler=[idx.tolist() for idx in index_lists],
+            batch_sampler=[self._items(idx).tolist() for idx in index_lists],
             num_workers=self.workers,
             persistent_workers=False,
         )
@@ -189,13 +234,14 @@ class TokenSplit:
         return self.batches(list(torch.arange(self.n).split(batch_size)))
 
 
-def tokens_nbytes(reader: CacheReader, layer: int) -> int:
-    total, dim = reader.manifest["model"]["token_shapes"][str(layer)]
+def tokens_nbytes(reader: CacheReader, layer: int | str) -> int:
+    model = reader.manifest["model"]
+    total, dim = model["paper_token_shape"] if layer == PAPER_TOKENS else model["token_shapes"][str(layer)]
     itemsize = 2 if reader.manifest.get("dtype", "fp16") == "fp16" else 4
     return len(reader._index[0]) * int(total) * int(dim) * itemsize
 
 
-def should_preload(reader: CacheReader, layer: int, preload: str) -> bool:
+def should_preload(reader: CacheReader, layer: int | str, preload: str) -> bool:
     """``yes``/``no`` as given; ``auto`` preloads when the layer's tokens (all splits) fit in a quarter of free RAM."""
     if preload not in PRELOAD:
         raise FmcacheError(f"unknown --preload '{preload}'; use {', '.join(PRELOAD)}")
@@ -230,6 +276,7 @@ class GridConfig:
     depth: int
     heads_per_pass: int
     label_names: list[str] | None
+    drop_last: bool = True
 
 
 def passes(n_lrs: int, seeds: Sequence[int], heads_per_pass: int) -> list[list[int]]:
@@ -259,7 +306,7 @@ def train_token_grid(
     y_train = labels_tensor(train.labels, train.n, cfg.num_classes, cfg.multilabel, "train")
     for split in (val, test):
         labels_tensor(split.labels, split.n, cfg.num_classes, cfg.multilabel, "val/test")
-    steps_per_epoch = math.ceil(train.n / cfg.batch_size)
+    steps_per_epoch = len(batch_starts(train.n, cfg.batch_size, cfg.drop_last))
     total_steps = steps_per_epoch * cfg.epochs
     warmup = warmup_steps_for(cfg.warmup.get("warmup_epochs"), cfg.warmup.get("warmup_iters"), steps_per_epoch,
                               total_steps)  # fmt: skip
@@ -305,6 +352,7 @@ def train_token_grid(
     settings = {
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
+        "drop_last": cfg.drop_last,
         "weight_decay": cfg.weight_decay,
         "warmup_steps": warmup,
         "steps_per_epoch": steps_per_epoch,
@@ -373,7 +421,8 @@ class _Pass:
 
     def train_epoch(self, epoch: int, train: TokenSplit, y: torch.Tensor, norm: TokenNorm, multiplier) -> None:
         orders = {j: torch.randperm(train.n, generator=g) for j, g in self.generators.items()}
-        index_lists = {j: list(order.split(self.cfg.batch_size)) for j, order in orders.items()}
+        keep = len(batch_starts(train.n, self.cfg.batch_size, self.cfg.drop_last))  # the seed drops a partial batch
+        index_lists = {j: list(order.split(self.cfg.batch_size))[:keep] for j, order in orders.items()}
         items = index_lists
         if train.k:  # one cached view per sample, drawn per (seed, epoch) as the linear heads draw theirs
             from fmcache.frozen.views import epoch_views
@@ -381,7 +430,7 @@ class _Pass:
             items = {}
             for j, order in orders.items():
                 view = epoch_views(self.seeds[j], epoch, train.n, train.k)
-                items[j] = list((order * train.k + view[order]).split(self.cfg.batch_size))
+                items[j] = list((order * train.k + view[order]).split(self.cfg.batch_size))[:keep]
         streams = {j: train.batches(items[j]) for j in self.seed_idx}
         for head in self.heads.values():
             head.train()

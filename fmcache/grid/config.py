@@ -18,7 +18,8 @@ from fmcache.protocols import NAMES, get_protocol
 
 KINDS = ("extract", *NAMES)  # an extract job, then one kind per protocol
 TOP_KEYS = ("results", "cache_root", "models", "datasets", "extract", "protocols")
-MODEL_KEYS = ("name", "weights", "random_init", "img_size", "arch_overrides", "tokens")
+# label: the model's name in job ids and --only, when one registry model runs twice (e.g. at 224 and 1024 px)
+MODEL_KEYS = ("name", "label", "weights", "random_init", "img_size", "arch_overrides", "tokens")
 DATASET_KEYS = ("name", "root", "split", "uncertain", "layout", "csv", "prepare", "per_class", "limit")
 DATASET_OPTIONS = ("split", "uncertain", "layout", "csv")
 PREPARERS = ("digits",)
@@ -43,7 +44,9 @@ def _runner_options(kind: str) -> set[str]:
     fields = {f.name for f in dataclasses.fields(protocol.spec_class())} - GRID_OWNED
     if protocol.reads == "images":
         fields -= {"resume"}  # a fine-tune job always resumes its runs; --no-resume is the CLI's
-    return fields | {"across_models"} if kind == "cka" else fields
+    # CKA's pairings: the last layers of every pair of models (Fig. 8), or a model against itself after a fine-tune
+    # job of the grid (Fig. 7; the value names that protocol, e.g. finetune_linear or finetune_linear#1)
+    return fields | {"across_models", "after_finetune"} if kind == "cka" else fields
 
 
 def _extract_options() -> set[str]:
@@ -113,7 +116,12 @@ def load_grid(path: Path, results: Path | None = None, cache_root: Path | None =
             variant = {str(k).replace("-", "_"): v for k, v in (variant or {}).items()}
             _unknown(variant, allowed, f"protocols.{kind}", path)
             protocols[kind].append(variant)
-    model_names = {m["name"] for m in checked_models}
+    labels = [m.get("label") or m["name"] for m in checked_models]
+    repeated = sorted({x for x in labels if labels.count(x) > 1})
+    if repeated:
+        raise FmcacheError(f"{path}: model {repeated[0]} is listed twice; give each entry its own label: (e.g. "
+                           f"label: {repeated[0]}@1024)")  # fmt: skip
+    model_names = set(labels)  # protocols choose models by label (the name, unless an entry sets one)
     for kind, variants in protocols.items():
         for variant in variants:
             stray = set(variant.get("models") or []) - model_names

@@ -43,6 +43,11 @@ def _extract_settings(grid: GridConfig, model: dict) -> dict:
     return settings
 
 
+def label(model: dict) -> str:
+    """A model entry's name in job ids and ``--only``: its ``label`` when one model is listed twice."""
+    return str(model.get("label") or model["name"])
+
+
 def expand(grid: GridConfig) -> list[Job]:
     """Every job of the grid in dependency order: extracts, then the protocols reading them, then fine-tuning."""
     common = {"results": str(grid.results), "cache_root": str(grid.cache_root)}
@@ -52,35 +57,56 @@ def expand(grid: GridConfig) -> list[Job]:
         extract_ids: dict[str, str] = {}
         if frozen:
             for model in grid.models:
-                job_id = f"extract/{data['name']}/{model['name']}"
+                job_id = f"extract/{data['name']}/{label(model)}"
                 settings = _extract_settings(grid, model)
                 jobs.append(Job(job_id, "extract", data, model, extract=settings, **common))
-                extract_ids[model["name"]] = job_id
+                extract_ids[label(model)] = job_id
         for kind, variants in grid.protocols.items():
             for n, variant in enumerate(variants):
                 options = {k: v for k, v in variant.items() if k not in VARIANT_KEYS}
                 across = bool(options.pop("across_models", False)) if kind == "cka" else False
-                chosen = [m for m in grid.models if not variant.get("models") or m["name"] in variant["models"]]
+                # by label: a model listed twice (e.g. at 224 and 1024 px) is chosen per entry
+                chosen = [m for m in grid.models if not variant.get("models") or label(m) in variant["models"]]
                 suffix = f"#{n}" if len(variants) > 1 else ""
                 for model in chosen:
-                    job_id = f"{kind}{suffix}/{data['name']}/{model['name']}"
+                    job_id = f"{kind}{suffix}/{data['name']}/{label(model)}"
                     if kind.startswith("finetune"):
                         jobs.append(Job(job_id, kind, data, model, options, **common))
-                    else:
-                        jobs.append(Job(job_id, kind, data, model, options, [extract_ids[model["name"]]],
-                                        _extract_settings(grid, model), **common))  # fmt: skip
+                        continue
+                    deps, job_options = [extract_ids[label(model)]], options
+                    if kind == "cka" and options.get("after_finetune"):
+                        # Fig. 7: the model against its own fine-tuned export, once the fine-tune job has run
+                        ref = str(options["after_finetune"])
+                        _check_finetune_ref(grid, ref)
+                        job_options = {**options, "after_finetune": f"{ref}/{data['name']}/{label(model)}"}
+                        deps.append(job_options["after_finetune"])
+                    jobs.append(Job(job_id, kind, data, model, job_options, deps, _extract_settings(grid, model),
+                                    **common))  # fmt: skip
                 if across:  # the last layer of every pair of models (paper Fig. 8)
                     pair_options = {**options, "layers": "last", "layers_b": "last"}
                     for i, a in enumerate(chosen):
                         for b in chosen[i + 1 :]:
+                            if a["name"] == b["name"]:  # one model at two sizes: not a pair of models
+                                continue
                             jobs.append(Job(
-                                f"cka{suffix}/{data['name']}/{a['name']}_x_{b['name']}", "cka", data, a, pair_options,
-                                [extract_ids[a["name"]], extract_ids[b["name"]]], _extract_settings(grid, a),
+                                f"cka{suffix}/{data['name']}/{label(a)}_x_{label(b)}", "cka", data, a, pair_options,
+                                [extract_ids[label(a)], extract_ids[label(b)]], _extract_settings(grid, a),
                                 model_b=b, **common,
                             ))  # fmt: skip
-    # fine-tuning last: frozen results come early, the costliest runs at the end
-    jobs.sort(key=lambda j: j.kind.startswith("finetune"))
+    # fine-tuning last: frozen results come early, the costliest runs at the end; a CKA after fine-tuning after both
+    jobs.sort(key=lambda j: (j.kind.startswith("finetune") or bool(j.options.get("after_finetune")),
+                             bool(j.options.get("after_finetune"))))  # fmt: skip
     return jobs
+
+
+def _check_finetune_ref(grid: GridConfig, ref: str) -> None:
+    kind, _, number = ref.partition("#")
+    variants = grid.protocols.get(kind)
+    if not kind.startswith("finetune") or not variants or (number and not number.isdigit()):
+        raise FmcacheError(f"{grid.source}: after_finetune: {ref} names no finetune protocol of this grid")
+    if (len(variants) > 1) != bool(number) or (number and int(number) >= len(variants)):
+        valid = [kind] if len(variants) == 1 else [f"{kind}#{i}" for i in range(len(variants))]
+        raise FmcacheError(f"{grid.source}: after_finetune: {ref}; valid: {', '.join(valid)}")
 
 
 def select(jobs: list[Job], only: str | None) -> list[Job]:
@@ -90,14 +116,15 @@ def select(jobs: list[Job], only: str | None) -> list[Job]:
     tokens = {t.strip() for t in only.split(",") if t.strip()}
     kinds = {j.kind for j in jobs}
     datasets = {j.dataset["name"] for j in jobs}
-    models = {j.model["name"] for j in jobs} | {j.model_b["name"] for j in jobs if j.model_b}
+    models = {label(j.model) for j in jobs} | {label(j.model_b) for j in jobs if j.model_b}
+    models |= {j.model["name"] for j in jobs}  # --only resnet50 keeps every entry of that model
     unknown = tokens - kinds - datasets - models
     if unknown:
         valid = sorted(kinds) + sorted(datasets) + sorted(models)
         raise FmcacheError(f"--only: unknown {', '.join(sorted(unknown))}; valid: {', '.join(valid)}")
 
     def keep(job: Job) -> bool:
-        names = {job.model["name"]} | ({job.model_b["name"]} if job.model_b else set())
+        names = {label(job.model), job.model["name"]} | ({label(job.model_b)} if job.model_b else set())
         return ((not tokens & kinds or job.kind in tokens) and (not tokens & datasets or job.dataset["name"] in tokens)
                 and (not tokens & models or bool(names & tokens)))  # fmt: skip
 

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from fmcache.errors import FmcacheError
-from fmcache.grid.config import KINDS, GridConfig, GridOptions, Log, load_grid
+from fmcache.grid.config import GridConfig, GridOptions, Log, load_grid
 from fmcache.grid.executors import import_submitit, run_local, run_parallel, run_submitit
 from fmcache.grid.jobs import Job, expand, select
 from fmcache.grid.lock import JobBusy
@@ -45,6 +45,8 @@ def check_roots(grid: GridConfig, dry_run: bool, log: Log) -> None:
         root = Path(data["root"])
         if root.exists():
             continue
+        if dry_run and data.get("prepare") != "digits":
+            continue  # a dry run plans without data: the plan says which roots are missing (grid/dry_run.py)
         if data.get("prepare") == "digits":
             if dry_run:
                 log(f"dataset {data['name']}: {root} will be written (prepare: digits)")
@@ -110,22 +112,25 @@ def estimate(jobs: list[Job], recorded: dict[tuple[str, str], list[float]]) -> t
 
 def plan(grid: GridConfig, jobs: list[Job], log: Log) -> dict:
     """The dry run: jobs per kind, how many are done, and what the rest should cost."""
+    from fmcache.grid.dry_run import dataset_splits, describe, print_cost
+
+    splits = dataset_splits(grid, log)
+    sizes = {name: (size.total if size else None) for name, size in splits.items()}
     done = {j.id for j in jobs if _safe_done(j)}
     pending = [j for j in jobs if j.id not in done]
-    log(f"grid {grid.source}: {len(jobs)} job(s), {len(done)} done, {len(pending)} to run")
-    log(f"results: {grid.results}   cache: {grid.cache_root}")
-    for kind in KINDS:
-        of_kind = [j for j in jobs if j.kind == kind]
-        if of_kind:
-            n_done = sum(j.id in done for j in of_kind)
-            log(f"  {kind:<16} {len(of_kind):>4} job(s)  {n_done:>4} done  {len(of_kind) - n_done:>4} to run")
+    groups = describe(grid, jobs, done, log)
     seconds, unknown = estimate(pending, _recorded_seconds(grid))
     known = len(pending) - unknown
     log(f"estimated cost of the {known} job(s) with recorded timings of their kind: {seconds:.0f} s"
         + (f"; {unknown} job(s) have none yet" if unknown else ""))  # fmt: skip
-    for job in pending:
+    shown = pending if len(pending) <= 60 else pending[:40]
+    for job in shown:
         log(f"  to run: {job.id}")
-    return {"jobs": len(jobs), "done": len(done), "pending": [j.id for j in pending], "estimate_s": seconds}
+    if len(shown) < len(pending):
+        log(f"  ... and {len(pending) - len(shown)} more to run (--only KIND,DATASET,MODEL lists fewer)")
+    cost = print_cost(pending, splits, log)
+    return {"jobs": len(jobs), "done": len(done), "pending": [j.id for j in pending], "estimate_s": seconds,
+            "paper_outputs": groups, "dataset_sizes": sizes, "cost": cost}  # fmt: skip
 
 
 def _safe_done(job: Job) -> bool:

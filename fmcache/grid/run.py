@@ -68,7 +68,37 @@ def job_spec(job: Job):
         return protocol.make_spec(**_source(job.dataset, job.model), out=Path(job.results), **options)
     if job.kind == "cka" and job.model_b:
         options["cache_b"] = _cache_folder(job, job.model_b)
+    if job.kind == "cka" and options.get("after_finetune"):
+        options["cache_b"] = _finetuned_cache(job, str(options.pop("after_finetune")))
     return protocol.make_spec(cache=_cache_folder(job), out=Path(job.results), **options)
+
+
+def _finetuned_cache(job: Job, finetune_id: str) -> Path:
+    """Fig. 7's second cache: the job's model extracted again with the export of its fine-tune job (the best LR's
+    first seed), with the same extraction settings; the extraction is skipped when that cache is complete."""
+    from fmcache.extract.run import run_extract
+    from fmcache.results import is_complete
+
+    entries = []
+    for path in sorted((Path(job.results) / LEDGER).glob("*.json")):
+        try:
+            entry = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if entry.get("job") == finetune_id and is_complete(Path(entry.get("folder", ""))):
+            entries.append((path.stat().st_mtime, entry))
+    if not entries:
+        raise FmcacheError(f"{job.id} needs the fine-tune job {finetune_id}, which has no complete result yet")
+    doc = json.loads((Path(max(entries, key=lambda e: e[0])[1]["folder"]) / "result.json").read_text())
+    best_lr, seed = doc["summary"]["best_lr"], doc["settings"]["seeds"][0]
+    export = Path(doc["details"]["runs_folder"]) / f"lr{best_lr:g}_seed{seed}" / "foundation.safetensors"
+    if not export.is_file():
+        raise FmcacheError(
+            f"the fine-tune job {finetune_id} exported no foundation ({export}); a fine-tune with --freeze all trains "
+            "none: name a variant that trains blocks"
+        )
+    model = {**job.model, "weights": str(export), "random_init": False}
+    return run_extract(extract_spec(job, model), progress=False, log=lambda _m: None)
 
 
 def execute(job: Job, log: Log = print) -> Path:

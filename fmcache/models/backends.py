@@ -19,7 +19,9 @@ from fmcache.errors import FmcacheError
 from fmcache.models.registry import ModelSpec
 from fmcache.weightfiles import LoadReport, load_weights_file
 
-LayerOut = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]
+# (every layer's tokens, the same after the final norm, the backend's pooled output or None, the tokens the paper's
+# DeiT head reads when they are not a layer's own (CoCa's attention-pooler outputs, SAM2's neck) or None)
+LayerOut = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]
 
 
 _NETWORK_ERRORS = (
@@ -88,7 +90,7 @@ class TimmAdapter(nn.Module):
             )
             tokens = [_flatten(o) for o in outs]
         normed = [_norm_tokens(self.final_norm, t) for t in tokens]
-        return tokens, normed, None
+        return tokens, normed, None, None
 
     root_attr = "model"  # the module whose state dict is the model's own key layout (export, --weights)
 
@@ -127,11 +129,19 @@ class OpenClipAdapter(nn.Module):
         return self.visual.ln_post
 
     def forward(self, x: torch.Tensor) -> LayerOut:
-        out = self.visual.forward_intermediates(x, output_fmt="NLC", output_extra_tokens=True)
+        out = self.visual.forward_intermediates(x, output_fmt="NLC", output_extra_tokens=True, intermediates_only=True)
         prefix = out["image_intermediates_prefix"]
         tokens = [torch.cat([p, t], dim=1) for p, t in zip(prefix, out["image_intermediates"], strict=True)]
         normed = [_norm_tokens(self.final_norm, t) for t in tokens]
-        return tokens, normed, out["image_features"]
+        # open_clip's own pooling of the last block (CLIP: ln_post(CLS) @ proj; CoCa: attention pooler, ln_post)
+        pooled, pool_tokens = self.visual._pool(tokens[-1])
+        if self.visual.proj is not None:
+            pooled = pooled @ self.visual.proj
+        head_tokens = None
+        if getattr(self.visual, "attn_pool", None) is not None:
+            # the follow-up's CoCa input to the DeiT head: the projected contrastive token, then the pooler's others
+            head_tokens = torch.cat([pooled[:, None], pool_tokens], dim=1)
+        return tokens, normed, pooled, head_tokens
 
     root_attr = "visual"
     layer_unit = "stages"
@@ -160,7 +170,7 @@ class HfAdapter(nn.Module):
         grid = (x.shape[-2] // self.patch_size) * (x.shape[-1] // self.patch_size)
         self.num_prefix_tokens = tokens[-1].shape[1] - grid
         normed = [_norm_tokens(self.final_norm, t) for t in tokens]
-        return tokens, normed, None
+        return tokens, normed, None, None
 
     root_attr = "model"
     layer_unit = "stages"
@@ -409,7 +419,7 @@ class SeemAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> LayerOut:
         tokens = [_flatten(t) for t in self.model.forward_stages(x)]
-        return tokens, tokens, None
+        return tokens, tokens, None, None
 
     root_attr = "model"
     layer_unit = "FocalNet stages"

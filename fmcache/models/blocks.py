@@ -77,11 +77,18 @@ class Stages:
         return "cls" if kind == "pooled" else kind
 
     def deit_tokens(self, h: torch.Tensor) -> torch.Tensor:
-        """Patch tokens for the stacked DeiT head: prefix dropped, before the final norm (PROTOCOLS.md)."""
-        return self.to_tokens(h)[:, self.prefix :]
+        """What the stacked DeiT head reads, by the registry's ``head_tokens`` rule (as ``--tokens paper`` caches it):
+        patch tokens before the final norm, or after it (BLIP, MAE, AIMv2); prefix tokens dropped."""
+        rule = self.foundation.spec.head_tokens
+        if rule == "prenorm":
+            return self.to_tokens(h)[:, self.prefix :]
+        if rule == "final":
+            return self.norm(h)[:, self.prefix :]
+        raise FmcacheError(f"{self.foundation.name}: its {rule} tokens come from modules after the blocks")
 
     def post_uses_norm_for_tokens(self) -> bool:
-        return False
+        """Whether the DeiT head's input passes modules after the blocks (so they train with the blocks)."""
+        return self.foundation.spec.head_tokens != "prenorm"
 
     def partition(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """The root's parameters as embed / block i / post (names in the root's own layout)."""
@@ -170,6 +177,14 @@ class OpenClipStages(Stages):
             return pooled @ self.root.proj if self.root.proj is not None else pooled
         return self.norm(h)[:, 0]
 
+    def deit_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        if self.foundation.spec.head_tokens != "pooler":
+            return super().deit_tokens(h)
+        # CoCa (the follow-up): the projected contrastive token, then the attention pooler's other outputs
+        pooled, tokens = self.root._pool(h)
+        pooled = pooled @ self.root.proj if self.root.proj is not None else pooled
+        return torch.cat([pooled[:, None], tokens], dim=1)
+
 
 class BlipStages(Stages):
     def __init__(self, foundation: Foundation):
@@ -191,9 +206,3 @@ class BlipStages(Stages):
     @property
     def prefix(self) -> int:
         return 1  # BLIP's CLS is token 0 (its adapter learns this on the first forward)
-
-    def deit_tokens(self, h: torch.Tensor) -> torch.Tensor:
-        return self.norm(h)[:, 1:]  # BLIP feeds the DeiT head after its final norm (PROTOCOLS.md)
-
-    def post_uses_norm_for_tokens(self) -> bool:
-        return True

@@ -21,6 +21,9 @@ class FoundationOutput:
     ``pooled_cls[l]`` is prefix token 0 after the final norm (None for models without a CLS token);
     ``pooled_mean[l]`` the mean of the patch tokens after the final norm where it applies to that layer;
     ``pooled`` is the paper's pooled feature (B, D_p), of kind ``pooled_kind`` (cls, mean or pooled).
+    ``head_tokens`` (B, T_h, D_h) are the tokens the paper's stacked DeiT head reads (the registry's
+    ``head_tokens`` rule: the last layer's patch tokens before or after the final norm, CoCa's attention-pooler
+    outputs, SAM2's FPN neck), with no prefix token.
     """
 
     tokens: list[torch.Tensor]
@@ -29,6 +32,7 @@ class FoundationOutput:
     pooled_mean: list[torch.Tensor]
     pooled: torch.Tensor
     pooled_kind: str
+    head_tokens: torch.Tensor | None = None
 
 
 RANDOM_INIT_SEED = 0  # --random-init weights are seeded so every process and every resume builds the same model
@@ -77,7 +81,7 @@ class Foundation(nn.Module):
             raise FmcacheError(f"expected a (B, C, H, W) batch, got shape {tuple(images.shape)}")
         if images.shape[1] == 1:  # grayscale scans: the foundations were trained on RGB
             images = images.expand(-1, 3, -1, -1)
-        tokens, normed, backend_pooled = self.adapter(images)
+        tokens, normed, backend_pooled, backend_head_tokens = self.adapter(images)
         prefix = int(self.adapter.num_prefix_tokens)
         # pool in fp32: under bf16 autocast a mean over hundreds of tokens would lose precision
         cls = [t[:, 0].float() for t in normed] if prefix > 0 else None
@@ -97,7 +101,18 @@ class Foundation(nn.Module):
             pooled = backend_pooled.float()
         else:
             raise FmcacheError(f"unknown pooled kind '{self.spec.pooled}' for {self.spec.name}")
-        return FoundationOutput(tokens, prefix, cls, mean, pooled, kind)
+        head = self.spec.head_tokens
+        if head == "prenorm":
+            head_tokens = tokens[-1][:, prefix:]
+        elif head == "final":
+            head_tokens = normed[-1][:, prefix:]
+        elif head in ("pooler", "neck"):
+            if backend_head_tokens is None:
+                raise FmcacheError(f"{self.spec.name}: the backend returned no {head} tokens")
+            head_tokens = backend_head_tokens
+        else:
+            raise FmcacheError(f"unknown head_tokens rule '{head}' for {self.spec.name}")
+        return FoundationOutput(tokens, prefix, cls, mean, pooled, kind, head_tokens)
 
 
 def _weights_source(spec: ModelSpec, weights: Path | None, random_init: bool) -> str:

@@ -19,6 +19,10 @@ INCEPTION_STD = (0.5, 0.5, 0.5)
 
 BACKENDS = ("timm", "open_clip", "hf", "seem", "sam2")
 POOLED_KINDS = ("cls", "mean", "pooled", "auto")
+# What the paper's stacked DeiT head reads (``--tokens paper``): the last layer's patch tokens before the final norm
+# (the WACV seed: DINOv2, SAM, OpenCLIP; SEEM's last stage), after it (the WACV seed's BLIP; the follow-up's MAE and
+# AIMv2), CoCa's attention-pooler outputs or SAM2's FPN neck (the follow-up).
+HEAD_TOKENS = ("prenorm", "final", "pooler", "neck")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class ModelSpec:
     native_img_size: int | None = None
     # Set when the hub weights are not the checkpoint the paper used: what the paper used and how to get it.
     paper_weights: str = ""
+    head_tokens: str = "prenorm"  # one of HEAD_TOKENS
 
     @property
     def hub_id(self) -> str:
@@ -69,7 +74,7 @@ UNAVAILABLE = {
 def register(spec: ModelSpec) -> ModelSpec:
     if spec.name in _REGISTRY:
         raise ValueError(f"duplicate registry name {spec.name}")
-    if spec.backend not in BACKENDS or spec.pooled not in POOLED_KINDS:
+    if spec.backend not in BACKENDS or spec.pooled not in POOLED_KINDS or spec.head_tokens not in HEAD_TOKENS:
         raise ValueError(f"bad spec {spec}")
     _REGISTRY[spec.name] = spec
     return spec
@@ -89,7 +94,7 @@ for _name, _arch, _file in (
     ("sam2_b", "sam2_hiera_base_plus", "facebook/sam2.1-hiera-base-plus/sam2.1_hiera_base_plus.pt"),
     ("sam2_l", "sam2_hiera_large", "facebook/sam2.1-hiera-large/sam2.1_hiera_large.pt"),
 ):
-    register(ModelSpec(_name, "sam2", _arch, _file, "pooled", "sam2", 4,
+    register(ModelSpec(_name, "sam2", _arch, _file, "pooled", "sam2", 4, head_tokens="neck",
                        notes="layers: the 4 Hiera trunk stages; paper pooled: mean of the FPN neck's 256-d "
                        "vision_features (stride 16)"))  # fmt: skip
 register(ModelSpec("focal", "seem", "xdecoder/SEEM", "seem_focalt_v0.pt", "mean", "focalnet", 4, hub=True,
@@ -100,9 +105,11 @@ for _size, _arch, _layers in (
     ("l16", "large_patch16", 24),
     ("h14", "huge_patch14", 32),
 ):
-    _timm(f"mae_vit{_size}", f"vit_{_arch}_224", "mae", "mean", "mae", _layers)
-_timm("aimv2_l14", "aimv2_large_patch14_224", "apple_pt", "mean", "aimv2", 24, mean=CLIP_MEAN, std=CLIP_STD)
-_timm("aimv2_h14", "aimv2_huge_patch14_224", "apple_pt", "mean", "aimv2", 24, mean=CLIP_MEAN, std=CLIP_STD)
+    _timm(f"mae_vit{_size}", f"vit_{_arch}_224", "mae", "mean", "mae", _layers, head_tokens="final")
+_timm("aimv2_l14", "aimv2_large_patch14_224", "apple_pt", "mean", "aimv2", 24, mean=CLIP_MEAN, std=CLIP_STD,
+      head_tokens="final")  # fmt: skip
+_timm("aimv2_h14", "aimv2_huge_patch14_224", "apple_pt", "mean", "aimv2", 24, mean=CLIP_MEAN, std=CLIP_STD,
+      head_tokens="final")  # fmt: skip
 _timm("deit_base", "deit_base_patch16_224", "fb_in1k", "cls", "deit", 12)
 _timm("dino_vitb16", "vit_base_patch16_224", "dino", "cls", "dino", 12)
 _timm(
@@ -127,11 +134,12 @@ _timm(
 register(ModelSpec("clip_vitb16", "open_clip", "ViT-B-16", "laion2b_s34b_b88k", "pooled", "openclip", 12,
                    mean=CLIP_MEAN, std=CLIP_STD))  # fmt: skip
 register(ModelSpec("coca_vitb32", "open_clip", "coca_ViT-B-32", "laion2b_s13b_b90k", "pooled", "coca", 12,
-                   mean=CLIP_MEAN, std=CLIP_STD, notes="attention-pooled output"))  # fmt: skip
+                   mean=CLIP_MEAN, std=CLIP_STD, notes="attention-pooled output", head_tokens="pooler"))  # fmt: skip
 register(ModelSpec("coca_vitl14", "open_clip", "coca_ViT-L-14", "laion2b_s13b_b90k", "pooled", "coca", 24,
-                   mean=CLIP_MEAN, std=CLIP_STD, notes="attention-pooled output"))  # fmt: skip
+                   mean=CLIP_MEAN, std=CLIP_STD, notes="attention-pooled output", head_tokens="pooler"))  # fmt: skip
 register(ModelSpec("blip_base", "hf", "Salesforce/blip-image-captioning-base", None, "cls", "blip", 12,
                    mean=CLIP_MEAN, std=CLIP_STD, notes="vision encoder; CLS is token 0; 224 (paper) or 384",
+                   head_tokens="final",
                    paper_weights="the paper used BLIP's pretrained model_base.pth (ViT-B/16 at 224), which no hub id "
                    "holds; the hub default is the captioning-fine-tuned Salesforce/blip-image-captioning-base: "
                    "pass --weights model_base.pth to match the paper"))  # fmt: skip

@@ -71,8 +71,9 @@ class Sam2Adapter(nn.Module):
     def forward(self, x: torch.Tensor):
         stages = self.encoder.forward_stages(x)
         tokens = [s.flatten(2).transpose(1, 2) for s in stages]
-        pooled = self.encoder.neck.vision_features(stages).float().mean(dim=(2, 3))
-        return tokens, tokens, pooled
+        neck = self.encoder.neck.vision_features(stages)  # (B, 256, H/16, W/16)
+        # the follow-up pools these for its linear head and feeds them, flattened, to its DeiT head
+        return tokens, tokens, neck.float().mean(dim=(2, 3)), neck.flatten(2).transpose(1, 2)
 
     root_attr = "encoder"
     layer_unit = "Hiera stages"

@@ -39,7 +39,9 @@ Facts used, and where they come from:
   The seed's strict load of the checkpoint's ``backbone.*`` tensors into that class establishes that the file
   holds exactly these keys.
 
-Dropout and drop path are left out: fmcache runs the backbone frozen, in eval mode, where both are identities.
+Stochastic depth is SEEM's (``drop_path_rate`` 0.3, rising linearly over the 12 blocks, as the seed's
+``D2FocalNet``): it acts only in train mode, so fine-tuning sees it and extraction (eval mode) does not. Dropout is
+0 in SEEM's config and left out.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ SEEM_FOCALT = {
     "focal_levels": (3, 3, 3, 3),
     "focal_windows": (3, 3, 3, 3),
     "mlp_ratio": 4.0,
+    "drop_path_rate": 0.3,  # D2FocalNet's, for fine-tuning; an identity in eval mode
 }
 
 
@@ -132,8 +135,14 @@ class FocalModulation(nn.Module):
 class FocalBlock(nn.Module):
     """SEEM's post-norm focal block with depthwise convs before the modulation and before the MLP, on NCHW maps."""
 
-    def __init__(self, dim: int, focal_level: int, focal_window: int, mlp_ratio: float, layerscale: float = 1e-4):
+    def __init__(
+        self, dim: int, focal_level: int, focal_window: int, mlp_ratio: float, drop_path: float = 0.0,
+        layerscale: float = 1e-4,
+    ):  # fmt: skip
         super().__init__()
+        from timm.layers import DropPath
+
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.dw1 = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
         self.norm1 = nn.LayerNorm(dim)
         self.modulation = FocalModulation(dim, focal_level, focal_window)
@@ -146,20 +155,26 @@ class FocalBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.dw1(x)
         x = x.permute(0, 2, 3, 1)  # NHWC for the norms, linears and layer scale
-        x = self.norm1(x + self.gamma_1 * self.modulation(x))
+        x = self.norm1(x + self.drop_path(self.gamma_1 * self.modulation(x)))
         x = x.permute(0, 3, 1, 2)
         x = x + self.dw2(x)
         x = x.permute(0, 2, 3, 1)
-        x = self.norm2(x + self.gamma_2 * self.mlp(x))
+        x = self.norm2(x + self.drop_path(self.gamma_2 * self.mlp(x)))
         return x.permute(0, 3, 1, 2)
 
 
 class FocalStage(nn.Module):
     """A stage's blocks and, except for the last stage, the downsampling that feeds the next one."""
 
-    def __init__(self, dim: int, depth: int, focal_level: int, focal_window: int, mlp_ratio: float, downsample: bool):
+    def __init__(
+        self, dim: int, depth: int, focal_level: int, focal_window: int, mlp_ratio: float, downsample: bool,
+        drop_path: Sequence[float] = (),
+    ):  # fmt: skip
         super().__init__()
-        self.blocks = nn.ModuleList(FocalBlock(dim, focal_level, focal_window, mlp_ratio) for _ in range(depth))
+        rates = list(drop_path) or [0.0] * depth
+        self.blocks = nn.ModuleList(
+            FocalBlock(dim, focal_level, focal_window, mlp_ratio, rates[j]) for j in range(depth)
+        )
         self.downsample = ConvEmbed(dim, 2 * dim, kernel=3, stride=2) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,6 +195,7 @@ class SeemFocalNet(nn.Module):
         focal_windows: Sequence[int] = SEEM_FOCALT["focal_windows"],
         mlp_ratio: float = SEEM_FOCALT["mlp_ratio"],
         in_chans: int = 3,
+        drop_path_rate: float = SEEM_FOCALT["drop_path_rate"],
     ):
         super().__init__()
         n = len(depths)
@@ -187,10 +203,14 @@ class SeemFocalNet(nn.Module):
             raise ValueError("depths, focal_levels and focal_windows need one entry per stage")
         self.num_features = [embed_dim * 2**i for i in range(n)]
         self.patch_embed = ConvEmbed(in_chans, embed_dim, kernel=7, stride=4)
+        # the seed's stochastic depth decay rule: linspace(0, rate) over every block, in order
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        starts = [sum(depths[:i]) for i in range(n)]
         self.layers = nn.ModuleList(
-            FocalStage(self.num_features[i], depths[i], focal_levels[i], focal_windows[i], mlp_ratio, i < n - 1)
+            FocalStage(self.num_features[i], depths[i], focal_levels[i], focal_windows[i], mlp_ratio, i < n - 1,
+                       rates[starts[i] : starts[i] + depths[i]])
             for i in range(n)
-        )
+        )  # fmt: skip
         for i, width in enumerate(self.num_features):  # per-stage output norms, named norm0..norm{n-1}
             self.add_module(f"norm{i}", nn.LayerNorm(width))
         self.apply(self._init_weights)

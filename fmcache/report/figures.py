@@ -1,4 +1,6 @@
-"""The report's figures (PNG, matplotlib's Agg canvas, no pyplot): one function per figure kind.
+"""The report's figures (PNG, matplotlib's Agg canvas, no pyplot): one function per figure kind, each file named
+after the paper's figure it reproduces (``fig2_knn_<dataset>``, ``fig4_freeze_<dataset>``, ...) or ``supp_*`` for the
+report's own extras.
 
 Each returns the figures it drew as :class:`Figure` records; a kind with nothing to draw (no multi-layer result, no
 partly frozen fine-tune) returns none rather than an empty plot.
@@ -12,11 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
-from fmcache.report.tables import HEAD_NAMES, HEADS, REGIMES, ordered_datasets, ordered_models, table1_cells
+from fmcache.report.paper import MODEL_SIZE_FAMILY, OUTPUTS
+from fmcache.report.tables import HEAD_NAMES, head_cells, ordered_datasets, ordered_models
 from fmcache.results import new_figure, plot_cka_heatmap, safe_name, save_png
 
-LAYER_PROTOCOLS = {"knn": "k-NN", "probe_linear": "linear probe", "probe_deit": "DeiT head (decapitation)",
-                   "probe_attentive": "attentive head"}  # fmt: skip
+# per-layer curves: the DeiT head's is the paper's Fig. 5; the others are the report's extras
+LAYER_PROTOCOLS = {"probe_deit": ("fig5_decapitation", "DeiT head per block (decapitation)"),
+                   "knn": ("supp_knn_vs_layer", "k-NN per layer"),
+                   "probe_linear": ("supp_linear_vs_layer", "linear probe per layer"),
+                   "probe_attentive": ("supp_attentive_vs_layer", "attentive head per layer")}  # fmt: skip
+
+
+def _paper(key: str) -> str:
+    return f"{OUTPUTS[key].label}: {OUTPUTS[key].caption}"
 
 
 @dataclass
@@ -64,10 +74,10 @@ def _curve_from_knn(doc: dict) -> tuple[list, list[float], list[float]] | None:
 
 
 def metric_vs_layer(docs: Sequence[dict], out: Path) -> list[Figure]:
-    """Test metric against layer, one line per model: k-NN (best k), linear probe and the DeiT decapitation curve."""
+    """Test metric against layer, one line per model: the DeiT decapitation curve (Fig. 5), k-NN and linear probe."""
     figures = []
     for dataset in ordered_datasets(docs):
-        for protocol, label in LAYER_PROTOCOLS.items():
+        for protocol, (stem, label) in LAYER_PROTOCOLS.items():
             curves = {}
             for doc in docs:
                 if doc["dataset"] == dataset and doc.get("protocol") == protocol:
@@ -81,9 +91,9 @@ def metric_vs_layer(docs: Sequence[dict], out: Path) -> list[Figure]:
                 xs = [_layer_key(n)[0] for n in layers]
                 ax.errorbar(xs, means, yerr=np.nan_to_num(stds), marker="o", capsize=3, label=model)
             metric = next(iter(curves.values()))[1]
-            figures.append(_finish(fig, ax, out, f"{safe_name(dataset)}_{protocol}_vs_layer",
-                                   f"{dataset}: {label}, metric vs layer", title=f"{dataset}: {label} per layer",
-                                   ylabel=f"test {metric}", xlabel="layer"))  # fmt: skip
+            caption = f"{_paper(stem)} ({dataset})" if stem in OUTPUTS else f"{dataset}: {label}"
+            figures.append(_finish(fig, ax, out, f"{stem}_{safe_name(dataset)}", caption,
+                                   title=f"{dataset}: {label}", ylabel=f"test {metric}", xlabel="layer"))  # fmt: skip
     return figures
 
 
@@ -108,47 +118,50 @@ def knn_vs_k(docs: Sequence[dict], out: Path) -> list[Figure]:
             ks = sorted(points)
             ax.plot(ks, [points[k] for k in ks], marker="o", label=model)
         ax.set_xscale("log")
-        figures.append(_finish(fig, ax, out, f"{safe_name(dataset)}_knn_vs_k", f"{dataset}: k-NN vs k",
+        figures.append(_finish(fig, ax, out, f"fig2_knn_{safe_name(dataset)}", f"{_paper('fig2_knn')} ({dataset})",
                                title=f"{dataset}: k-NN vs k", ylabel=f"test {next(iter(lines.values()))[1]}",
                                xlabel="k"))  # fmt: skip
     return figures
 
 
 def _frozen_blocks(settings: dict) -> int | None:
-    freeze = settings.get("freeze", "none")
-    if freeze is None or str(freeze) == "none":
-        return 0
-    text = str(freeze)
+    """K of ``--freeze K`` (0 is the seed's cutoff 0: every block trains, embeddings frozen); None otherwise."""
+    text = str(settings.get("freeze", "none"))
     return int(text) if text.isdigit() else None
 
 
 def frozen_blocks(docs: Sequence[dict], out: Path) -> list[Figure]:
-    """Fine-tuning test metric against the number of frozen blocks (paper Fig. 4), one line per model and head."""
+    """Fine-tuning test metric against the number of frozen blocks K (paper Fig. 4), one line per model and head; the
+    unfrozen run (``--freeze none``, Table 2) of the same model and head is a dashed reference line."""
     figures = []
     for dataset in ordered_datasets(docs):
         lines: dict[str, dict[int, tuple[float, float]]] = {}
+        unfrozen: dict[str, float] = {}
         metric = None
         for doc in docs:
             if doc["dataset"] != dataset or not str(doc.get("protocol", "")).startswith("finetune"):
                 continue
             settings = doc.get("settings") or {}
-            k = _frozen_blocks(settings)
             summary = doc.get("summary") or {}
-            if k is None or settings.get("drop_after") is not None or summary.get("test_mean") is None:
+            if settings.get("drop_after") is not None or summary.get("test_mean") is None:
                 continue
             label = f"{doc['model']} + {HEAD_NAMES.get(doc['protocol'].split('_')[1], '?')}"
-            lines.setdefault(label, {})[k] = (summary["test_mean"], summary.get("test_std") or 0.0)
-            metric = doc.get("metric")
-        lines = {label: points for label, points in lines.items() if len(points) >= 2}
+            k = _frozen_blocks(settings)
+            if k is not None:
+                lines.setdefault(label, {})[k] = (summary["test_mean"], summary.get("test_std") or 0.0)
+                metric = doc.get("metric")
+            elif str(settings.get("freeze", "none")) == "none":
+                unfrozen[label] = summary["test_mean"]
         if not lines:
             continue
         fig, (ax,) = new_figure()
         for label, points in sorted(lines.items()):
             ks = sorted(points)
-            ax.errorbar(ks, [points[k][0] for k in ks], yerr=[points[k][1] for k in ks], marker="o", capsize=3,
-                        label=label)  # fmt: skip
-        figures.append(_finish(fig, ax, out, f"{safe_name(dataset)}_frozen_blocks",
-                               f"{dataset}: metric vs frozen blocks (Fig. 4)",
+            line = ax.errorbar(ks, [points[k][0] for k in ks], yerr=[points[k][1] for k in ks], marker="o", capsize=3,
+                               label=label)  # fmt: skip
+            if label in unfrozen:
+                ax.axhline(unfrozen[label], linestyle="--", color=line[0].get_color(), label=f"{label}, unfrozen")
+        figures.append(_finish(fig, ax, out, f"fig4_freeze_{safe_name(dataset)}", f"{_paper('fig4_freeze')} ({dataset})",
                                title=f"{dataset}: fine-tuning with the first K blocks frozen", ylabel=f"test {metric}",
                                xlabel="frozen blocks (first K)"))  # fmt: skip
     return figures
@@ -166,7 +179,10 @@ def cka_model_b(doc: dict) -> str | None:
 
 
 def cka_heatmaps(docs: Sequence[dict], out: Path) -> list[Figure]:
-    """Every CKA matrix as a heatmap (paper Fig. 7: pre vs post fine-tuning is a two-cache CKA)."""
+    """Every CKA matrix as a heatmap: one model before and after fine-tuning is the paper's Fig. 7 (two caches of
+    the same model); a cache against itself or another model is the report's extra."""
+    from fmcache.report.tables import doc_outputs
+
     figures = []
     for doc in docs:
         if doc.get("protocol") != "cka":
@@ -176,12 +192,14 @@ def cka_heatmaps(docs: Sequence[dict], out: Path) -> list[Figure]:
         if matrix.ndim != 2 or matrix.size == 0:
             continue
         model_b = cka_model_b(doc) or doc["model"]
-        name = f"{safe_name(doc['dataset'])}_cka_{safe_name(doc['model'])}_vs_{safe_name(model_b)}_{Path(doc['folder']).name}"
-        title = f"{doc['dataset']}: CKA {doc['model']} × {model_b}"
+        fig7 = "fig7_cka_finetune" in doc_outputs(doc)
+        stem = "fig7_cka_finetune" if fig7 else "supp_cka"
+        name = f"{stem}_{safe_name(doc['dataset'])}_{safe_name(doc['model'])}_vs_{safe_name(model_b)}_{Path(doc['folder']).name}"
+        title = f"{doc['dataset']}: CKA {doc['model']} × {model_b}" + (" (after fine-tuning)" if fig7 else "")
         path = plot_cka_heatmap(out / f"{name}.png", matrix, summary.get("layers_a") or [],
                                 summary.get("layers_b") or [], title=title, ylabel=f"{doc['model']} layer",
-                                xlabel=f"{model_b} layer")  # fmt: skip
-        figures.append(Figure(name, title, path))
+                                xlabel=f"{model_b} layer" + (" (fine-tuned)" if fig7 else ""))  # fmt: skip
+        figures.append(Figure(name, f"{_paper('fig7_cka_finetune')} ({title})" if fig7 else title, path))
     return figures
 
 
@@ -192,7 +210,7 @@ def cka_across_models(docs: Sequence[dict], out: Path) -> list[Figure]:
         pairs: dict[tuple[str, str], float] = {}
         for doc in docs:
             model_b = cka_model_b(doc) if doc.get("protocol") == "cka" and doc["dataset"] == dataset else None
-            if model_b is None or model_b == doc["model"]:
+            if model_b is None or model_b == doc["model"]:  # one model before/after fine-tuning is Fig. 7, not 8
                 continue
             matrix = (doc.get("summary") or {}).get("matrix") or []
             if matrix and matrix[-1] and matrix[-1][-1] is not None:
@@ -205,48 +223,118 @@ def cka_across_models(docs: Sequence[dict], out: Path) -> list[Figure]:
         for i, a in enumerate(models):
             for j, b in enumerate(models):
                 grid[i, j] = 1.0 if a == b else pairs.get((a, b), np.nan)
-        name = f"{safe_name(dataset)}_cka_last_layer_models"
+        name = f"fig8_cka_models_{safe_name(dataset)}"
         title = f"{dataset}: last-layer CKA across models"
         path = plot_cka_heatmap(out / f"{name}.png", grid, models, models, title=title, ylabel="model", xlabel="model")
-        figures.append(Figure(name, f"{title} (Fig. 8)", path))
+        figures.append(Figure(name, f"{_paper('fig8_cka_models')} ({dataset})", path))
     return figures
 
 
+def _head_columns(docs: Sequence[dict]) -> dict:
+    """Tables 1 and 2's cells by (dataset, head, regime, model), for the bar charts and Fig. 6."""
+    by: dict = {}
+    for key in ("table1_frozen", "table2_unfrozen"):
+        for (model, column, head, regime), (doc, _n) in head_cells(docs, key).items():
+            by[(column.dataset, column.metric, head, regime, model)] = doc
+    return by
+
+
 def bar_charts(docs: Sequence[dict], out: Path) -> list[Figure]:
-    """One grouped bar chart per dataset: Table 1's cells, mean ± std over seeds (missing cells are left empty)."""
-    cells = table1_cells(docs)
+    """One grouped bar chart per dataset and metric: Tables 1 and 2's cells, mean ± std over seeds."""
+    cells = _head_columns(docs)
     figures = []
     models = ordered_models(docs)
-    columns = [(h, r) for h in HEADS for r in REGIMES]
-    for dataset in ordered_datasets(docs):
-        present = [c for c in columns if any((m, dataset, *c) in cells for m in models)]
-        if not present:
-            continue
+    for dataset, metric in sorted({(k[0], k[1]) for k in cells}):
+        present = sorted({(k[2], k[3]) for k in cells if k[:2] == (dataset, metric)})
         fig, (ax,) = new_figure()
         fig.set_size_inches(max(5.0, 1.2 * len(models) + 2), 4)
         width = 0.8 / len(present)
-        metric = None
         for i, (head, regime) in enumerate(present):
-            means, stds = [], []
-            for model in models:
-                doc = cells.get((model, dataset, head, regime))
-                s = (doc or {}).get("summary") or {}
-                means.append(np.nan if doc is None else s.get("test_mean"))
-                stds.append(0.0 if doc is None else s.get("test_std") or 0.0)
-                metric = metric or (doc or {}).get("metric")
+            docs_ = [cells.get((dataset, metric, head, regime, m)) for m in models]
+            means = [np.nan if d is None else d["summary"].get("test_mean") for d in docs_]
+            stds = [0.0 if d is None else d["summary"].get("test_std") or 0.0 for d in docs_]
             xs = np.arange(len(models)) + (i - (len(present) - 1) / 2) * width
             ax.bar(xs, [np.nan if m is None else m for m in means], width, yerr=stds, capsize=2,
                    label=f"{HEAD_NAMES[head]} {regime}")  # fmt: skip
         ax.set_xticks(range(len(models)), models, rotation=30 if len(models) > 3 else 0, ha="right")
-        figures.append(_finish(fig, ax, out, f"{safe_name(dataset)}_bars", f"{dataset}: all models",
+        figures.append(_finish(fig, ax, out, f"supp_bars_{safe_name(dataset)}_{safe_name(metric)}",
+                               f"{dataset}: Tables 1 and 2 as bars ({metric})",
                                title=f"{dataset}: test {metric} (mean ± std over seeds)",
                                ylabel=f"test {metric}"))  # fmt: skip
+    return figures
+
+
+def model_size(docs: Sequence[dict], out: Path) -> list[Figure]:
+    """Fig. 6: Tables 1 and 2's DINOv2 cells against model size (S, B, L, g), one line per head and regime."""
+    cells = _head_columns(docs)
+    sizes = [m for m in MODEL_SIZE_FAMILY if any(k[4] == m for k in cells)]
+    figures = []
+    if len(sizes) < 2:
+        return figures
+    for dataset, metric in sorted({(k[0], k[1]) for k in cells if k[4] in sizes}):
+        fig, (ax,) = new_figure()
+        lines = sorted({(k[2], k[3]) for k in cells if k[:2] == (dataset, metric) and k[4] in sizes})
+        for head, regime in lines:
+            points = [(i, cells.get((dataset, metric, head, regime, m))) for i, m in enumerate(sizes)]
+            points = [(i, d["summary"]) for i, d in points if d is not None]
+            ax.errorbar([i for i, _ in points], [s.get("test_mean") for _, s in points],
+                        yerr=[s.get("test_std") or 0.0 for _, s in points], marker="o", capsize=3,
+                        label=f"{HEAD_NAMES[head]} {regime}")  # fmt: skip
+        ax.set_xticks(range(len(sizes)), [m.replace("dinov2_vit", "").upper() for m in sizes])
+        figures.append(_finish(fig, ax, out, f"fig6_model_size_{safe_name(dataset)}",
+                               f"{_paper('fig6_model_size')} ({dataset})", title=f"{dataset}: DINOv2 size",
+                               ylabel=f"test {metric}", xlabel="DINOv2"))  # fmt: skip
     return figures
 
 
 def all_figures(docs: Sequence[dict], out: Path) -> list[Figure]:
     out = Path(out)
     figures: list[Figure] = []
-    for kind in (bar_charts, metric_vs_layer, knn_vs_k, frozen_blocks, cka_heatmaps, cka_across_models):
+    for kind in (knn_vs_k, frozen_blocks, metric_vs_layer, model_size, cka_heatmaps, cka_across_models, bar_charts):
         figures += kind(docs, out)
+    return figures
+
+
+def _subset_line(doc: dict) -> str:
+    head = doc.get("protocol", "?")
+    return "k-NN" if head == "knn" else HEAD_NAMES.get(head.split("_", 1)[-1], head.split("_", 1)[-1])
+
+
+def _chosen_layer(rows: Sequence[dict]) -> str:
+    """A multi-layer curve's layer in the comparison: the best mean val at the largest train amount (as the report
+    chooses on val everywhere; the last layer on ties)."""
+    largest = max(r[r["axis"]] for r in rows)
+    top = [r for r in rows if r[r["axis"]] == largest]
+    best = max(top, key=lambda r: (-np.inf if r["val_mean"] is None else r["val_mean"], _layer_key(r["layer"])))
+    return best["layer"]
+
+
+def label_efficiency(docs: Sequence[dict], out: Path) -> list[Figure]:
+    """Test metric against the labelled train amount (``--train-fraction`` runs), one figure per dataset and metric,
+    one line per model and head (a multi-layer run at the layer chosen on val), mean ± std over repeats × seeds."""
+    from fmcache.results import base_settings, label_efficiency_rows, plot_label_efficiency, settings_hash, train_subset
+
+    curves: dict[tuple, dict[tuple, list[dict]]] = {}
+    for doc in docs:
+        subset = train_subset(doc)
+        if subset is None:
+            continue
+        axis = "fraction" if subset.get("fraction") is not None else "per_class"
+        line = (doc["model"], _subset_line(doc), settings_hash(base_settings(doc))[:6])
+        curves.setdefault((doc["dataset"], str(doc.get("metric")), axis), {}).setdefault(line, []).append(doc)
+    figures = []
+    for (dataset, metric, axis), lines in sorted(curves.items()):
+        named = {}
+        for model, head, digest in sorted(lines):
+            rows = label_efficiency_rows(lines[(model, head, digest)])
+            layer = _chosen_layer(rows)
+            label = f"{model} {head}" + (f" [{digest}]" if sum(k[:2] == (model, head) for k in lines) > 1 else "")
+            label += f" (layer {layer})" if len({r["layer"] for r in rows}) > 1 else ""
+            named[label] = [r for r in rows if r["layer"] == layer]
+        stem = "supp_label_efficiency" + ("" if axis == "fraction" else "_per_class")
+        name = f"{stem}_{safe_name(dataset)}_{safe_name(metric)}"
+        title = f"{dataset}: label efficiency ({metric})"
+        path = plot_label_efficiency(out / f"{name}.png", named, metric, title)
+        figures.append(Figure(name, f"{title}: test metric against labelled train data, mean ± std over repeats × "
+                                    "seeds, one line per model and head", path))  # fmt: skip
     return figures

@@ -16,21 +16,26 @@ from pathlib import Path
 from fmcache.errors import FmcacheError
 from fmcache.files import atomic_write_bytes, ensure_writable_dir
 from fmcache.report import stats
-from fmcache.report.figures import Figure, all_figures
+from fmcache.report.figures import Figure, all_figures, label_efficiency
+from fmcache.report.paper import OUTPUTS
 from fmcache.report.tables import (
     HEAD_NAMES,
     MISSING,
     Table,
     fmt,
+    head_cells,
+    head_table,
     knn_cells,
+    knn_table,
     load_results,
-    table1,
-    table1_cells,
-    table2,
     timing_table,
 )
+from fmcache.results import train_subset
 
 FORMATS = ("md", "csv", "tex", "html")
+# the paper's head tables and the regimes each shows
+HEAD_TABLES = {"table1_frozen": ("frozen",), "table2_unfrozen": ("fine-tuned",),
+               "table3_1024px": ("frozen", "fine-tuned")}  # fmt: skip
 ALWAYS = ("md", "csv")
 
 
@@ -42,7 +47,7 @@ def parse_formats(text: str) -> list[str]:
     return [f for f in FORMATS if f in asked or f in ALWAYS]
 
 
-def ci_table(docs: Sequence[dict], cis: dict[str, dict]) -> Table:
+def ci_table(docs: Sequence[dict], cis: dict[str, dict], absent: Sequence[str] = ()) -> Table:
     by_folder = {d["folder"]: d for d in docs}
     header = ["dataset", "model", "protocol", "metric", "point", "95 % CI", "n test"]
     rows, records = [], []
@@ -60,7 +65,12 @@ def ci_table(docs: Sequence[dict], cis: dict[str, dict]) -> Table:
                         "folder": folder})  # fmt: skip
     resamples = next((c["resamples"] for c in cis.values() if "resamples" in c), stats.RESAMPLES)
     notes = [f"Percentile bootstrap over test samples ({resamples} resamples, seeded) of the seed-mean test metric."]
-    return Table("bootstrap_ci", "95 % bootstrap confidence intervals", header, rows, records, notes)
+    notes += [f"Not in the bootstrap (no predictions.npz): {folder}." for folder in absent]
+    skipped = next((d.get("_skipped") for d in docs if d.get("_skipped")), None)
+    if skipped:
+        notes += [f"Skipped, unreadable: {item}." for item in skipped]
+    return Table("supp_bootstrap_ci", "Supplementary: 95 % bootstrap confidence intervals of the table cells", header,
+                 rows, records, notes)  # fmt: skip
 
 
 def paired_table(rows_in: list[dict]) -> Table:
@@ -75,23 +85,41 @@ def paired_table(rows_in: list[dict]) -> Table:
         records.append(r)
     notes = ["Paired bootstrap on the same test ids: the best model (by test mean) against each other model; "
              "two-sided p for no difference."]  # fmt: skip
-    return Table("paired_tests", "Paired bootstrap tests", header, rows, records, notes)
+    return Table("supp_paired_tests", "Supplementary: paired bootstrap tests between models", header, rows, records,
+                 notes)  # fmt: skip
 
 
-def build_tables(docs: Sequence[dict], resamples: int, seed: int) -> list[Table]:
-    cells = table1_cells(docs)
+def build_tables(docs: Sequence[dict], resamples: int, seed: int, log=print) -> list[Table]:
+    """The paper's tables in its order, then the supplementary ones (CIs name what they leave out)."""
+    from fmcache.results import check_predictions
+
+    head = {key: head_cells(docs, key) for key in HEAD_TABLES}
     knn = knn_cells(docs)
-    chosen = list(cells.values()) + list(knn.values())
-    # each predictions.npz once: the CIs and the paired tests read the same arrays
-    predictions = {doc["folder"]: stats.load_predictions(doc["folder"]) for doc in chosen}
-    cis = stats.cell_cis(chosen, resamples, seed, predictions)
+    chosen = {d["folder"]: d for cells in head.values() for d, _ in cells.values()}
+    chosen.update({d["folder"]: d for d, _ in knn.values()})
+    # each predictions.npz once, checked against its recorded sha256: the CIs and the paired tests read the same arrays
+    predictions, absent = {}, []
+    for folder, doc in chosen.items():
+        if check_predictions(doc) is None:
+            absent.append(folder)
+            log(f"warning: {folder} has no predictions.npz; its cell is shown but it is not in the bootstrap")
+            continue
+        predictions[folder] = stats.load_predictions(folder)
+    with_pred = [doc for folder, doc in chosen.items() if folder in predictions]
+    cis = stats.cell_cis(with_pred, resamples, seed, predictions)
     groups: dict[tuple[str, str], list[dict]] = {}
-    for (_model, dataset, head, regime), doc in cells.items():
-        groups.setdefault((dataset, f"{HEAD_NAMES[head]} {regime}"), []).append(doc)
-    for (_model, dataset), doc in knn.items():
-        groups.setdefault((dataset, "k-NN"), []).append(doc)
+    for key, cells in head.items():
+        for (_model, column, head_name, regime), (doc, _n) in cells.items():
+            if doc["folder"] in predictions:
+                label = f"{OUTPUTS[key].label} {HEAD_NAMES[head_name]} {regime}"
+                groups.setdefault((column.label(True), label), []).append(doc)
+    for (_model, column), (doc, _n) in knn.items():
+        if doc["folder"] in predictions:
+            groups.setdefault((column.label(True), "Fig. 2 k-NN"), []).append(doc)
     tests = stats.paired_tests(groups, resamples, seed, predictions)
-    return [table1(docs, cis), table2(docs, cis), timing_table(docs), ci_table(docs, cis), paired_table(tests)]
+    tables = [head_table(docs, key, regimes, cis) for key, regimes in HEAD_TABLES.items()]
+    tables += [knn_table(docs, cis), timing_table(docs), ci_table(docs, cis, absent), paired_table(tests)]
+    return tables
 
 
 # -- writers -------------------------------------------------------------------------------------------------------
@@ -195,14 +223,18 @@ def build_report(
     formats: Sequence[str] = ALWAYS,
     resamples: int = stats.RESAMPLES,
     seed: int = stats.SEED,
+    log=print,
 ) -> dict:
     """Write the report of every complete result under ``results`` into ``out``; returns the files written."""
     if resamples < 1:
         raise FmcacheError(f"--resamples must be at least 1, got {resamples}")
-    docs = load_results(results)
+    docs = load_results(results, log)
+    # label-efficiency runs (a train subset) draw their own curves and never fill a cell of the paper's outputs
+    subset_docs = [d for d in docs if train_subset(d) is not None]
+    docs = [d for d in docs if train_subset(d) is None]
     out = ensure_writable_dir(Path(out))
-    tables = build_tables(docs, resamples, seed)
-    figures = all_figures(docs, out / "figures")
+    tables = build_tables(docs, resamples, seed, log)
+    figures = all_figures(docs, out / "figures") + label_efficiency(subset_docs, out / "figures")
     written: list[Path] = []
 
     def write(name: str, data: bytes) -> None:

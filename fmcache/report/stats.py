@@ -39,17 +39,29 @@ class Predictions:
 
 
 def load_predictions(folder: Path | str, split: str = "test") -> Predictions | None:
-    """The saved predictions of ``split`` in a result folder, or None when the evaluation saved none (CKA)."""
+    """The saved predictions of ``split`` in a result folder, or None when the evaluation saved none (CKA).
+
+    A file that cannot be read (a flipped byte, a truncated copy) is one error line naming it.
+    """
+    import zipfile
+    import zlib
+
     path = Path(folder) / "predictions.npz"
     if not path.is_file():
         return None
-    with np.load(path) as npz:
-        if f"{split}_scores" not in npz:
-            return None
-        scores = np.asarray(npz[f"{split}_scores"], dtype=np.float64)
-        if scores.ndim == 2:  # one run stored without its seed axis
-            scores = scores[None]
-        return Predictions(np.asarray(npz[f"{split}_ids"]), np.asarray(npz[f"{split}_labels"]), scores)
+    try:
+        with np.load(path) as npz:
+            if f"{split}_scores" not in npz:
+                return None
+            scores = np.asarray(npz[f"{split}_scores"], dtype=np.float64)
+            if scores.ndim == 2:  # one run stored without its seed axis
+                scores = scores[None]
+            return Predictions(np.asarray(npz[f"{split}_ids"]), np.asarray(npz[f"{split}_labels"]), scores)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        what = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise FmcacheError(
+            f"{path} is damaged ({what}); rerun the evaluation that wrote it, or remove its folder"
+        ) from None
 
 
 def seed_mean(metric: str, pred: Predictions, index: np.ndarray | None = None) -> float:

@@ -1,4 +1,11 @@
-"""The paper's tables from a results tree: Table 1 (linear/DeiT × frozen/fine-tuned), Table 2 (k-NN), timings.
+"""The paper's tables from a results tree: Table 1 (frozen), Table 2 (unfrozen), Table 3 (1024 px), and the data of
+Fig. 2 (k-NN) and Fig. 3 (time), each named after the paper's own number (:mod:`fmcache.report.paper`).
+
+A table cell never mixes what the paper keeps apart: results are grouped by dataset, metric and split (a column per
+combination), by model, head and regime, and only results of the paper's protocol enter a cell (the paper's feature
+at the last layer, the DeiT head on the paper's tokens, 224 px for Tables 1-2). Where several results compete for one
+cell (other LR grids, epochs, views), the one with the best mean validation metric is chosen, as the paper chooses
+its learning rate, and a note names the cell and how many competed.
 
 Each table keeps two faces: ``rows`` (display text, what Markdown, LaTeX and HTML show) and ``records`` (numbers,
 what the values CSV holds). A cell without a result is :data:`MISSING`, never 0, and a cell whose run finished
@@ -7,28 +14,29 @@ fewer seeds than it asked for carries :data:`FEWER_SEEDS`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fmcache.errors import FmcacheError
+from fmcache.report.paper import OUTPUTS, outputs_of
 
 MISSING = "–"
 FEWER_SEEDS = "†"
 # the paper's order first; any other dataset follows alphabetically
 PAPER_DATASETS = ("aptos2019", "cbis_ddsm", "isic2019", "chexpert")
 HEADS = ("linear", "deit")
-REGIMES = ("frozen", "fine-tuned")
 HEAD_NAMES = {"linear": "linear", "deit": "DeiT"}
-FREEZE_NONE = ("none", "0", None)
 
 
 @dataclass
 class Table:
     """One table: display ``header``/``rows`` and machine-readable ``records`` (one dict per value)."""
 
-    name: str  # file stem: table1, table2_knn, timings, ...
+    name: str  # file stem, after the paper's number: table1_frozen, fig2_knn, ...
     title: str
     header: list[str]
     rows: list[list[str]]
@@ -36,18 +44,24 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
 
-def load_results(root: Path) -> list[dict]:
-    """Every complete result under ``root``; no results at all is a user error (exit 2), not an empty report."""
+def load_results(root: Path, log=print) -> list[dict]:
+    """Every complete result under ``root``; unreadable ``result.json`` files are named (``log``), not hidden; no
+    results at all is a user error (exit 2), not an empty report."""
     from fmcache.results import find_results
 
     root = Path(root)
     if not root.is_dir():
         raise FmcacheError(f"results folder {root} does not exist; run `fmcache grid CONFIG.yaml` or an evaluation")
-    found = find_results(root)
+    problems: list[tuple[Path, str]] = []
+    found = find_results(root, problems)
+    for path, why in problems:
+        log(f"warning: skipped {path}: {why}; rerun that evaluation or remove its folder")
     if not found:
         raise FmcacheError(
             f"no results under {root}: no folder holds a complete result.json; run `fmcache grid CONFIG.yaml` first"
         )
+    for doc in found:
+        doc["_skipped"] = [f"{p} ({why})" for p, why in problems]
     return found
 
 
@@ -74,30 +88,59 @@ def fmt_seconds(value: float | None) -> str:
     return f"{float(value):.3g}"
 
 
-def table1_column(doc: dict) -> tuple[str, str] | None:
-    """(head, regime) of a probe/fine-tune result in Table 1, or None when it belongs to a study, not the table.
+def doc_outputs(doc: dict) -> list[str]:
+    """The paper outputs a result feeds (:func:`fmcache.report.paper.outputs_of` on its settings)."""
+    settings = dict(doc.get("settings") or {})
+    if doc.get("paper_feature") is not None:
+        settings["paper_feature"] = doc["paper_feature"]
+    if doc.get("protocol") == "cka":
+        settings["same_model"] = _cka_same_model(doc)
+    return outputs_of(doc.get("protocol", ""), settings, doc.get("model", ""), doc.get("img_size"))
 
-    Frozen: the probes from the cache, else fine-tuning with every block frozen (the online frozen baseline).
-    Fine-tuned: fine-tuning with no block frozen. Partly frozen (Fig. 4) and decapitated runs are studies.
-    """
-    protocol = doc.get("protocol", "")
-    if protocol in ("probe_linear", "probe_deit"):
-        return protocol.split("_")[1], "frozen"
-    if protocol in ("finetune_linear", "finetune_deit"):
-        settings = doc.get("settings") or {}
-        if settings.get("drop_after") is not None:
-            return None
-        freeze = settings.get("freeze", "none")
-        freeze = None if freeze is None else str(freeze)
-        if freeze in FREEZE_NONE:
-            return protocol.split("_")[1], "fine-tuned"
-        if freeze == "all":
-            return protocol.split("_")[1], "frozen"
-    return None
+
+def _cka_same_model(doc: dict) -> bool:
+    settings = doc.get("settings") or {}
+    key_b = settings.get("cache_b_key")
+    return key_b is not None and key_b != doc.get("cache_key") and settings.get("model_b") == doc.get("model")
+
+
+@dataclass(frozen=True, order=True)
+class Column:
+    """A dataset under one metric and one split: the unit a table's columns never mix."""
+
+    position: int
+    dataset: str
+    metric: str
+    split: str  # a short hash of the split identity ("" when the result does not record it)
+    split_label: str = ""
+
+    def label(self, several_splits: bool) -> str:
+        text = f"{self.dataset} ({self.metric})"
+        return text + (f" [split {self.split_label or self.split}]" if several_splits else "")
+
+
+def column_of(doc: dict, positions: dict[str, int]) -> Column:
+    split = doc.get("split")
+    digest = hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()[:8] if split else ""
+    mode = str((split or {}).get("mode") or (split or {}).get("kind") or "") if isinstance(split, dict) else ""
+    return Column(positions[doc["dataset"]], doc["dataset"], str(doc.get("metric")), digest, mode)
+
+
+def columns_of(docs: Sequence[dict]) -> tuple[list[Column], set[tuple[str, str]]]:
+    """The columns present, in the paper's dataset order, and the (dataset, metric) pairs with several splits."""
+    positions = {name: i for i, name in enumerate(ordered_datasets(docs))}
+    columns = sorted({column_of(d, positions) for d in docs})
+    splits: dict[tuple[str, str], set[str]] = {}
+    for c in columns:
+        splits.setdefault((c.dataset, c.metric), set()).add(c.split)
+    return columns, {pair for pair, values in splits.items() if len(values) > 1}
 
 
 def _val(doc: dict) -> float:
-    value = (doc.get("summary") or {}).get("val_mean")
+    summary = doc.get("summary") or {}
+    value = summary.get("val_mean")
+    if value is None and summary.get("best"):
+        value = summary["best"].get("val")
     return float(value) if value is not None and math.isfinite(float(value)) else -math.inf
 
 
@@ -116,26 +159,34 @@ def pick(candidates: Sequence[dict]) -> dict | None:
     return max(candidates, key=lambda d: (_val(d), d.get("written_at") or ""))
 
 
-def table1_cells(docs: Sequence[dict]) -> dict[tuple[str, str, str, str], dict]:
-    """{(model, dataset, head, regime): the chosen result} for Table 1."""
-    groups: dict[tuple[str, str, str, str], list[dict]] = {}
-    for doc in docs:
-        column = table1_column(doc)
-        if column is not None and (doc.get("summary") or {}).get("test_mean") is not None:
-            groups.setdefault((doc["model"], doc["dataset"], *column), []).append(doc)
-    # the frozen column is the cached probe's; an online frozen fine-tune stands in only where no probe ran
-    return {
-        key: pick([d for d in group if d["protocol"].startswith("probe")] or group)  # type: ignore[misc]
-        for key, group in groups.items()
-    }
+def _regime(doc: dict) -> str:
+    return "fine-tuned" if doc["protocol"].startswith("finetune") and _freeze(doc) == "none" else "frozen"
 
 
-def dataset_metrics(docs: Iterable[dict]) -> dict[str, str]:
-    out: dict[str, str] = {}
+def _freeze(doc: dict) -> str:
+    freeze = (doc.get("settings") or {}).get("freeze", "none")
+    return "none" if freeze is None else str(freeze)
+
+
+def head_cells(docs: Sequence[dict], output: str) -> dict[tuple, tuple[dict, int]]:
+    """{(model, column, head, regime): (chosen result, how many competed)} for a head table."""
+    positions = {name: i for i, name in enumerate(ordered_datasets(docs))}
+    groups: dict[tuple, list[dict]] = {}
     for doc in docs:
-        if doc.get("metric") and doc.get("protocol") != "cka":  # CKA's "metric" is the similarity, not the dataset's
-            out.setdefault(doc["dataset"], doc["metric"])
-    return out
+        protocol = doc.get("protocol", "")
+        if output not in doc_outputs(doc) or (doc.get("summary") or {}).get("test_mean") is None:
+            continue
+        head = protocol.split("_", 1)[1] if "_" in protocol else ""
+        if head not in HEADS:
+            continue
+        groups.setdefault((doc["model"], column_of(doc, positions), head, _regime(doc)), []).append(doc)
+    cells = {}
+    for key, group in groups.items():
+        # a frozen cell is the cached probe's; an online frozen fine-tune stands in only where no probe ran
+        probes = [d for d in group if d["protocol"].startswith("probe")]
+        chosen_from = probes or group
+        cells[key] = (pick(chosen_from), len(chosen_from))
+    return cells
 
 
 def cell_text(summary: dict) -> str:
@@ -143,27 +194,30 @@ def cell_text(summary: dict) -> str:
     return text + (FEWER_SEEDS if fewer_seeds(summary) else "")
 
 
-def table1(docs: Sequence[dict], cis: dict[str, dict] | None = None) -> Table:
-    """Rows = models; columns = datasets × {linear, DeiT} × {frozen, fine-tuned}; test mean ± std at the val LR.
-
-    ``cis`` maps a result folder to its bootstrap CI (:mod:`fmcache.report.stats`), added to the records.
-    """
-    cells = table1_cells(docs)
-    datasets, models = ordered_datasets(docs), ordered_models(docs)
-    metric = dataset_metrics(docs)
-    columns = [(d, h, r) for d in datasets for h in HEADS for r in REGIMES]
-    header = ["model"] + [f"{d} ({metric.get(d, '?')}) {HEAD_NAMES[h]} {r}" for d, h, r in columns]
-    rows, records, marked = [], [], False
+def head_table(docs: Sequence[dict], output: str, regimes: Sequence[str], cis: dict | None = None) -> Table:
+    """Rows = models; columns = (dataset, metric, split) × head (× regime); test mean ± std at the best val LR."""
+    cells = head_cells(docs, output)
+    used = [d for d, _ in cells.values()]
+    columns, several = columns_of(used)
+    models = ordered_models(used)
+    grid = [(c, h, r) for c in columns for h in HEADS for r in regimes]
+    show_regime = len(regimes) > 1
+    header = ["model"] + [
+        f"{c.label((c.dataset, c.metric) in several)} {HEAD_NAMES[h]}" + (f" {r}" if show_regime else "")
+        for c, h, r in grid
+    ]
+    rows, records, marked, competed = [], [], False, []
     for model in models:
         row = [model]
-        for dataset, head, regime in columns:
-            doc = cells.get((model, dataset, head, regime))
-            record = {"model": model, "dataset": dataset, "metric": metric.get(dataset), "head": head,
-                      "regime": regime}  # fmt: skip
-            if doc is None:
+        for column, head, regime in grid:
+            found = cells.get((model, column, head, regime))
+            record = {"model": model, "dataset": column.dataset, "metric": column.metric, "split": column.split,
+                      "head": head, "regime": regime}  # fmt: skip
+            if found is None:
                 row.append(MISSING)
                 records.append({**record, "test_mean": None, "test_std": None, "n_seeds": None})
                 continue
+            doc, n = found
             s = doc["summary"]
             marked |= fewer_seeds(s)
             row.append(cell_text(s))
@@ -173,21 +227,33 @@ def table1(docs: Sequence[dict], cis: dict[str, dict] | None = None) -> Table:
                 "val_mean": s.get("val_mean"), "best_lr": s.get("best_lr"), "n_seeds": s.get("n_seeds"),
                 "seeds_requested": s.get("seeds_requested"), "fewer_seeds": fewer_seeds(s),
                 "ci_low": ci.get("low"), "ci_high": ci.get("high"), "protocol": doc["protocol"],
-                "folder": doc["folder"],
+                "candidates": n, "folder": doc["folder"],
             })  # fmt: skip
+            if n > 1:
+                competed.append(f"{model} / {column.label(False)} / {HEAD_NAMES[head]}: {n} results")
         rows.append(row)
+    paper = OUTPUTS[output]
     notes = [
-        "Test metric, mean ± std over seeds, at the learning rate with the best mean validation metric.",
+        f"{paper.label}: {paper.caption}. Test metric, mean ± std over seeds, at the learning rate with the best mean "
+        "validation metric.",
         f"{MISSING}: no result for that cell.",
     ]
     if marked:
         notes.append(f"{FEWER_SEEDS}: fewer seeds finished than were requested.")
-    return Table("table1", "Table 1: frozen and fine-tuned, linear and DeiT heads", header, rows, records, notes)
+    if competed:
+        notes.append(
+            "Several results competed for these cells; each shows the one with the best mean validation metric "
+            "(as the paper chooses its LR): " + "; ".join(competed) + "."
+        )
+    title = f"{paper.label}: {paper.caption}"
+    return Table(output, title, header, rows, records, notes)
 
 
 def _knn_best_val(doc: dict) -> float:
     summary = doc.get("summary") or {}
     best = summary.get("best") or {}
+    if best.get("val") is not None:
+        return float(best["val"])
     for row in summary.get("rows") or []:
         if row.get("split") == "val" and row.get("k") == best.get("k") and row.get("layer") == best.get("layer"):
             return float(row["value"]) if row.get("value") is not None else -math.inf
@@ -204,43 +270,51 @@ def knn_temperature(doc: dict) -> float | None:
     return None if t is None else float(t)
 
 
-def knn_cells(docs: Sequence[dict]) -> dict[tuple[str, str], dict]:
-    groups: dict[tuple[str, str], list[dict]] = {}
+def knn_cells(docs: Sequence[dict]) -> dict[tuple[str, Column], tuple[dict, int]]:
+    positions = {name: i for i, name in enumerate(ordered_datasets(docs))}
+    groups: dict[tuple[str, Column], list[dict]] = {}
     for doc in docs:
         if doc.get("protocol") == "knn" and (doc.get("summary") or {}).get("best"):
-            groups.setdefault((doc["model"], doc["dataset"]), []).append(doc)
+            groups.setdefault((doc["model"], column_of(doc, positions)), []).append(doc)
     return {
-        key: max(group, key=lambda d: (_knn_best_val(d), d.get("written_at") or "")) for key, group in groups.items()
+        key: (max(group, key=lambda d: (_knn_best_val(d), d.get("written_at") or "")), len(group))
+        for key, group in groups.items()
     }
 
 
-def table2(docs: Sequence[dict], cis: dict[str, dict] | None = None) -> Table:
-    """k-NN: rows = models, columns = datasets; each cell the test metric at the k (and layer) chosen, with k and T."""
+def knn_table(docs: Sequence[dict], cis: dict[str, dict] | None = None) -> Table:
+    """Fig. 2's data: rows = models, columns = (dataset, metric, split); each cell the test metric at the k and layer
+    chosen on val, with k and T."""
     cells = knn_cells(docs)
-    datasets, models = ordered_datasets(docs), ordered_models(docs)
-    metric = dataset_metrics(docs)
-    header = ["model"] + [f"{d} ({metric.get(d, '?')})" for d in datasets]
+    columns, several = columns_of([d for d, _ in cells.values()])
+    models = ordered_models([d for d, _ in cells.values()])
+    header = ["model"] + [c.label((c.dataset, c.metric) in several) for c in columns]
     rows, records = [], []
     for model in models:
         row = [model]
-        for dataset in datasets:
-            doc = cells.get((model, dataset))
-            if doc is None:
+        for column in columns:
+            found = cells.get((model, column))
+            if found is None:
                 row.append(MISSING)
-                records.append({"model": model, "dataset": dataset, "metric": metric.get(dataset), "test": None})
+                records.append({"model": model, "dataset": column.dataset, "metric": column.metric, "test": None})
                 continue
+            doc, n = found
             best = doc["summary"]["best"]
             t = knn_temperature(doc)
             row.append(f"{fmt(best.get('test'))} (k={best.get('k')}, T={t:g}, layer {best.get('layer')})")
             ci = (cis or {}).get(doc["folder"], {})
             records.append({
-                "model": model, "dataset": dataset, "metric": metric.get(dataset), "test": best.get("test"),
-                "k": best.get("k"), "temperature": t, "layer": best.get("layer"), "ci_low": ci.get("low"),
-                "ci_high": ci.get("high"), "folder": doc["folder"],
+                "model": model, "dataset": column.dataset, "metric": column.metric, "split": column.split,
+                "test": best.get("test"), "k": best.get("k"), "temperature": t, "layer": best.get("layer"),
+                "ci_low": ci.get("low"), "ci_high": ci.get("high"), "candidates": n, "folder": doc["folder"],
             })  # fmt: skip
         rows.append(row)
-    notes = ["Weighted k-NN on L2-normalised features, train split as the bank; k, T and layer chosen as recorded."]
-    return Table("table2_knn", "Table 2: k-NN", header, rows, records, notes)
+    paper = OUTPUTS["fig2_knn"]
+    notes = [
+        f"{paper.label}: {paper.caption}. Weighted k-NN on L2-normalised features, train split as the bank; k and "
+        "layer chosen on val, T as run.",
+    ]
+    return Table("fig2_knn", f"{paper.label} (data): {paper.caption}", header, rows, records, notes)
 
 
 def protocol_label(doc: dict) -> str:
@@ -256,7 +330,7 @@ def protocol_label(doc: dict) -> str:
 
 
 def timing_table(docs: Sequence[dict]) -> Table:
-    """The data of the paper's Fig. 3: extraction s/img, training s and inference s/img per evaluation."""
+    """Fig. 3's data: extraction s/img, training s and inference s/img per evaluation."""
     header = ["dataset", "model", "protocol", "extract s/img", "train s", "inference s/img"]
     rows, records = [], []
     position = {name: i for i, name in enumerate(ordered_datasets(docs))}
@@ -273,5 +347,7 @@ def timing_table(docs: Sequence[dict]) -> Table:
             "extract_seconds_per_image": values[0], "train_seconds": values[1],
             "inference_seconds_per_sample": values[2], "folder": doc["folder"],
         })  # fmt: skip
-    notes = ["Seconds as recorded by each run (k-NN: the search time). Extraction is paid once per cache."]
-    return Table("timings", "Time per stage", header, rows, records, notes)
+    paper = OUTPUTS["fig3_time"]
+    notes = [f"{paper.label}: {paper.caption}. Seconds as recorded by each run (k-NN: the search time); extraction "
+             "is paid once per cache."]  # fmt: skip
+    return Table("fig3_time", f"{paper.label} (data): {paper.caption}", header, rows, records, notes)

@@ -1,0 +1,91 @@
+"""configs/paper.yaml reproduces every table and figure of the paper, and the report maps each result back.
+
+The dry run needs no data (the roots are the config's placeholders) and plans from the official image counts.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fmcache.cli import app
+from fmcache.grid.config import load_grid
+from fmcache.grid.dry_run import paper_outputs
+from fmcache.grid.jobs import expand
+from fmcache.report.paper import OUTPUTS
+from fmcache.report.tables import doc_outputs
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def _config(tmp_path: Path, name: str) -> Path:
+    (tmp_path / "configs").mkdir(exist_ok=True)
+    return Path(shutil.copy(REPO / "configs" / name, tmp_path / "configs" / name))
+
+
+def _result_doc(job) -> dict:
+    """The result.json fields the job's runner would write that decide its place in the report."""
+    options = dict(job.options)
+    settings: dict = {k: v for k, v in options.items() if k in ("freeze", "drop_after")}
+    doc = {"protocol": job.kind, "model": job.model["name"], "img_size": job.model.get("img_size") or 224,
+           "cache_key": "a" * 64, "settings": settings}  # fmt: skip
+    if job.kind == "probe_linear":
+        doc["paper_feature"] = options.get("pool") == "paper"
+    if job.kind == "probe_deit":
+        layer = str(options.get("layer", "last"))
+        doc["paper_feature"] = layer == "paper"
+        settings["layers"] = ["paper"] if layer == "paper" else list(range(1, 13)) if layer == "all" else [12]
+    if job.kind == "cka":
+        if job.model_b is not None:
+            settings.update(model_b=job.model_b["name"], cache_b_key="b" * 64)
+        elif options.get("after_finetune"):
+            settings.update(model_b=job.model["name"], cache_b_key="c" * 64)
+    return doc
+
+
+@pytest.mark.parametrize("name", ["paper.yaml", "followup.yaml"])
+def test_dry_run_needs_no_data_and_groups_by_the_paper(tmp_path, name):
+    config = _config(tmp_path, name)
+    result = runner.invoke(app, ["grid", str(config), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    for dataset, count in (("aptos2019", "3,662"), ("cbis_ddsm", "10,239"), ("isic2019", "25,331"),
+                           ("chexpert", "224,316")):  # fmt: skip
+        lines = [line for line in result.output.splitlines() if line.startswith(f"dataset {dataset}:")]
+        assert len(lines) == 1 and f"official release's {count} images" in lines[0], lines
+    assert "by the paper's tables and figures:" in result.output
+    assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
+
+
+def test_paper_yaml_has_a_job_for_every_table_and_figure_and_the_report_maps_each_back(tmp_path):
+    grid = load_grid(_config(tmp_path, "paper.yaml"))
+    jobs = expand(grid)
+    covered: dict[str, int] = {}
+    for job in jobs:
+        outputs = paper_outputs(job)
+        for output in outputs:
+            covered[output] = covered.get(output, 0) + 1
+        if job.kind != "extract":
+            assert doc_outputs(_result_doc(job)) == outputs, job.id
+    missing = [key for key in OUTPUTS if not covered.get(key)]
+    assert not missing, f"configs/paper.yaml runs nothing for {missing}"
+    # the paper's baselines and sizes, the views that let frozen heads see the seed's augmentation
+    names = {m["name"] for m in grid.models}
+    assert {"resnet152", "deit_base", "dinov2_vits14", "dinov2_vitg14"} <= names and "resnet50" not in names
+    assert grid.extract["views"] > 0 and grid.extract["tokens"] == "paper"
+    fig4 = {j.model["name"] for j in jobs if "fig4_freeze" in paper_outputs(j)}
+    assert {"dinov2_vitb14", "sam_vit_b", "clip_vitb16", "blip_base", "deit_base"} <= fig4
+    table1 = [j for j in jobs if j.kind == "probe_linear" and "table1_frozen" in paper_outputs(j)]
+    assert table1 and all(j.options["pool"] == "paper" for j in table1)
+
+
+def test_followup_lists_vmamba_as_unavailable_and_feeds_each_model_as_the_followup(tmp_path):
+    text = (REPO / "configs" / "followup.yaml").read_text()
+    assert "VMamba is listed by the follow-up but is not available" in text
+    grid = load_grid(_config(tmp_path, "followup.yaml"))
+    assert {"sam2_b", "mae_vitb16", "aimv2_l14", "coca_vitb32"} <= {m["name"] for m in grid.models}
+    deit = [j for j in expand(grid) if j.kind == "probe_deit"]
+    assert deit and all(str(j.options["layer"]) == "paper" for j in deit)
