@@ -183,7 +183,7 @@ def finish_label_efficiency(reader: CacheReader, spec, protocol: str, folders: l
         for row in rows:
             lines.setdefault(f"{protocol} layer {row['layer']}", []).append(row)
         plot_label_efficiency(folder / "label_efficiency.png", lines, metric,
-                              f"{reader.dataset}, {reader.model}: {protocol} vs labelled train data")  # fmt: skip
+                              f"{reader.dataset}, {reader.model}: {protocol}")  # fmt: skip
     document = {"protocol": protocol, "dataset": reader.dataset, "model": reader.model, "cache_key": reader.key,
                 "metric": metric, "settings": settings, "rows": rows, "folders": [str(f) for f in folders]}  # fmt: skip
     atomic_write_bytes(folder / "label_efficiency.json", (json.dumps(to_jsonable(document), indent=2) + "\n").encode())
