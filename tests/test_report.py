@@ -290,3 +290,24 @@ def test_table1_cell_comes_from_each_familys_paper_feature(tmp_path, model, pool
     doc = {"protocol": "probe_linear", "model": model, "img_size": 224, "paper_feature": recorded,
            "settings": {"pool": pools, "layers": layers}}  # fmt: skip
     assert ("table1_frozen" in doc_outputs(doc)) is paper
+
+
+def test_a_table_without_an_earlier_dataset_still_fills_its_cells(tmp_path: Path):
+    """Table 2 and Fig. 2 cover only dataset b while the linear probes cover a and b: their cells are found (a
+    column's identity does not depend on which datasets other results cover)."""
+    root, rng = tmp_path / "results", np.random.default_rng(3)
+    for dataset in ("a", "b"):
+        _write(root, dataset, "m1", "probe_linear", {"epochs": 3, "pool": ["paper"]}, _predictions(rng, 3, 0.5, 2),
+               key="m1")  # fmt: skip
+    _write(root, "b", "m1", "finetune_linear", {"freeze": "none", "drop_after": None}, _predictions(rng, 3, 0.7, 2),
+           key="fnone")  # fmt: skip
+    knn_pred = _predictions(rng, 3, 0.5, 1)
+    test = _score("accuracy", knn_pred, "test")[0]
+    rows = [{"layer": 4, "split": split, "k": 10, "temperature": 0.07, "value": test} for split in ("val", "test")]
+    _write(root, "b", "m1", "knn", {"ks": [10]}, knn_pred, key="m1",
+           summary={"rows": rows, "best": {"k": 10, "layer": 4, "test": test}})  # fmt: skip
+    md = (build_report(root, tmp_path / "report", resamples=20)["out"] / "report.md").read_text()
+    for title in ("Table 2", "Fig. 2"):
+        header, *body = _md_table(md, title)
+        (row,) = [r for r in body if r[0] == "m1"]
+        assert header[1].startswith("b (accuracy)") and row[1] != MISSING, (title, header, row)

@@ -119,17 +119,20 @@ class Column:
         return text + (f" [split {self.split_label or self.split}]" if several_splits else "")
 
 
-def column_of(doc: dict, positions: dict[str, int]) -> Column:
+def column_of(doc: dict) -> Column:
+    """The column of ``doc``; its position is the dataset's place in the paper (others after, by name), fixed for
+    every table, so a cell's key is the same whichever results are present."""
     split = doc.get("split")
     digest = hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()[:8] if split else ""
     mode = str((split or {}).get("mode") or (split or {}).get("kind") or "") if isinstance(split, dict) else ""
-    return Column(positions[doc["dataset"]], doc["dataset"], str(doc.get("metric")), digest, mode)
+    dataset = doc["dataset"]
+    position = PAPER_DATASETS.index(dataset) if dataset in PAPER_DATASETS else len(PAPER_DATASETS)
+    return Column(position, dataset, str(doc.get("metric")), digest, mode)
 
 
 def columns_of(docs: Sequence[dict]) -> tuple[list[Column], set[tuple[str, str]]]:
     """The columns present, in the paper's dataset order, and the (dataset, metric) pairs with several splits."""
-    positions = {name: i for i, name in enumerate(ordered_datasets(docs))}
-    columns = sorted({column_of(d, positions) for d in docs})
+    columns = sorted({column_of(d) for d in docs})
     splits: dict[tuple[str, str], set[str]] = {}
     for c in columns:
         splits.setdefault((c.dataset, c.metric), set()).add(c.split)
@@ -170,7 +173,6 @@ def _freeze(doc: dict) -> str:
 
 def head_cells(docs: Sequence[dict], output: str) -> dict[tuple, tuple[dict, int]]:
     """{(model, column, head, regime): (chosen result, how many competed)} for a head table."""
-    positions = {name: i for i, name in enumerate(ordered_datasets(docs))}
     groups: dict[tuple, list[dict]] = {}
     for doc in docs:
         protocol = doc.get("protocol", "")
@@ -179,7 +181,7 @@ def head_cells(docs: Sequence[dict], output: str) -> dict[tuple, tuple[dict, int
         head = protocol.split("_", 1)[1] if "_" in protocol else ""
         if head not in HEADS:
             continue
-        groups.setdefault((doc["model"], column_of(doc, positions), head, _regime(doc)), []).append(doc)
+        groups.setdefault((doc["model"], column_of(doc), head, _regime(doc)), []).append(doc)
     cells = {}
     for key, group in groups.items():
         # a frozen cell is the cached probe's; an online frozen fine-tune stands in only where no probe ran
@@ -271,11 +273,10 @@ def knn_temperature(doc: dict) -> float | None:
 
 
 def knn_cells(docs: Sequence[dict]) -> dict[tuple[str, Column], tuple[dict, int]]:
-    positions = {name: i for i, name in enumerate(ordered_datasets(docs))}
     groups: dict[tuple[str, Column], list[dict]] = {}
     for doc in docs:
         if doc.get("protocol") == "knn" and (doc.get("summary") or {}).get("best"):
-            groups.setdefault((doc["model"], column_of(doc, positions)), []).append(doc)
+            groups.setdefault((doc["model"], column_of(doc)), []).append(doc)
     return {
         key: (max(group, key=lambda d: (_knn_best_val(d), d.get("written_at") or "")), len(group))
         for key, group in groups.items()
