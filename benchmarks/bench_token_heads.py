@@ -42,7 +42,8 @@ def cached_epoch(reader, depth: int, batch: int, epochs: int = 1) -> float:
     """Seconds per epoch of one DeiT head (1 LR × 1 seed) from cached tokens in RAM, over ``epochs`` (training only)."""
     import torch
 
-    from fmcache.frozen.tokens import GridConfig, TokenSplit, layer_spec, train_token_grid
+    from fmcache.frozen.token_layers import layer_spec
+    from fmcache.frozen.tokens import GridConfig, TokenSplit, train_token_grid
 
     layer = reader.num_layers
     spec = layer_spec(reader, layer, "none", "deit")

@@ -49,7 +49,8 @@ from fmcache.frozen.linear import init_linear  # noqa: E402
 from fmcache.frozen.run import run_probe  # noqa: E402
 from fmcache.frozen.run_tokens import run_token_probe  # noqa: E402
 from fmcache.frozen.specs import ProbeSpec, TokenProbeSpec  # noqa: E402
-from fmcache.frozen.tokens import TokenNorm, TokenSplit, layer_spec, token_norm_for  # noqa: E402
+from fmcache.frozen.token_layers import TokenNorm, layer_spec, token_norm_for  # noqa: E402
+from fmcache.frozen.tokens import TokenSplit  # noqa: E402
 from fmcache.metrics import evaluate  # noqa: E402
 from fmcache.models import create_foundation  # noqa: E402
 from fmcache.training import (  # noqa: E402

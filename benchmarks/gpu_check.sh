@@ -156,7 +156,8 @@ def token_head():
 
     from fmcache.cache.reader import CacheReader
     from fmcache.frozen.heads import DeiTHead
-    from fmcache.frozen.tokens import GridConfig, TokenSplit, layer_spec, train_token_grid
+    from fmcache.frozen.token_layers import layer_spec
+    from fmcache.frozen.tokens import GridConfig, TokenSplit, train_token_grid
     from fmcache.training import adamw_param_groups
 
     reader = CacheReader(state["cache"])

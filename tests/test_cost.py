@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from fmcache.cli import app
 from fmcache.errors import FmcacheError
-from fmcache.grid import cost
+from fmcache.grid import cost, rates
+from fmcache.grid import flops as counting
 from fmcache.grid.config import GridOptions, load_grid
 from fmcache.grid.dry_run import dataset_splits, device_rate
 from fmcache.grid.main import run_grid
@@ -41,7 +42,7 @@ def vit_flops(tokens: int, width: int, depth: int) -> float:
      ("dinov2_vitl14", 224, 257, 1024, 24, 14), ("dinov2_vitg14", 224, 257, 1536, 40, 14)],
 )  # fmt: skip
 def test_foundation_flops_match_the_closed_form(name, size, tokens, width, depth, patch):
-    shape = cost.Counts().model({"name": name, "img_size": size})
+    shape = counting.Counts().model({"name": name, "img_size": size})
     blocks = vit_flops(tokens, width, depth)
     if name == "dinov2_vitg14":  # ViT-g/14: SwiGLU MLP of hidden 4096 (3 matrices) instead of 4·D
         blocks = depth * (2 * tokens * (4 * width**2 + 3 * width * 4096) + 4 * tokens**2 * width)
@@ -52,7 +53,7 @@ def test_foundation_flops_match_the_closed_form(name, size, tokens, width, depth
 
 
 def test_head_and_resnet_flops_and_the_cache_row():
-    counts = cost.Counts()
+    counts = counting.Counts()
     flops, params = counts.head("deit", 196, 768, 5, 12)
     proj = 2 * 196 * 768 * 768
     assert flops == pytest.approx(vit_flops(197, 768, 12) + proj, rel=0.02)
@@ -60,16 +61,16 @@ def test_head_and_resnet_flops_and_the_cache_row():
     resnet = counts.model({"name": "resnet50", "img_size": 224})
     assert resnet.conv and resnet.flops == pytest.approx(2 * 4.11e9, rel=0.03)  # 4.11 GMACs, the published count
     # a ViT-B row: CLS + mean of 12 layers + the paper feature, fp16 (README P6 measured 38.9 KB with HDF5's own)
-    row = cost.Estimator(cost.preset("h200"), {}, counts).row_bytes(counts.model({"name": "deit_base"}), {})
+    row = cost.Estimator(rates.preset("h200"), {}, counts).row_bytes(counts.model({"name": "deit_base"}), {})
     assert row == pytest.approx((2 * 12 * 768 + 768) * 2, rel=0.01)
-    with_tokens = cost.Estimator(cost.preset("h200"), {}, counts).row_bytes(
+    with_tokens = cost.Estimator(rates.preset("h200"), {}, counts).row_bytes(
         counts.model({"name": "deit_base"}), {"tokens": "last,paper"}
     )
     assert with_tokens - row == (197 + 196) * 768 * 2
 
 
 def test_counts_are_kept_and_reused(tmp_path, monkeypatch):
-    counts = cost.Counts()
+    counts = counting.Counts()
     counts.model({"name": "deit_base", "img_size": 224})  # counted, then kept
     counts.save()
     doc = json.loads((tmp_path / "flops.json").read_text())
@@ -78,25 +79,25 @@ def test_counts_are_kept_and_reused(tmp_path, monkeypatch):
     def refuse(*args):
         raise AssertionError("counted again")
 
-    monkeypatch.setattr(cost, "_count_foundation", refuse)
-    assert cost.Counts().model({"name": "deit_base", "img_size": 224}).layers == 12
+    monkeypatch.setattr(counting, "_count_foundation", refuse)
+    assert counting.Counts().model({"name": "deit_base", "img_size": 224}).layers == 12
 
 
 def test_device_rate_choices(tmp_path):
     messages: list[str] = []
-    assert cost.resolve_rates(None, messages.append).label == "H200 SXM"
+    assert rates.resolve_rates(None, messages.append).label == "H200 SXM"
     assert "no calibration for this machine" in messages[0] and "fmcache calibrate" in messages[0]
-    h100, a100 = cost.resolve_rates("h100", print), cost.resolve_rates("A100", print)
-    assert h100.fwd == pytest.approx(989e12 * cost.UTILISATION) and a100.fwd < h100.fwd
+    h100, a100 = rates.resolve_rates("h100", print), rates.resolve_rates("A100", print)
+    assert h100.fwd == pytest.approx(989e12 * rates.UTILISATION) and a100.fwd < h100.fwd
     assert "estimate" in h100.source and "published" in h100.source
-    assert cost.resolve_rates("4e14", print).train == 4e14
+    assert rates.resolve_rates("4e14", print).train == 4e14
     for bad in ("0", "nope"):
         with pytest.raises(FmcacheError, match="--device-rate"):
-            cost.resolve_rates(bad, print)
+            rates.resolve_rates(bad, print)
     calibration = tmp_path / "other.json"
-    fields = {f: 1.0 for f in cost.Rates.__dataclass_fields__ if f not in ("label", "overlap", "source")}
+    fields = {f: 1.0 for f in rates.Rates.__dataclass_fields__ if f not in ("label", "overlap", "source")}
     calibration.write_text(json.dumps({"Some GPU": {**fields, "measured_at": "then"}}))
-    assert cost.resolve_rates(str(calibration), print).label == "Some GPU"
+    assert rates.resolve_rates(str(calibration), print).label == "Some GPU"
 
 
 def test_paper_dry_run_prints_the_cost_and_the_seeds(tmp_path):

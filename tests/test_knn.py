@@ -149,7 +149,7 @@ def test_knn_evaluate_structure_and_metrics():
 def test_knn_results_are_written_and_plotted(tmp_path):
     import json
 
-    from fmcache import __version__, results
+    from fmcache import __version__, plots, results
 
     bank_x, bank_y, val_x, val_y = _clustered(0)
     out = knn.knn_evaluate(bank_x, bank_y, {"val": (val_x, val_y)}, [5, 10], metric="accuracy", num_classes=4)
@@ -160,9 +160,9 @@ def test_knn_results_are_written_and_plotted(tmp_path):
     assert doc["knn"]["splits"]["val"]["5"]["metric"] == "accuracy"
     assert csv_path.read_text().splitlines()[0] == "layer,split,k,temperature,metric,value,accuracy"
     assert not [p for p in (tmp_path / "out").iterdir() if p.suffix == ".tmp"]
-    png = results.plot_knn_vs_k(tmp_path / "out" / "k.png", out)
+    png = plots.plot_knn_vs_k(tmp_path / "out" / "k.png", out)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    png = results.plot_knn_vs_layer(tmp_path / "out" / "layers.png", {10: out, 11: out})
+    png = plots.plot_knn_vs_layer(tmp_path / "out" / "layers.png", {10: out, 11: out})
     assert png.stat().st_size > 0
 
 

@@ -173,7 +173,7 @@ def test_curve_files_subsets_npz_and_val_that_follows(tiny_cache: Path, tmp_path
 
 
 def test_pooled_mean_and_std_are_over_repeats_times_seeds():
-    from fmcache.results import label_efficiency_rows
+    from fmcache.label_efficiency import label_efficiency_rows
 
     values = [[0.5, 0.7], [0.6, 0.9]]  # two repeats × two seeds
     docs = [{"protocol": "probe_linear", "metric": "accuracy", "settings": {"layers": [4], "train_subset":

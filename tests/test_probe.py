@@ -243,7 +243,7 @@ def test_bad_settings_are_errors():
 def test_probe_result_is_written_and_plotted(tmp_path):
     import json
 
-    from fmcache import results
+    from fmcache import plots, results
 
     x, y = _data(0)
     vx, vy = _data(1, n=80)
@@ -256,7 +256,7 @@ def test_probe_result_is_written_and_plotted(tmp_path):
     assert doc["probe"]["best_lr"] == result.best_lr
     assert set(doc["probe"]["per_lr"]) == {str(lr) for lr in LRS}
     assert len(csv_path.read_text().splitlines()) == 1 + len(LRS) * len(SEEDS)
-    png = results.plot_probe_curves(tmp_path / "curves.png", result.curves, metric="qwk")
+    png = plots.plot_probe_curves(tmp_path / "curves.png", result.curves, metric="qwk")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -20,7 +20,7 @@ from fmcache.cache.reader import CacheReader
 from fmcache.cli import app
 from fmcache.frozen.common import results_dir
 from fmcache.frozen.run_tokens import checkpoint_path
-from fmcache.frozen.tokens import LayerSpec, TokenNorm, layer_spec
+from fmcache.frozen.token_layers import LayerSpec, TokenNorm, layer_spec
 
 FAST = ["--lrs", "1e-3,1e-2", "--seeds", "2", "--epochs", "2", "--batch-size", "16", "--no-plots"]
 

@@ -21,7 +21,7 @@ def calibrate_cmd(
     Kept per device in ~/.cache/fmcache/calibration.json ($FMCACHE_CALIBRATION overrides the path); the dry run
     uses this machine's entry, or another with --device-rate NAME.
     """
-    from fmcache.grid.cost import calibrate
+    from fmcache.grid.calibrate import calibrate
 
     entry = calibrate(seconds=seconds, quick=quick, device=device, log=_log)
     console.print(f"calibrated {entry['name']} in {entry['seconds']:.0f} s → {entry['path']}", markup=False,

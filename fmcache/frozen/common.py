@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +15,15 @@ from fmcache.cache.reader import CacheReader
 from fmcache.errors import FmcacheError
 from fmcache.files import atomic_write_bytes, ensure_writable_dir
 from fmcache.frozen.subsets import Subset
+from fmcache.label_efficiency import label_efficiency_folder, label_efficiency_rows
+from fmcache.plots import plot_label_efficiency
 from fmcache.results import (
     RESULT_JSON,
     SUBSETS,
     ResultSource,
     base_settings,
     csv_bytes,
-    label_efficiency_folder,
-    label_efficiency_rows,
     npz_bytes,
-    plot_label_efficiency,
     result_folder,
     safe_name,
     to_jsonable,
@@ -92,7 +92,7 @@ def is_paper_feature(reader: CacheReader, layers: list[int], pools: list[str]) -
 # -- label efficiency (--train-fraction / --train-per-class): what every runner does with its subsets ---------------
 
 
-def subset_plan(reader: CacheReader, spec) -> list[Subset] | None:
+def _subset_plan(reader: CacheReader, spec) -> list[Subset] | None:
     """The spec's subsets, every one drawn and checked before any run; None for a plain run (no subset option)."""
     from fmcache.frozen.subsets import plan
 
@@ -101,6 +101,16 @@ def subset_plan(reader: CacheReader, spec) -> list[Subset] | None:
     return plan(reader.labels("train"), reader.labels("val"), reader.class_names, reader.multilabel,
                 spec.train_fraction or (), spec.train_per_class or (), spec.subset_repeats,
                 spec.val_fraction_follows)  # fmt: skip
+
+
+def over_subsets(reader: CacheReader, spec, protocol: str, run_one: Callable[[Subset | None], dict], log) -> dict:
+    """A runner's whole answer: ``run_one(None)`` for a plain run; with ``--train-fraction``/``--train-per-class``,
+    ``run_one`` per planned subset (all drawn and checked first), then the label-efficiency curve."""
+    subsets = _subset_plan(reader, spec)
+    if subsets is None:
+        return run_one(None)
+    folders = [run_one(subset)["folder"] for subset in subsets]
+    return finish_label_efficiency(reader, spec, protocol, folders, subsets, log)
 
 
 def rows_of(subset: Subset | None, split: str) -> np.ndarray | None:

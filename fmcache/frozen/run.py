@@ -12,14 +12,13 @@ import numpy as np
 from fmcache.cache.reader import CacheReader
 from fmcache.errors import FmcacheError
 from fmcache.frozen.common import (
-    finish_label_efficiency,
     is_paper_feature,
+    over_subsets,
     protocol_dir,
     resolve_metric,
     result_source,
     rows_of,
     subset_drop_last,
-    subset_plan,
     subset_settings,
     subset_source,
     take,
@@ -30,12 +29,9 @@ from fmcache.frozen.features import FeatureSource, resolve_layers, resolve_pool,
 from fmcache.frozen.knn import knn_evaluate, knn_rows
 from fmcache.frozen.specs import CkaSpec, KnnSpec, ProbeSpec
 from fmcache.frozen.subsets import Subset
+from fmcache.plots import plot_knn_vs_k, plot_knn_vs_layer, plot_probe_curves, plot_probe_vs_layer
 from fmcache.progress import progress_bar
 from fmcache.results import (
-    plot_knn_vs_k,
-    plot_knn_vs_layer,
-    plot_probe_curves,
-    plot_probe_vs_layer,
     start_result,
     write_head_grid,
     write_result,
@@ -52,11 +48,7 @@ def run_knn(spec: KnnSpec, progress: bool = False, log=print) -> dict:
     one such folder per (amount, repeat), the bank cut to the subset, then the curve (:func:`finish_label_efficiency`).
     """
     reader = CacheReader(spec.cache)
-    subsets = subset_plan(reader, spec)
-    if subsets is None:
-        return _run_knn(reader, spec, None, log)
-    folders = [_run_knn(reader, spec, subset, log)["folder"] for subset in subsets]
-    return finish_label_efficiency(reader, spec, "knn", folders, subsets, log)
+    return over_subsets(reader, spec, "knn", lambda subset: _run_knn(reader, spec, subset, log), log)
 
 
 def _subset_ks(ks: tuple[int, ...], subset: Subset | None, log) -> tuple[int, ...]:
@@ -157,11 +149,9 @@ def run_probe(spec: ProbeSpec, progress: bool = False, log=print) -> dict:
     (its own z-score statistics and warmup), val stays full unless it follows, then the label-efficiency curve.
     """
     reader = CacheReader(spec.cache)
-    subsets = subset_plan(reader, spec)
-    if subsets is None:
-        return _run_probe(reader, spec, None, progress, log)
-    folders = [_run_probe(reader, spec, subset, progress, log)["folder"] for subset in subsets]
-    return finish_label_efficiency(reader, spec, "probe_linear", folders, subsets, log)
+    return over_subsets(
+        reader, spec, "probe_linear", lambda subset: _run_probe(reader, spec, subset, progress, log), log
+    )
 
 
 def _run_probe(reader: CacheReader, spec: ProbeSpec, subset: Subset | None, progress: bool, log) -> dict:
@@ -259,7 +249,7 @@ def run_cka(spec: CkaSpec, progress: bool = False, log=print) -> dict:
     from fmcache.dist import pick_device
     from fmcache.frozen.cka import compute_cka
     from fmcache.frozen.cka_read import select
-    from fmcache.results import plot_cka_heatmap
+    from fmcache.plots import plot_cka_heatmap
 
     start = time.perf_counter()
     reader = CacheReader(spec.cache)

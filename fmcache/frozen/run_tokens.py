@@ -16,13 +16,12 @@ from fmcache.cache.reader import PAPER_TOKENS, CacheReader
 from fmcache.dist import pick_device
 from fmcache.files import atomic_write_bytes
 from fmcache.frozen.common import (
-    finish_label_efficiency,
+    over_subsets,
     protocol_dir,
     resolve_metric,
     result_source,
     rows_of,
     subset_drop_last,
-    subset_plan,
     subset_settings,
     subset_source,
     views_and_warmup,
@@ -31,18 +30,11 @@ from fmcache.frozen.common import (
 from fmcache.frozen.heads import deit_pretrained_state
 from fmcache.frozen.specs import TokenProbeSpec
 from fmcache.frozen.subsets import Subset
-from fmcache.frozen.tokens import (
-    GridConfig,
-    TokenSplit,
-    check_token_layers,
-    layer_spec,
-    paper_tokens_note,
-    should_preload,
-    token_norm_for,
-    train_token_grid,
-)
+from fmcache.frozen.token_layers import check_token_layers, layer_spec, paper_tokens_note, token_norm_for
+from fmcache.frozen.tokens import GridConfig, TokenSplit, should_preload, train_token_grid
+from fmcache.plots import plot_probe_curves, plot_probe_vs_layer
 from fmcache.progress import progress_bar
-from fmcache.results import csv_bytes, plot_probe_curves, plot_probe_vs_layer, start_result, write_head_grid
+from fmcache.results import csv_bytes, start_result, write_head_grid
 from fmcache.training import check_checkpoint, checkpoint_position
 
 EVAL = ("train", "val", "test")
@@ -70,11 +62,9 @@ def run_token_probe(spec: TokenProbeSpec, progress: bool = False, log=print) -> 
     """Token heads (``deit`` or ``attentive``) for the LR × seed grid on each requested cached token layer; with
     ``--train-fraction``/``--train-per-class`` one folder per (amount, repeat), then the label-efficiency curve."""
     reader = CacheReader(spec.cache)
-    subsets = subset_plan(reader, spec)
-    if subsets is None:
-        return _run_token_probe(reader, spec, None, progress, log)
-    folders = [_run_token_probe(reader, spec, subset, progress, log)["folder"] for subset in subsets]
-    return {**finish_label_efficiency(reader, spec, f"probe_{spec.head}", folders, subsets, log), "head": spec.head}
+    answer = over_subsets(reader, spec, f"probe_{spec.head}",
+                          lambda subset: _run_token_probe(reader, spec, subset, progress, log), log)  # fmt: skip
+    return {**answer, "head": spec.head}
 
 
 def _run_token_probe(reader: CacheReader, spec: TokenProbeSpec, subset: Subset | None, progress: bool, log) -> dict:
@@ -99,22 +89,16 @@ def _run_token_probe(reader: CacheReader, spec: TokenProbeSpec, subset: Subset |
     stem = f"probe_{head}"
     # what names the folder: every setting that changes the numbers (not passes, preload, workers or device, which
     # only change how they are computed; the checkpoint still records those and refuses a resume across them)
-    settings = {"head": head, "lrs": [float(x) for x in lrs], "seeds": seed_list, "epochs": epochs,
-                "batch_size": batch_size, "drop_last": spec.drop_last, "layers": layers, "metric": metric,
-                "weight_decay": spec.weight_decay,
-                "schedule": schedule, **warmup, "token_norm": norm,
-                "head_weights": weights_record,
-                "head_depth": head_depth if head == "deit" else None,
-                "views": {"used": with_views, "k": reader.views_k if with_views else 0},
-                **subset_settings(subset)}  # fmt: skip
+    shared = {"head": head, "lrs": [float(x) for x in lrs], "seeds": seed_list, "epochs": epochs,
+              "batch_size": batch_size, "drop_last": spec.drop_last, "metric": metric,
+              "weight_decay": spec.weight_decay, "schedule": schedule, "token_norm": norm,
+              "head_weights": weights_record, "head_depth": head_depth if head == "deit" else None,
+              **subset_settings(subset)}  # fmt: skip
+    settings = {**shared, **warmup, "layers": layers,
+                "views": {"used": with_views, "k": reader.views_k if with_views else 0}}  # fmt: skip
     folder = protocol_dir(reader, spec.out, stem, settings)
-    common = {"cache_key": reader.key, "head": head, "lrs": [float(x) for x in lrs], "seeds": seed_list,
-              "epochs": epochs, "batch_size": batch_size, "drop_last": spec.drop_last,
-              "weight_decay": spec.weight_decay, "schedule": schedule,
-              "warmup": warmup, "metric": metric, "head_weights": weights_record,
-              "head_depth": head_depth if head == "deit" else None,
-              "token_norm": norm, "heads_per_pass": heads_per_pass, "device": dev.type,
-              "views": reader.views_k if with_views else 0, **subset_settings(subset)}  # fmt: skip
+    common = {**shared, "cache_key": reader.key, "warmup": warmup, "heads_per_pass": heads_per_pass,
+              "device": dev.type, "views": reader.views_k if with_views else 0}  # fmt: skip
     ckpt_settings = {n: {**common, "layer": n} for n in layers}
     resumes = {}
     if spec.resume:  # refuse a mismatched checkpoint before anything is trained or written

@@ -189,7 +189,9 @@ def _row(title: str, n: int, ours, seed, width: int) -> str:
 
 def print_cost(jobs: list[Job], splits: dict[str, DataSize | None], log: Log) -> dict:
     """Log the cost of ``jobs`` per job (or per kind and model) and in total, the seed's beside it; returns it."""
-    from fmcache.grid.cost import Cost, Counts, Estimator, as_dict, count_text, duration, resolve_rates, si
+    from fmcache.grid.cost import Cost, Estimator, as_dict, count_text, duration, si
+    from fmcache.grid.flops import Counts
+    from fmcache.grid.rates import resolve_rates
 
     rates = resolve_rates(DEVICE_RATE.get(), log)
     counts = Counts()

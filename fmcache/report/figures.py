@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fmcache.plots import new_figure, plot_cka_heatmap, save_png
 from fmcache.report.paper import MODEL_SIZE_FAMILY, OUTPUTS
 from fmcache.report.tables import HEAD_NAMES, head_cells, ordered_datasets, ordered_models
-from fmcache.results import new_figure, plot_cka_heatmap, safe_name, save_png
+from fmcache.results import safe_name
 
 # per-layer curves: the DeiT head's is the paper's Fig. 5; the others are the report's extras
 LAYER_PROTOCOLS = {"probe_deit": ("fig5_decapitation", "DeiT head per block (decapitation)"),
@@ -312,7 +313,9 @@ def _chosen_layer(rows: Sequence[dict]) -> str:
 def label_efficiency(docs: Sequence[dict], out: Path) -> list[Figure]:
     """Test metric against the labelled train amount (``--train-fraction`` runs), one figure per dataset and metric,
     one line per model and head (a multi-layer run at the layer chosen on val), mean ± std over repeats × seeds."""
-    from fmcache.results import base_settings, label_efficiency_rows, plot_label_efficiency, settings_hash, train_subset
+    from fmcache.label_efficiency import label_efficiency_rows
+    from fmcache.plots import plot_label_efficiency
+    from fmcache.results import base_settings, settings_hash, train_subset
 
     curves: dict[tuple, dict[tuple, list[dict]]] = {}
     for doc in docs:
