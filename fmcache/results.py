@@ -127,8 +127,9 @@ def find_results(root: Path, problems: list[tuple[Path, str]] | None = None) -> 
     return found
 
 
-def check_predictions(document: Mapping) -> Path | None:
-    """The ``predictions.npz`` of a result, checked against the sha256 its ``result.json`` records.
+def check_predictions(document: Mapping) -> bytes | None:
+    """The bytes of a result's ``predictions.npz``, checked against the sha256 its ``result.json`` records (read
+    once: the caller parses these bytes, not the file again).
 
     None when the result has no predictions file; a file that is not the one the run wrote (edited, swapped,
     damaged) is one error line naming it, so it never turns into different confidence intervals.
@@ -136,13 +137,14 @@ def check_predictions(document: Mapping) -> Path | None:
     path = Path(document["folder"]) / PREDICTIONS
     if not path.is_file():
         return None
+    data = path.read_bytes()
     recorded = document.get("predictions_sha256")
-    if recorded and hashlib.sha256(path.read_bytes()).hexdigest() != recorded:
+    if recorded and hashlib.sha256(data).hexdigest() != recorded:
         raise FmcacheError(
             f"{path} does not match the sha256 its result.json records: it was changed after the run; rerun that "
             "evaluation (or remove its folder)"
         )
-    return path
+    return data
 
 
 def to_jsonable(obj):

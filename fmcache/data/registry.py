@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from fmcache.data import aptos, chexpert, isic
 from fmcache.data._io import resolve_root
 from fmcache.data.aptos import load_aptos2019
 from fmcache.data.chexpert import load_chexpert
@@ -55,7 +56,7 @@ DATASETS: dict[str, DatasetSpec] = {
             ((0.415, 0.221, 0.073), (0.275, 0.150, 0.081)),
             metric="qwk",
             official_images=3662,
-            classes=5,
+            classes=len(aptos.CLASS_NAMES),
         ),
         DatasetSpec("cbis_ddsm", load_cbis_ddsm, "CBIS-DDSM mammograms, binary", _gray(0.286, 0.267), "auc", 10239, 2),
         DatasetSpec(
@@ -65,10 +66,16 @@ DATASETS: dict[str, DatasetSpec] = {
             ((0.6678, 0.5296, 0.5243), (0.2238, 0.2036, 0.2154)),
             metric="macro_recall",
             official_images=25331,
-            classes=8,
+            classes=len(isic.CLASS_NAMES),
         ),
         DatasetSpec(
-            "chexpert", load_chexpert, "CheXpert chest X-rays, 14 labels", _gray(0.503, 0.292), "mean_auc", 224316, 14
+            "chexpert",
+            load_chexpert,
+            "CheXpert chest X-rays, 14 labels",
+            _gray(0.503, 0.292),
+            "mean_auc",
+            224316,
+            len(chexpert.OBSERVATIONS),
         ),
         DatasetSpec("csv", load_csv, "any images listed in a CSV manifest", None),
         DatasetSpec("imagefolder", load_imagefolder, "any images in class folders", None),

@@ -114,7 +114,7 @@ class FineTuneModel(nn.Module):
     def train(self, mode: bool = True) -> FineTuneModel:
         """Train mode for what trains, eval mode for what is frozen (the seed's ``backbone.eval()`` while frozen)."""
         super().train(mode)
-        if not mode or (self.freeze == "none" and self.method == "full"):
+        if not mode or self.embed_trainable:
             return self  # --freeze none: the whole foundation trains, as the seed's freeze_backbone=false
         self.foundation.eval()
         if self.stages is not None:

@@ -115,6 +115,18 @@ class TimmAdapter(nn.Module):
         return "stages (stem + 4 stages)" if isinstance(self.model, ResNet) else "stages"
 
 
+def open_clip_pool(visual: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's own pooling of last-block tokens ``h``: (pooled, the pooler's other tokens). CLIP: ln_post(CLS)
+    @ proj; CoCa: the attention pooler's contrastive token @ proj, and its other outputs."""
+    pooled, pool_tokens = visual._pool(h)
+    return (pooled @ visual.proj if visual.proj is not None else pooled), pool_tokens
+
+
+def coca_head_tokens(pooled: torch.Tensor, pool_tokens: torch.Tensor) -> torch.Tensor:
+    """The follow-up's CoCa input to the DeiT head: the projected contrastive token, then the pooler's others."""
+    return torch.cat([pooled[:, None], pool_tokens], dim=1)
+
+
 class OpenClipAdapter(nn.Module):
     """open_clip vision towers; the pooled output is CLIP's projection or CoCa's attention pooler."""
 
@@ -135,13 +147,10 @@ class OpenClipAdapter(nn.Module):
         tokens = [torch.cat([p, t], dim=1) for p, t in zip(prefix, out["image_intermediates"], strict=True)]
         normed = [_norm_tokens(self.final_norm, t) for t in tokens]
         # open_clip's own pooling of the last block (CLIP: ln_post(CLS) @ proj; CoCa: attention pooler, ln_post)
-        pooled, pool_tokens = self.visual._pool(tokens[-1])
-        if self.visual.proj is not None:
-            pooled = pooled @ self.visual.proj
+        pooled, pool_tokens = open_clip_pool(self.visual, tokens[-1])
         head_tokens = None
-        if getattr(self.visual, "attn_pool", None) is not None:
-            # the follow-up's CoCa input to the DeiT head: the projected contrastive token, then the pooler's others
-            head_tokens = torch.cat([pooled[:, None], pool_tokens], dim=1)
+        if getattr(self.visual, "attn_pool", None) is not None:  # CoCa
+            head_tokens = coca_head_tokens(pooled, pool_tokens)
         return tokens, normed, pooled, head_tokens
 
     root_attr = "visual"

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from fmcache.models.foundation import Foundation
 
 from fmcache.errors import FmcacheError
+from fmcache.models.backends import coca_head_tokens, open_clip_pool
 
 
 class Stages:
@@ -173,17 +174,13 @@ class OpenClipStages(Stages):
         # CLIP's projection / CoCa's attention pooler is defined on the last block only; a decapitated CLIP
         # gives its CLS after ln_post instead
         if self.foundation.spec.pooled == "pooled" and last:
-            pooled, _ = self.root._pool(h)
-            return pooled @ self.root.proj if self.root.proj is not None else pooled
+            return open_clip_pool(self.root, h)[0]
         return self.norm(h)[:, 0]
 
     def deit_tokens(self, h: torch.Tensor) -> torch.Tensor:
         if self.foundation.spec.head_tokens != "pooler":
             return super().deit_tokens(h)
-        # CoCa (the follow-up): the projected contrastive token, then the attention pooler's other outputs
-        pooled, tokens = self.root._pool(h)
-        pooled = pooled @ self.root.proj if self.root.proj is not None else pooled
-        return torch.cat([pooled[:, None], tokens], dim=1)
+        return coca_head_tokens(*open_clip_pool(self.root, h))  # CoCa (the follow-up)
 
 
 class BlipStages(Stages):

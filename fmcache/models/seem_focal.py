@@ -167,14 +167,12 @@ class FocalStage(nn.Module):
     """A stage's blocks and, except for the last stage, the downsampling that feeds the next one."""
 
     def __init__(
-        self, dim: int, depth: int, focal_level: int, focal_window: int, mlp_ratio: float, downsample: bool,
-        drop_path: Sequence[float] = (),
+        self, dim: int, focal_level: int, focal_window: int, mlp_ratio: float, downsample: bool,
+        drop_path: Sequence[float],
     ):  # fmt: skip
         super().__init__()
-        rates = list(drop_path) or [0.0] * depth
-        self.blocks = nn.ModuleList(
-            FocalBlock(dim, focal_level, focal_window, mlp_ratio, rates[j]) for j in range(depth)
-        )
+        # one block per drop-path rate (the stage's share of the network's linspace)
+        self.blocks = nn.ModuleList(FocalBlock(dim, focal_level, focal_window, mlp_ratio, rate) for rate in drop_path)
         self.downsample = ConvEmbed(dim, 2 * dim, kernel=3, stride=2) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,10 +203,9 @@ class SeemFocalNet(nn.Module):
         self.patch_embed = ConvEmbed(in_chans, embed_dim, kernel=7, stride=4)
         # the seed's stochastic depth decay rule: linspace(0, rate) over every block, in order
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        starts = [sum(depths[:i]) for i in range(n)]
         self.layers = nn.ModuleList(
-            FocalStage(self.num_features[i], depths[i], focal_levels[i], focal_windows[i], mlp_ratio, i < n - 1,
-                       rates[starts[i] : starts[i] + depths[i]])
+            FocalStage(self.num_features[i], focal_levels[i], focal_windows[i], mlp_ratio, i < n - 1,
+                       rates[sum(depths[:i]) : sum(depths[: i + 1])])
             for i in range(n)
         )  # fmt: skip
         for i, width in enumerate(self.num_features):  # per-stage output norms, named norm0..norm{n-1}

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from fmcache.plots import new_figure, plot_cka_heatmap, save_png
-from fmcache.report.paper import MODEL_SIZE_FAMILY, OUTPUTS
-from fmcache.report.tables import HEAD_NAMES, head_cells, ordered_datasets, ordered_models
+from fmcache.report.paper import MODEL_SIZE_FAMILY, OUTPUTS, freeze_of
+from fmcache.report.tables import HEAD_NAMES, cka_model_b, doc_outputs, head_cells, ordered_datasets, ordered_models
 from fmcache.results import safe_name
 
 # per-layer curves: the DeiT head's is the paper's Fig. 5; the others are the report's extras
@@ -127,7 +127,7 @@ def knn_vs_k(docs: Sequence[dict], out: Path) -> list[Figure]:
 
 def _frozen_blocks(settings: dict) -> int | None:
     """K of ``--freeze K`` (0 is the seed's cutoff 0: every block trains, embeddings frozen); None otherwise."""
-    text = str(settings.get("freeze", "none"))
+    text = freeze_of(settings)
     return int(text) if text.isdigit() else None
 
 
@@ -151,7 +151,7 @@ def frozen_blocks(docs: Sequence[dict], out: Path) -> list[Figure]:
             if k is not None:
                 lines.setdefault(label, {})[k] = (summary["test_mean"], summary.get("test_std") or 0.0)
                 metric = doc.get("metric")
-            elif str(settings.get("freeze", "none")) == "none":
+            elif freeze_of(settings) == "none":
                 unfrozen[label] = summary["test_mean"]
         if not lines:
             continue
@@ -168,22 +168,9 @@ def frozen_blocks(docs: Sequence[dict], out: Path) -> list[Figure]:
     return figures
 
 
-def cka_model_b(doc: dict) -> str | None:
-    """The second model of a two-cache CKA (None for a self-CKA)."""
-    settings = doc.get("settings") or {}
-    details = doc.get("details") or {}
-    model_b = settings.get("model_b") or (details.get("cache_b") or {}).get("model")
-    key_b = settings.get("cache_b_key") or (details.get("cache_b") or {}).get("cache_key")
-    if key_b is None or key_b == doc.get("cache_key"):
-        return None
-    return model_b
-
-
 def cka_heatmaps(docs: Sequence[dict], out: Path) -> list[Figure]:
     """Every CKA matrix as a heatmap: one model before and after fine-tuning is the paper's Fig. 7 (two caches of
     the same model); a cache against itself or another model is the report's extra."""
-    from fmcache.report.tables import doc_outputs
-
     figures = []
     for doc in docs:
         if doc.get("protocol") != "cka":

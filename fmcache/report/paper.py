@@ -44,7 +44,8 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _freeze(options: Mapping) -> str:
+def freeze_of(options: Mapping) -> str:
+    """A fine-tune's ``freeze`` setting as text (``none`` when absent or null): ``none``, ``all`` or K."""
     freeze = options.get("freeze", "none")
     return "none" if freeze is None else str(freeze)
 
@@ -78,7 +79,7 @@ def outputs_of(protocol: str, options: Mapping, model: str, img_size: int | None
         if len(layers) > 1 or layers == ["all"]:
             out.append("fig5_decapitation")
     elif protocol.startswith("finetune"):
-        freeze = _freeze(options)
+        freeze = freeze_of(options)
         if options.get("drop_after") is not None:
             out.append("fig5_decapitation")
         elif freeze == "none":

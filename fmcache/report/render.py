@@ -47,7 +47,9 @@ def parse_formats(text: str) -> list[str]:
     return [f for f in FORMATS if f in asked or f in ALWAYS]
 
 
-def ci_table(docs: Sequence[dict], cis: dict[str, dict], absent: Sequence[str] = ()) -> Table:
+def ci_table(
+    docs: Sequence[dict], cis: dict[str, dict], absent: Sequence[str] = (), skipped: Sequence[str] = ()
+) -> Table:
     by_folder = {d["folder"]: d for d in docs}
     header = ["dataset", "model", "protocol", "metric", "point", "95 % CI", "n test"]
     rows, records = [], []
@@ -66,9 +68,7 @@ def ci_table(docs: Sequence[dict], cis: dict[str, dict], absent: Sequence[str] =
     resamples = next((c["resamples"] for c in cis.values() if "resamples" in c), stats.RESAMPLES)
     notes = [f"Percentile bootstrap over test samples ({resamples} resamples, seeded) of the seed-mean test metric."]
     notes += [f"Not in the bootstrap (no predictions.npz): {folder}." for folder in absent]
-    skipped = next((d.get("_skipped") for d in docs if d.get("_skipped")), None)
-    if skipped:
-        notes += [f"Skipped, unreadable: {item}." for item in skipped]
+    notes += [f"Skipped, unreadable: {item}." for item in skipped]
     return Table("supp_bootstrap_ci", "Supplementary: 95 % bootstrap confidence intervals of the table cells", header,
                  rows, records, notes)  # fmt: skip
 
@@ -89,7 +89,9 @@ def paired_table(rows_in: list[dict]) -> Table:
                  notes)  # fmt: skip
 
 
-def build_tables(docs: Sequence[dict], resamples: int, seed: int, log=print) -> list[Table]:
+def build_tables(
+    docs: Sequence[dict], resamples: int, seed: int, log=print, skipped: Sequence[str] = ()
+) -> list[Table]:
     """The paper's tables in its order, then the supplementary ones (CIs name what they leave out)."""
     from fmcache.results import check_predictions
 
@@ -100,11 +102,12 @@ def build_tables(docs: Sequence[dict], resamples: int, seed: int, log=print) -> 
     # each predictions.npz once, checked against its recorded sha256: the CIs and the paired tests read the same arrays
     predictions, absent = {}, []
     for folder, doc in chosen.items():
-        if check_predictions(doc) is None:
+        data = check_predictions(doc)
+        if data is None:
             absent.append(folder)
             log(f"warning: {folder} has no predictions.npz; its cell is shown but it is not in the bootstrap")
             continue
-        predictions[folder] = stats.load_predictions(folder)
+        predictions[folder] = stats.load_predictions(folder, data=data)
     with_pred = [doc for folder, doc in chosen.items() if folder in predictions]
     cis = stats.cell_cis(with_pred, resamples, seed, predictions)
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -117,8 +120,8 @@ def build_tables(docs: Sequence[dict], resamples: int, seed: int, log=print) -> 
         if doc["folder"] in predictions:
             groups.setdefault((column.label(True), "Fig. 2 k-NN"), []).append(doc)
     tests = stats.paired_tests(groups, resamples, seed, predictions)
-    tables = [head_table(docs, key, regimes, cis) for key, regimes in HEAD_TABLES.items()]
-    tables += [knn_table(docs, cis), timing_table(docs), ci_table(docs, cis, absent), paired_table(tests)]
+    tables = [head_table(docs, key, regimes, cis, head[key]) for key, regimes in HEAD_TABLES.items()]
+    tables += [knn_table(docs, cis, knn), timing_table(docs), ci_table(docs, cis, absent, skipped), paired_table(tests)]
     return tables
 
 
@@ -228,12 +231,12 @@ def build_report(
     """Write the report of every complete result under ``results`` into ``out``; returns the files written."""
     if resamples < 1:
         raise FmcacheError(f"--resamples must be at least 1, got {resamples}")
-    docs = load_results(results, log)
+    docs, skipped = load_results(results, log)
     # label-efficiency runs (a train subset) draw their own curves and never fill a cell of the paper's outputs
     subset_docs = [d for d in docs if train_subset(d) is not None]
     docs = [d for d in docs if train_subset(d) is None]
     out = ensure_writable_dir(Path(out))
-    tables = build_tables(docs, resamples, seed, log)
+    tables = build_tables(docs, resamples, seed, log, skipped)
     figures = all_figures(docs, out / "figures") + label_efficiency(subset_docs, out / "figures")
     written: list[Path] = []
 

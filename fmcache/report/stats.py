@@ -38,19 +38,21 @@ class Predictions:
         return Predictions(self.ids[index], self.labels[index], self.scores[:, index])
 
 
-def load_predictions(folder: Path | str, split: str = "test") -> Predictions | None:
-    """The saved predictions of ``split`` in a result folder, or None when the evaluation saved none (CKA).
+def load_predictions(folder: Path | str, split: str = "test", data: bytes | None = None) -> Predictions | None:
+    """The saved predictions of ``split`` in a result folder (parsed from ``data``, its bytes, when the caller has
+    read them already), or None when the evaluation saved none (CKA).
 
     A file that cannot be read (a flipped byte, a truncated copy) is one error line naming it.
     """
+    import io
     import zipfile
     import zlib
 
     path = Path(folder) / "predictions.npz"
-    if not path.is_file():
+    if data is None and not path.is_file():
         return None
     try:
-        with np.load(path) as npz:
+        with np.load(path if data is None else io.BytesIO(data)) as npz:
             if f"{split}_scores" not in npz:
                 return None
             scores = np.asarray(npz[f"{split}_scores"], dtype=np.float64)

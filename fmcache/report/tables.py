@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fmcache.errors import FmcacheError
-from fmcache.report.paper import OUTPUTS, outputs_of
+from fmcache.report.paper import OUTPUTS, freeze_of, outputs_of
 
 MISSING = "–"
 FEWER_SEEDS = "†"
@@ -44,9 +44,9 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
 
-def load_results(root: Path, log=print) -> list[dict]:
-    """Every complete result under ``root``; unreadable ``result.json`` files are named (``log``), not hidden; no
-    results at all is a user error (exit 2), not an empty report."""
+def load_results(root: Path, log=print) -> tuple[list[dict], list[str]]:
+    """Every complete result under ``root``, and the unreadable ``result.json`` files (``path (why)``), which are
+    also named through ``log``, not hidden; no results at all is a user error (exit 2), not an empty report."""
     from fmcache.results import find_results
 
     root = Path(root)
@@ -60,9 +60,7 @@ def load_results(root: Path, log=print) -> list[dict]:
         raise FmcacheError(
             f"no results under {root}: no folder holds a complete result.json; run `fmcache grid CONFIG.yaml` first"
         )
-    for doc in found:
-        doc["_skipped"] = [f"{p} ({why})" for p, why in problems]
-    return found
+    return found, [f"{p} ({why})" for p, why in problems]
 
 
 def ordered_datasets(docs: Iterable[dict]) -> list[str]:
@@ -98,10 +96,20 @@ def doc_outputs(doc: dict) -> list[str]:
     return outputs_of(doc.get("protocol", ""), settings, doc.get("model", ""), doc.get("img_size"))
 
 
-def _cka_same_model(doc: dict) -> bool:
+def cka_model_b(doc: dict) -> str | None:
+    """The second model of a two-cache CKA (None for a self-CKA)."""
     settings = doc.get("settings") or {}
-    key_b = settings.get("cache_b_key")
-    return key_b is not None and key_b != doc.get("cache_key") and settings.get("model_b") == doc.get("model")
+    details = doc.get("details") or {}
+    model_b = settings.get("model_b") or (details.get("cache_b") or {}).get("model")
+    key_b = settings.get("cache_b_key") or (details.get("cache_b") or {}).get("cache_key")
+    if key_b is None or key_b == doc.get("cache_key"):
+        return None
+    return model_b
+
+
+def _cka_same_model(doc: dict) -> bool:
+    """A CKA of one model's two caches (before and after fine-tuning: Fig. 7)."""
+    return cka_model_b(doc) == doc.get("model")
 
 
 @dataclass(frozen=True, order=True)
@@ -163,12 +171,11 @@ def pick(candidates: Sequence[dict]) -> dict | None:
 
 
 def _regime(doc: dict) -> str:
-    return "fine-tuned" if doc["protocol"].startswith("finetune") and _freeze(doc) == "none" else "frozen"
-
-
-def _freeze(doc: dict) -> str:
-    freeze = (doc.get("settings") or {}).get("freeze", "none")
-    return "none" if freeze is None else str(freeze)
+    return (
+        "fine-tuned"
+        if doc["protocol"].startswith("finetune") and freeze_of(doc.get("settings") or {}) == "none"
+        else "frozen"
+    )
 
 
 def head_cells(docs: Sequence[dict], output: str) -> dict[tuple, tuple[dict, int]]:
@@ -196,9 +203,12 @@ def cell_text(summary: dict) -> str:
     return text + (FEWER_SEEDS if fewer_seeds(summary) else "")
 
 
-def head_table(docs: Sequence[dict], output: str, regimes: Sequence[str], cis: dict | None = None) -> Table:
-    """Rows = models; columns = (dataset, metric, split) × head (× regime); test mean ± std at the best val LR."""
-    cells = head_cells(docs, output)
+def head_table(
+    docs: Sequence[dict], output: str, regimes: Sequence[str], cis: dict | None = None, cells: dict | None = None
+) -> Table:
+    """Rows = models; columns = (dataset, metric, split) × head (× regime); test mean ± std at the best val LR.
+    ``cells``: :func:`head_cells` of ``docs`` when the caller has them already."""
+    cells = head_cells(docs, output) if cells is None else cells
     used = [d for d, _ in cells.values()]
     columns, several = columns_of(used)
     models = ordered_models(used)
@@ -283,10 +293,10 @@ def knn_cells(docs: Sequence[dict]) -> dict[tuple[str, Column], tuple[dict, int]
     }
 
 
-def knn_table(docs: Sequence[dict], cis: dict[str, dict] | None = None) -> Table:
+def knn_table(docs: Sequence[dict], cis: dict[str, dict] | None = None, cells: dict | None = None) -> Table:
     """Fig. 2's data: rows = models, columns = (dataset, metric, split); each cell the test metric at the k and layer
-    chosen on val, with k and T."""
-    cells = knn_cells(docs)
+    chosen on val, with k and T (``cells``: :func:`knn_cells` of ``docs`` when the caller has them already)."""
+    cells = knn_cells(docs) if cells is None else cells
     columns, several = columns_of([d for d, _ in cells.values()])
     models = ordered_models([d for d, _ in cells.values()])
     header = ["model"] + [c.label((c.dataset, c.metric) in several) for c in columns]
