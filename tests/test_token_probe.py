@@ -330,3 +330,26 @@ def test_paper_tokens_are_cached_and_probed_as_the_paper_feeds_them(aptos_root, 
         plain = run_extract(ExtractSpec(**spec_kwargs(aptos_root, tmp_path / "c2", tokens="last", limit=8)),
                             progress=False, log=lambda m: None)  # fmt: skip
         token_probe(CacheReader(plain), tmp_path / "r", layer="paper", **options)
+
+
+def test_verify_knows_the_paper_tokens(aptos_root, tmp_path):
+    """``tokens/paper`` is a dataset the manifest promises: verify names a shard that lacks it."""
+    import h5py
+
+    from fmcache.cache.manifest import read_manifest
+    from fmcache.cache.verify import verify_cache
+    from fmcache.extract.plan import ExtractSpec
+    from fmcache.extract.run import run_extract
+    from tests.conftest import spec_kwargs
+
+    folder = run_extract(ExtractSpec(**spec_kwargs(aptos_root, tmp_path / "c", tokens="paper", limit=8)),
+                         progress=False, log=lambda m: None)  # fmt: skip
+    assert not verify_cache(folder, full=False).damaged
+    first = sorted(folder.glob("shard-*.h5"))[0]
+    with h5py.File(first, "a") as fh:
+        del fh["tokens/paper"]
+    manifest = read_manifest(folder)
+    for entry in manifest["shards"]:
+        entry.pop("size")  # the sizes no longer match either; check the layout problem itself
+    problems = {c.file: c.problem for c in verify_cache(folder, full=False, manifest=manifest).damaged}
+    assert "lacks dataset tokens/paper" in problems[first.name]

@@ -17,6 +17,7 @@ import torch
 
 from fmcache.cache.manifest import read_manifest
 from fmcache.cache.messages import damaged_shard
+from fmcache.cache.shards import PAPER_TOKENS, token_dataset
 from fmcache.cache.verify import quick_problems
 from fmcache.cache.views import no_views_error, views_k
 from fmcache.errors import FmcacheError
@@ -339,14 +340,6 @@ class CacheReader:
                 "extract again with --tokens including it"
             )
         return TokenDataset(self, split, number)
-
-
-PAPER_TOKENS = "paper"  # the token "layer" that holds what the paper's DeiT head reads
-
-
-def token_dataset(layer: int | str) -> str:
-    """The shard dataset of a token layer: ``tokens/layer_XX``, or ``tokens/paper``."""
-    return "tokens/paper" if layer == PAPER_TOKENS else f"tokens/layer_{int(layer):02d}"
 
 
 class TokenDataset(torch.utils.data.Dataset):

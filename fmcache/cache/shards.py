@@ -39,6 +39,32 @@ import numpy as np
 from fmcache.files import disk_error, sha256_file
 
 SHARD_RE = re.compile(r"^shard-(\d{5})\.h5$")
+PAPER_TOKENS = "paper"  # the token "layer" that holds what the paper's DeiT head reads (``--tokens paper``)
+
+
+def token_dataset(layer: int | str) -> str:
+    """The shard dataset of a token layer: ``tokens/layer_XX``, or ``tokens/paper``."""
+    return "tokens/paper" if layer == PAPER_TOKENS else f"tokens/layer_{int(layer):02d}"
+
+
+def feature_datasets(model: dict) -> dict[str, tuple[int, ...]]:
+    """Name → shape after the row axis of every feature dataset a shard holds, from the manifest's ``model`` entry
+    (the ``views/`` group holds the same names with a K axis first)."""
+    width = max(int(d) for d in model["layer_dims"])
+    out: dict[str, tuple[int, ...]] = {}
+    for pool in model["pools"]:
+        if pool == "paper":
+            if "paper_dim" in model:
+                out["pooled/paper"] = (int(model["paper_dim"]),)
+        else:
+            out[f"pooled/{pool}"] = (int(model["num_layers"]), width)
+    for layer in model.get("token_layers", []):
+        shape = model.get("token_shapes", {}).get(str(layer))
+        if shape is not None:
+            out[token_dataset(layer)] = tuple(int(d) for d in shape)
+    if "paper_token_shape" in model:
+        out[token_dataset(PAPER_TOKENS)] = tuple(int(d) for d in model["paper_token_shape"])
+    return out
 
 
 def shard_name(index: int) -> str:

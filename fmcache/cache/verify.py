@@ -21,7 +21,7 @@ import numpy as np
 from fmcache.cache.lock import CacheLock
 from fmcache.cache.manifest import MANIFEST, read_manifest, shard_entries, write_manifest
 from fmcache.cache.messages import one_line, repair_hint
-from fmcache.cache.shards import finished_shards, shard_name
+from fmcache.cache.shards import feature_datasets, finished_shards, shard_name
 from fmcache.cache.views import IDS as VIEW_IDS
 from fmcache.cache.views import views_datasets, views_k
 from fmcache.errors import FmcacheError
@@ -78,23 +78,12 @@ def expected_datasets(manifest: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     """Dataset name → (shape after the row axis, dtype) that every non-empty shard of this cache holds."""
     model, data = manifest["model"], manifest["dataset"]
     feat = "float16" if manifest.get("dtype", "fp16") == "fp16" else "float32"
-    width = max(model["layer_dims"])
     out: dict[str, tuple[tuple[int, ...], str]] = {
         "ids": ((), "int64"),
         "split": ((), "int8"),
         "labels": (((len(data["class_names"]),), "float32") if data["multilabel"] else ((), "int64")),
     }
-    for pool in model["pools"]:
-        if pool == "paper":
-            if "paper_dim" in model:
-                out["pooled/paper"] = ((int(model["paper_dim"]),), feat)
-        else:
-            out[f"pooled/{pool}"] = ((int(model["num_layers"]), width), feat)
-    for layer in model.get("token_layers", []):
-        shape = model.get("token_shapes", {}).get(str(layer))
-        if shape is not None:
-            out[f"tokens/layer_{int(layer):02d}"] = (tuple(int(d) for d in shape), feat)
-    return out
+    return out | {name: (shape, feat) for name, shape in feature_datasets(model).items()}
 
 
 def _layout_problem(fh: h5py.File, manifest: dict, index: int, n_listed: int | None) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fmcache.cache.shards import feature_datasets
 from fmcache.errors import FmcacheError
 
 GROUP = "views"
@@ -31,21 +32,7 @@ def views_k(manifest: dict) -> int:
 
 def views_datasets(model: dict, k: int) -> dict[str, tuple[int, ...]]:
     """Name → shape after the row axis of every ``views/`` feature dataset, from the manifest's ``model`` entry."""
-    width = max(int(d) for d in model["layer_dims"])
-    out: dict[str, tuple[int, ...]] = {}
-    for pool in model["pools"]:
-        if pool == "paper":
-            if "paper_dim" in model:
-                out[f"{GROUP}/pooled/paper"] = (k, int(model["paper_dim"]))
-        else:
-            out[f"{GROUP}/pooled/{pool}"] = (k, int(model["num_layers"]), width)
-    for layer in model.get("token_layers", []):
-        shape = model.get("token_shapes", {}).get(str(layer))
-        if shape is not None:
-            out[f"{GROUP}/tokens/layer_{int(layer):02d}"] = (k, *(int(d) for d in shape))
-    if "paper_token_shape" in model:
-        out[f"{GROUP}/tokens/paper"] = (k, *(int(d) for d in model["paper_token_shape"]))
-    return out
+    return {f"{GROUP}/{name}": (k, *shape) for name, shape in feature_datasets(model).items()}
 
 
 def views_batch_arrays(

@@ -17,6 +17,7 @@ import numpy as np
 
 from fmcache.cache.folder import CacheFolder
 from fmcache.cache.key import SCHEMA_VERSION, cache_key
+from fmcache.cache.shards import PAPER_TOKENS
 from fmcache.cache.views import SEED as VIEWS_SEED
 from fmcache.config import as_path, check_int
 from fmcache.data import DatasetIndex, build_transform, dataset_norm, load_dataset
@@ -120,9 +121,6 @@ def resolve_norm(spec: ExtractSpec) -> tuple[tuple[float, ...], tuple[float, ...
             return model_spec.mean, model_spec.std, "model"
         return norm[0], norm[1], "dataset"
     raise FmcacheError(f"unknown --norm '{spec.norm}'; use dataset or model")
-
-
-PAPER_TOKENS = "paper"  # --tokens paper: what the paper's DeiT head reads (the registry's head_tokens rule)
 
 
 def parse_tokens(tokens: str) -> str | list:

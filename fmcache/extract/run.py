@@ -19,7 +19,14 @@ from torch.utils.data import DataLoader, Dataset
 import fmcache
 from fmcache.cache.key import SCHEMA_VERSION
 from fmcache.cache.lock import CacheLock
-from fmcache.cache.shards import BackgroundWriter, ShardWriter, finished_shards, remove_orphans
+from fmcache.cache.shards import (
+    PAPER_TOKENS,
+    BackgroundWriter,
+    ShardWriter,
+    finished_shards,
+    remove_orphans,
+    token_dataset,
+)
 from fmcache.cache.views import SEED as VIEWS_SEED
 from fmcache.cache.views import views_batch_arrays
 from fmcache.data import ImageDataset, default_metric
@@ -49,9 +56,9 @@ def pack_outputs(
     if out.pooled_cls is not None:
         arrays["pooled/cls"] = _stack_padded(out.pooled_cls, width)
     for number in layers_tok:
-        arrays[f"tokens/layer_{number:02d}"] = out.tokens[number - 1]
+        arrays[token_dataset(number)] = out.tokens[number - 1]
     if paper_tokens:
-        arrays["tokens/paper"] = out.head_tokens
+        arrays[token_dataset(PAPER_TOKENS)] = out.head_tokens
     packed = {k: v.to(dtype) for k, v in arrays.items()}
     bad = [k for k, v in packed.items() if not bool(torch.isfinite(v).all())]
     if bad:  # fp16 tops out at 65504; inf would turn into NaN after L2 normalisation downstream

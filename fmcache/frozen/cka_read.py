@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 
 from fmcache.cache.reader import SPLIT_CODES, CacheReader
+from fmcache.cache.shards import token_dataset
 from fmcache.errors import FmcacheError
 from fmcache.frozen.features import resolve_pool
 
@@ -83,7 +84,7 @@ def _select_tokens(reader: CacheReader, layers: list[int]) -> Selection:
             f"cache {reader.path.name} holds tokens for layers {have}, not {','.join(map(str, missing))}; "
             f"extract again with `fmcache extract ... --tokens {want}`"
         )
-    widths = [int(np.prod(_stored_shape(reader, f"tokens/layer_{n:02d}")[1:])) for n in layers]
+    widths = [int(np.prod(_stored_shape(reader, token_dataset(n))[1:])) for n in layers]
     return Selection(reader, layers, "tokens", widths)
 
 
@@ -136,7 +137,7 @@ def _blocks(selection: Selection, masks: list[np.ndarray]) -> Iterator[list[np.n
         with _open(path) as fh:
             if selection.pool == "tokens":
                 # one layer at a time: a shard of token maps is large, and each is flattened per sample
-                yield [fh[f"tokens/layer_{n:02d}"][...][mask].reshape(int(mask.sum()), -1) for n in selection.layers]
+                yield [fh[token_dataset(n)][...][mask].reshape(int(mask.sum()), -1) for n in selection.layers]
             elif selection.pool == "paper":
                 yield [fh["pooled/paper"][...][mask]]
             else:

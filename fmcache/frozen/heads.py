@@ -31,7 +31,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from fmcache.errors import FmcacheError
-from fmcache.frozen.specs import DEIT_DEPTH, TOKEN_HEADS
+from fmcache.frozen.specs import DEIT_DEPTH
 
 DEIT_WIDTH = 768
 DEIT_HEADS = 12
@@ -231,9 +231,6 @@ class AttentiveHead(nn.Module):
         x = query + self.proj(attended)
         x = x + self.mlp(self.norm_mlp(x))
         return self.head(x[:, 0])
-
-
-HEADS = TOKEN_HEADS
 
 
 def build_head(

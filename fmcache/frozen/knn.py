@@ -95,15 +95,17 @@ def _use_gpu(use_gpu: bool | None, kmax: int) -> bool:
 
 
 def build_index(bank_x: np.ndarray, use_gpu: bool):
-    """An exact inner-product FAISS index over L2-normalised ``bank_x`` (on GPU 0 when ``use_gpu``)."""
+    """What :func:`search` searches for L2-normalised ``bank_x``: on GPU an exact inner-product FAISS index on GPU 0;
+    on CPU the array itself, which ``faiss.knn`` searches in place (no second copy of the bank)."""
+    if not use_gpu:
+        return bank_x
     import faiss
 
     index = faiss.IndexFlatIP(bank_x.shape[1])
-    if use_gpu:
-        resources = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(resources, 0, index)
-        # The GPU index does not own its resources; keep them alive as long as the index.
-        index.referenced_objects = [resources]
+    resources = faiss.StandardGpuResources()
+    index = faiss.index_cpu_to_gpu(resources, 0, index)
+    # The GPU index does not own its resources; keep them alive as long as the index.
+    index.referenced_objects = [resources]
     index.add(bank_x)
     return index
 
@@ -112,11 +114,17 @@ def search(index, query_x: np.ndarray, k: int, batch_size: int = 4096) -> tuple[
     """Top-``k`` (similarities, bank indices) per normalised query, most similar first, searched in batches."""
     if batch_size < 1:
         raise FmcacheError(f"batch_size must be >= 1, got {batch_size}")
+    import faiss
+
     sims = np.empty((len(query_x), k), dtype=np.float32)
     ids = np.empty((len(query_x), k), dtype=np.int64)
     for start in range(0, len(query_x), batch_size):
         stop = start + batch_size
-        sims[start:stop], ids[start:stop] = index.search(query_x[start:stop], k)
+        if isinstance(index, np.ndarray):
+            found = faiss.knn(query_x[start:stop], index, k, metric=faiss.METRIC_INNER_PRODUCT)
+        else:
+            found = index.search(query_x[start:stop], k)
+        sims[start:stop], ids[start:stop] = found
     return sims, ids
 
 
@@ -284,23 +292,12 @@ def knn_evaluate(
 
     start = time.perf_counter()
     bank = l2_normalise(bank_x, overwrite)
-    index = build_index(bank, gpu) if gpu else None  # on CPU faiss.knn searches the array itself: no second copy
+    index = build_index(bank, gpu)
     timings: dict = {"index_seconds": time.perf_counter() - start, "search_seconds": {}, "vote_seconds": {}}
     splits, kept = {}, {}
     for split, (qx, qy) in queries.items():
         t0 = time.perf_counter()
-        if index is None:
-            import faiss
-
-            q = l2_normalise(np.asarray(qx), overwrite)
-            sims = np.empty((len(q), kmax), np.float32)
-            ids = np.empty((len(q), kmax), np.int64)
-            for lo in range(0, len(q), batch_size):  # the same query batches as the index search
-                sims[lo : lo + batch_size], ids[lo : lo + batch_size] = faiss.knn(
-                    q[lo : lo + batch_size], bank, kmax, metric=faiss.METRIC_INNER_PRODUCT
-                )
-        else:
-            sims, ids = search(index, l2_normalise(np.asarray(qx)), kmax, batch_size)
+        sims, ids = search(index, l2_normalise(np.asarray(qx), overwrite), kmax, batch_size)
         t1 = time.perf_counter()
         scores = scores_from_neighbours(sims, ids, labels, ks, temperature, num_classes, multilabel)
         timings["search_seconds"][split] = t1 - t0

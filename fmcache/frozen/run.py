@@ -25,7 +25,7 @@ from fmcache.frozen.common import (
     views_and_warmup,
     write_subset,
 )
-from fmcache.frozen.features import FeatureSource, resolve_layers, resolve_pool, standardize_splits, train_stats
+from fmcache.frozen.features import FeatureSource, resolve_layers, resolve_pool, standardize, train_stats
 from fmcache.frozen.knn import knn_evaluate, knn_rows
 from fmcache.frozen.specs import CkaSpec, KnnSpec, ProbeSpec
 from fmcache.frozen.subsets import Subset
@@ -184,12 +184,13 @@ def _run_probe(reader: CacheReader, spec: ProbeSpec, subset: Subset | None, prog
         data = [(take(features.get(s, number), rows_of(subset, s)), take(reader.labels(s), rows_of(subset, s)))
                 for s in ("train", "val", "test")]  # fmt: skip
         train_views = take(pooled_views(reader, number, pools), rows_of(subset, "train")) if with_views else None
-        if spec.standardize and train_views is not None:
-            # the center crops' train statistics, so val and test are scaled exactly as with --views off
-            mean, std = train_stats(data[0][0])
-            train_views = ((train_views - mean) / std).astype(np.float32)
         if spec.standardize:
-            data = standardize_splits(data)
+            # the center crops' train statistics, for the views too: val and test are scaled exactly as with
+            # --views off
+            mean, std = train_stats(data[0][0])
+            data = [(standardize(x, mean, std), y) for x, y in data]
+            if train_views is not None:
+                train_views = standardize(train_views, mean, std)
         heads = len(lrs) * len(seed_list)
         with progress_bar(
             progress, epochs, f"layer {number}", f"probe {heads} heads, layer {number}", "epoch/s"

@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fmcache.cache.reader import PAPER_TOKENS, CacheReader
+from fmcache.cache.reader import CacheReader
+from fmcache.cache.shards import PAPER_TOKENS
 from fmcache.dist import pick_device
 from fmcache.files import atomic_write_bytes
 from fmcache.frozen.common import (

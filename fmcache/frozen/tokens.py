@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from fmcache import metrics
-from fmcache.cache.reader import PAPER_TOKENS, CacheReader, token_dataset
+from fmcache.cache.reader import CacheReader
+from fmcache.cache.shards import PAPER_TOKENS, token_dataset
 from fmcache.dist import synchronize
 from fmcache.errors import FmcacheError
 from fmcache.frozen.heads import DEIT_DEPTH, build_head
@@ -74,10 +75,9 @@ class TokenSplit:
         self.n = len(self.labels)
         self.workers = workers
         self.x = None
-        if preload and views:  # views live in their own group of train rows: read item by item, keep stored dtype
-            dtype = torch.float16 if reader.manifest.get("dtype", "fp16") == "fp16" else torch.float32
-            items = range(len(self.dataset)) if self.rows is None else self._items(torch.arange(self.n * self.k))
-            self.x = torch.stack([self.dataset[int(j)][0].to(dtype) for j in items])
+        if preload and views:  # the views group in one read per shard, stored dtype; item i·k + v is view v of i
+            x = torch.from_numpy(reader._gather_views(token_dataset(layer))).flatten(0, 1)
+            self.x = x if self.rows is None else x[self._items(torch.arange(self.n * self.k))]
         elif preload:
             x = torch.from_numpy(reader._gather(token_dataset(layer), split))
             self.x = x if self.rows is None else x[self.rows]
@@ -96,9 +96,11 @@ class TokenSplit:
             for idx in index_lists:
                 yield self.x[idx]
             return
+        # each index list is one item of the loader: the dataset reads the whole batch into one array (``batch``)
         loader = torch.utils.data.DataLoader(
             self.dataset,
-            batch_sampler=[self._items(idx).tolist() for idx in index_lists],
+            sampler=[self._items(idx).tolist() for idx in index_lists],
+            batch_size=None,
             num_workers=self.workers,
             persistent_workers=False,
         )
