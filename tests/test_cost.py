@@ -16,7 +16,7 @@ from fmcache.errors import FmcacheError
 from fmcache.grid import cost, rates
 from fmcache.grid import flops as counting
 from fmcache.grid.config import GridOptions, load_grid
-from fmcache.grid.dry_run import dataset_splits, device_rate
+from fmcache.grid.dry_run import dataset_splits
 from fmcache.grid.main import run_grid
 
 runner = CliRunner()
@@ -104,8 +104,9 @@ def test_paper_dry_run_prints_the_cost_and_the_seeds(tmp_path):
     (tmp_path / "configs").mkdir()
     shutil.copy(REPO / "configs" / "paper.yaml", tmp_path / "configs" / "paper.yaml")
     messages: list[str] = []
-    with device_rate("h200"):
-        out = run_grid(tmp_path / "configs" / "paper.yaml", GridOptions(dry_run=True), log=messages.append)
+    out = run_grid(
+        tmp_path / "configs" / "paper.yaml", GridOptions(dry_run=True, device_rate="h200"), log=messages.append
+    )
     text = "\n".join(messages)
     result = out["cost"]
     assert not result["not_estimated"], result["not_estimated"]

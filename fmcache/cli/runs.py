@@ -194,15 +194,13 @@ def grid_cmd(
 ) -> None:
     """Expand a YAML experiment into extract → protocol jobs, skip finished ones, run the rest locally or on Slurm."""
     from fmcache.grid.config import GridOptions, parse_slurm_options
-    from fmcache.grid.dry_run import device_rate as estimate_on
     from fmcache.grid.main import run_grid
 
     options = GridOptions(dry_run=dry_run, executor=executor, only=only, results=results, cache_root=cache_root,
                           jobs=jobs, slurm_partition=slurm_partition, gpus_per_job=gpus_per_job, time_min=time,
                           logs=logs, wait=wait, slurm_account=slurm_account, slurm_qos=slurm_qos,
-                          slurm_options=parse_slurm_options(slurm_option))  # fmt: skip
-    with estimate_on(device_rate):
-        run_grid(config, options, log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
+                          slurm_options=parse_slurm_options(slurm_option), device_rate=device_rate)  # fmt: skip
+    run_grid(config, options, log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
 
 
 @app.command("demo")

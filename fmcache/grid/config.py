@@ -60,6 +60,11 @@ def _resolve(path: str | Path, base: Path) -> Path:
     return path if path.is_absolute() else (base / path).resolve()
 
 
+def label(model: dict) -> str:
+    """A model entry's name in job ids and ``--only``: its ``label`` when one model is listed twice."""
+    return str(model.get("label") or model["name"])
+
+
 @dataclass
 class GridConfig:
     """A checked grid YAML: folders resolved against the YAML's folder (or the command line's overrides)."""
@@ -116,7 +121,7 @@ def load_grid(path: Path, results: Path | None = None, cache_root: Path | None =
             variant = {str(k).replace("-", "_"): v for k, v in (variant or {}).items()}
             _unknown(variant, allowed, f"protocols.{kind}", path)
             protocols[kind].append(variant)
-    labels = [m.get("label") or m["name"] for m in checked_models]
+    labels = [label(m) for m in checked_models]
     repeated = sorted({x for x in labels if labels.count(x) > 1})
     if repeated:
         raise FmcacheError(f"{path}: model {repeated[0]} is listed twice; give each entry its own label: (e.g. "
@@ -156,6 +161,7 @@ class GridOptions:
     slurm_qos: str | None = None
     slurm_options: dict[str, str | bool] = dataclasses.field(default_factory=dict)  # more sbatch flags, KEY=VALUE
     poll_s: float = 1.0  # Slurm: first interval between state polls (it grows to 30 s while nothing changes)
+    device_rate: str | None = None  # --dry-run: --device-rate (None: this machine's calibration, else h200)
 
 
 # sbatch flags the grid sets itself; --slurm-option may not override them

@@ -17,7 +17,8 @@ split; fine-tuning is the same end-to-end path in both.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, fields
+from functools import cache
 
 from fmcache.errors import FmcacheError
 from fmcache.grid.flops import Counts, ModelShape
@@ -66,19 +67,48 @@ class DataSize:
 class JobCost:
     ours: Cost
     seed: Cost
-    notes: list[str] = field(default_factory=list)
     data_bound: bool = False  # fmcache's time is set by image decoding with the job's workers, not by compute
 
 
-# The protocols' defaults (their spec classes hold the same; kept here so a dry run imports no runner)
-DEFAULT_LRS, DEFAULT_SEEDS, DEFAULT_EPOCHS, DEFAULT_BATCH = 4, 5, 100, 64
 TOKEN_PRELOAD_BYTES = 32 * 2**30  # the token heads stream a layer larger than a quarter of RAM (128 GiB assumed)
 
 
-def _count(value, default: int) -> int:
-    """A count of LRs or seeds from a list, a comma string or a number (seeds: a number N means 0..N-1)."""
-    if value is None:
-        return default
+def _defaults(spec_class: type) -> dict:
+    return {f.name: f.default for f in fields(spec_class) if f.default is not MISSING}
+
+
+@cache
+def _protocol_defaults(kind: str) -> dict:
+    from fmcache.protocols import get_protocol
+
+    return _defaults(get_protocol(kind).spec_class())
+
+
+@cache
+def _extract_defaults() -> dict:
+    from fmcache.extract.plan import ExtractSpec
+
+    return _defaults(ExtractSpec)
+
+
+def _options(job) -> dict:
+    """A protocol job's options over its spec's defaults (the grid checked them against the same spec; an option
+    left None takes the default), so the estimate assumes what the runner will run."""
+    return {**_protocol_defaults(job.kind), **{k: v for k, v in job.options.items() if v is not None}}
+
+
+def _extract_options(extract: dict) -> dict:
+    """Extraction settings over :class:`~fmcache.extract.plan.ExtractSpec`'s defaults."""
+    return {**_extract_defaults(), **{k: v for k, v in extract.items() if v is not None}}
+
+
+def _itemsize(extract: dict) -> int:
+    """Bytes of one cached number: fp32, else fp16 (the default)."""
+    return 4 if extract.get("dtype") == "fp32" else 2
+
+
+def _count(value) -> int:
+    """A count of LRs, seeds or ks from a list, a comma string or a number (seeds: a number N means 0..N-1)."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         return max(1, int(value))
     if isinstance(value, str):
@@ -155,22 +185,23 @@ class Estimator:
         """Bytes one cached image takes: pooled arrays of every layer, the paper feature, the cached token layers."""
         from fmcache.extract.plan import parse_tokens, token_layers, wants_paper_tokens
 
-        item = 4 if extract.get("dtype") == "fp32" else 2
+        item = _itemsize(extract)
         pools = (2 if shape.prefix > 0 else 1) * shape.layers * max(shape.dims)
-        request = parse_tokens(str(extract.get("tokens") or "none"))
+        request = parse_tokens(str(_extract_options(extract)["tokens"]))
         tokens = sum(shape.tokens[n - 1] * shape.dims[n - 1] for n in token_layers(request, shape.layers))
         if wants_paper_tokens(request):
             tokens += shape.head_tokens[0] * shape.head_tokens[1]
         return (pools + shape.pooled_dim + tokens) * item + 17  # + id, label, split
 
     def extract_cost(self, job, shape: ModelShape, ds: DataSize, extract: dict) -> Cost:
-        views = int(extract.get("views") or 0)
+        e = _extract_options(extract)
+        views = int(e["views"])
         images = ds.total + views * ds.train
         flops = images * shape.flops
         written = images * self.row_bytes(shape, extract)
         size = self._img_size(job)
         data = images * self._decode_s(ds, size) + views * ds.train * self._augment_s(size)
-        workers = int(extract.get("workers", 2))
+        workers = int(e["workers"])
         seconds = (self.rates.job_s + self._build_s(shape.params) + self._pipeline(self._fwd_s(shape, flops), data,
                    workers) + written / self.rates.io_bytes_s)  # fmt: skip
         return Cost(images, flops, written, 0.0, seconds)
@@ -200,7 +231,7 @@ class Estimator:
             return self._cka(job, shape, ds)
         if kind.startswith("finetune"):
             ours = self._finetune(job, shape, ds)
-            return JobCost(ours, ours, ["fine-tuning is the same end-to-end path in fmcache and the seed"])
+            return JobCost(ours, ours)  # fine-tuning is the same end-to-end path in fmcache and the seed
         raise FmcacheError(f"no cost model for job kind {kind}")
 
     def _seed_frozen_run(self, job, shape: ModelShape, ds: DataSize, epochs: int, batch: int, fraction: float,
@@ -215,20 +246,20 @@ class Estimator:
         compute = (self._fwd_s(shape, images * fwd) + self._train_s(None, epochs * used * head_train_flops)
                    + (epochs * ds.val + ds.test) * head_eval_flops / self.rates.fwd
                    + epochs * (ds.train // batch) * self._step_s(head_params))  # fmt: skip
-        workers = int(job.extract.get("workers", 2)) if job.extract else 2
+        workers = int(_extract_options(job.extract)["workers"])
         seconds = (self.rates.job_s + self._build_s(shape.params) + self._pipeline(compute, data, workers, False)
                    + (epochs + 1) * self.rates.metric_s)  # fmt: skip
         return Cost(images, flops, 0.0, 0.0, seconds)
 
     def _knn(self, job, shape: ModelShape, ds: DataSize) -> JobCost:
-        o = job.options
-        layers = _layer_list(o.get("layer"), shape.layers)
-        ks = _count(o.get("ks"), 4)
-        splits = o.get("eval_splits") or ("val", "test")
+        o = _options(job)
+        layers = _layer_list(o["layer"], shape.layers)
+        ks = _count(o["ks"])
+        splits = o["eval_splits"]
         splits = splits.split(",") if isinstance(splits, str) else splits
         queries = sum(ds.split(s.strip()) for s in splits if s.strip() in ("val", "test"))
         dim = shape.pooled_dim if len(layers) == 1 else max(shape.dims)
-        item = 4 if job.extract.get("dtype") == "fp32" else 2
+        item = _itemsize(job.extract)
         search = len(layers) * 2.0 * queries * ds.train * dim
         read = ds.total * len(layers) * dim * item
         ours = Cost(0, search, 0, read, self.rates.job_s + search / self.rates.fp32 + read / self.rates.io_bytes_s)
@@ -241,13 +272,13 @@ class Estimator:
         return JobCost(ours, seed)
 
     def _linear(self, job, shape: ModelShape, ds: DataSize) -> JobCost:
-        o = job.options
-        layers = _layer_list(o.get("layer"), shape.layers)
-        heads = _count(o.get("lrs"), DEFAULT_LRS) * _count(o.get("seeds"), DEFAULT_SEEDS)
-        epochs, batch = int(o.get("epochs") or DEFAULT_EPOCHS), int(o.get("batch_size") or DEFAULT_BATCH)
-        views = int(job.extract.get("views") or 0) if str(o.get("views")) != "off" else 0
+        o = _options(job)
+        layers = _layer_list(o["layer"], shape.layers)
+        heads = _count(o["lrs"]) * _count(o["seeds"])
+        epochs, batch = int(o["epochs"]), int(o["batch_size"])
+        views = int(_extract_options(job.extract)["views"]) if str(o["views"]) != "off" else 0
         dim = shape.pooled_dim if len(layers) == 1 else max(shape.dims)
-        item = 4 if job.extract.get("dtype") == "fp32" else 2
+        item = _itemsize(job.extract)
         steps = epochs * (ds.train // batch)
         per = 2.0 * dim * ds.classes  # one head's forward on one sample
         flops = len(layers) * heads * per * (3 * steps * batch + epochs * ds.val + bests(epochs) * ds.test)
@@ -265,11 +296,11 @@ class Estimator:
         """(foundation fraction, tokens, width) of each layer a token-head job trains on."""
         from fmcache.extract.plan import parse_tokens, token_layers
 
-        value = str(job.options.get("layer") or "last").strip()
+        value = str(_options(job)["layer"]).strip()
         if value == "paper":
             return [(1.0, *shape.head_tokens)]
         if value == "all":
-            request = parse_tokens(str(job.extract.get("tokens") or "none"))
+            request = parse_tokens(str(_extract_options(job.extract)["tokens"]))
             numbers = token_layers(request, shape.layers) or [shape.layers]
         else:
             numbers = _layer_list(value, shape.layers)
@@ -277,13 +308,13 @@ class Estimator:
         return [(n / shape.layers, shape.tokens[n - 1] - prefix, shape.dims[n - 1]) for n in numbers]
 
     def _tokens(self, job, shape: ModelShape, ds: DataSize) -> JobCost:
-        o = job.options
+        o = _options(job)
         kind = "deit" if job.kind == "probe_deit" else "attentive"
-        heads = _count(o.get("lrs"), DEFAULT_LRS) * _count(o.get("seeds"), DEFAULT_SEEDS)
-        epochs, batch = int(o.get("epochs") or DEFAULT_EPOCHS), int(o.get("batch_size") or DEFAULT_BATCH)
-        depth = int(o.get("head_depth") or 12)
-        views = int(job.extract.get("views") or 0) if str(o.get("views")) != "off" else 0
-        item = 4 if job.extract.get("dtype") == "fp32" else 2
+        heads = _count(o["lrs"]) * _count(o["seeds"])
+        epochs, batch = int(o["epochs"]), int(o["batch_size"])
+        depth = int(o["head_depth"])
+        views = int(_extract_options(job.extract)["views"]) if str(o["views"]) != "off" else 0
+        item = _itemsize(job.extract)
         steps = ds.train // batch
         ours, seed = Cost(), Cost()
         for fraction, tokens, dim in self._token_layers(job, shape):
@@ -304,23 +335,22 @@ class Estimator:
         return JobCost(ours, seed)
 
     def _cka(self, job, shape: ModelShape, ds: DataSize) -> JobCost:
-        o = job.options
-        split = str(o.get("split") or "test")
+        o = _options(job)
+        split = str(o["split"])
         n = ds.split(split) if split in ("train", "val", "test") else ds.total
-        item = 4 if job.extract.get("dtype") == "fp32" else 2
-        layers_a = _layer_list(o.get("layers") or "all", shape.layers)
+        item = _itemsize(job.extract)
+        layers_a = _layer_list(o["layers"], shape.layers)
         width_a = sum(shape.dims[i - 1] for i in layers_a)
-        ours, notes = Cost(), []
+        ours = Cost()
         if job.model_b is not None:
             shape_b = self.counts.model(job.model_b)
-            layers_b = _layer_list(o.get("layers_b") or o.get("layers") or "all", shape_b.layers)
+            layers_b = _layer_list(o["layers_b"] or o["layers"], shape_b.layers)
             width_b = sum(shape_b.dims[i - 1] for i in layers_b)
             fwd_b = shape_b.flops
         elif o.get("after_finetune"):
             # Fig. 7: the grid extracts the fine-tuned export with the same settings first
             ours = ours + self.extract_cost(job, shape, ds, job.extract)
             width_b, fwd_b, shape_b = width_a, shape.flops, shape
-            notes.append("includes extracting the fine-tuned export")
         else:
             width_b, fwd_b, shape_b = 0, 0.0, None
         width = width_a + width_b
@@ -333,15 +363,15 @@ class Estimator:
         compute = self._fwd_s(shape, fwd_flops) + flops / self.rates.fp64
         seed = Cost(images, fwd_flops + flops, 0, 0, self.rates.job_s + self._build_s(shape.params)
                     + self._pipeline(compute, images * self._decode_s(ds, self._img_size(job)), 2, False))  # fmt: skip
-        return JobCost(ours, seed, notes)
+        return JobCost(ours, seed)
 
     def _finetune(self, job, shape: ModelShape, ds: DataSize) -> Cost:
-        o = job.options
-        runs = _count(o.get("lrs"), 1) * _count(o.get("seeds"), 1)
-        epochs, batch = int(o.get("epochs") or DEFAULT_EPOCHS), int(o.get("batch_size") or DEFAULT_BATCH)
+        o = _options(job)
+        runs = _count(o["lrs"]) * _count(o["seeds"])
+        epochs, batch = int(o["epochs"]), int(o["batch_size"])
         blocks = shape.layers
-        freeze = str(o.get("freeze") if o.get("freeze") is not None else "none").strip()
-        drop = o.get("drop_after")
+        freeze = str(o["freeze"]).strip()
+        drop = o["drop_after"]
         used = min(blocks, int(drop)) if drop is not None else blocks
         fraction = used / blocks
         if freeze == "none":
@@ -356,7 +386,7 @@ class Estimator:
                 tokens, dim = shape.head_tokens
             else:
                 tokens, dim = shape.tokens[used - 1] - shape.prefix, shape.dims[used - 1]
-            hf, hp = self.counts.head("deit", max(1, tokens), dim, ds.classes, int(o.get("head_depth") or 12))
+            hf, hp = self.counts.head("deit", max(1, tokens), dim, ds.classes, int(o["head_depth"]))
         else:
             hf, hp = 2.0 * shape.pooled_dim * ds.classes, shape.pooled_dim * ds.classes
         fwd = shape.flops * fraction
@@ -373,7 +403,7 @@ class Estimator:
         compute = (self._train_s(shape, epochs * used_n * train_per) + self._fwd_s(shape, evals * eval_per)
                    + epochs * steps * (self._step_s(trained_params) + trained_tensors * self.rates.opt_s_per_tensor))  # fmt: skip
         checkpoints = epochs * (shape.params * 4 + trained_params * 8) + bests(epochs) * shape.params * 4
-        seconds = (self._build_s(shape.params) + self._pipeline(compute, data, int(o.get("workers", 2)))
+        seconds = (self._build_s(shape.params) + self._pipeline(compute, data, int(o["workers"]))
                    + checkpoints / self.rates.io_bytes_s + (epochs + bests(epochs)) * self.rates.metric_s)  # fmt: skip
         one = Cost(epochs * used_n + evals, flops, checkpoints, 0, seconds)
         total = one.scaled(runs)
@@ -408,7 +438,3 @@ def duration(seconds: float) -> str:
         return f"{seconds / 3600:.3g} h"
     days = seconds / 86400
     return f"{days:.3g} d" if days < 1000 else f"{days:,.0f} d"
-
-
-def as_dict(cost: Cost) -> dict:
-    return asdict(cost)

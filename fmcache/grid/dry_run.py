@@ -12,49 +12,36 @@ written and read and the estimated time on a device (``--device-rate``: a preset
 
 from __future__ import annotations
 
-import contextlib
-from contextvars import ContextVar
+from dataclasses import asdict
 from pathlib import Path
 
 from fmcache.errors import FmcacheError
-from fmcache.grid.config import KINDS, GridConfig, Log
+from fmcache.grid.config import KINDS, GridConfig, Log, label
 from fmcache.grid.cost import DataSize
-from fmcache.grid.jobs import Job, label
+from fmcache.grid.jobs import Job
 from fmcache.report.paper import OUTPUTS, outputs_of
 
 STAGE_ONE = "stage one"  # extraction jobs feed whatever reads their cache
 
-# --device-rate of `fmcache grid --dry-run`, set by the command around run_grid (None: this machine's calibration,
-# else the H200 preset)
-DEVICE_RATE: ContextVar[str | None] = ContextVar("fmcache_device_rate", default=None)
-
-
-@contextlib.contextmanager
-def device_rate(value: str | None):
-    token = DEVICE_RATE.set(value)
-    try:
-        yield
-    finally:
-        DEVICE_RATE.reset(token)
-
-
-# The official releases' split rules where no root is at hand (the loaders' own rules), and their typical stored image
-# size in megapixels (the decode cost): APTOS ~2400 × 1700 PNG, CBIS-DDSM full mammograms as PNG (~3000 × 4000,
-# downsampled in the seed's lists: assumed 4 MPx), ISIC 2019 ~1024 × 768 JPEG, CheXpert-v1.0-small ~390 × 320 JPEG.
-SEED_HOLDOUT = {"aptos2019": 0.3, "isic2019": 0.2}
+# Where no root is at hand the official release is split by the loaders' own rules (:func:`_official_split`); the
+# datasets' typical stored image size in megapixels (the decode cost): APTOS ~2400 × 1700 PNG, CBIS-DDSM full
+# mammograms as PNG (~3000 × 4000, downsampled in the seed's lists: assumed 4 MPx), ISIC 2019 ~1024 × 768 JPEG,
+# CheXpert-v1.0-small ~390 × 320 JPEG.
 TYPICAL_MPX = {"aptos2019": 4.0, "cbis_ddsm": 4.0, "isic2019": 0.8, "chexpert": 0.125}
 DIGITS_PX = 32  # prepare: digits writes 32 × 32 scans (fmcache.data.digits)
 
 
 def _official_split(name: str, n: int) -> tuple[tuple[int, int, int], str]:
-    from fmcache.data.index import split_counts
+    from fmcache.data import aptos, chexpert, isic
+    from fmcache.data.index import TEST, TRAIN, VAL, split_counts
 
-    if name in SEED_HOLDOUT:  # the seed's val_size: the held-out rows, halved into val and test
-        hold = int(n * SEED_HOLDOUT[name])
+    seed_holdout = {aptos.NAME: aptos.SEED_HOLDOUT, isic.NAME: isic.SEED_HOLDOUT}
+    if name in seed_holdout:  # the seed's val_size: the held-out rows, halved into val and test
+        hold = int(n * seed_holdout[name])
         return (n - hold, hold // 2, hold - hold // 2), ""
-    if name == "chexpert":  # the seed's split: the first int(0.2 n) + 15 rows held out, halved
-        hold = int(0.2 * n) + 15
-        return (n - hold, hold // 2, hold - hold // 2), ""
+    if name == chexpert.NAME:  # the seed's split: the first int(0.2 n) + 15 rows held out, halved
+        codes = chexpert.seed_split(n)
+        return (int((codes == TRAIN).sum()), int((codes == VAL).sum()), int((codes == TEST).sum())), ""
     return split_counts(n, (0.8, 0.1, 0.1)), "split 80/10/10 assumed"
 
 
@@ -118,11 +105,6 @@ def dataset_splits(grid: GridConfig, log: Log) -> dict[str, DataSize | None]:
     return sizes
 
 
-def dataset_sizes(grid: GridConfig, log: Log) -> dict[str, int | None]:
-    """Images per dataset: counted where the root exists, else the official release's (said in one line each)."""
-    return {name: (size.total if size else None) for name, size in dataset_splits(grid, log).items()}
-
-
 def paper_outputs(job: Job) -> list[str]:
     """The paper outputs a job feeds (extract jobs: :data:`STAGE_ONE`)."""
     if job.kind == "extract":
@@ -165,10 +147,6 @@ def describe(grid: GridConfig, jobs: list[Job], done: set[str], log: Log) -> dic
     return groups
 
 
-def job_models(jobs: list[Job]) -> list[str]:
-    return sorted({label(j.model) for j in jobs})
-
-
 # -- the cost ----------------------------------------------------------------------------------------------------------
 
 ROWS_PER_JOB = 60  # more pending jobs than this: one row per kind and model (summed over datasets and variants)
@@ -187,13 +165,15 @@ def _row(title: str, n: int, ours, seed, width: int) -> str:
             f"{si(ours.written, 'B'):>9} {si(ours.read, 'B'):>9} {duration(ours.seconds):>9}   {seed_cells}")  # fmt: skip
 
 
-def print_cost(jobs: list[Job], splits: dict[str, DataSize | None], log: Log) -> dict:
-    """Log the cost of ``jobs`` per job (or per kind and model) and in total, the seed's beside it; returns it."""
-    from fmcache.grid.cost import Cost, Estimator, as_dict, count_text, duration, si
+def print_cost(jobs: list[Job], splits: dict[str, DataSize | None], log: Log, device_rate: str | None = None) -> dict:
+    """Log the cost of ``jobs`` per job (or per kind and model) and in total, the seed's beside it; returns it.
+
+    ``device_rate``: ``--device-rate`` (None: this machine's calibration, else the H200 preset)."""
+    from fmcache.grid.cost import Cost, Estimator, count_text, duration, si
     from fmcache.grid.flops import Counts
     from fmcache.grid.rates import resolve_rates
 
-    rates = resolve_rates(DEVICE_RATE.get(), log)
+    rates = resolve_rates(device_rate, log)
     counts = Counts()
     estimator = Estimator(rates, splits, counts)
     costs, unknown = {}, {}
@@ -247,8 +227,8 @@ def print_cost(jobs: list[Job], splits: dict[str, DataSize | None], log: Log) ->
     log(f"the seed's online protocol for the same results: {count_text(seed.forwards)} foundation forwards, "
         f"{si(seed.flops, 'FLOP')}; about {_hours(seed.seconds)} device-hours{saving}")  # fmt: skip
     frozen = [j.id for j in jobs if j.id in costs and not j.kind.startswith("finetune")]
+    mine, theirs = total(frozen)
     if frozen and len(frozen) < len(costs):
-        mine, theirs = total(frozen)
         ratio = f" ({theirs.seconds / mine.seconds:.0f}x)" if mine.seconds else ""
         log(f"  without fine-tuning (the same in both), what the cache changes: {_hours(mine.seconds)} vs the "
             f"seed's {_hours(theirs.seconds)} device-hours{ratio}")  # fmt: skip
@@ -264,13 +244,13 @@ def print_cost(jobs: list[Job], splits: dict[str, DataSize | None], log: Log) ->
         "image sizes (README \"Scale\")" + (f"; {'; '.join(notes)}" if notes else ""))  # fmt: skip
     return {
         "rates": rates.describe(),
-        "jobs": {i: {"ours": as_dict(c.ours), "seed": as_dict(c.seed)} for i, c in costs.items()},
-        "total": as_dict(ours),
-        "seed_total": as_dict(seed),
+        "jobs": {i: {"ours": asdict(c.ours), "seed": asdict(c.seed)} for i, c in costs.items()},
+        "total": asdict(ours),
+        "seed_total": asdict(seed),
         "hours": hours,
         "seed_hours": seed_hours,
-        "frozen_hours": total(frozen)[0].seconds / 3600 if frozen else 0.0,
-        "frozen_seed_hours": total(frozen)[1].seconds / 3600 if frozen else 0.0,
+        "frozen_hours": mine.seconds / 3600,
+        "frozen_seed_hours": theirs.seconds / 3600,
         "data_bound": bound,
         "not_estimated": unknown,
     }

@@ -46,10 +46,6 @@ class ModelShape:
     tensors: int  # parameter tensors (a per-tensor optimizer costs per tensor)
     conv: bool  # a convolutional network (its own achieved rate)
 
-    @property
-    def blocks(self) -> int:
-        return self.layers
-
 
 COUNTS_SCHEMA = 2  # what a counted entry holds; a change recounts
 
@@ -113,16 +109,24 @@ def _count_head(kind: str, tokens: int, dim: int, classes: int, depth: int) -> d
 
 
 class Counts:
-    """Counted FLOPs and shapes, read from and written back to ``flops.json``."""
+    """Counted FLOPs and shapes, read from and written back to ``flops.json``; a count that failed (a model that
+    cannot be built) fails again at once, without being rebuilt for every job."""
 
     def __init__(self, path: Path | None = None):
         self.path = path or counts_path()
         self.doc = read_json(self.path)
         self.dirty = False
+        self.failed: dict[str, Exception] = {}
 
     def _get(self, key: str, count: Callable[[], dict]) -> dict:
+        if key in self.failed:  # its traceback reset, so one failure raised for many jobs does not grow it
+            raise self.failed[key].with_traceback(None)
         if key not in self.doc:
-            self.doc[key] = count()
+            try:
+                self.doc[key] = count()
+            except Exception as exc:
+                self.failed[key] = exc
+                raise
             self.dirty = True
         return self.doc[key]
 

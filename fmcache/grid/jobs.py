@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 
 from fmcache.errors import FmcacheError
-from fmcache.grid.config import VARIANT_KEYS, GridConfig
+from fmcache.grid.config import VARIANT_KEYS, GridConfig, label
 
 
 @dataclass
@@ -41,11 +41,6 @@ def _extract_settings(grid: GridConfig, model: dict) -> dict:
     if model.get("tokens") is not None:  # a model may cache other token layers than the grid's default
         settings["tokens"] = str(model["tokens"])
     return settings
-
-
-def label(model: dict) -> str:
-    """A model entry's name in job ids and ``--only``: its ``label`` when one model is listed twice."""
-    return str(model.get("label") or model["name"])
 
 
 def expand(grid: GridConfig) -> list[Job]:

@@ -110,9 +110,9 @@ def estimate(jobs: list[Job], recorded: dict[tuple[str, str], list[float]]) -> t
     return total, unknown
 
 
-def plan(grid: GridConfig, jobs: list[Job], log: Log) -> dict:
-    """The dry run: jobs per kind, how many are done, and what the rest should cost."""
-    from fmcache.grid.dry_run import dataset_splits, describe, print_cost
+def plan(grid: GridConfig, jobs: list[Job], log: Log, device_rate: str | None = None) -> dict:
+    """The dry run: jobs per kind, how many are done, and what the rest should cost (on ``device_rate``)."""
+    from fmcache.grid.dry_run import ROWS_PER_JOB, dataset_splits, describe, print_cost
 
     splits = dataset_splits(grid, log)
     sizes = {name: (size.total if size else None) for name, size in splits.items()}
@@ -123,12 +123,12 @@ def plan(grid: GridConfig, jobs: list[Job], log: Log) -> dict:
     known = len(pending) - unknown
     log(f"estimated cost of the {known} job(s) with recorded timings of their kind: {seconds:.0f} s"
         + (f"; {unknown} job(s) have none yet" if unknown else ""))  # fmt: skip
-    shown = pending if len(pending) <= 60 else pending[:40]
+    shown = pending if len(pending) <= ROWS_PER_JOB else pending[:40]
     for job in shown:
         log(f"  to run: {job.id}")
     if len(shown) < len(pending):
         log(f"  ... and {len(pending) - len(shown)} more to run (--only KIND,DATASET,MODEL lists fewer)")
-    cost = print_cost(pending, splits, log)
+    cost = print_cost(pending, splits, log, device_rate)
     return {"jobs": len(jobs), "done": len(done), "pending": [j.id for j in pending], "estimate_s": seconds,
             "paper_outputs": groups, "dataset_sizes": sizes, "cost": cost}  # fmt: skip
 
@@ -156,7 +156,7 @@ def run_grid(config: Path, options: GridOptions, log: Log = print) -> dict:
     jobs = select(expand(grid), options.only)
     check_roots(grid, options.dry_run, log)
     if options.dry_run:
-        return plan(grid, jobs, log)
+        return plan(grid, jobs, log, options.device_rate)
     logs = Path(options.logs) if options.logs else grid.results / "grid_logs"
     start = time.perf_counter()
     if options.executor == "slurm":

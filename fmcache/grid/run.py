@@ -77,21 +77,19 @@ def _finetuned_cache(job: Job, finetune_id: str) -> Path:
     """Fig. 7's second cache: the job's model extracted again with the export of its fine-tune job (the best LR's
     first seed), with the same extraction settings; the extraction is skipped when that cache is complete."""
     from fmcache.extract.run import run_extract
-    from fmcache.results import is_complete
+    from fmcache.finetune.loop import EXPORT
+    from fmcache.results import RESULT_JSON, is_complete
 
     entries = []
     for path in sorted((Path(job.results) / LEDGER).glob("*.json")):
-        try:
-            entry = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if entry.get("job") == finetune_id and is_complete(Path(entry.get("folder", ""))):
+        entry = _ledger_entry(path)
+        if entry is not None and entry.get("job") == finetune_id and is_complete(Path(entry.get("folder", ""))):
             entries.append((path.stat().st_mtime, entry))
     if not entries:
         raise FmcacheError(f"{job.id} needs the fine-tune job {finetune_id}, which has no complete result yet")
-    doc = json.loads((Path(max(entries, key=lambda e: e[0])[1]["folder"]) / "result.json").read_text())
+    doc = json.loads((Path(max(entries, key=lambda e: e[0])[1]["folder"]) / RESULT_JSON).read_text())
     best_lr, seed = doc["summary"]["best_lr"], doc["settings"]["seeds"][0]
-    export = Path(doc["details"]["runs_folder"]) / f"lr{best_lr:g}_seed{seed}" / "foundation.safetensors"
+    export = Path(doc["details"]["runs_folder"]) / f"lr{best_lr:g}_seed{seed}" / EXPORT
     if not export.is_file():
         raise FmcacheError(
             f"the fine-tune job {finetune_id} exported no foundation ({export}); a fine-tune with --freeze all trains "
@@ -114,17 +112,22 @@ def ledger_path(job: Job) -> Path:
     return Path(job.results) / LEDGER / f"{job.digest()[:24]}.json"
 
 
+def _ledger_entry(path: Path) -> dict | None:
+    """A ledger entry ({job, kind, folder, job_spec}), or None where it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def is_done(job: Job) -> bool:
     """An extract: its cache is complete. Any other job: its ledger entry names a complete result folder."""
     from fmcache.results import is_complete
 
     if job.kind == "extract":
         return _plan(job).is_complete()
-    try:
-        entry = json.loads(ledger_path(job).read_text())
-    except (OSError, ValueError):
-        return False
-    return is_complete(Path(entry.get("folder", "")))
+    entry = _ledger_entry(ledger_path(job))
+    return entry is not None and is_complete(Path(entry.get("folder", "")))
 
 
 def run_and_record(job: Job, log: Log = print, wait: bool = False, note: Log | None = None) -> str | None:
