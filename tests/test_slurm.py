@@ -231,7 +231,11 @@ def test_failing_job_reports_its_exception_and_stderr_log(tmp_path: Path, base: 
 def test_cancelled_extract_ends_the_grid_in_bounded_time(tmp_path: Path, base: Path):
     """scancel on the running extract: Slurm cancels its readers, the grid says so and ends (no accounting here)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "fmcache", "grid", *map(str, _slurm_args(tmp_path, base, cache="fresh"))]
+    # an extract of a few seconds could finish between squeue's RUNNING and the scancel: this one takes minutes
+    slow = tmp_path / "slow.yaml"
+    slow.write_text(TINY.replace("img_size: 32", "img_size: 224").replace("per_class: 8", "per_class: 40"))
+    args = [slow, "--executor", "slurm", "--results", tmp_path / "results", "--cache-root", tmp_path / "cache"]
+    cmd = [sys.executable, "-m", "fmcache", "grid", *map(str, args)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ledger = tmp_path / "results" / ".grid"
     deadline = time.monotonic() + 120
