@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fmcache.protocols import get_protocol
 from fmcache.results import LABEL_EFFICIENCY, result_folder, train_subset
 
 
@@ -51,7 +52,7 @@ def subset_points(document: Mapping) -> dict[str, dict]:
     """Per layer, ``{"val": (mean, std, n), "test": (...)}`` of one result: a head grid's best-LR mean ± std over
     seeds (n seeds), or k-NN's value at the k chosen on val (n 1)."""
     summary = document.get("summary") or {}
-    if document.get("protocol") == "knn":
+    if get_protocol(str(document.get("protocol"))).summary == "rows":  # k-NN: a value per k, chosen on val
         return _knn_points(summary)
     per_layer = summary.get("per_layer") or {str((document.get("settings") or {}).get("layers", ["?"])[-1]): summary}
     return {str(layer): {s: (e.get(f"{s}_mean"), e.get(f"{s}_std"), e.get("n_seeds") or 1) for s in ("val", "test")}

@@ -1,84 +1,125 @@
-"""The one list of evaluation protocols: name → spec class → runner, and what the paper calls each.
+"""The one list of evaluation protocols, as data: each protocol's name and the traits its consumers read.
 
-The CLI, the grid, :mod:`fmcache.results` and :mod:`fmcache.report` all read this table. It sits at the bottom of the
-package, so it names the spec classes and runners (which live above it, in ``fmcache.frozen`` and
-``fmcache.finetune``) as ``"module:attribute"`` text and imports them only when asked (:meth:`Protocol.spec_class`,
-:meth:`Protocol.runner`): the results contract and the report read the names without loading torch or a runner.
+The CLI, the grid, its dry run and cost model, :mod:`fmcache.results` and :mod:`fmcache.report` tell protocols
+apart only by these traits (what a protocol reads, whether it trains the foundation, which paper outputs its results
+may fill, how its results compete, which cost model estimates it), never by comparing names. The spec class and the
+runner of each protocol are bound to its name in :mod:`fmcache.runners`, above the runners, where import-linter sees
+the arrows; this table sits at the bottom of the package so the results contract and the report read it without
+loading torch.
+
+Adding a protocol is one row here (or :func:`register` from a plugin or a test), one spec and one runner
+(:func:`fmcache.runners.bind`).
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 from fmcache.errors import FmcacheError
 
+READS = ("pooled", "tokens", "images")  # cached pooled features, cached token layers, the images themselves
+SUMMARIES = ("grid", "rows", "matrix")  # a head grid (best LR, mean ± std), k-NN rows + best, a CKA matrix
+COST_MODELS = ("knn", "pooled_heads", "token_heads", "cka", "finetune")  # the estimators of fmcache.cost
+HEAD_LABELS = {"linear": "linear", "deit": "DeiT", "attentive": "attentive"}
+
 
 @dataclass(frozen=True)
 class Protocol:
-    """One protocol: its result-folder/job name, where its numbers come from, its spec and runner."""
+    """One protocol: its result-folder / job name and its traits."""
 
     name: str  # result folder prefix (<name>-<settings_hash12>) and grid job kind
-    reads: str  # "cache" (stage two, from an extract's cache) or "images" (end-to-end fine-tuning)
-    spec: str  # "module:Class" of the frozen spec dataclass the runner takes
-    runner: str  # "module:function" taking (spec, progress=..., log=...) and returning a dict with "folder"
-    fixed: tuple[tuple[str, object], ...] = ()  # spec fields this protocol fixes (the head of a shared spec)
+    command: str  # the CLI command that runs it (knn, probe, cka, finetune)
+    reads: str  # one of READS
+    summary: str  # one of SUMMARIES: the shape of result.json's summary, and so how results compete
+    cost: str  # one of COST_MODELS
+    head: str | None = None  # the head of a head grid (linear, deit, attentive); None: no trained head
+    trains_foundation: bool = False  # the foundation runs in the loop and its trainable parts learn
+    pairs: bool = False  # compares two caches: may name a second model or a fine-tuned export of the same one
+    fills: tuple[str, ...] = ()  # paper outputs its results may fill (report.paper's rules decide per result)
+    per_layer: tuple[str, str] | None = None  # (figure stem, caption) of its metric-vs-layer curve
     predictions: bool = True  # writes predictions.npz
     describes: str = ""  # one line for help texts and the report
 
-    def spec_class(self) -> type:
-        return _resolve(self.spec)
+    def __post_init__(self) -> None:
+        for trait, value, allowed in (("reads", self.reads, READS), ("summary", self.summary, SUMMARIES),
+                                      ("cost", self.cost, COST_MODELS)):  # fmt: skip
+            if value not in allowed:
+                raise FmcacheError(f"protocol {self.name}: {trait} '{value}' is not one of {', '.join(allowed)}")
 
-    def runner_fn(self):
-        return _resolve(self.runner)
+    @property
+    def label(self) -> str:
+        """A short display name: the head's (``DeiT``), else the protocol's own (``k-NN``)."""
+        if self.head is not None:
+            return HEAD_LABELS.get(self.head, self.head)
+        return {"rows": "k-NN", "matrix": "CKA"}.get(self.summary, self.name)
 
-    def make_spec(self, **fields):
-        """The protocol's spec from ``fields`` plus the fields it fixes; the spec checks every value."""
-        return self.spec_class()(**fields, **dict(self.fixed))
-
-    def run(self, spec, **kwargs) -> dict:
-        return self.runner_fn()(spec, **kwargs)
-
-
-def _resolve(target: str):
-    module, _, attribute = target.partition(":")
-    return getattr(importlib.import_module(module), attribute)
+    @property
+    def competes_by(self) -> str:
+        """The summary value results of this protocol compete on for one output cell (the val metric)."""
+        return "best.val" if self.summary == "rows" else "val_mean"
 
 
-_FROZEN = "fmcache.frozen.specs"
+_TIME = "fig3_time"  # every protocol with per-run timings feeds the time figure
 PROTOCOLS: dict[str, Protocol] = {
     p.name: p
     for p in (
-        Protocol("knn", "cache", f"{_FROZEN}:KnnSpec", "fmcache.frozen.run:run_knn",
+        Protocol("knn", "knn", "pooled", "rows", "knn", fills=("fig2_knn", _TIME),
+                 per_layer=("supp_knn_vs_layer", "k-NN per layer"),
                  describes="weighted k-NN on L2-normalised pooled features (paper Fig. 2)"),
-        Protocol("probe_linear", "cache", f"{_FROZEN}:ProbeSpec", "fmcache.frozen.run:run_probe",
-                 fixed=(("head", "linear"),), describes="LR × seed grid of linear heads on frozen pooled features"),
-        Protocol("probe_deit", "cache", f"{_FROZEN}:TokenProbeSpec", "fmcache.frozen.run_tokens:run_token_probe",
-                 fixed=(("head", "deit"),), describes="the seed's stacked DeiT-B head on frozen cached tokens"),
-        Protocol("probe_attentive", "cache", f"{_FROZEN}:TokenProbeSpec", "fmcache.frozen.run_tokens:run_token_probe",
-                 fixed=(("head", "attentive"),), describes="an attentive-pooling head on frozen cached tokens"),
-        Protocol("cka", "cache", f"{_FROZEN}:CkaSpec", "fmcache.frozen.run:run_cka", predictions=False,
+        Protocol("probe_linear", "probe", "pooled", "grid", "pooled_heads", head="linear",
+                 fills=("table1_frozen", "table3_1024px", "fig6_model_size", _TIME),
+                 per_layer=("supp_linear_vs_layer", "linear probe per layer"),
+                 describes="LR × seed grid of linear heads on frozen pooled features"),
+        Protocol("probe_deit", "probe", "tokens", "grid", "token_heads", head="deit",
+                 fills=("table1_frozen", "table3_1024px", "fig5_decapitation", "fig6_model_size", _TIME),
+                 per_layer=("fig5_decapitation", "DeiT head per block (decapitation)"),
+                 describes="the seed's stacked DeiT-B head on frozen cached tokens"),
+        Protocol("probe_attentive", "probe", "tokens", "grid", "token_heads", head="attentive",
+                 per_layer=("supp_attentive_vs_layer", "attentive head per layer"),
+                 describes="an attentive-pooling head on frozen cached tokens"),
+        Protocol("cka", "cka", "pooled", "matrix", "cka", pairs=True, predictions=False,
+                 fills=("fig7_cka_finetune", "fig8_cka_models"),
                  describes="linear CKA between layers of one or two caches (paper Figs. 7 and 8)"),
-        Protocol("finetune_linear", "images", "fmcache.finetune.spec:FinetuneSpec", "fmcache.finetune.run:run_finetune",
-                 fixed=(("head", "linear"),), describes="end-to-end fine-tuning with a linear head"),
-        Protocol("finetune_deit", "images", "fmcache.finetune.spec:FinetuneSpec", "fmcache.finetune.run:run_finetune",
-                 fixed=(("head", "deit"),), describes="end-to-end fine-tuning with the stacked DeiT-B head"),
+        Protocol("finetune_linear", "finetune", "images", "grid", "finetune", head="linear", trains_foundation=True,
+                 fills=("table1_frozen", "table2_unfrozen", "table3_1024px", "fig4_freeze", "fig5_decapitation",
+                        "fig6_model_size", _TIME),
+                 describes="end-to-end fine-tuning with a linear head"),
+        Protocol("finetune_deit", "finetune", "images", "grid", "finetune", head="deit", trains_foundation=True,
+                 fills=("table1_frozen", "table2_unfrozen", "table3_1024px", "fig4_freeze", "fig5_decapitation",
+                        "fig6_model_size", _TIME),
+                 describes="end-to-end fine-tuning with the stacked DeiT-B head"),
     )
 }  # fmt: skip
-NAMES = tuple(PROTOCOLS)
+
+
+def names() -> tuple[str, ...]:
+    """Every protocol's name, in the table's order (registered ones included)."""
+    return tuple(PROTOCOLS)
 
 
 def get_protocol(name: str) -> Protocol:
     try:
         return PROTOCOLS[name]
     except KeyError:
-        raise FmcacheError(f"unknown protocol {name!r}; valid: {', '.join(NAMES)}") from None
+        raise FmcacheError(f"unknown protocol {name!r}; valid: {', '.join(PROTOCOLS)}") from None
 
 
-def head_protocol(stage: str, head: str) -> Protocol:
-    """The protocol of ``fmcache probe --head X`` (stage ``probe``) or ``fmcache finetune --head X``."""
-    name = f"{stage}_{head}"
-    if name not in PROTOCOLS:
-        heads = [n.split("_", 1)[1] for n in NAMES if n.startswith(f"{stage}_")]
+def head_protocol(command: str, head: str) -> Protocol:
+    """The protocol of ``fmcache probe --head X`` or ``fmcache finetune --head X``."""
+    found = [p for p in PROTOCOLS.values() if p.command == command and p.head == head]
+    if not found:
+        heads = [p.head for p in PROTOCOLS.values() if p.command == command and p.head]
         raise FmcacheError(f"unknown --head '{head}'; use {', '.join(heads)}")
-    return PROTOCOLS[name]
+    return found[0]
+
+
+def register(protocol: Protocol) -> Protocol:
+    """Add a protocol row (a plugin's or a test's); its spec and runner are bound with :func:`fmcache.runners.bind`."""
+    if protocol.name in PROTOCOLS and PROTOCOLS[protocol.name] != protocol:
+        raise FmcacheError(f"protocol {protocol.name} is registered already with other traits")
+    PROTOCOLS[protocol.name] = protocol
+    return protocol
+
+
+def unregister(name: str) -> None:
+    PROTOCOLS.pop(name, None)

@@ -12,11 +12,11 @@ import pytest
 from typer.testing import CliRunner
 
 from fmcache.cli import app
+from fmcache.cost import counting, rates
+from fmcache.cost import estimate as cost
+from fmcache.cost.sizes import dataset_sizes
 from fmcache.errors import FmcacheError
-from fmcache.grid import cost, rates
-from fmcache.grid import flops as counting
 from fmcache.grid.config import GridOptions, load_grid
-from fmcache.grid.dry_run import dataset_splits
 from fmcache.grid.main import run_grid
 
 runner = CliRunner()
@@ -119,7 +119,7 @@ def test_paper_dry_run_prints_the_cost_and_the_seeds(tmp_path):
             assert doc["seed"]["seconds"] > doc["ours"]["seconds"], job_id
     assert result["seed_hours"] > result["hours"] > 0
     # the official counts, split by each dataset's rule (CheXpert: the seed's first int(0.2 n) + 15 held out)
-    splits = dataset_splits(load_grid(tmp_path / "configs" / "paper.yaml"), print)
+    splits = dataset_sizes(load_grid(tmp_path / "configs" / "paper.yaml").datasets, print)
     n = 224316
     assert splits["chexpert"].train == n - (int(0.2 * n) + 15) and splits["aptos2019"].val == int(3662 * 0.3) // 2
     assert "split 80/10/10 assumed" in splits["cbis_ddsm"].note

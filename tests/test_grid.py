@@ -147,18 +147,6 @@ def test_local_jobs_subprocesses(tiny: Path, tmp_path: Path):
     assert len(list((tmp_path / "logs").glob("*.log"))) == 4  # one log per job
 
 
-def test_submitit_local_executor(tiny: Path, tmp_path: Path):
-    pytest.importorskip("submitit", reason="submitit not installed (pip install submitit); the slurm path needs it")
-    options = GridOptions(executor="slurm", submitit_cluster="local", gpus_per_job=0, time_min=10,
-                          logs=tmp_path / "logs")  # fmt: skip
-    out = run_grid(tiny, options, log=lambda _m: None)
-    assert len(out["ran"]) == 4
-    assert len(find_results(tmp_path / "out" / "results")) == 3
-    assert list((tmp_path / "logs").rglob("*_log.out"))  # submitit's per-job logs
-    again = run_grid(tiny, options, log=lambda _m: None)
-    assert again["ran"] == [] and len(again["skipped"]) == 4
-
-
 @pytest.mark.slow
 def test_demo_grid_end_to_end(tmp_path: Path):
     """configs/demo_grid.yaml as shipped (paths relative to the YAML: the copy writes under tmp_path)."""

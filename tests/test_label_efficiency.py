@@ -285,10 +285,10 @@ def test_grid_yaml_takes_fraction_lists_skips_them_when_done_and_the_report_draw
 def test_shipped_example_config_expands_into_valid_specs():
     from fmcache.grid.config import load_grid
     from fmcache.grid.jobs import expand
-    from fmcache.protocols import get_protocol
+    from fmcache.runners import make_spec
 
     grid = load_grid(Path(__file__).resolve().parents[1] / "configs" / "label_efficiency.yaml")
     readers = [job for job in expand(grid) if job.kind != "extract"]
-    specs = [get_protocol(job.kind).make_spec(cache=Path("c"), **job.options) for job in readers]
+    specs = [make_spec(job.kind, cache=Path("c"), **job.options) for job in readers]
     assert {s.train_fraction for s in specs if s.train_fraction} == {(0.01, 0.05, 0.1, 0.25, 0.5, 1.0)}
     assert any(s.train_per_class == (1, 5, 20) for s in specs) and all(s.subset_repeats > 1 for s in specs)

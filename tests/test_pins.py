@@ -61,6 +61,7 @@ def test_cache_key_is_pinned(pinned_cache):
 
 def test_protocol_settings_hashes_are_pinned(pinned_cache, pinned_root, tmp_path):
     from fmcache.protocols import get_protocol
+    from fmcache.runners import make_spec, run
 
     out = tmp_path / "results"
     options = {
@@ -79,8 +80,8 @@ def test_protocol_settings_hashes_are_pinned(pinned_cache, pinned_root, tmp_path
     for name, fields in options.items():
         protocol = get_protocol(name)
         extra = {} if protocol.reads == "images" else {"plots": False}
-        spec = protocol.make_spec(out=out, **fields, **extra)
-        folders[name] = protocol.run(spec, log=quiet)["folder"]
+        spec = make_spec(name, out=out, **fields, **extra)
+        folders[name] = run(name, spec, log=quiet)["folder"]
     got = {}
     for protocol, folder in folders.items():
         doc = _doc(folder)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fmcache.errors import FmcacheError
-from fmcache.protocols import NAMES
+from fmcache.protocols import names
 from fmcache.results import (
     find_results,
     is_complete,
@@ -36,7 +36,7 @@ def test_result_folder_layout(tmp_path):
     assert not folder.exists()  # only a name: the grid asks without writing
     with pytest.raises(FmcacheError, match="unknown protocol"):
         result_folder(tmp_path, "digits", "m", "k", "probe", settings)
-    assert set(NAMES) >= {"knn", "probe_linear", "probe_deit", "probe_attentive", "cka", "finetune_linear"}
+    assert set(names()) >= {"knn", "probe_linear", "probe_deit", "probe_attentive", "cka", "finetune_linear"}
 
 
 def _write(folder, **overrides):

@@ -16,6 +16,7 @@ from rich.markup import escape
 
 import fmcache
 from fmcache.errors import FmcacheError
+from fmcache.protocols import get_protocol
 
 app = typer.Typer(
     add_completion=False,
@@ -51,7 +52,7 @@ def cli_command(fn):
     return wrapper
 
 
-def _log(message: str) -> None:
+def log_line(message: str) -> None:
     """Library messages are plain text; the CLI colours them by their first word and prints them as they are."""
     text = str(message)
     style = "bold red" if text.startswith("WARNING") else "yellow" if text.startswith(("warning", "note")) else None
@@ -85,7 +86,17 @@ SPLIT_HELP = (
 DATASET_FLAGS = ("uncertain", "split", "layout", "csv")
 
 
-def _build_spec(spec_cls: type, config: Path | None, flags: dict, **fixed):
+def protocol_spec(name: str, config: Path | None, flags: dict, **fixed):
+    """The spec of protocol ``name`` (its head fixed by its row) from ``--config`` and the flags."""
+    from fmcache.runners import spec_class  # deferred: the specs import torch
+
+    protocol = get_protocol(name)
+    head = {"head": protocol.head} if protocol.head is not None else {}
+    flags = {k: v for k, v in flags.items() if k != "head"}
+    return build_spec(spec_class(name), config, flags, **fixed, **head)
+
+
+def build_spec(spec_cls: type, config: Path | None, flags: dict, **fixed):
     """A command's spec from ``--config`` YAML overridden by the flags that were given (not None), plus ``fixed``.
 
     The one way every command turns options into its spec: the spec coerces and checks each value itself. Dataset
@@ -107,8 +118,8 @@ def _build_spec(spec_cls: type, config: Path | None, flags: dict, **fixed):
     merged.update(fixed)
     if takes_dataset:
         options = {**merged.pop("dataset_options", {})}
-        options.update(_dataset_options(*(merged.pop(k, None) for k in DATASET_FLAGS)))
-        options.update(_dataset_options(*(dataset_flags[k] for k in DATASET_FLAGS)))
+        options.update(dataset_options(*(merged.pop(k, None) for k in DATASET_FLAGS)))
+        options.update(dataset_options(*(dataset_flags[k] for k in DATASET_FLAGS)))
         merged["dataset_options"] = options
     for f in fields(spec_cls):
         required = f.default is MISSING and f.default_factory is MISSING
@@ -117,7 +128,7 @@ def _build_spec(spec_cls: type, config: Path | None, flags: dict, **fixed):
     return spec_cls(**merged)
 
 
-def _dataset_options(uncertain: str | None, split: str | None, layout: str | None, csv: str | None) -> dict:
+def dataset_options(uncertain: str | None, split: str | None, layout: str | None, csv: str | None) -> dict:
     opts = {"uncertain": uncertain, "split": split, "layout": layout, "csv": csv}
     return {k: v for k, v in opts.items() if v is not None}
 

@@ -8,8 +8,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fmcache.cli.app import SPLIT_HELP, _build_spec, _log, app, cli_command, console
-from fmcache.cli.stage_two import _print_cka, _print_folder, _print_knn, _print_probe
+from fmcache.cli.app import SPLIT_HELP, app, cli_command, console, log_line, protocol_spec
+from fmcache.cli.stage_two import print_cka, print_folder, print_knn, print_probe
+from fmcache.config import load_config
+from fmcache.protocols import head_protocol
+from fmcache.runners import run
 
 
 def _print_finetune(result: dict) -> None:
@@ -23,7 +26,7 @@ def _print_finetune(result: dict) -> None:
             f"{r['test_mean']:.4f} ± {r['test_std']:.4f}", f"{t['train_s_per_epoch']:.2f}", str(t["effective_batch_size"]),
         )  # fmt: skip
     console.print(table)
-    _print_folder(result)
+    print_folder(result)
 
 
 FINETUNE_FREEZE_HELP = (
@@ -120,11 +123,9 @@ def finetune_cmd(
     """
     flags = {k: v for k, v in locals().items() if k not in ("config", "quiet")}
     from fmcache.dist import is_main_process
-    from fmcache.finetune.spec import FinetuneSpec
-    from fmcache.protocols import head_protocol
-
-    spec = _build_spec(FinetuneSpec, config, flags)
-    result = head_protocol("finetune", spec.head).run(spec, progress=not quiet, log=_log)
+    protocol = head_protocol("finetune", flags.get("head") or str(load_config(config).get("head") or "linear"))
+    spec = protocol_spec(protocol.name, config, flags)
+    result = run(protocol.name, spec, progress=not quiet, log=log_line)
     if is_main_process():
         _print_finetune(result)
         if result.get("lora"):
@@ -151,7 +152,7 @@ def report_cmd(
     """The paper's tables (mean ± std, bootstrap CIs, paired tests), figures and one HTML page from a results tree."""
     from fmcache.report.render import build_report, parse_formats
 
-    report = build_report(results, out, parse_formats(format), resamples, seed, log=_log)
+    report = build_report(results, out, parse_formats(format), resamples, seed, log=log_line)
     console.print(f"{report['n_results']} result(s) → {len(report['files'])} file(s) in {report['out']}", markup=False)
     for path in report["files"]:
         console.print(f"  {path}", markup=False, highlight=False, soft_wrap=True)
@@ -215,8 +216,8 @@ def demo_cmd(
     from fmcache.cache.info import format_info
     from fmcache.demo import run_demo
 
-    result = run_demo(out, model, img_size, epochs=epochs, log=_log)
+    result = run_demo(out, model, img_size, epochs=epochs, log=log_line)
     console.print(format_info(result["cache"]), highlight=False, soft_wrap=True)
-    _print_knn(result["knn"])
-    _print_probe(result["probe"])
-    _print_cka(result["cka"])
+    print_knn(result["knn"])
+    print_probe(result["probe"])
+    print_cka(result["cka"])

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fmcache.cli.app import SPLIT_HELP, _build_spec, _dataset_options, _log, app, cli_command, console, err_console
+from fmcache.cli.app import SPLIT_HELP, app, build_spec, cli_command, console, dataset_options, err_console, log_line
 
 # -- models / datasets -------------------------------------------------------------------------------------------
 
@@ -58,7 +58,7 @@ def datasets_cmd(
     """Describe a dataset found on disk: counts per split and class, and problems."""
     from fmcache.data import describe, format_description, load_dataset, write_split_csv
 
-    index = load_dataset(dataset, data_root, **_dataset_options(uncertain, split, layout, csv))
+    index = load_dataset(dataset, data_root, **dataset_options(uncertain, split, layout, csv))
     desc = describe(index)
     _warn_empty_split(index)
     if export_split is not None:
@@ -141,8 +141,8 @@ def extract_cmd(
     from fmcache.extract.plan import ExtractSpec
     from fmcache.extract.run import run_extract
 
-    spec = _build_spec(ExtractSpec, config, flags)
-    folder = run_extract(spec, progress=not quiet, log=_log)
+    spec = build_spec(ExtractSpec, config, flags)
+    folder = run_extract(spec, progress=not quiet, log=log_line)
     if is_main_process():  # under torchrun, one line for the whole job
         console.print(str(folder), markup=False, highlight=False, soft_wrap=True)
 

@@ -8,7 +8,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fmcache.cli.app import _build_spec, _log, app, cli_command, console
+from fmcache.cli.app import app, cli_command, console, log_line, protocol_spec
+from fmcache.config import load_config
+from fmcache.protocols import head_protocol
+from fmcache.runners import run
 
 # -- stage two ---------------------------------------------------------------------------------------------------
 
@@ -32,12 +35,12 @@ Plots = Annotated[bool | None, typer.Option("--plots/--no-plots", help="PNG plot
 Config = Annotated[Path | None, typer.Option(help="YAML file of these options; flags override it.")]
 
 
-def _print_folder(result: dict) -> None:
+def print_folder(result: dict) -> None:
     """The result folder on a line of its own: in a table title it wraps mid-hash on an 80-column terminal."""
     console.print(f"→ {result['folder']}", markup=False, highlight=False, soft_wrap=True)
 
 
-def _print_knn(result: dict) -> None:
+def print_knn(result: dict) -> None:
     table = Table(title=f"k-NN ({result['metric']})")
     extra = result["metric"] != "accuracy"  # accuracy is always reported; don't show it twice
     for col in ("layer", "split", "k", result["metric"], *(["accuracy"] if extra else [])):
@@ -46,7 +49,7 @@ def _print_knn(result: dict) -> None:
         cells = [str(row["layer"]), row["split"], str(row["k"]), f"{row['value']:.4f}"]
         table.add_row(*cells, *([f"{row['accuracy']:.4f}"] if extra else []))
     console.print(table)
-    _print_folder(result)
+    print_folder(result)
     skipped = sorted({name for row in result["rows"] for name in row.get("skipped", "").split(";") if name})
     if skipped:  # never scored 0.5 silently: say which labels had a single class in some split
         console.print(
@@ -54,7 +57,7 @@ def _print_knn(result: dict) -> None:
         )
 
 
-def _print_probe(result: dict) -> None:
+def print_probe(result: dict) -> None:
     table = Table(
         title=f"{result.get('head', 'linear')} probe ({result['metric']}, test mean ± std over seeds at the best val LR)"
     )
@@ -69,7 +72,7 @@ def _print_probe(result: dict) -> None:
             ref = r["sklearn"]
             table.add_row(str(layer), f"sklearn C={ref['best_C']:g}", f"{ref['val']:.4f}", f"{ref['value']:.4f}", "")
     console.print(table)
-    _print_folder(result)
+    print_folder(result)
 
 
 @app.command("knn")
@@ -99,18 +102,15 @@ def knn_cmd(
 ) -> None:
     """Weighted k-NN from a cache (FAISS, exact inner product on L2-normalised features). Defaults: k
     10,20,100,200, T 0.07, the last layer."""
-    from fmcache.protocols import get_protocol
-
     flags = {"ks": k, "temperature": temperature, "layer": layer, "pool": pool, "eval_splits": eval,
              "metric": metric, "out": out, "use_gpu": False if cpu else None, "plots": plots,
              "train_fraction": train_fraction, "train_per_class": train_per_class, "subset_repeats": subset_repeats,
              "val_fraction_follows": val_fraction_follows}  # fmt: skip
-    protocol = get_protocol("knn")
-    result = protocol.run(_build_spec(protocol.spec_class(), config, flags, cache=cache), log=_log)
+    result = run("knn", protocol_spec("knn", config, flags, cache=cache), log=log_line)
     if "label_efficiency" in result:
         _print_label_efficiency(result)
         return
-    _print_knn(result)
+    print_knn(result)
     if result.get("views_note"):
         console.print(f"note: {result['views_note']}", markup=False)
 
@@ -198,18 +198,15 @@ def probe_cmd(
 ) -> None:
     """Train every LR × seed head at once from the cache (linear on pooled features; deit or attentive on tokens)."""
     flags = {k: v for k, v in locals().items() if k not in ("cache", "config", "head")}
-    from fmcache.config import load_config
-    from fmcache.protocols import head_protocol
-
     protocol = head_protocol("probe", head or str(load_config(config).get("head") or "linear"))
-    spec = _build_spec(protocol.spec_class(), config, flags, cache=cache, **dict(protocol.fixed))
-    result = protocol.run(spec, progress=True, log=_log)
+    spec = protocol_spec(protocol.name, config, flags, cache=cache)
+    result = run(protocol.name, spec, progress=True, log=log_line)
     if "label_efficiency" in result:
         _print_label_efficiency(result)
         return
     if result.get("head_weights", {}).get("source") == "random" and spec.head == "deit":
         console.print("[bold yellow]the deit head started from random weights (--head-random-init)[/]")
-    _print_probe(result)
+    print_probe(result)
     if spec.head == "linear":
         _print_views(result)
 
@@ -244,7 +241,7 @@ def _print_views(result: dict) -> None:
         console.print("train, val and test: center crops (no augmented views)")
 
 
-def _print_cka(result: dict) -> None:
+def print_cka(result: dict) -> None:
     kind = "debiased" if result["debiased"] else "biased"
     table = Table(title=f"linear CKA ({kind}, {result['estimator']}, n={result['n']})")
     table.add_column("A \\ B")
@@ -253,7 +250,7 @@ def _print_cka(result: dict) -> None:
     for label, values in zip(result["row_layers"], result["matrix"], strict=True):
         table.add_row(str(label), *(f"{v:.3f}" for v in values))
     console.print(table)
-    _print_folder(result)
+    print_folder(result)
 
 
 @app.command("cka")
@@ -286,8 +283,5 @@ def cka_cmd(
 ) -> None:
     """Linear CKA between every pair of layers of one cache, or of two caches aligned by sample id."""
     flags = {k: v for k, v in locals().items() if k not in ("cache", "config")}
-    from fmcache.protocols import get_protocol
-
-    protocol = get_protocol("cka")
-    result = protocol.run(_build_spec(protocol.spec_class(), config, flags, cache=cache), log=_log)
-    _print_cka(result)
+    result = run("cka", protocol_spec("cka", config, flags, cache=cache), log=log_line)
+    print_cka(result)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from fmcache.cli.app import _log, app, cli_command, console
+from fmcache.cli.app import app, cli_command, console, log_line
 
 
 @app.command("calibrate")
@@ -21,8 +21,8 @@ def calibrate_cmd(
     Kept per device in ~/.cache/fmcache/calibration.json ($FMCACHE_CALIBRATION overrides the path); the dry run
     uses this machine's entry, or another with --device-rate NAME.
     """
-    from fmcache.grid.calibrate import calibrate
+    from fmcache.cost.calibrate import calibrate
 
-    entry = calibrate(seconds=seconds, quick=quick, device=device, log=_log)
+    entry = calibrate(seconds=seconds, quick=quick, device=device, log=log_line)
     console.print(f"calibrated {entry['name']} in {entry['seconds']:.0f} s → {entry['path']}", markup=False,
                   highlight=False, soft_wrap=True)  # fmt: skip

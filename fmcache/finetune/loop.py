@@ -124,7 +124,7 @@ def param_groups(model: FineTuneModel, weight_decay: float, layer_decay: float) 
     return groups
 
 
-class _Labelled(Dataset):
+class Labelled(Dataset):
     """(input, label) pairs from an ImageDataset (label looked up by global index) or a TokenDataset."""
 
     def __init__(self, inner: Dataset, labels: np.ndarray | None):
@@ -142,14 +142,14 @@ class _Labelled(Dataset):
 
 def split_labels(ds: Dataset) -> np.ndarray:
     """The labels of a split's samples in dataset order (what the metric scores)."""
-    if isinstance(ds, _Labelled) and ds.labels is not None:
+    if isinstance(ds, Labelled) and ds.labels is not None:
         return ds.labels[np.asarray(ds.inner.indices)]
     return np.asarray(ds.inner.labels)
 
 
 def split_ids(ds: Dataset) -> np.ndarray:
     """The sample ids of a split in dataset order: index positions of images, or the cache's ids (as extract wrote)."""
-    inner = ds.inner if isinstance(ds, _Labelled) else ds
+    inner = ds.inner if isinstance(ds, Labelled) else ds
     if isinstance(inner, Subset):  # --limit on a cache: the first rows of a TokenDataset
         return np.asarray(inner.dataset.ids)[np.asarray(inner.indices)]
     if hasattr(inner, "ids"):

@@ -22,9 +22,9 @@ from fmcache.errors import FmcacheError
 from fmcache.files import ensure_writable_dir
 from fmcache.finetune.loop import (
     BEST_PREDICTIONS,
+    Labelled,
     RunSettings,
     Trainer,
-    _Labelled,
     resolve_amp,
     split_ids,
     split_labels,
@@ -150,7 +150,7 @@ def online_data(spec: FinetuneSpec) -> Data:
     eval_tf, eval_desc = build_transform(img_size, None, mean, std, gray=spec.gray)
     train_tf = train_augmentation(img_size, mean, std, gray=spec.gray)
     splits = {
-        s: _Labelled(ImageDataset(index, positions[s], train_tf if s == "train" else eval_tf), index.labels)
+        s: Labelled(ImageDataset(index, positions[s], train_tf if s == "train" else eval_tf), index.labels)
         for s in ("train", "val", "test")
     }
     identity = {"dataset": index.name, "fingerprint": index.fingerprint(), "labels": index.labels_fingerprint(),
@@ -184,7 +184,7 @@ def cached_data(spec: FinetuneSpec) -> tuple[Data, object]:
     img_size = int(inputs.get("img_size") or reader.manifest["model"]["img_size"])
     if spec.img_size is not None and spec.img_size != img_size:
         raise FmcacheError(f"cache {reader.path} was extracted at {img_size} px, not --img-size {spec.img_size}")
-    splits = {s: _Labelled(reader.tokens(s, freeze), None) for s in ("train", "val", "test")}
+    splits = {s: Labelled(reader.tokens(s, freeze), None) for s in ("train", "val", "test")}
     if spec.limit:
         from torch.utils.data import Subset
 
@@ -193,7 +193,7 @@ def cached_data(spec: FinetuneSpec) -> tuple[Data, object]:
             keep = list(range(min(spec.limit, len(inner))))
             sub = Subset(inner, keep)
             sub.labels = inner.labels[keep]  # type: ignore[attr-defined]
-            splits[s] = _Labelled(sub, None)
+            splits[s] = Labelled(sub, None)
     identity = {"cache": reader.key, "layer": freeze}
     metric = resolve_metric(reader, spec.metric)
     notes = [f"from cache {reader.path}: blocks 1..{freeze} are not run and see no augmentation (center crops)"]

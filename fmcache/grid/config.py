@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fmcache.errors import FmcacheError
-from fmcache.protocols import NAMES, get_protocol
+from fmcache.protocols import get_protocol, names
 
-KINDS = ("extract", *NAMES)  # an extract job, then one kind per protocol
+EXTRACT = "extract"  # the job kind of stage one; every other kind is a protocol
 TOP_KEYS = ("results", "cache_root", "models", "datasets", "extract", "protocols")
 # label: the model's name in job ids and --only, when one registry model runs twice (e.g. at 224 and 1024 px)
 MODEL_KEYS = ("name", "label", "weights", "random_init", "img_size", "arch_overrides", "tokens")
@@ -40,13 +40,15 @@ def _unknown(keys, valid, where: str, source: Path) -> None:
 
 def _runner_options(kind: str) -> set[str]:
     """The options a protocol variant may set: its spec's fields, less what the grid fixes (and CKA's pairing)."""
+    from fmcache.runners import spec_class  # deferred: the specs import torch
+
     protocol = get_protocol(kind)
-    fields = {f.name for f in dataclasses.fields(protocol.spec_class())} - GRID_OWNED
+    fields = {f.name for f in dataclasses.fields(spec_class(kind))} - GRID_OWNED
     if protocol.reads == "images":
         fields -= {"resume"}  # a fine-tune job always resumes its runs; --no-resume is the CLI's
-    # CKA's pairings: the last layers of every pair of models (Fig. 8), or a model against itself after a fine-tune
-    # job of the grid (Fig. 7; the value names that protocol, e.g. finetune_linear or finetune_linear#1)
-    return fields | {"across_models", "after_finetune"} if kind == "cka" else fields
+    # a pairing protocol (CKA): the last layers of every pair of models (Fig. 8), or a model against itself after a
+    # fine-tune job of the grid (Fig. 7; the value names that protocol, e.g. finetune_linear or finetune_linear#1)
+    return fields | {"across_models", "after_finetune"} if protocol.pairs else fields
 
 
 def _extract_options() -> set[str]:
@@ -113,7 +115,7 @@ def load_grid(path: Path, results: Path | None = None, cache_root: Path | None =
     protocols: dict[str, list[dict]] = {}
     for kind, variants in (raw.get("protocols") or {}).items():
         kind = str(kind).replace("-", "_")
-        _unknown([kind], [k for k in KINDS if k != "extract"], "protocols", path)
+        _unknown([kind], names(), "protocols", path)
         variants = [variants or {}] if not isinstance(variants, list) else variants
         allowed = _runner_options(kind) | set(VARIANT_KEYS)
         protocols[kind] = []
@@ -155,7 +157,6 @@ class GridOptions:
     gpus_per_job: int | None = None  # None: 1 where the cluster has GPU gres (sinfo -o %G), else 0
     time_min: int = 240
     logs: Path | None = None
-    submitit_cluster: str | None = None  # tests: "local" runs the submitit path without Slurm
     wait: bool = False  # a job running in another grid: wait for it (else report it and skip it)
     slurm_account: str | None = None
     slurm_qos: str | None = None

@@ -5,7 +5,7 @@ the config's ``/path/to/...`` placeholder) is planned from the official release'
 so. Every job is listed under the paper outputs it feeds (:func:`fmcache.report.paper.outputs_of`, the same rule the
 report uses to place its results), so a reader sees at once what reproduces Table 1, Fig. 4, and so on.
 
-Then the cost (:func:`print_cost`, the model in :mod:`fmcache.grid.cost`): per job forward passes, FLOPs, bytes
+Then the cost (:func:`print_cost`, the model in :mod:`fmcache.cost.estimate`): per job forward passes, FLOPs, bytes
 written and read and the estimated time on a device (``--device-rate``: a preset, a FLOP/s number, or what
 ``fmcache calibrate`` measured), with the seed's online cost of the same results beside it.
 """
@@ -13,117 +13,39 @@ written and read and the estimated time on a device (``--device-rate``: a preset
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 
-from fmcache.errors import FmcacheError
-from fmcache.grid.config import KINDS, GridConfig, Log, label
-from fmcache.grid.cost import DataSize
+from fmcache.cost.counting import Counts
+from fmcache.cost.estimate import Cost, DataSize, Estimator, estimate_jobs
+from fmcache.cost.rates import resolve_rates
+from fmcache.cost.text import count_text, duration, si
+from fmcache.grid.config import EXTRACT, GridConfig, Log, label
 from fmcache.grid.jobs import Job
+from fmcache.protocols import get_protocol, names
 from fmcache.report.paper import OUTPUTS, outputs_of
 
 STAGE_ONE = "stage one"  # extraction jobs feed whatever reads their cache
 
-# Where no root is at hand the official release is split by the loaders' own rules (:func:`_official_split`); the
-# datasets' typical stored image size in megapixels (the decode cost): APTOS ~2400 × 1700 PNG, CBIS-DDSM full
-# mammograms as PNG (~3000 × 4000, downsampled in the seed's lists: assumed 4 MPx), ISIC 2019 ~1024 × 768 JPEG,
-# CheXpert-v1.0-small ~390 × 320 JPEG.
-TYPICAL_MPX = {"aptos2019": 4.0, "cbis_ddsm": 4.0, "isic2019": 0.8, "chexpert": 0.125}
-DIGITS_PX = 32  # prepare: digits writes 32 × 32 scans (fmcache.data.digits)
-
-
-def _official_split(name: str, n: int) -> tuple[tuple[int, int, int], str]:
-    from fmcache.data import aptos, chexpert, isic
-    from fmcache.data.index import TEST, TRAIN, VAL, split_counts
-
-    seed_holdout = {aptos.NAME: aptos.SEED_HOLDOUT, isic.NAME: isic.SEED_HOLDOUT}
-    if name in seed_holdout:  # the seed's val_size: the held-out rows, halved into val and test
-        hold = int(n * seed_holdout[name])
-        return (n - hold, hold // 2, hold - hold // 2), ""
-    if name == chexpert.NAME:  # the seed's split: the first int(0.2 n) + 15 rows held out, halved
-        codes = chexpert.seed_split(n)
-        return (int((codes == TRAIN).sum()), int((codes == VAL).sum()), int((codes == TEST).sum())), ""
-    return split_counts(n, (0.8, 0.1, 0.1)), "split 80/10/10 assumed"
-
-
-def _sample_mpx(paths, limit: int = 16) -> float | None:
-    """Mean megapixels of up to ``limit`` images spread over the dataset (headers only)."""
-    from PIL import Image
-
-    step = max(1, len(paths) // limit)
-    sizes = []
-    for path in list(paths)[::step][:limit]:
-        try:
-            with Image.open(path) as image:
-                sizes.append(image.size[0] * image.size[1] / 1e6)
-        except (OSError, ValueError):
-            continue
-    return sum(sizes) / len(sizes) if sizes else None
-
-
-def dataset_splits(grid: GridConfig, log: Log) -> dict[str, DataSize | None]:
-    """Split sizes per dataset: counted where the root exists, else the official release's count split by the
-    dataset's own rule (said in one line each); None where no count is known."""
-    from fmcache.data.index import split_counts
-    from fmcache.data.registry import DATASETS, load_dataset
-
-    sizes: dict[str, DataSize | None] = {}
-    for data in grid.datasets:
-        name, root = data["name"], Path(data["root"])
-        spec = DATASETS.get(name)
-        official = getattr(spec, "official_images", None)
-        classes = getattr(spec, "classes", None)
-        limit = int(data["limit"]) if data.get("limit") else None
-        size: DataSize | None = None
-        if root.is_dir():
-            options = {k: data[k] for k in ("split", "uncertain", "layout", "csv") if data.get(k) is not None}
-            try:
-                index = load_dataset(name, root, **options)
-                counts = [int((index.split == code).sum()) for code in (0, 1, 2)]
-                mpx = _sample_mpx(index.paths) or TYPICAL_MPX.get(name, 0.25)
-                size = DataSize(*counts, index.num_classes, mpx)
-            except FmcacheError as exc:
-                log(
-                    f"dataset {name}: {root} does not load ({str(exc).split(';')[0]}); planning from the official count"
-                )
-        elif data.get("prepare") == "digits":
-            n = 10 * int(data.get("per_class") or 30)
-            size = DataSize(*split_counts(n, (0.8, 0.1, 0.1)), 10, DIGITS_PX**2 / 1e6)
-        if size is None:
-            placeholder = str(root).startswith("/path/to") or "/path/to/" in str(root)
-            why = "is still the placeholder" if placeholder else "does not exist"
-            if official is None:
-                log(f"dataset {name}: root {root} {why}; no official image count is known, so costs leave it out")
-            else:
-                counts, note = _official_split(name, official)
-                log(f"dataset {name}: root {root} {why}; planning from the official release's {official:,} images"
-                    + (f" ({note})" if note else ""))  # fmt: skip
-                size = DataSize(*counts, classes or 2, TYPICAL_MPX.get(name, 0.25), note)
-        if size is not None and limit is not None:
-            size = DataSize(min(size.train, limit), min(size.val, limit), min(size.test, limit), size.classes,
-                            size.mpx, size.note)  # fmt: skip
-        sizes[name] = size
-    return sizes
-
 
 def paper_outputs(job: Job) -> list[str]:
     """The paper outputs a job feeds (extract jobs: :data:`STAGE_ONE`)."""
-    if job.kind == "extract":
+    if job.is_extract:
         return [STAGE_ONE]
+    protocol = get_protocol(job.kind)
     options = dict(job.options)
-    if job.kind == "cka":
+    if protocol.pairs:
         if job.model_b is not None:
             options["model_b"], options["across_models"] = job.model_b["name"], True
         if options.get("after_finetune"):
             options["same_model"] = True
     img_size = job.model.get("img_size")
-    return outputs_of(job.kind, options, job.model["name"], int(img_size) if img_size else None)
+    return outputs_of(protocol, options, job.model["name"], int(img_size) if img_size else None)
 
 
 def describe(grid: GridConfig, jobs: list[Job], done: set[str], log: Log) -> dict[str, list[str]]:
     """Log the jobs per kind and per paper output; returns {output: job ids}."""
     log(f"grid {grid.source}: {len(jobs)} job(s), {len(done)} done, {len(jobs) - len(done)} to run")
     log(f"results: {grid.results}   cache: {grid.cache_root}")
-    for kind in KINDS:
+    for kind in (EXTRACT, *names()):
         of_kind = [j for j in jobs if j.kind == kind]
         if of_kind:
             n_done = sum(j.id in done for j in of_kind)
@@ -158,8 +80,6 @@ def _hours(seconds: float) -> str:
 
 
 def _row(title: str, n: int, ours, seed, width: int) -> str:
-    from fmcache.grid.cost import count_text, duration, si
-
     seed_cells = f"{count_text(seed.forwards):>8} {duration(seed.seconds):>9}" if seed.seconds else f"{'-':>8} {'-':>9}"
     return (f"  {title:<{width}} {n:>4} {count_text(ours.forwards):>8} {si(ours.flops, 'FLOP'):>11} "
             f"{si(ours.written, 'B'):>9} {si(ours.read, 'B'):>9} {duration(ours.seconds):>9}   {seed_cells}")  # fmt: skip
@@ -169,20 +89,13 @@ def print_cost(jobs: list[Job], splits: dict[str, DataSize | None], log: Log, de
     """Log the cost of ``jobs`` per job (or per kind and model) and in total, the seed's beside it; returns it.
 
     ``device_rate``: ``--device-rate`` (None: this machine's calibration, else the H200 preset)."""
-    from fmcache.grid.cost import Cost, Estimator, count_text, duration, si
-    from fmcache.grid.flops import Counts
-    from fmcache.grid.rates import resolve_rates
-
     rates = resolve_rates(device_rate, log)
     counts = Counts()
-    estimator = Estimator(rates, splits, counts)
-    costs, unknown = {}, {}
+    found = estimate_jobs(Estimator(rates, splits, counts), jobs)
+    costs, unknown = found.costs, {}
     for job in jobs:
-        try:
-            costs[job.id] = estimator.job(job)
-        except Exception as exc:  # a model that cannot be built or counted (or a dataset without a size): said once
-            why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-            unknown.setdefault(f"{job.model['name']} on {job.dataset['name']}", why)
+        if job.id in found.failed:  # said once per model and dataset
+            unknown.setdefault(f"{job.model['name']} on {job.dataset['name']}", found.failed[job.id])
     counts.save()
     if not jobs:
         return {}
@@ -226,7 +139,7 @@ def print_cost(jobs: list[Job], splits: dict[str, DataSize | None], log: Log, de
     saving = f", {seed.seconds / ours.seconds:.1f}x fmcache's" if ours.seconds else ""
     log(f"the seed's online protocol for the same results: {count_text(seed.forwards)} foundation forwards, "
         f"{si(seed.flops, 'FLOP')}; about {_hours(seed.seconds)} device-hours{saving}")  # fmt: skip
-    frozen = [j.id for j in jobs if j.id in costs and not j.kind.startswith("finetune")]
+    frozen = [j.id for j in jobs if j.id in costs and not j.reads_images]
     mine, theirs = total(frozen)
     if frozen and len(frozen) < len(costs):
         ratio = f" ({theirs.seconds / mine.seconds:.0f}x)" if mine.seconds else ""

@@ -1,5 +1,4 @@
-"""Executors of the grid's jobs: ``local`` one after another or ``--jobs N`` subprocesses, and ``slurm`` (submitit;
-the real cluster's side is :mod:`fmcache.grid.slurm`).
+"""Executors of the grid's jobs: ``local`` one after another or ``--jobs N`` subprocesses, (Slurm: :mod:`fmcache.grid.slurm`).
 
 Each skips the jobs already done (:func:`fmcache.grid.run.is_done`) and never starts a job whose dependency
 failed or could not start; one job's failure does not stop the independent ones. A job that another grid runs now
@@ -10,55 +9,24 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from fmcache.errors import FmcacheError
-from fmcache.grid.config import GridOptions, Log
+from fmcache.grid.config import Log
 from fmcache.grid.jobs import Job
-from fmcache.grid.lock import JobBusy, JobLock, describe_holder
-from fmcache.grid.run import EXIT_BUSY, EXIT_DONE_ELSEWHERE, _job_doc, is_done, run_and_record, submitted_job
-
-
-@dataclass
-class Outcome:
-    ran: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # done before, or finished by another grid meanwhile
-    failed: dict[str, str] = field(default_factory=dict)  # job → its error in one line (and where its log is)
-    blocked: dict[str, str] = field(default_factory=dict)  # job → why it did not start ("not started: X failed")
-    elsewhere: dict[str, str] = field(default_factory=dict)  # job → "running in another grid (pid …, host …)"
-    cancelled: set[str] = field(default_factory=set)  # the failed jobs that were cancelled (scancel, Slurm)
-
-    def settled(self, job_id: str) -> bool:
-        return any(job_id in group for group in (self.ran, self.skipped, self.failed, self.blocked, self.elsewhere))
-
-
-def _ready(job: Job, outcome: Outcome) -> str | None:
-    """None when no dependency failed, was cancelled, or is left to another grid; else why the job cannot start."""
-    for dep in job.deps:
-        if dep in outcome.cancelled:
-            return f"not started: {dep} was cancelled"
-        if dep in outcome.failed:
-            return f"not started: {dep} failed"
-        if dep in outcome.blocked:
-            return f"not started: {dep} did not start"
-        if dep in outcome.elsewhere:
-            return f"not started: {dep} is {outcome.elsewhere[dep]}; rerun when it ends, or pass --wait"
-    return None
-
-
-def _busy(holder: dict) -> str:
-    return f"running in another grid ({describe_holder(holder)})"
+from fmcache.grid.lock import JobBusy, JobLock
+from fmcache.grid.outcome import Outcome, busy, ready
+from fmcache.grid.run import EXIT_BUSY, EXIT_DONE_ELSEWHERE, is_done, job_doc, run_and_record
+from fmcache.grid.slurm_cli import job_exception, read_text
 
 
 def run_local(jobs: list[Job], log: Log, wait: bool = False) -> Outcome:
     outcome = Outcome()
     for job in jobs:
-        why = _ready(job, outcome)
+        why = ready(job, outcome)
         if why:
             outcome.blocked[job.id] = why
             log(f"{job.id}: {why}")
@@ -71,7 +39,7 @@ def run_local(jobs: list[Job], log: Log, wait: bool = False) -> Outcome:
         try:
             folder = run_and_record(job, log=lambda _m: None, wait=wait, note=lambda m: log(f"  {m}"))
         except JobBusy as exc:
-            outcome.elsewhere[job.id] = _busy(exc.holder)
+            outcome.elsewhere[job.id] = busy(exc.holder)
             log(f"  skipped: {outcome.elsewhere[job.id]}; pass --wait to wait for it")
             continue
         except Exception as exc:  # one job's failure (bad input or a bug) must not stop the independent ones
@@ -100,8 +68,6 @@ def _gpu_ids() -> list[str]:
 
 def _log_error(log_file: Path, returncode: int) -> str:
     """A subprocess job's error in one line: the exception it died of (or its own ``error:`` line), and its log."""
-    from fmcache.grid.slurm_cli import job_exception, read_text
-
     text = read_text(log_file)
     errors = [line[len("error: ") :] for line in text.splitlines() if line.startswith("error: ")]
     what = job_exception(text) or (errors[-1] if errors else None)
@@ -126,7 +92,7 @@ def run_parallel(jobs: list[Job], n: int, logs: Path, log: Log, wait: bool = Fal
         for job in list(pending):
             if len(running) >= n:
                 break
-            why = _ready(job, outcome)
+            why = ready(job, outcome)
             if why:
                 outcome.blocked[job.id] = why
                 log(f"{job.id}: {why}")
@@ -137,12 +103,12 @@ def run_parallel(jobs: list[Job], n: int, logs: Path, log: Log, wait: bool = Fal
             holder = JobLock(job).holder()
             if holder is not None:  # another grid runs it: skip it, or leave it pending until that ends (--wait)
                 if not wait:
-                    outcome.elsewhere[job.id] = _busy(holder)
+                    outcome.elsewhere[job.id] = busy(holder)
                     log(f"skipped {job.id}: {outcome.elsewhere[job.id]}; pass --wait to wait for it")
                     pending.remove(job)
                 elif job.id not in waiting:
                     waiting.add(job.id)
-                    log(f"waiting for {job.id}: {_busy(holder)}")
+                    log(f"waiting for {job.id}: {busy(holder)}")
                 continue
             pending.remove(job)
             if is_done(job):
@@ -156,7 +122,7 @@ def run_parallel(jobs: list[Job], n: int, logs: Path, log: Log, wait: bool = Fal
             if gpu is not None:
                 env["CUDA_VISIBLE_DEVICES"] = gpu
             spec, log_file = logs / f"{_log_name(job)}.json", logs / f"{_log_name(job)}.log"
-            spec.write_text(json.dumps(_job_doc(job), default=str))
+            spec.write_text(json.dumps(job_doc(job), default=str))
             handle = open(log_file, "w")  # noqa: SIM115  (closed when the job ends)
             proc = subprocess.Popen([sys.executable, "-m", "fmcache.grid.main", str(spec)], env=env, stdout=handle,
                                     stderr=subprocess.STDOUT)  # fmt: skip
@@ -189,75 +155,3 @@ def run_parallel(jobs: list[Job], n: int, logs: Path, log: Log, wait: bool = Fal
 
 def _log_name(job: Job) -> str:
     return job.id.replace("/", "__").replace(":", "_").replace("#", "-")
-
-
-def import_submitit():
-    try:
-        import submitit
-    except ImportError:
-        raise FmcacheError("--executor slurm needs submitit: pip install submitit (or fmcache[dev])") from None
-    return submitit
-
-
-def run_submitit(jobs: list[Job], options: GridOptions, logs: Path, log: Log) -> Outcome:
-    """Submit through submitit: on Slurm (:func:`fmcache.grid.slurm.run_slurm`) every job at once with afterok
-    dependencies; elsewhere (submitit's local cluster, used by the tests) wave by wave, since only Slurm can hold a
-    job until its dependencies succeed."""
-    submitit = import_submitit()
-    cluster = options.submitit_cluster
-    if cluster is None:
-        if shutil.which("sbatch") is None:
-            raise FmcacheError("--executor slurm: sbatch not found; run the grid on a Slurm login node")
-        cluster = "slurm"
-    if cluster == "slurm":
-        from fmcache.grid.slurm import run_slurm
-
-        return run_slurm(jobs, options, logs, log)
-    from fmcache.grid.slurm_cli import job_exception, read_text
-
-    outcome = Outcome()
-    todo = []
-    for job in jobs:
-        if is_done(job):
-            outcome.skipped.append(job.id)
-        else:
-            todo.append(job)
-    executor = submitit.AutoExecutor(folder=logs / "%j", cluster=cluster)
-    executor.update_parameters(timeout_min=options.time_min, gpus_per_node=options.gpus_per_job or 0,
-                               tasks_per_node=1, nodes=1)  # fmt: skip
-
-    def collect(job_id: str, handle) -> None:
-        try:
-            folder = handle.result()
-        except Exception as exc:  # the job's exception from its stderr; the whole traceback stays in the log
-            lines = str(exc).strip().splitlines()
-            what = job_exception(read_text(handle.paths.stderr)) or (lines[-1] if lines else type(exc).__name__)
-            outcome.failed[job_id] = f"{what} (stderr: {handle.paths.stderr})"
-            log(f"failed {job_id}: {outcome.failed[job_id]}")
-            return
-        (outcome.ran if folder is not None else outcome.skipped).append(job_id)
-        log(f"done {job_id} (log: {handle.paths.stdout})")
-
-    remaining = list(todo)
-    while remaining:
-        blocked = {j.id: why for j in remaining if (why := _ready(j, outcome))}
-        outcome.blocked.update(blocked)
-        remaining = [j for j in remaining if j.id not in blocked]
-        wave = [j for j in remaining if all(outcome.settled(d) or d not in {t.id for t in todo} for d in j.deps)]
-        if not wave:  # cannot happen with jobs in dependency order; never leave a job unaccounted for
-            outcome.blocked.update({j.id: "not started: its dependencies did not finish" for j in remaining})
-            break
-        handles = {}
-        for job in wave:
-            holder = JobLock(job).holder()
-            if holder is not None and not options.wait:
-                outcome.elsewhere[job.id] = _busy(holder)
-                log(f"skipped {job.id}: {outcome.elsewhere[job.id]}; pass --wait to wait for it")
-                continue
-            executor.update_parameters(name=job.id)
-            handles[job.id] = executor.submit(submitted_job, _job_doc(job))
-            log(f"submitted {job.id} as {handles[job.id].job_id}")
-        for job_id, handle in handles.items():
-            collect(job_id, handle)
-        remaining = [j for j in remaining if j not in wave]
-    return outcome

@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass, field
 
 from fmcache.errors import FmcacheError
-from fmcache.grid.config import VARIANT_KEYS, GridConfig, label
+from fmcache.grid.config import EXTRACT, VARIANT_KEYS, GridConfig, label
+from fmcache.protocols import get_protocol
 
 
 @dataclass
@@ -28,6 +29,15 @@ class Job:
     model_b: dict | None = None  # two-cache CKA
     results: str = "results"
     cache_root: str = "cache"
+
+    @property
+    def is_extract(self) -> bool:
+        return self.kind == EXTRACT
+
+    @property
+    def reads_images(self) -> bool:
+        """A fine-tune job: it reads the images, not an extract job's cache."""
+        return not self.is_extract and get_protocol(self.kind).reads == "images"
 
     def digest(self) -> str:
         """What makes the job's numbers: never the folders, so --results elsewhere keeps its own ledger."""
@@ -46,7 +56,7 @@ def _extract_settings(grid: GridConfig, model: dict) -> dict:
 def expand(grid: GridConfig) -> list[Job]:
     """Every job of the grid in dependency order: extracts, then the protocols reading them, then fine-tuning."""
     common = {"results": str(grid.results), "cache_root": str(grid.cache_root)}
-    frozen = [k for k in grid.protocols if not k.startswith("finetune")]
+    frozen = [k for k in grid.protocols if get_protocol(k).reads != "images"]
     jobs: list[Job] = []
     for data in grid.datasets:
         extract_ids: dict[str, str] = {}
@@ -54,22 +64,23 @@ def expand(grid: GridConfig) -> list[Job]:
             for model in grid.models:
                 job_id = f"extract/{data['name']}/{label(model)}"
                 settings = _extract_settings(grid, model)
-                jobs.append(Job(job_id, "extract", data, model, extract=settings, **common))
+                jobs.append(Job(job_id, EXTRACT, data, model, extract=settings, **common))
                 extract_ids[label(model)] = job_id
         for kind, variants in grid.protocols.items():
+            protocol = get_protocol(kind)
             for n, variant in enumerate(variants):
                 options = {k: v for k, v in variant.items() if k not in VARIANT_KEYS}
-                across = bool(options.pop("across_models", False)) if kind == "cka" else False
+                across = bool(options.pop("across_models", False)) if protocol.pairs else False
                 # by label: a model listed twice (e.g. at 224 and 1024 px) is chosen per entry
                 chosen = [m for m in grid.models if not variant.get("models") or label(m) in variant["models"]]
                 suffix = f"#{n}" if len(variants) > 1 else ""
                 for model in chosen:
                     job_id = f"{kind}{suffix}/{data['name']}/{label(model)}"
-                    if kind.startswith("finetune"):
+                    if protocol.reads == "images":
                         jobs.append(Job(job_id, kind, data, model, options, **common))
                         continue
                     deps, job_options = [extract_ids[label(model)]], options
-                    if kind == "cka" and options.get("after_finetune"):
+                    if protocol.pairs and options.get("after_finetune"):
                         # Fig. 7: the model against its own fine-tuned export, once the fine-tune job has run
                         ref = str(options["after_finetune"])
                         _check_finetune_ref(grid, ref)
@@ -84,12 +95,12 @@ def expand(grid: GridConfig) -> list[Job]:
                             if a["name"] == b["name"]:  # one model at two sizes: not a pair of models
                                 continue
                             jobs.append(Job(
-                                f"cka{suffix}/{data['name']}/{label(a)}_x_{label(b)}", "cka", data, a, pair_options,
+                                f"{kind}{suffix}/{data['name']}/{label(a)}_x_{label(b)}", kind, data, a, pair_options,
                                 [extract_ids[label(a)], extract_ids[label(b)]], _extract_settings(grid, a),
                                 model_b=b, **common,
                             ))  # fmt: skip
     # fine-tuning last: frozen results come early, the costliest runs at the end; a CKA after fine-tuning after both
-    jobs.sort(key=lambda j: (j.kind.startswith("finetune") or bool(j.options.get("after_finetune")),
+    jobs.sort(key=lambda j: (j.reads_images or bool(j.options.get("after_finetune")),
                              bool(j.options.get("after_finetune"))))  # fmt: skip
     return jobs
 
@@ -97,7 +108,7 @@ def expand(grid: GridConfig) -> list[Job]:
 def _check_finetune_ref(grid: GridConfig, ref: str) -> None:
     kind, _, number = ref.partition("#")
     variants = grid.protocols.get(kind)
-    if not kind.startswith("finetune") or not variants or (number and not number.isdigit()):
+    if not variants or not get_protocol(kind).trains_foundation or (number and not number.isdigit()):
         raise FmcacheError(f"{grid.source}: after_finetune: {ref} names no finetune protocol of this grid")
     if (len(variants) > 1) != bool(number) or (number and int(number) >= len(variants)):
         valid = [kind] if len(variants) == 1 else [f"{kind}#{i}" for i in range(len(variants))]

@@ -29,12 +29,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from fmcache.cost.estimate import estimate_jobs
+from fmcache.cost.recorded import RecordedEstimator, recorded_seconds
+from fmcache.cost.sizes import dataset_sizes
 from fmcache.errors import FmcacheError
 from fmcache.grid.config import GridConfig, GridOptions, Log, load_grid
-from fmcache.grid.executors import import_submitit, run_local, run_parallel, run_submitit
+from fmcache.grid.dry_run import ROWS_PER_JOB, describe, print_cost
+from fmcache.grid.executors import run_local, run_parallel
 from fmcache.grid.jobs import Job, expand, select
 from fmcache.grid.lock import JobBusy
 from fmcache.grid.run import EXIT_BUSY, EXIT_DONE_ELSEWHERE, is_done, submitted_job
+from fmcache.grid.slurm import import_submitit, run_slurm
 
 # -- data roots, dry run ---------------------------------------------------------------------------------------------
 
@@ -73,53 +78,15 @@ def prepare_digits(root: Path, per_class: int) -> Path:
     return root
 
 
-def _recorded_seconds(grid: GridConfig) -> dict[tuple[str, str], list[float]]:
-    """Recorded costs by (kind, model) from the results tree and the caches, for the dry run's estimate."""
-    from fmcache.cache.manifest import read_manifest
-    from fmcache.results import find_results
-
-    seconds: dict[tuple[str, str], list[float]] = {}
-    if grid.results.is_dir():
-        for doc in find_results(grid.results):
-            t = (doc.get("timings") or {}).get("train_seconds")
-            if t is not None:
-                seconds.setdefault((doc["protocol"], doc["model"]), []).append(float(t))
-    if grid.cache_root.is_dir():
-        for manifest in grid.cache_root.glob("*/*/*/manifest.json"):
-            try:
-                doc = read_manifest(manifest.parent) or {}
-            except (OSError, FmcacheError):
-                continue
-            shard_seconds = [s.get("seconds") for s in doc.get("shards") or [] if s.get("seconds") is not None]
-            if doc.get("status") == "complete" and shard_seconds:
-                seconds.setdefault(("extract", doc.get("model", {}).get("name", "?")), []).append(sum(shard_seconds))
-    return seconds
-
-
-def estimate(jobs: list[Job], recorded: dict[tuple[str, str], list[float]]) -> tuple[float, int]:
-    """(seconds, jobs without any recorded run of their kind): the same model's mean, else the kind's mean."""
-    total, unknown = 0.0, 0
-    for job in jobs:
-        same = recorded.get((job.kind, job.model["name"]))
-        if not same:
-            same = [s for (kind, _model), values in recorded.items() if kind == job.kind for s in values]
-        if same:
-            total += sum(same) / len(same)
-        else:
-            unknown += 1
-    return total, unknown
-
-
 def plan(grid: GridConfig, jobs: list[Job], log: Log, device_rate: str | None = None) -> dict:
     """The dry run: jobs per kind, how many are done, and what the rest should cost (on ``device_rate``)."""
-    from fmcache.grid.dry_run import ROWS_PER_JOB, dataset_splits, describe, print_cost
-
-    splits = dataset_splits(grid, log)
+    splits = dataset_sizes(grid.datasets, log)
     sizes = {name: (size.total if size else None) for name, size in splits.items()}
     done = {j.id for j in jobs if _safe_done(j)}
     pending = [j for j in jobs if j.id not in done]
     groups = describe(grid, jobs, done, log)
-    seconds, unknown = estimate(pending, _recorded_seconds(grid))
+    recorded = estimate_jobs(RecordedEstimator(recorded_seconds(grid.results, grid.cache_root)), pending)
+    seconds, unknown = sum(c.ours.seconds for c in recorded.costs.values()), len(recorded.failed)
     known = len(pending) - unknown
     log(f"estimated cost of the {known} job(s) with recorded timings of their kind: {seconds:.0f} s"
         + (f"; {unknown} job(s) have none yet" if unknown else ""))  # fmt: skip
@@ -160,7 +127,7 @@ def run_grid(config: Path, options: GridOptions, log: Log = print) -> dict:
     logs = Path(options.logs) if options.logs else grid.results / "grid_logs"
     start = time.perf_counter()
     if options.executor == "slurm":
-        outcome = run_submitit(jobs, options, logs, log)
+        outcome = run_slurm(jobs, options, logs, log)
     elif options.jobs > 1:
         outcome = run_parallel(jobs, options.jobs, logs, log, wait=options.wait)
     else:

@@ -17,6 +17,7 @@ from fmcache.grid.config import DATASET_OPTIONS, Log
 from fmcache.grid.jobs import Job
 from fmcache.grid.lock import LEDGER, JobLock
 from fmcache.protocols import get_protocol
+from fmcache.runners import make_spec, run
 
 # exit codes of ``python -m fmcache.grid.main JOB.json`` (the --jobs N subprocess) besides 0 (ran) and 2 (failed)
 EXIT_BUSY = 3  # the job runs in another grid now
@@ -65,12 +66,12 @@ def job_spec(job: Job):
     if protocol.reads == "images":
         if job.dataset.get("limit") is not None:
             options.setdefault("limit", job.dataset["limit"])
-        return protocol.make_spec(**_source(job.dataset, job.model), out=Path(job.results), **options)
-    if job.kind == "cka" and job.model_b:
+        return make_spec(job.kind, **_source(job.dataset, job.model), out=Path(job.results), **options)
+    if protocol.pairs and job.model_b:
         options["cache_b"] = _cache_folder(job, job.model_b)
-    if job.kind == "cka" and options.get("after_finetune"):
+    if protocol.pairs and options.get("after_finetune"):
         options["cache_b"] = _finetuned_cache(job, str(options.pop("after_finetune")))
-    return protocol.make_spec(cache=_cache_folder(job), out=Path(job.results), **options)
+    return make_spec(job.kind, cache=_cache_folder(job), out=Path(job.results), **options)
 
 
 def _finetuned_cache(job: Job, finetune_id: str) -> Path:
@@ -101,11 +102,11 @@ def _finetuned_cache(job: Job, finetune_id: str) -> Path:
 
 def execute(job: Job, log: Log = print) -> Path:
     """Run one job in this process with the library's functions; returns the cache or result folder."""
-    if job.kind == "extract":
+    if job.is_extract:
         from fmcache.extract.run import run_extract
 
         return run_extract(extract_spec(job), progress=False, log=log)
-    return Path(get_protocol(job.kind).run(job_spec(job), progress=False, log=log)["folder"])
+    return Path(run(job.kind, job_spec(job), progress=False, log=log)["folder"])
 
 
 def ledger_path(job: Job) -> Path:
@@ -124,7 +125,7 @@ def is_done(job: Job) -> bool:
     """An extract: its cache is complete. Any other job: its ledger entry names a complete result folder."""
     from fmcache.results import is_complete
 
-    if job.kind == "extract":
+    if job.is_extract:
         return _plan(job).is_complete()
     entry = _ledger_entry(ledger_path(job))
     return entry is not None and is_complete(Path(entry.get("folder", "")))
@@ -150,16 +151,16 @@ def run_and_record(job: Job, log: Log = print, wait: bool = False, note: Log | N
             return None
         log(f"running {job.id}")
         folder = execute(job, log)
-        if job.kind != "extract":
+        if not job.is_extract:
             path = ledger_path(job)
-            entry = {"job": job.id, "kind": job.kind, "folder": str(Path(folder).resolve()), "job_spec": _job_doc(job)}
+            entry = {"job": job.id, "kind": job.kind, "folder": str(Path(folder).resolve()), "job_spec": job_doc(job)}
             atomic_write_bytes(path, (json.dumps(entry, indent=2, default=str) + "\n").encode())
         return str(folder)
     finally:
         lock.release()
 
 
-def _job_doc(job: Job) -> dict:
+def job_doc(job: Job) -> dict:
     return dataclasses.asdict(job)
 
 

@@ -24,6 +24,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -32,10 +33,10 @@ from pathlib import Path
 from fmcache.errors import FmcacheError
 from fmcache.files import ensure_writable_dir
 from fmcache.grid.config import GridOptions, Log
-from fmcache.grid.executors import Outcome, _busy, _ready, import_submitit
 from fmcache.grid.jobs import Job
 from fmcache.grid.lock import LEDGER, JobLock
-from fmcache.grid.run import _job_doc, is_done, submitted_job
+from fmcache.grid.outcome import Outcome, busy, ready
+from fmcache.grid.run import is_done, job_doc, submitted_job
 from fmcache.grid.slurm_cli import (
     NEVER_STARTS,
     SlurmState,
@@ -130,7 +131,7 @@ def _submit_one(job: Job, executor, options: GridOptions, gpus: int | None, trac
     count, asked of the cluster at the first submission."""
     from submitit.core.utils import FailedJobError
 
-    why = _ready(job, outcome)
+    why = ready(job, outcome)
     if why:
         outcome.blocked[job.id] = why
         log(f"{job.id}: {why}")
@@ -146,7 +147,7 @@ def _submit_one(job: Job, executor, options: GridOptions, gpus: int | None, trac
             where = (f"running in another grid (pid {marker.get('grid_pid', '?')}, host "
                      f"{marker.get('grid_host', '?')}, Slurm job {marker['slurm_job_id']} {state.state.lower()})")  # fmt: skip
         else:
-            where = _busy(holder or {})
+            where = busy(holder or {})
         if not options.wait:
             outcome.elsewhere[job.id] = where
             log(f"skipped {job.id}: {where}; pass --wait to wait for it")
@@ -168,7 +169,7 @@ def _submit_one(job: Job, executor, options: GridOptions, gpus: int | None, trac
     executor.update_parameters(name=job.id, slurm_additional_parameters=extra)
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's stderr too; our line says it
-            handle = executor.submit(submitted_job, _job_doc(job))
+            handle = executor.submit(submitted_job, job_doc(job))
     except FailedJobError as exc:
         raise _rejected(job, exc, options, gpus or 0, tracked) from None
     t = Tracked(job, str(handle.job_id), Path(handle.paths.stdout), Path(handle.paths.stderr))
@@ -178,7 +179,19 @@ def _submit_one(job: Job, executor, options: GridOptions, gpus: int | None, trac
     return gpus
 
 
+def import_submitit():
+    # submitit is optional (fmcache[slurm]) and only this executor needs it
+    try:
+        import submitit
+    except ImportError:
+        raise FmcacheError("--executor slurm needs submitit: pip install submitit (or fmcache[slurm])") from None
+    return submitit
+
+
 def run_slurm(jobs: list[Job], options: GridOptions, logs: Path, log: Log) -> Outcome:
+    """Submit every job at once with ``afterok`` dependencies, then watch them until each has settled."""
+    if shutil.which("sbatch") is None:
+        raise FmcacheError("--executor slurm: sbatch not found; run the grid on a Slurm login node")
     submitit = import_submitit()
     outcome = Outcome()
     gpus: int | None = None  # asked of the cluster only when there is something to submit
@@ -272,7 +285,7 @@ class _Watch:
     def _step(self, t: Tracked, st: SlurmState) -> bool:
         """Settle ``t`` if its state says enough; True when something changed."""
         jid, outcome = t.job.id, self.outcome
-        why = _ready(t.job, outcome)
+        why = ready(t.job, outcome)
         if why and not t.started:  # a dependency failed or was cancelled: it never runs; Slurm may still hold it
             if st.active and not t.adopted:
                 cancel([t.slurm_id])

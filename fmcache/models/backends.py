@@ -17,6 +17,8 @@ from torch import nn
 
 from fmcache.errors import FmcacheError
 from fmcache.models.blip import BLIP_ORIGINAL_EPS, blip_to_hf, is_blip_original
+from fmcache.models.blocks import BlipStages, OpenClipStages, TimmSamStages, TimmVitStages
+from fmcache.models.open_clip_pool import coca_head_tokens, open_clip_pool
 from fmcache.models.registry import ModelSpec
 from fmcache.weightfiles import LoadReport, load_weights_file
 
@@ -100,8 +102,6 @@ class TimmAdapter(nn.Module):
         from timm.models.vision_transformer import VisionTransformer
         from timm.models.vision_transformer_sam import VisionTransformerSAM
 
-        from fmcache.models.blocks import TimmSamStages, TimmVitStages
-
         if type(self.model) is VisionTransformerSAM:
             return TimmSamStages(foundation)
         if type(self.model) is VisionTransformer and self.vit_like:
@@ -113,18 +113,6 @@ class TimmAdapter(nn.Module):
         from timm.models.resnet import ResNet
 
         return "stages (stem + 4 stages)" if isinstance(self.model, ResNet) else "stages"
-
-
-def open_clip_pool(visual: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """open_clip's own pooling of last-block tokens ``h``: (pooled, the pooler's other tokens). CLIP: ln_post(CLS)
-    @ proj; CoCa: the attention pooler's contrastive token @ proj, and its other outputs."""
-    pooled, pool_tokens = visual._pool(h)
-    return (pooled @ visual.proj if visual.proj is not None else pooled), pool_tokens
-
-
-def coca_head_tokens(pooled: torch.Tensor, pool_tokens: torch.Tensor) -> torch.Tensor:
-    """The follow-up's CoCa input to the DeiT head: the projected contrastive token, then the pooler's others."""
-    return torch.cat([pooled[:, None], pool_tokens], dim=1)
 
 
 class OpenClipAdapter(nn.Module):
@@ -157,8 +145,6 @@ class OpenClipAdapter(nn.Module):
     layer_unit = "stages"
 
     def block_layout(self, foundation):
-        from fmcache.models.blocks import OpenClipStages
-
         return OpenClipStages(foundation) if hasattr(self.visual, "transformer") else None
 
 
@@ -193,8 +179,6 @@ class BlipAdapter(HfAdapter):
     """BLIP's vision tower: a transformers ViT whose ``encoder.layers`` are blocks."""
 
     def block_layout(self, foundation):
-        from fmcache.models.blocks import BlipStages
-
         return BlipStages(foundation)
 
 

@@ -14,16 +14,24 @@ the same features as in the cache.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from fmcache.models.foundation import Foundation
-
 from fmcache.errors import FmcacheError
-from fmcache.models.backends import coca_head_tokens, open_clip_pool
+from fmcache.models.open_clip_pool import coca_head_tokens, open_clip_pool
+from fmcache.models.registry import ModelSpec
+
+
+class Owner(Protocol):
+    """What a block view needs of its foundation (structural, so this module need not import the wrapper)."""
+
+    spec: ModelSpec
+    adapter: nn.Module
+
+    @property
+    def name(self) -> str: ...
 
 
 class Stages:
@@ -31,7 +39,7 @@ class Stages:
 
     unit = "blocks"
 
-    def __init__(self, foundation: Foundation, root: nn.Module, blocks: nn.ModuleList, post: tuple[str, ...]):
+    def __init__(self, foundation: Owner, root: nn.Module, blocks: nn.ModuleList, post: tuple[str, ...]):
         self.foundation = foundation
         self.root = root  # the module whose state dict is the model's own key layout
         self.blocks = blocks
@@ -111,7 +119,7 @@ class Stages:
 
 
 class TimmVitStages(Stages):
-    def __init__(self, foundation: Foundation):
+    def __init__(self, foundation: Owner):
         m = foundation.adapter.model
         super().__init__(foundation, m, m.blocks, ("norm", "fc_norm", "head", "attn_pool"))
 
@@ -126,7 +134,7 @@ class TimmVitStages(Stages):
 class TimmSamStages(Stages):
     """timm's SAM encoder keeps (B, H, W, C) maps between blocks; the cache stores them flattened row-major."""
 
-    def __init__(self, foundation: Foundation):
+    def __init__(self, foundation: Owner):
         m = foundation.adapter.model
         super().__init__(foundation, m, m.blocks, ("neck", "head"))
 
@@ -153,7 +161,7 @@ class TimmSamStages(Stages):
 
 
 class OpenClipStages(Stages):
-    def __init__(self, foundation: Foundation):
+    def __init__(self, foundation: Owner):
         v = foundation.adapter.visual
         super().__init__(
             foundation, v, v.transformer.resblocks, ("ln_post", "proj", "attn_pool", "attn_pool_contrastive")
@@ -184,7 +192,7 @@ class OpenClipStages(Stages):
 
 
 class BlipStages(Stages):
-    def __init__(self, foundation: Foundation):
+    def __init__(self, foundation: Owner):
         m = foundation.adapter.model
         super().__init__(foundation, m, m.encoder.layers, ("post_layernorm",))
 

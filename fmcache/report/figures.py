@@ -15,15 +15,18 @@ from pathlib import Path
 import numpy as np
 
 from fmcache.plots import new_figure, plot_cka_heatmap, save_png
+from fmcache.protocols import PROTOCOLS
 from fmcache.report.paper import MODEL_SIZE_FAMILY, OUTPUTS, freeze_of
-from fmcache.report.tables import HEAD_NAMES, cka_model_b, doc_outputs, head_cells, ordered_datasets, ordered_models
+from fmcache.report.tables import (
+    HEAD_NAMES,
+    cka_model_b,
+    doc_outputs,
+    head_cells,
+    ordered_datasets,
+    ordered_models,
+    protocol_of,
+)
 from fmcache.results import safe_name
-
-# per-layer curves: the DeiT head's is the paper's Fig. 5; the others are the report's extras
-LAYER_PROTOCOLS = {"probe_deit": ("fig5_decapitation", "DeiT head per block (decapitation)"),
-                   "knn": ("supp_knn_vs_layer", "k-NN per layer"),
-                   "probe_linear": ("supp_linear_vs_layer", "linear probe per layer"),
-                   "probe_attentive": ("supp_attentive_vs_layer", "attentive head per layer")}  # fmt: skip
 
 
 def _paper(key: str) -> str:
@@ -78,11 +81,13 @@ def metric_vs_layer(docs: Sequence[dict], out: Path) -> list[Figure]:
     """Test metric against layer, one line per model: the DeiT decapitation curve (Fig. 5), k-NN and linear probe."""
     figures = []
     for dataset in ordered_datasets(docs):
-        for protocol, (stem, label) in LAYER_PROTOCOLS.items():
+        # per-layer curves: the DeiT head's is the paper's Fig. 5; the others are the report's extras
+        for protocol in (p for p in PROTOCOLS.values() if p.per_layer is not None):
+            stem, label = protocol.per_layer
             curves = {}
             for doc in docs:
-                if doc["dataset"] == dataset and doc.get("protocol") == protocol:
-                    curve = _curve_from_knn(doc) if protocol == "knn" else _curve_from_probe(doc)
+                if doc["dataset"] == dataset and doc.get("protocol") == protocol.name:
+                    curve = _curve_from_knn(doc) if protocol.summary == "rows" else _curve_from_probe(doc)
                     if curve is not None:
                         curves[doc["model"]] = (curve, doc.get("metric"))
             if not curves:
@@ -104,7 +109,7 @@ def knn_vs_k(docs: Sequence[dict], out: Path) -> list[Figure]:
     for dataset in ordered_datasets(docs):
         lines = {}
         for doc in docs:
-            if doc["dataset"] != dataset or doc.get("protocol") != "knn":
+            if doc["dataset"] != dataset or "fig2_knn" not in protocol_of(doc).fills:
                 continue
             summary = doc.get("summary") or {}
             layer = (summary.get("best") or {}).get("layer")
@@ -140,13 +145,13 @@ def frozen_blocks(docs: Sequence[dict], out: Path) -> list[Figure]:
         unfrozen: dict[str, float] = {}
         metric = None
         for doc in docs:
-            if doc["dataset"] != dataset or not str(doc.get("protocol", "")).startswith("finetune"):
+            if doc["dataset"] != dataset or not protocol_of(doc).trains_foundation:
                 continue
             settings = doc.get("settings") or {}
             summary = doc.get("summary") or {}
             if settings.get("drop_after") is not None or summary.get("test_mean") is None:
                 continue
-            label = f"{doc['model']} + {HEAD_NAMES.get(doc['protocol'].split('_')[1], '?')}"
+            label = f"{doc['model']} + {protocol_of(doc).label}"
             k = _frozen_blocks(settings)
             if k is not None:
                 lines.setdefault(label, {})[k] = (summary["test_mean"], summary.get("test_std") or 0.0)
@@ -173,7 +178,7 @@ def cka_heatmaps(docs: Sequence[dict], out: Path) -> list[Figure]:
     the same model); a cache against itself or another model is the report's extra."""
     figures = []
     for doc in docs:
-        if doc.get("protocol") != "cka":
+        if protocol_of(doc).summary != "matrix":
             continue
         summary = doc.get("summary") or {}
         matrix = np.asarray(summary.get("matrix") or [], dtype=np.float64)
@@ -197,7 +202,7 @@ def cka_across_models(docs: Sequence[dict], out: Path) -> list[Figure]:
     for dataset in ordered_datasets(docs):
         pairs: dict[tuple[str, str], float] = {}
         for doc in docs:
-            model_b = cka_model_b(doc) if doc.get("protocol") == "cka" and doc["dataset"] == dataset else None
+            model_b = cka_model_b(doc) if protocol_of(doc).pairs and doc["dataset"] == dataset else None
             if model_b is None or model_b == doc["model"]:  # one model before/after fine-tuning is Fig. 7, not 8
                 continue
             matrix = (doc.get("summary") or {}).get("matrix") or []
@@ -283,11 +288,6 @@ def all_figures(docs: Sequence[dict], out: Path) -> list[Figure]:
     return figures
 
 
-def _subset_line(doc: dict) -> str:
-    head = doc.get("protocol", "?")
-    return "k-NN" if head == "knn" else HEAD_NAMES.get(head.split("_", 1)[-1], head.split("_", 1)[-1])
-
-
 def _chosen_layer(rows: Sequence[dict]) -> str:
     """A multi-layer curve's layer in the comparison: the best mean val at the largest train amount (as the report
     chooses on val everywhere; the last layer on ties)."""
@@ -310,7 +310,7 @@ def label_efficiency(docs: Sequence[dict], out: Path) -> list[Figure]:
         if subset is None:
             continue
         axis = "fraction" if subset.get("fraction") is not None else "per_class"
-        line = (doc["model"], _subset_line(doc), settings_hash(base_settings(doc))[:6])
+        line = (doc["model"], protocol_of(doc).label, settings_hash(base_settings(doc))[:6])
         curves.setdefault((doc["dataset"], str(doc.get("metric")), axis), {}).setdefault(line, []).append(doc)
     figures = []
     for (dataset, metric, axis), lines in sorted(curves.items()):

@@ -8,8 +8,10 @@ land under the same table or figure.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+from fmcache.protocols import Protocol
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,58 @@ def freeze_of(options: Mapping) -> str:
     return "none" if freeze is None else str(freeze)
 
 
-def outputs_of(protocol: str, options: Mapping, model: str, img_size: int | None = None) -> list[str]:
-    """The paper outputs an evaluation feeds.
+def _layers(options: Mapping) -> list[str]:
+    return [str(x) for x in _as_list(options.get("layers", options.get("layer", "last")))]
+
+
+def _paper_feature(protocol: Protocol, options: Mapping) -> bool:
+    """A frozen result on the paper's feature: the paper's pooled feature at the last layer (pooled heads), the DeiT
+    head's paper tokens (token heads), or the whole frozen foundation (fine-tuning with ``--freeze all``)."""
+    if protocol.reads == "images":
+        return freeze_of(options) == "all" and options.get("drop_after") is None
+    paper = options.get("paper_feature")
+    if paper is None:  # a job, or a result written before the runner recorded it
+        paper = (
+            _as_list(options.get("pool")) == ["paper"] if protocol.reads == "pooled" else _layers(options) == ["paper"]
+        )
+    return bool(paper)
+
+
+def _unfrozen(protocol: Protocol, options: Mapping) -> bool:
+    return protocol.trains_foundation and freeze_of(options) == "none" and options.get("drop_after") is None
+
+
+def _pairs_models(options: Mapping, model: str) -> bool:
+    return bool(options.get("across_models") or (options.get("model_b") and options.get("model_b") != model))
+
+
+def _pairs_itself(options: Mapping, model: str) -> bool:
+    return bool(options.get("same_model") or options.get("model_b") == model) and not _pairs_models(options, model)
+
+
+# output → whether one result (its protocol's traits, its settings, its model, high resolution or not) may fill it
+Rule = Callable[[Protocol, Mapping, str, bool], bool]
+RULES: dict[str, Rule] = {
+    "table1_frozen": lambda p, o, m, high: not high and _paper_feature(p, o),
+    "table2_unfrozen": lambda p, o, m, high: not high and _unfrozen(p, o),
+    "table3_1024px": lambda p, o, m, high: high and (_paper_feature(p, o) or _unfrozen(p, o)),
+    "fig2_knn": lambda p, o, m, high: True,
+    "fig4_freeze": lambda p, o, m, high: freeze_of(o).isdigit() and o.get("drop_after") is None,
+    "fig5_decapitation": lambda p, o, m, high: (
+        o.get("drop_after") is not None if p.reads == "images" else len(_layers(o)) > 1 or _layers(o) == ["all"]
+    ),
+    "fig7_cka_finetune": lambda p, o, m, high: _pairs_itself(o, m),
+    "fig8_cka_models": lambda p, o, m, high: _pairs_models(o, m),
+}
+# outputs that follow from the others a result fills
+DERIVED = {
+    "fig6_model_size": lambda m, out: m in MODEL_SIZE_FAMILY and bool({"table1_frozen", "table2_unfrozen"} & set(out)),
+    "fig3_time": lambda m, out: bool(out),
+}
+
+
+def outputs_of(protocol: Protocol, options: Mapping, model: str, img_size: int | None = None) -> list[str]:
+    """The paper outputs an evaluation feeds: those its protocol may fill (its ``fills`` trait) whose rule holds.
 
     ``options`` are a grid job's options or a result's ``settings`` (the same names: ``pool``, ``layer`` or
     ``layers``, ``freeze``, ``drop_after``; ``paper_feature`` when the runner recorded it; ``model_b`` and
@@ -60,41 +112,5 @@ def outputs_of(protocol: str, options: Mapping, model: str, img_size: int | None
     if options.get("train_fraction") or options.get("train_per_class") or options.get("train_subset"):
         return []  # label-efficiency runs train on subsets: the report's own curve, never a paper cell
     high = img_size is not None and img_size >= HIGH_RES
-    out: list[str] = []
-    layers = [str(x) for x in _as_list(options.get("layers", options.get("layer", "last")))]
-    if protocol == "knn":
-        out.append("fig2_knn")
-    elif protocol == "probe_linear":
-        paper = options.get("paper_feature")
-        if paper is None:  # a job, or a result written before the runner recorded it; pool paper is last-layer only
-            paper = _as_list(options.get("pool")) == ["paper"]
-        if paper:
-            out.append("table3_1024px" if high else "table1_frozen")
-    elif protocol == "probe_deit":
-        paper = options.get("paper_feature")
-        if paper is None:
-            paper = layers == ["paper"]
-        if paper:
-            out.append("table3_1024px" if high else "table1_frozen")
-        if len(layers) > 1 or layers == ["all"]:
-            out.append("fig5_decapitation")
-    elif protocol.startswith("finetune"):
-        freeze = freeze_of(options)
-        if options.get("drop_after") is not None:
-            out.append("fig5_decapitation")
-        elif freeze == "none":
-            out.append("table3_1024px" if high else "table2_unfrozen")
-        elif freeze == "all":
-            out.append("table3_1024px" if high else "table1_frozen")
-        if freeze.isdigit() and options.get("drop_after") is None:
-            out.append("fig4_freeze")
-    elif protocol == "cka":
-        if options.get("across_models") or (options.get("model_b") and options.get("model_b") != model):
-            out.append("fig8_cka_models")
-        elif options.get("same_model") or options.get("model_b") == model:
-            out.append("fig7_cka_finetune")
-    if model in MODEL_SIZE_FAMILY and any(o in ("table1_frozen", "table2_unfrozen") for o in out):
-        out.append("fig6_model_size")
-    if protocol != "cka" and out:
-        out.append("fig3_time")
-    return out
+    out = [key for key in protocol.fills if key in RULES and RULES[key](protocol, options, model, high)]
+    return out + [key for key in protocol.fills if key in DERIVED and DERIVED[key](model, out)]

@@ -22,14 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fmcache.errors import FmcacheError
+from fmcache.protocols import HEAD_LABELS, Protocol, get_protocol
 from fmcache.report.paper import OUTPUTS, freeze_of, outputs_of
 
 MISSING = "–"
 FEWER_SEEDS = "†"
 # the paper's order first; any other dataset follows alphabetically
 PAPER_DATASETS = ("aptos2019", "cbis_ddsm", "isic2019", "chexpert")
-HEADS = ("linear", "deit")
-HEAD_NAMES = {"linear": "linear", "deit": "DeiT"}
+HEADS = ("linear", "deit")  # the paper's heads, in its column order
+HEAD_NAMES = {h: HEAD_LABELS[h] for h in HEADS}
 
 
 @dataclass
@@ -91,9 +92,15 @@ def doc_outputs(doc: dict) -> list[str]:
     settings = dict(doc.get("settings") or {})
     if doc.get("paper_feature") is not None:
         settings["paper_feature"] = doc["paper_feature"]
-    if doc.get("protocol") == "cka":
+    protocol = protocol_of(doc)
+    if protocol.pairs:
         settings["same_model"] = _cka_same_model(doc)
-    return outputs_of(doc.get("protocol", ""), settings, doc.get("model", ""), doc.get("img_size"))
+    return outputs_of(protocol, settings, doc.get("model", ""), doc.get("img_size"))
+
+
+def protocol_of(doc: dict) -> Protocol:
+    """The protocol row of a result (its traits decide where the result goes)."""
+    return get_protocol(str(doc.get("protocol", "")))
 
 
 def cka_model_b(doc: dict) -> str | None:
@@ -171,28 +178,24 @@ def pick(candidates: Sequence[dict]) -> dict | None:
 
 
 def _regime(doc: dict) -> str:
-    return (
-        "fine-tuned"
-        if doc["protocol"].startswith("finetune") and freeze_of(doc.get("settings") or {}) == "none"
-        else "frozen"
-    )
+    trains = protocol_of(doc).trains_foundation and freeze_of(doc.get("settings") or {}) == "none"
+    return "fine-tuned" if trains else "frozen"
 
 
 def head_cells(docs: Sequence[dict], output: str) -> dict[tuple, tuple[dict, int]]:
     """{(model, column, head, regime): (chosen result, how many competed)} for a head table."""
     groups: dict[tuple, list[dict]] = {}
     for doc in docs:
-        protocol = doc.get("protocol", "")
         if output not in doc_outputs(doc) or (doc.get("summary") or {}).get("test_mean") is None:
             continue
-        head = protocol.split("_", 1)[1] if "_" in protocol else ""
+        head = protocol_of(doc).head
         if head not in HEADS:
             continue
         groups.setdefault((doc["model"], column_of(doc), head, _regime(doc)), []).append(doc)
     cells = {}
     for key, group in groups.items():
         # a frozen cell is the cached probe's; an online frozen fine-tune stands in only where no probe ran
-        probes = [d for d in group if d["protocol"].startswith("probe")]
+        probes = [d for d in group if not protocol_of(d).trains_foundation]
         chosen_from = probes or group
         cells[key] = (pick(chosen_from), len(chosen_from))
     return cells
@@ -285,7 +288,7 @@ def knn_temperature(doc: dict) -> float | None:
 def knn_cells(docs: Sequence[dict]) -> dict[tuple[str, Column], tuple[dict, int]]:
     groups: dict[tuple[str, Column], list[dict]] = {}
     for doc in docs:
-        if doc.get("protocol") == "knn" and (doc.get("summary") or {}).get("best"):
+        if "fig2_knn" in protocol_of(doc).fills and (doc.get("summary") or {}).get("best"):
             groups.setdefault((doc["model"], column_of(doc)), []).append(doc)
     return {
         key: (max(group, key=lambda d: (_knn_best_val(d), d.get("written_at") or "")), len(group))
@@ -332,7 +335,7 @@ def protocol_label(doc: dict) -> str:
     """A short name of an evaluation and its variant: ``finetune_linear (freeze 4)``, ``probe_deit``, ..."""
     protocol = doc.get("protocol", "?")
     settings = doc.get("settings") or {}
-    if protocol.startswith("finetune"):
+    if protocol_of(doc).trains_foundation:
         extra = f"freeze {settings.get('freeze', 'none')}"
         if settings.get("drop_after") is not None:
             extra += f", drop after {settings['drop_after']}"
@@ -346,7 +349,7 @@ def timing_table(docs: Sequence[dict]) -> Table:
     rows, records = [], []
     position = {name: i for i, name in enumerate(ordered_datasets(docs))}
     labelled = sorted(
-        ((d, protocol_label(d)) for d in docs if d.get("protocol") != "cka"),
+        ((d, protocol_label(d)) for d in docs if protocol_of(d).summary != "matrix"),  # a CKA trains nothing
         key=lambda dl: (position[dl[0]["dataset"]], dl[0]["model"], dl[1]),
     )
     for doc, label in labelled:

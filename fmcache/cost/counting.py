@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fmcache.grid.rates import calibration_path, fmcache_version, read_json, write_json
+from fmcache.cost.rates import calibration_path, fmcache_version, read_json, write_json
 
 
 def counts_path() -> Path:

@@ -1,12 +1,12 @@
-"""The grid's cost before it runs: per job forward passes, FLOPs, bytes and wall time, and the seed's cost beside it.
+"""A grid job's cost before it runs: per job forward passes, FLOPs, bytes and wall time, and the seed's cost beside it.
 
 Nothing here needs data or weights. A model's forward FLOPs per image and the shapes the cache stores come from
-:mod:`fmcache.grid.flops` (exact counts on the meta device, kept in ``flops.json``).
+:mod:`fmcache.cost.counting` (exact counts on the meta device, kept in ``flops.json``).
 
 Each job's cost (:func:`Estimator.job`) is built from those counts and a :class:`Rates`: achieved FLOP/s for
 inference and for training (training counted as 3 × the forward of what trains), the per-step and per-parameter
 costs of an optimizer step, the data path (decode per image and per megapixel, the train augmentation), disk
-bytes/s and fixed per-job costs (:mod:`fmcache.grid.rates`: ``fmcache calibrate``'s measurement or a GPU preset).
+bytes/s and fixed per-job costs (:mod:`fmcache.cost.rates`: ``fmcache calibrate``'s measurement or a GPU preset).
 
 Beside every job the seed's online cost for the same result (:meth:`Estimator.job`'s second value): a frozen run
 recomputes the foundation on every step of every epoch over train (with the train augmentation), on val every epoch
@@ -17,12 +17,15 @@ split; fine-tuning is the same end-to-end path in both.
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, dataclass, fields
+from collections.abc import Iterable
+from dataclasses import MISSING, dataclass, field, fields
 from functools import cache
+from typing import Protocol
 
+from fmcache.cost.counting import Counts, ModelShape
+from fmcache.cost.rates import Rates
 from fmcache.errors import FmcacheError
-from fmcache.grid.flops import Counts, ModelShape
-from fmcache.grid.rates import Rates
+from fmcache.protocols import get_protocol
 
 # -- per job ------------------------------------------------------------------------------------------------------------
 
@@ -79,14 +82,14 @@ def _defaults(spec_class: type) -> dict:
 
 @cache
 def _protocol_defaults(kind: str) -> dict:
-    from fmcache.protocols import get_protocol
+    from fmcache.runners import spec_class  # deferred: the specs import torch
 
-    return _defaults(get_protocol(kind).spec_class())
+    return _defaults(spec_class(kind))
 
 
 @cache
 def _extract_defaults() -> dict:
-    from fmcache.extract.plan import ExtractSpec
+    from fmcache.extract.plan import ExtractSpec  # deferred: torch
 
     return _defaults(ExtractSpec)
 
@@ -218,21 +221,16 @@ class Estimator:
         if ds is None:
             raise FmcacheError(f"dataset {job.dataset['name']}: no size known")
         shape = self.counts.model(job.model)
-        kind = job.kind
-        if kind == "extract":
+        if job.is_extract:
             return JobCost(self.extract_cost(job, shape, ds, job.extract), Cost())
-        if kind == "knn":
-            return self._knn(job, shape, ds)
-        if kind == "probe_linear":
-            return self._linear(job, shape, ds)
-        if kind in ("probe_deit", "probe_attentive"):
-            return self._tokens(job, shape, ds)
-        if kind == "cka":
-            return self._cka(job, shape, ds)
-        if kind.startswith("finetune"):
+        model = get_protocol(job.kind).cost  # the protocol's trait names its cost model
+        if model == "finetune":
             ours = self._finetune(job, shape, ds)
             return JobCost(ours, ours)  # fine-tuning is the same end-to-end path in fmcache and the seed
-        raise FmcacheError(f"no cost model for job kind {kind}")
+        models = {"knn": self._knn, "pooled_heads": self._linear, "token_heads": self._tokens, "cka": self._cka}
+        if model not in models:
+            raise FmcacheError(f"no cost model {model!r} for job kind {job.kind}")
+        return models[model](job, shape, ds)
 
     def _seed_frozen_run(self, job, shape: ModelShape, ds: DataSize, epochs: int, batch: int, fraction: float,
                          head_train_flops: float, head_eval_flops: float, head_params: float) -> Cost:  # fmt: skip
@@ -309,7 +307,7 @@ class Estimator:
 
     def _tokens(self, job, shape: ModelShape, ds: DataSize) -> JobCost:
         o = _options(job)
-        kind = "deit" if job.kind == "probe_deit" else "attentive"
+        kind = get_protocol(job.kind).head
         heads = _count(o["lrs"]) * _count(o["seeds"])
         epochs, batch = int(o["epochs"]), int(o["batch_size"])
         depth = int(o["head_depth"])
@@ -381,7 +379,7 @@ class Estimator:
         else:
             trainable = max(0.0, (used - min(used, int(freeze))) / blocks)
         # the head on the last used layer's tokens (deit) or pooled feature (linear)
-        if job.kind == "finetune_deit":
+        if get_protocol(job.kind).head == "deit":
             if drop is None:
                 tokens, dim = shape.head_tokens
             else:
@@ -411,30 +409,28 @@ class Estimator:
         return total
 
 
-# -- totals and the printed table ----------------------------------------------------------------------------------------
+# -- the API every estimator shares ------------------------------------------------------------------------------------
 
 
-def si(value: float, unit: str) -> str:
-    """``1.23 PFLOP``, ``45 GB``: decimal prefixes."""
-    for factor, prefix in ((1e21, "Z"), (1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.3g} {prefix}{unit}"
-    return f"{value:.3g} {unit}"
+class JobEstimator(Protocol):
+    """Anything that prices one grid job (:class:`Estimator`, :class:`fmcache.cost.recorded.RecordedEstimator`);
+    it raises when it cannot (a model that cannot be counted, a kind never run)."""
+
+    def job(self, job) -> JobCost: ...
 
 
-def count_text(value: float) -> str:
-    for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if value >= factor:
-            return f"{value / factor:.3g}{suffix}"
-    return f"{value:.0f}"
+@dataclass
+class Estimates:
+    costs: dict[str, JobCost] = field(default_factory=dict)  # job id → its cost
+    failed: dict[str, str] = field(default_factory=dict)  # job id → why it has no estimate (one line)
 
 
-def duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.3g} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.3g} min"
-    if seconds < 3 * 86400:
-        return f"{seconds / 3600:.3g} h"
-    days = seconds / 86400
-    return f"{days:.3g} d" if days < 1000 else f"{days:,.0f} d"
+def estimate_jobs(estimator: JobEstimator, jobs: Iterable) -> Estimates:
+    """Every job priced by ``estimator``; a job it cannot price is named with why, never guessed."""
+    out = Estimates()
+    for job in jobs:
+        try:
+            out.costs[job.id] = estimator.job(job)
+        except Exception as exc:  # a model that cannot be built or counted, a dataset without a size, ...: said once
+            out.failed[job.id] = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    return out

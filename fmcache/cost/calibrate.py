@@ -1,4 +1,4 @@
-"""``fmcache calibrate``: measure this device's :class:`~fmcache.grid.rates.Rates` and keep them per device."""
+"""``fmcache calibrate``: measure this device's :class:`~fmcache.cost.rates.Rates` and keep them per device."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from fmcache.cost.rates import Log, calibration_path, device_name, fmcache_version, read_json, write_json
 from fmcache.errors import FmcacheError
-from fmcache.grid.rates import Log, calibration_path, device_name, fmcache_version, read_json, write_json
 
 JOB_PLOTS = 4  # a job's fixed cost is taken as four result plots' worth (plots, JSON, CSV, predictions, ledger)
 

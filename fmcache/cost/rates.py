@@ -1,7 +1,7 @@
 """What a device achieves, for the grid's cost: :class:`Rates`, the GPU presets, ``--device-rate``, and where
 counts and calibrations are kept.
 
-Rates come from ``fmcache calibrate`` (:mod:`fmcache.grid.calibrate`, a micro-benchmark kept per device in
+Rates come from ``fmcache calibrate`` (:mod:`fmcache.cost.calibrate`, a micro-benchmark kept per device in
 ``calibration.json``) or from a preset built from a GPU's published dense peak and an assumed utilisation
 (:data:`PRESETS`: estimates, and labelled so).
 """
