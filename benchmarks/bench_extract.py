@@ -40,8 +40,8 @@ def p2(n: int, workers: int) -> float:
     import torch
 
     from fmcache.data import ImageDataset, build_transform, load_dataset
-    from fmcache.extract.plan import ExtractSpec
     from fmcache.extract.run import run_extract
+    from fmcache.extract.spec import ExtractSpec
     from fmcache.models import create_foundation
 
     model_name, size, overrides, batch = "dinov2_vits14", 112, {"depth": 6}, 32
@@ -82,7 +82,7 @@ def p2(n: int, workers: int) -> float:
 _RSS_CHILD = """
 import resource, sys
 from pathlib import Path
-from fmcache.extract.plan import ExtractSpec
+from fmcache.extract.spec import ExtractSpec
 from fmcache.extract.run import run_extract
 spec = ExtractSpec(dataset="imagefolder", data_root=Path(sys.argv[1]), model="timm:vit_tiny_patch16_224", random_init=True,
                    img_size=32, norm="model", batch_size=64, workers=0, shard_size=1024, cache_root=Path(sys.argv[2]),
@@ -110,8 +110,8 @@ def p5(small: int, large: int) -> float:
 
 
 def p6(n: int) -> float:
-    from fmcache.extract.plan import ExtractSpec
     from fmcache.extract.run import run_extract
+    from fmcache.extract.spec import ExtractSpec
 
     with tempfile.TemporaryDirectory() as tmp:
         root = write_images(Path(tmp) / "imgs", n)

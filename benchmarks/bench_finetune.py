@@ -31,9 +31,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fmcache.dist import Dist
-from fmcache.finetune.loop import RunSettings, Trainer, _Labelled
+from fmcache.finetune.build import build_foundation, build_model
+from fmcache.finetune.loop import Labelled, RunSettings, Trainer
 from fmcache.finetune.model import FineTuneModel
-from fmcache.finetune.run import FinetuneSpec, build_foundation, build_model
+from fmcache.finetune.spec import FinetuneSpec
 
 
 class _Rows(TensorDataset):
@@ -45,8 +46,8 @@ class _Rows(TensorDataset):
 
 
 def _data(x: torch.Tensor, y: torch.Tensor) -> dict:
-    ds = _Labelled(_Rows(x, y), None)
-    return {"train": ds, "val": _Labelled(_Rows(x[:16], y[:16]), None), "test": _Labelled(_Rows(x[:16], y[:16]), None)}
+    ds = Labelled(_Rows(x, y), None)
+    return {"train": ds, "val": Labelled(_Rows(x[:16], y[:16]), None), "test": Labelled(_Rows(x[:16], y[:16]), None)}
 
 
 def _settings(epochs: int, batch: int, from_cache: bool) -> RunSettings:

@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO))
 
 from fmcache.data import ImageDataset, build_transform, load_dataset  # noqa: E402
 from fmcache.data.digits import write_digits  # noqa: E402
-from fmcache.extract.plan import ExtractSpec  # noqa: E402
 from fmcache.extract.run import run_extract  # noqa: E402
+from fmcache.extract.spec import ExtractSpec  # noqa: E402
 from fmcache.frozen.run import run_probe  # noqa: E402
 from fmcache.frozen.specs import ProbeSpec  # noqa: E402
 from fmcache.metrics import evaluate  # noqa: E402

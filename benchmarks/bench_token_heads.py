@@ -43,12 +43,12 @@ def cached_epoch(reader, depth: int, batch: int, epochs: int = 1) -> float:
     import torch
 
     from fmcache.frozen.token_layers import layer_spec
-    from fmcache.frozen.tokens import GridConfig, TokenSplit, train_token_grid
+    from fmcache.frozen.tokens import TokenGridSettings, TokenSplit, train_token_grid
 
     layer = reader.num_layers
     spec = layer_spec(reader, layer, "none", "deit")
     splits = [TokenSplit(reader, s, layer, preload=True, workers=0) for s in ("train", "val", "test")]
-    cfg = GridConfig("deit", [1e-4], [0], len(reader.class_names), "accuracy", False, epochs, batch, 1e-5,
+    cfg = TokenGridSettings("deit", [1e-4], [0], len(reader.class_names), "accuracy", False, epochs, batch, 1e-5,
                      {"warmup_iters": 0}, "constant", 1.0, depth, 0, None)  # fmt: skip
     return train_token_grid(spec, *splits, cfg, torch.device("cpu"), None).train_seconds / epochs
 
@@ -169,8 +169,8 @@ def main() -> None:
     import torch
 
     from fmcache.cache.reader import CacheReader
-    from fmcache.extract.plan import ExtractSpec
     from fmcache.extract.run import run_extract
+    from fmcache.extract.spec import ExtractSpec
     from fmcache.models import create_foundation
 
     torch.manual_seed(0)

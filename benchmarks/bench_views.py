@@ -41,8 +41,8 @@ sys.path.insert(0, str(REPO))
 from fmcache.cache.reader import CacheReader  # noqa: E402
 from fmcache.data import load_dataset, load_image, train_augmentation  # noqa: E402
 from fmcache.data.digits import write_digits  # noqa: E402
-from fmcache.extract.plan import ExtractSpec  # noqa: E402
 from fmcache.extract.run import run_extract  # noqa: E402
+from fmcache.extract.spec import ExtractSpec  # noqa: E402
 from fmcache.frozen.features import train_stats  # noqa: E402
 from fmcache.frozen.heads import DeiTHead  # noqa: E402
 from fmcache.frozen.linear import init_linear  # noqa: E402

@@ -80,7 +80,7 @@ def extraction():
     import os
 
     from fmcache.data import ImageDataset, build_transform, load_dataset
-    from fmcache.extract.plan import ExtractSpec
+    from fmcache.extract.spec import ExtractSpec
     from fmcache.extract.run import run_extract
     from fmcache.models import create_foundation
 

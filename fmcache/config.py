@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import ClassVar
 
 from fmcache.errors import FmcacheError
 
@@ -45,24 +47,25 @@ def check_int(name: str, value: object, low: int) -> None:
 # -- coercion at the spec boundary: flags arrive as text, YAML as lists or numbers, Python callers as either ------
 
 
-def as_floats(name: str, value: object) -> tuple[float, ...]:
-    """``1e-5,1e-4`` (text), ``[1e-5, 1e-4]`` or one number, as a non-empty tuple of floats."""
+def as_floats(name: str, value: object, example: str = "1e-5,1e-4") -> tuple[float, ...]:
+    """``1e-5,1e-4`` (text), ``[1e-5, 1e-4]`` or one number, as a non-empty tuple of floats; ``example`` is what the
+    error suggests for this option."""
     items = [t for t in value.split(",") if t.strip()] if isinstance(value, str) else value
     items = items if isinstance(items, (list, tuple)) else [items]
     try:
         out = tuple(float(v) for v in items)
     except (TypeError, ValueError):
-        raise FmcacheError(f"bad --{_flag(name)} {value!r}; give comma-separated numbers, e.g. 1e-5,1e-4") from None
+        raise FmcacheError(f"bad --{_flag(name)} {value!r}; give comma-separated numbers, e.g. {example}") from None
     if not out:
         raise FmcacheError(f"--{_flag(name)} is empty")
     return out
 
 
-def as_ints(name: str, value: object, low: int = 1) -> tuple[int, ...]:
-    """Like :func:`as_floats` for integers >= ``low``, e.g. ``10,20,100,200``."""
-    values = as_floats(name, value)
+def as_ints(name: str, value: object, low: int = 1, example: str = "10,20,100,200") -> tuple[int, ...]:
+    """Like :func:`as_floats` for integers >= ``low``."""
+    values = as_floats(name, value, example)
     if any(v != int(v) or v < low for v in values):
-        raise FmcacheError(f"bad --{_flag(name)} {value!r}; give integers >= {low}, e.g. 10,20,100,200")
+        raise FmcacheError(f"bad --{_flag(name)} {value!r}; give integers >= {low}, e.g. {example}")
     return tuple(int(v) for v in values)
 
 
@@ -77,7 +80,7 @@ def as_seeds(value: object) -> tuple[int, ...]:
         if count < 1:
             raise FmcacheError(f"--seeds must be at least 1, got {count}")
         return tuple(range(count))
-    seeds = as_ints("seeds", value, low=0)
+    seeds = as_ints("seeds", value, low=0, example="0,3,7")
     if len(set(seeds)) != len(seeds):
         raise FmcacheError(f"--seeds repeats a seed: {list(seeds)}")
     return seeds
@@ -97,3 +100,68 @@ def as_text(value: object) -> str | None:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+def check_choice(name: str, value: object, allowed: tuple) -> None:
+    """An option that must be one of ``allowed``; the error lists the valid values."""
+    if value not in allowed:
+        shown = ", ".join(str(a) for a in allowed if a is not None)
+        raise FmcacheError(f"unknown --{_flag(name)} '{value}'; use {shown}")
+
+
+def default_text(value: object) -> str:
+    """A default as a user would type it: ``1e-05,0.0001`` for a tuple of numbers, ``none`` for None."""
+    if value is None:
+        return "none"
+    if isinstance(value, (tuple, list)):
+        return ",".join(default_text(v) for v in value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+class Spec:
+    """The base of every request: ``ExtractSpec``, ``KnnSpec``, ``ProbeSpec``, ``TokenProbeSpec``, ``CkaSpec``,
+    ``FinetuneSpec``. A subclass is a frozen dataclass filled from flags, ``--config`` YAML or the grid.
+
+    One idiom for all of them: the class names its path fields (:attr:`PATHS`), integer fields with their lowest
+    value (:attr:`INTS`) and choice fields (:attr:`CHOICES`); ``__post_init__`` coerces and checks those, then calls
+    :meth:`check` for what is particular to the spec. Every refusal is one ``FmcacheError`` line naming the option as
+    its flag, before any file is read.
+    """
+
+    PATHS: ClassVar[tuple[str, ...]] = ()
+    INTS: ClassVar[dict[str, int]] = {}
+    CHOICES: ClassVar[dict[str, tuple]] = {}
+
+    def __post_init__(self) -> None:
+        for name in self.PATHS:
+            self.set(name, as_path(getattr(self, name)))
+        for name, low in self.INTS.items():
+            value = getattr(self, name)
+            if value is not None or self.default(name) is not None:  # an optional count may stay None
+                check_int(name, value, low)
+        for name, allowed in self.CHOICES.items():
+            check_choice(name, getattr(self, name), allowed)
+        self.check()
+
+    def check(self) -> None:
+        """Coercions and cross-field rules the class attributes cannot express."""
+
+    def set(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)  # the dataclass is frozen; only checking may normalise a field
+
+    @classmethod
+    def default(cls, name: str) -> object:
+        """A field's default (``dataclasses.MISSING`` when it has none)."""
+        found = {f.name: f for f in dataclasses.fields(cls)}[name]  # type: ignore[arg-type]
+        if found.default is not dataclasses.MISSING:
+            return found.default
+        if found.default_factory is not dataclasses.MISSING:
+            return found.default_factory()
+        return dataclasses.MISSING
+
+    @classmethod
+    def default_help(cls, name: str) -> str:
+        """``(default X)`` for a help text, from the field itself, so help and behaviour cannot drift apart."""
+        return f"(default {default_text(cls.default(name))})"

@@ -22,8 +22,8 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Digits → extract → knn → probe → cka; returns the results and writes them under ``out``."""
-    from fmcache.extract.plan import ExtractSpec
     from fmcache.extract.run import run_extract
+    from fmcache.extract.spec import ExtractSpec
     from fmcache.frozen.run import run_cka, run_knn, run_probe
     from fmcache.frozen.specs import CkaSpec, KnnSpec, ProbeSpec
 

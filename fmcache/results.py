@@ -195,26 +195,6 @@ def _csv_cell(value):
     return "" if value is None else value
 
 
-def write_results(out_dir: Path, stem: str, payload: Mapping, rows: Sequence[Mapping]) -> tuple[Path, Path]:
-    """Write ``<stem>.json`` (``payload``, indent 2) and ``<stem>.csv`` (``rows``) into ``out_dir``.
-
-    The caller's payload should carry the cache key, settings and timings; ``fmcache_version`` and
-    ``written_at`` (UTC ISO time) are added here. The CSV's columns are the union of the rows' keys in
-    first-seen order. The CSV is written first, so an existing JSON always has its CSV. Returns the two
-    paths; raises :class:`FmcacheError` if the folder cannot be written.
-    """
-    out_dir = ensure_writable_dir(Path(out_dir))
-    document = {
-        **to_jsonable(payload),
-        "fmcache_version": fmcache.__version__,
-        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
-    atomic_write_bytes(csv_path, csv_bytes(rows))
-    atomic_write_bytes(json_path, (json.dumps(document, indent=2, allow_nan=False) + "\n").encode())
-    return json_path, csv_path
-
-
 def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     """The bytes of an ``.npz`` (compressed) holding ``arrays``, for :func:`fmcache.files.atomic_write_bytes`."""
     buffer = io.BytesIO()

@@ -1,8 +1,8 @@
 """Each protocol's spec class and runner, bound to its name (:mod:`fmcache.protocols` holds the traits).
 
-The binding lives above the runners it names, so import-linter sees every arrow. Each binding imports on first use:
-the specs and runners import torch (and faiss, timm ...), which the CLI's ``--help`` and a dry run of a grid that
-reads no cache should not pay for.
+The binding lives above the runners it names, so import-linter sees every arrow. The spec classes are light and
+imported here; each runner is imported on first use: the runners import torch (and faiss, timm ...), which the
+CLI's ``--help``, a YAML check and a dry run should not pay for.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fmcache.errors import FmcacheError
+from fmcache.finetune.spec import FinetuneSpec
+from fmcache.frozen.specs import CkaSpec, KnnSpec, ProbeSpec, TokenProbeSpec
 from fmcache.protocols import Protocol, get_protocol, register, unregister
 
 
@@ -23,35 +25,30 @@ class Binding:
 
 def _knn() -> Binding:
     from fmcache.frozen.run import run_knn  # deferred: torch, faiss
-    from fmcache.frozen.specs import KnnSpec  # deferred: torch
 
     return Binding(KnnSpec, run_knn)
 
 
 def _linear() -> Binding:
     from fmcache.frozen.run import run_probe  # deferred: torch
-    from fmcache.frozen.specs import ProbeSpec  # deferred: torch
 
     return Binding(ProbeSpec, run_probe)
 
 
 def _tokens() -> Binding:
     from fmcache.frozen.run_tokens import run_token_probe  # deferred: torch, timm
-    from fmcache.frozen.specs import TokenProbeSpec  # deferred: torch
 
     return Binding(TokenProbeSpec, run_token_probe)
 
 
 def _cka() -> Binding:
     from fmcache.frozen.run import run_cka  # deferred: torch
-    from fmcache.frozen.specs import CkaSpec  # deferred: torch
 
     return Binding(CkaSpec, run_cka)
 
 
 def _finetune() -> Binding:
     from fmcache.finetune.run import run_finetune  # deferred: torch, timm
-    from fmcache.finetune.spec import FinetuneSpec  # deferred: torch
 
     return Binding(FinetuneSpec, run_finetune)
 

@@ -26,7 +26,6 @@ from fmcache.errors import FmcacheError
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 GRAD_CLIP = 1.0
-SCHEDULES = ("constant", "cosine")  # after the warmup: the seed's constant LR, or cosine (a documented option)
 
 # The paper's warmup: 5 epochs for the small datasets, 1000 iterations for the large ones.
 PAPER_WARMUP = {"isic2019": {"warmup_iters": 1000}, "chexpert": {"warmup_iters": 1000}}

@@ -69,8 +69,8 @@ def tiny_weights(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory, aptos_root, tiny_weights) -> Path:
     """A complete fp16 cache of the APTOS fixture: tiny dinov2 from ``tiny_weights``, tokens of layers 1 and 2."""
-    from fmcache.extract.plan import ExtractSpec
     from fmcache.extract.run import run_extract
+    from fmcache.extract.spec import ExtractSpec
 
     root = tmp_path_factory.mktemp("tiny_cache")
     spec = ExtractSpec(**spec_kwargs(aptos_root, root, weights=tiny_weights, tokens="1,2", shard_size=16))

@@ -18,8 +18,8 @@ from fmcache.cache.reader import CacheReader, align
 from fmcache.cli import app
 from fmcache.data import load_dataset
 from fmcache.errors import FmcacheError
-from fmcache.extract.plan import ExtractSpec
 from fmcache.extract.run import run_extract
+from fmcache.extract.spec import ExtractSpec
 from tests.conftest import TINY_MODEL, quiet, spec_kwargs
 from tests.fixtures_data import make_aptos, make_chexpert, write_csv, write_image
 from tests.tiny_models import TINY

@@ -174,8 +174,8 @@ def test_hierarchical_layers_use_their_true_width(tmp_path: Path):
 @pytest.fixture(scope="module")
 def other_caches(tmp_path_factory, aptos_root: Path, tiny_weights: Path) -> dict[str, Path]:
     """Caches of the same APTOS fixture as ``tiny_cache``: another shard size with tokens of layer 2, and a --limit."""
-    from fmcache.extract.plan import ExtractSpec
     from fmcache.extract.run import run_extract
+    from fmcache.extract.spec import ExtractSpec
     from tests.conftest import quiet, spec_kwargs
 
     root = tmp_path_factory.mktemp("cka_caches")

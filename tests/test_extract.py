@@ -28,8 +28,9 @@ from fmcache.cache.reader import CacheReader
 from fmcache.cli import app
 from fmcache.data import load_image
 from fmcache.errors import FmcacheError
-from fmcache.extract.plan import ExtractSpec, plan
+from fmcache.extract.plan import plan
 from fmcache.extract.run import run_extract
+from fmcache.extract.spec import ExtractSpec
 from fmcache.models import create_foundation
 from tests.conftest import TINY_MODEL, TINY_OVERRIDES, TINY_SIZE, one_thread, quiet, spec_kwargs
 from tests.fixtures_data import make_aptos

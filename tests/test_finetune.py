@@ -17,8 +17,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fmcache.cli import app
+from fmcache.finetune.build import build_foundation, build_model
+from fmcache.finetune.data import online_data
 from fmcache.finetune.loop import RESULT, RunSettings, Trainer
-from fmcache.finetune.run import FinetuneSpec, build_foundation, build_model, online_data, run_finetune
+from fmcache.finetune.run import run_finetune
+from fmcache.finetune.spec import FinetuneSpec
 from fmcache.metrics import evaluate
 from tests.conftest import TINY_MODEL, TINY_OVERRIDES, TINY_SIZE, one_thread
 from tests.tiny_models import TINY
@@ -111,8 +114,8 @@ def test_frozen_prefix_keeps_no_graph(aptos_root, tmp_path):
 
 def test_export_loads_in_extract_and_gives_the_finetuned_features(aptos_root, tmp_path):
     from fmcache.cache.reader import CacheReader
-    from fmcache.extract.plan import ExtractSpec
     from fmcache.extract.run import run_extract
+    from fmcache.extract.spec import ExtractSpec
     from tests.conftest import spec_kwargs
 
     spec = _spec(aptos_root, tmp_path / "runs", freeze="none", epochs=1)
@@ -188,8 +191,8 @@ def test_ddp_two_processes_gloo(aptos_root, tmp_path):
 
 
 def test_from_cache_trains_later_blocks_and_refuses_other_weights(aptos_root, tmp_path, tiny_weights):
-    from fmcache.extract.plan import ExtractSpec
     from fmcache.extract.run import run_extract
+    from fmcache.extract.spec import ExtractSpec
     from tests.conftest import spec_kwargs
 
     cache = run_extract(ExtractSpec(**spec_kwargs(aptos_root, tmp_path / "cache", tokens="1")), progress=False,

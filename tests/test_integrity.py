@@ -23,8 +23,9 @@ from fmcache.cache.reader import CacheReader
 from fmcache.cache.verify import DAMAGED_DIR, verify_cache
 from fmcache.cli import app
 from fmcache.errors import FmcacheError
-from fmcache.extract.plan import ExtractSpec, plan
+from fmcache.extract.plan import plan
 from fmcache.extract.run import run_extract
+from fmcache.extract.spec import ExtractSpec
 from tests.conftest import one_thread, quiet, spec_kwargs
 from tests.fixtures_data import make_aptos, make_csv
 

@@ -149,17 +149,14 @@ def test_knn_evaluate_structure_and_metrics():
 def test_knn_results_are_written_and_plotted(tmp_path):
     import json
 
-    from fmcache import __version__, plots, results
+    from fmcache import plots, results
 
     bank_x, bank_y, val_x, val_y = _clustered(0)
     out = knn.knn_evaluate(bank_x, bank_y, {"val": (val_x, val_y)}, [5, 10], metric="accuracy", num_classes=4)
-    payload = {"cache_key": "abc123", "settings": {"layer": 11}, "knn": out}
-    json_path, csv_path = results.write_results(tmp_path / "out", "knn", payload, knn.knn_rows(out, layer=11))
-    doc = json.loads(json_path.read_text())
-    assert doc["fmcache_version"] == __version__ and doc["cache_key"] == "abc123"
+    doc = json.loads(json.dumps(results.to_jsonable({"knn": out})))
     assert doc["knn"]["splits"]["val"]["5"]["metric"] == "accuracy"
-    assert csv_path.read_text().splitlines()[0] == "layer,split,k,temperature,metric,value,accuracy"
-    assert not [p for p in (tmp_path / "out").iterdir() if p.suffix == ".tmp"]
+    csv = results.csv_bytes(knn.knn_rows(out, layer=11)).decode()
+    assert csv.splitlines()[0] == "layer,split,k,temperature,metric,value,accuracy"
     png = plots.plot_knn_vs_k(tmp_path / "out" / "k.png", out)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     png = plots.plot_knn_vs_layer(tmp_path / "out" / "layers.png", {10: out, 11: out})
@@ -167,9 +164,9 @@ def test_knn_results_are_written_and_plotted(tmp_path):
 
 
 def test_unwritable_results_folder_is_an_error(tmp_path):
-    from fmcache import results
+    from fmcache.files import ensure_writable_dir
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(FmcacheError, match=r"cannot write .*writable folder"):
-        results.write_results(blocker / "out", "knn", {}, [])
+        ensure_writable_dir(blocker / "out")

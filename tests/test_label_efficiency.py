@@ -211,8 +211,8 @@ def test_small_subsets_clip_k_and_train_on_one_batch(tiny_cache: Path, tmp_path:
 
 
 def test_multilabel_cache_runs_random_subsets(tmp_path: Path):
-    from fmcache.extract.plan import ExtractSpec
     from fmcache.extract.run import run_extract
+    from fmcache.extract.spec import ExtractSpec
     from tests.conftest import spec_kwargs
     from tests.fixtures_data import make_chexpert
 

@@ -18,16 +18,11 @@ from typer.testing import CliRunner
 
 from fmcache.cli import app
 from fmcache.dist import Dist
+from fmcache.finetune.build import build_foundation, build_model
+from fmcache.finetune.data import Data, online_data
 from fmcache.finetune.loop import ADAPTER_EXPORT, EXPORT, LAST, RESULT, RunSettings, Trainer
-from fmcache.finetune.run import (
-    Data,
-    FinetuneSpec,
-    build_foundation,
-    build_model,
-    online_data,
-    result_settings,
-    run_key,
-)
+from fmcache.finetune.run import result_settings, run_key
+from fmcache.finetune.spec import FinetuneSpec
 from fmcache.training import load_checkpoint
 from tests.conftest import TINY_SIZE, one_thread, spec_kwargs
 from tests.test_finetune import _cli, _config, _final, _spec
@@ -114,8 +109,8 @@ def test_lora_composes_with_the_deit_head_and_trains_in_train_mode(aptos_root, t
 
 def test_merged_export_loads_in_extract_and_gives_the_adapted_features(aptos_root, tmp_path):
     from fmcache.cache.reader import CacheReader
-    from fmcache.extract.plan import ExtractSpec
     from fmcache.extract.run import run_extract
+    from fmcache.extract.spec import ExtractSpec
 
     size, overrides, *_ = TINY[EXPORT_MODEL]
     spec = _spec(aptos_root, tmp_path / "runs", model=EXPORT_MODEL, img_size=size, arch_overrides=overrides,
@@ -214,8 +209,8 @@ def test_grid_yaml_runs_lora(tmp_path):
 
 
 def test_lora_from_cache_adapts_the_blocks_after_k(aptos_root, tmp_path):
-    from fmcache.extract.plan import ExtractSpec
     from fmcache.extract.run import run_extract
+    from fmcache.extract.spec import ExtractSpec
     from fmcache.finetune.run import run_finetune
 
     cache = run_extract(ExtractSpec(**spec_kwargs(aptos_root, tmp_path / "cache", tokens="1")), progress=False,

@@ -42,8 +42,8 @@ def pinned_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pinned_cache(pinned_root, tmp_path_factory) -> Path:
-    from fmcache.extract.plan import ExtractSpec
     from fmcache.extract.run import run_extract
+    from fmcache.extract.spec import ExtractSpec
 
     cache_root = tmp_path_factory.mktemp("pins_cache")
     spec = ExtractSpec(**spec_kwargs(pinned_root, cache_root, tokens="last"))

@@ -251,11 +251,11 @@ def test_probe_result_is_written_and_plotted(tmp_path):
         x, y, vx, vy, vx, vy, lrs=LRS, seeds=SEEDS, num_classes=C, metric="qwk",
         epochs=2, batch_size=BATCH, device="cpu",
     )  # fmt: skip
-    json_path, csv_path = results.write_results(tmp_path, "probe", {"probe": result}, result.rows())
-    doc = json.loads(json_path.read_text())
+    doc = json.loads(json.dumps(results.to_jsonable({"probe": result})))
+    csv_text = results.csv_bytes(result.rows()).decode()
     assert doc["probe"]["best_lr"] == result.best_lr
     assert set(doc["probe"]["per_lr"]) == {str(lr) for lr in LRS}
-    assert len(csv_path.read_text().splitlines()) == 1 + len(LRS) * len(SEEDS)
+    assert len(csv_text.splitlines()) == 1 + len(LRS) * len(SEEDS)
     png = plots.plot_probe_curves(tmp_path / "curves.png", result.curves, metric="qwk")
     assert png.read_bytes()[:4] == b"\x89PNG"
 

@@ -80,7 +80,8 @@ def test_seed_split_differs_from_random_and_both_are_cache_inputs(tmp_path: Path
 
 
 def test_extract_key_covers_the_split_mode(tmp_path: Path) -> None:
-    from fmcache.extract.plan import ExtractSpec, plan
+    from fmcache.extract.plan import plan
+    from fmcache.extract.spec import ExtractSpec
 
     root = make_aptos(tmp_path / "data", n=20)
     exported = write_split_csv(load_dataset("aptos2019", root), tmp_path / "split.csv")

@@ -161,8 +161,8 @@ def test_stage_two_bad_input_is_one_line_and_exit_2(tiny_cache: Path, tmp_path: 
 
 
 def test_missing_pool_is_a_clear_error(tmp_path: Path, aptos_root: Path):
-    from fmcache.extract.plan import ExtractSpec
     from fmcache.extract.run import run_extract
+    from fmcache.extract.spec import ExtractSpec
     from tests.conftest import spec_kwargs
     from tests.tiny_models import TINY
 
@@ -188,8 +188,8 @@ def test_knn_and_probe_cli_print_tables(tiny_cache: Path, tmp_path: Path):
 
 def test_multilabel_chexpert_cache_knn_and_probe(tmp_path: Path):
     """CheXpert end to end: NaN-aware multi-label k-NN and BCE heads, scored by mean AUC over usable labels."""
-    from fmcache.extract.plan import ExtractSpec
     from fmcache.extract.run import run_extract
+    from fmcache.extract.spec import ExtractSpec
     from tests.conftest import spec_kwargs
     from tests.fixtures_data import make_chexpert
 
@@ -205,8 +205,8 @@ def test_multilabel_chexpert_cache_knn_and_probe(tmp_path: Path):
 
 
 def test_cli_empty_split_and_missing_pool_are_one_line_exit_2(tmp_path: Path, aptos_root: Path):
-    from fmcache.extract.plan import ExtractSpec
     from fmcache.extract.run import run_extract
+    from fmcache.extract.spec import ExtractSpec
     from tests.conftest import spec_kwargs
     from tests.tiny_models import TINY
 

@@ -253,8 +253,8 @@ def test_kill_9_then_rerun_gives_identical_numbers(tiny_cache, tmp_path, head):
 @pytest.fixture(scope="module")
 def views_cache(tmp_path_factory, aptos_root, tiny_weights) -> Path:
     """The APTOS fixture with 2 augmented views per train image and last-layer tokens."""
-    from fmcache.extract.plan import ExtractSpec
     from fmcache.extract.run import run_extract
+    from fmcache.extract.spec import ExtractSpec
     from tests.conftest import quiet, spec_kwargs
 
     root = tmp_path_factory.mktemp("views_tokens")
@@ -303,8 +303,8 @@ def test_paper_tokens_are_cached_and_probed_as_the_paper_feeds_them(aptos_root, 
     layer under the model's own rule (pre-norm for DINOv2) count as the paper's Table 1 input."""
     import json
 
-    from fmcache.extract.plan import ExtractSpec
     from fmcache.extract.run import run_extract
+    from fmcache.extract.spec import ExtractSpec
     from tests.conftest import spec_kwargs, token_probe
 
     folder = run_extract(ExtractSpec(**spec_kwargs(aptos_root, tmp_path / "c", tokens="last,paper", limit=8)),
@@ -338,8 +338,8 @@ def test_verify_knows_the_paper_tokens(aptos_root, tmp_path):
 
     from fmcache.cache.manifest import read_manifest
     from fmcache.cache.verify import verify_cache
-    from fmcache.extract.plan import ExtractSpec
     from fmcache.extract.run import run_extract
+    from fmcache.extract.spec import ExtractSpec
     from tests.conftest import spec_kwargs
 
     folder = run_extract(ExtractSpec(**spec_kwargs(aptos_root, tmp_path / "c", tokens="paper", limit=8)),

@@ -17,9 +17,10 @@ import torch
 
 from fmcache.cache.manifest import read_manifest
 from fmcache.cache.messages import damaged_shard
-from fmcache.cache.shards import PAPER_TOKENS, token_dataset
+from fmcache.cache.shards import token_dataset
 from fmcache.cache.verify import quick_problems
 from fmcache.cache.views import no_views_error, views_k
+from fmcache.choices import PAPER_TOKENS
 from fmcache.errors import FmcacheError
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}

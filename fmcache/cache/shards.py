@@ -36,10 +36,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from fmcache.choices import PAPER_TOKENS
 from fmcache.files import disk_error, sha256_file
 
 SHARD_RE = re.compile(r"^shard-(\d{5})\.h5$")
-PAPER_TOKENS = "paper"  # the token "layer" that holds what the paper's DeiT head reads (``--tokens paper``)
 
 
 def token_dataset(layer: int | str) -> str:

@@ -17,6 +17,7 @@ from rich.markup import escape
 import fmcache
 from fmcache.errors import FmcacheError
 from fmcache.protocols import get_protocol
+from fmcache.runners import spec_class
 
 app = typer.Typer(
     add_completion=False,
@@ -88,8 +89,6 @@ DATASET_FLAGS = ("uncertain", "split", "layout", "csv")
 
 def protocol_spec(name: str, config: Path | None, flags: dict, **fixed):
     """The spec of protocol ``name`` (its head fixed by its row) from ``--config`` and the flags."""
-    from fmcache.runners import spec_class  # deferred: the specs import torch
-
     protocol = get_protocol(name)
     head = {"head": protocol.head} if protocol.head is not None else {}
     flags = {k: v for k, v in flags.items() if k != "head"}

@@ -11,6 +11,7 @@ from rich.table import Table
 from fmcache.cli.app import SPLIT_HELP, app, cli_command, console, log_line, protocol_spec
 from fmcache.cli.stage_two import print_cka, print_folder, print_knn, print_probe
 from fmcache.config import load_config
+from fmcache.finetune.spec import FinetuneSpec
 from fmcache.protocols import head_protocol
 from fmcache.runners import run
 
@@ -66,7 +67,9 @@ def finetune_cmd(
             "trainable blocks; base weights frozen)."
         ),
     ] = None,
-    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank r (default 8).")] = None,
+    lora_rank: Annotated[
+        int | None, typer.Option(help=f"LoRA rank r {FinetuneSpec.default_help('lora_rank')}.")
+    ] = None,
     lora_alpha: Annotated[
         float | None, typer.Option(help="LoRA alpha; the update is scaled by alpha / r (16).")
     ] = None,
@@ -123,6 +126,7 @@ def finetune_cmd(
     """
     flags = {k: v for k, v in locals().items() if k not in ("config", "quiet")}
     from fmcache.dist import is_main_process
+
     protocol = head_protocol("finetune", flags.get("head") or str(load_config(config).get("head") or "linear"))
     spec = protocol_spec(protocol.name, config, flags)
     result = run(protocol.name, spec, progress=not quiet, log=log_line)

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fmcache.cli.app import SPLIT_HELP, app, build_spec, cli_command, console, dataset_options, err_console, log_line
+from fmcache.extract.spec import ExtractSpec
 
 # -- models / datasets -------------------------------------------------------------------------------------------
 
@@ -110,7 +111,10 @@ def extract_cmd(
     cache_root: Annotated[Path | None, typer.Option(help="Root folder of all caches.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file of these options; flags override it.")] = None,
     limit: Annotated[int | None, typer.Option(help="Cache only the first N samples of each split.")] = None,
-    on_bad_image: Annotated[str | None, typer.Option(help="error (default) or skip (listed in the manifest).")] = None,
+    on_bad_image: Annotated[
+        str | None,
+        typer.Option(help=f"error or skip (listed in the manifest) {ExtractSpec.default_help('on_bad_image')}."),
+    ] = None,
     compression: Annotated[str | None, typer.Option(help="Optional HDF5 compression: gzip or lzf.")] = None,
     compile: Annotated[bool | None, typer.Option("--compile", help="torch.compile the model (GPU).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
@@ -129,7 +133,9 @@ def extract_cmd(
     ] = None,
     views: Annotated[
         str | None,
-        typer.Option(help="K seeded augmented views of every train image, besides its center crop (default 0)."),
+        typer.Option(
+            help=f"K seeded augmented views of every train image, besides its center crop {ExtractSpec.default_help('views')}."
+        ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
@@ -138,7 +144,6 @@ def extract_cmd(
     views = int(views) if views is not None and views.strip().lstrip("-").isdigit() else views  # type: ignore[assignment]
     flags = {k: v for k, v in locals().items() if k not in ("config", "quiet")}
     from fmcache.dist import is_main_process
-    from fmcache.extract.plan import ExtractSpec
     from fmcache.extract.run import run_extract
 
     spec = build_spec(ExtractSpec, config, flags)

@@ -8,8 +8,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from fmcache.choices import CKA_SPLITS, DEIT_DEPTH
 from fmcache.cli.app import app, cli_command, console, log_line, protocol_spec
 from fmcache.config import load_config
+from fmcache.frozen.specs import CkaSpec, KnnSpec, ProbeSpec, TokenProbeSpec
 from fmcache.protocols import head_protocol
 from fmcache.runners import run
 
@@ -25,7 +27,10 @@ TrainPerClass = Annotated[
     str | None, typer.Option(help="Label efficiency: train samples per class instead (e.g. 1,5,10).")
 ]
 SubsetRepeats = Annotated[
-    int | None, typer.Option(help="Label efficiency: subsets drawn per fraction, seeded 0..R-1 (default 1).")
+    int | None,
+    typer.Option(
+        help=f"Label efficiency: subsets drawn per fraction, seeded 0..R-1 {KnnSpec.default_help('subset_repeats')}."
+    ),
 ]
 ValFractionFollows = Annotated[
     bool | None,
@@ -83,15 +88,18 @@ def knn_cmd(
         str | None, typer.Option("--k", help="Comma-separated k values; one search at the largest serves all.")
     ] = None,
     temperature: Annotated[
-        float | None, typer.Option(help="Vote weight exp(sim/T) (default 0.07); the seed used k=200, T=0.1.")
+        float | None,
+        typer.Option(help=f"Vote weight exp(sim/T) {KnnSpec.default_help('temperature')}; the seed used k=200, T=0.1."),
     ] = None,
-    layer: Annotated[str | None, typer.Option(help="last (default), all or a 1-based layer number.")] = None,
+    layer: Annotated[
+        str | None, typer.Option(help=f"last, all or a 1-based layer number {KnnSpec.default_help('layer')}.")
+    ] = None,
     pool: Annotated[
         str | None, typer.Option(help="auto (the model's paper feature), cls, mean, paper or cls+mean.")
     ] = None,
     eval: Annotated[str | None, typer.Option("--eval", help="Splits to evaluate: val, test or val,test.")] = None,
     metric: Annotated[str | None, typer.Option(help="Override the dataset's paper metric.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Results root (default results).")] = None,
+    out: Annotated[Path | None, typer.Option(help=f"Results root {CkaSpec.default_help('out')}.")] = None,
     cpu: Annotated[bool, typer.Option("--cpu", help="Force the FAISS CPU index even when a GPU exists.")] = False,
     train_fraction: TrainFraction = None,
     train_per_class: TrainPerClass = None,
@@ -124,15 +132,17 @@ def probe_cmd(
         typer.Option(help="linear (pooled features; default), deit (the seed's stacked DeiT-B) or attentive (tokens)."),
     ] = None,
     lrs: Annotated[
-        str | None, typer.Option(help="Comma-separated learning rates (default 1e-5,3e-5,1e-4,1e-3).")
+        str | None, typer.Option(help=f"Comma-separated learning rates {ProbeSpec.default_help('lrs')}.")
     ] = None,
     seeds: Annotated[
-        str | None, typer.Option(help="Seeds per learning rate: a count N (0..N-1; default 5) or a list.")
+        str | None,
+        typer.Option(help=f"Seeds per learning rate: a count N (0..N-1) or a list {ProbeSpec.default_help('seeds')}."),
     ] = None,
     epochs: Annotated[
-        int | None, typer.Option(help="Epochs (default 100); the best epoch per head is chosen on val.")
+        int | None,
+        typer.Option(help=f"Epochs {ProbeSpec.default_help('epochs')}; the best epoch per head is chosen on val."),
     ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size (default 64).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help=f"Batch size {ProbeSpec.default_help('batch_size')}.")] = None,
     drop_last: Annotated[
         bool | None,
         typer.Option(
@@ -141,11 +151,15 @@ def probe_cmd(
     ] = None,
     layer: Annotated[
         str | None,
-        typer.Option(help="last (default), all or a 1-based layer; token heads also take lists such as 4,8,12."),
+        typer.Option(
+            help=f"last, all or a 1-based layer {ProbeSpec.default_help('layer')}; token heads also take lists such as 4,8,12."
+        ),
     ] = None,
     pool: Annotated[str | None, typer.Option(help="Linear head: auto, cls, mean, paper or cls+mean.")] = None,
     metric: Annotated[str | None, typer.Option(help="Override the dataset's paper metric.")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (default 1e-5).")] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(help=f"AdamW weight decay {ProbeSpec.default_help('weight_decay')}.")
+    ] = None,
     schedule: Annotated[
         str | None, typer.Option(help="After the linear warmup: constant (the seed's, the paper's code) or cosine.")
     ] = None,
@@ -166,10 +180,16 @@ def probe_cmd(
         typer.Option("--head-random-init", help="DeiT head: random init (explicit; reported in every output)."),
     ] = None,
     head_depth: Annotated[
-        int | None, typer.Option(help="DeiT head: the first N blocks of DeiT-B (1..12; default 12).")
+        int | None,
+        typer.Option(
+            help=f"DeiT head: the first N blocks of DeiT-B (1..{DEIT_DEPTH}) {TokenProbeSpec.default_help('head_depth')}."
+        ),
     ] = None,
     token_norm: Annotated[
-        str | None, typer.Option(help="Tokens fed to token heads: seed (the seed's per model; default), none or final.")
+        str | None,
+        typer.Option(
+            help=f"Tokens fed to token heads: seed (the seed's per model), none or final {TokenProbeSpec.default_help('token_norm')}."
+        ),
     ] = None,
     preload: Annotated[
         str | None, typer.Option(help="Token heads: tokens in RAM: auto (when they fit), yes or no.")
@@ -185,7 +205,7 @@ def probe_cmd(
         int | None, typer.Option(help="Token heads: DataLoader workers when tokens are streamed.")
     ] = None,
     plots: Plots = None,
-    out: Annotated[Path | None, typer.Option(help="Results root (default results).")] = None,
+    out: Annotated[Path | None, typer.Option(help=f"Results root {CkaSpec.default_help('out')}.")] = None,
     views: Annotated[
         str | None,
         typer.Option(help="Train on the cache's augmented views: on or off (default: on when the cache has them)."),
@@ -260,12 +280,17 @@ def cka_cmd(
     cache_b: Annotated[
         Path | None, typer.Argument(help="A second cache of the same samples: layers of A × layers of B.")
     ] = None,
-    layers: Annotated[str | None, typer.Option(help="all (default), last or 1-based layers such as 4,8,12.")] = None,
+    layers: Annotated[
+        str | None, typer.Option(help=f"all, last or 1-based layers such as 4,8,12 {CkaSpec.default_help('layers')}.")
+    ] = None,
     layers_b: Annotated[str | None, typer.Option(help="Layers of the second cache (default: --layers).")] = None,
     pool: Annotated[
-        str | None, typer.Option(help="auto (default), cls, mean, paper or tokens (the cached token maps, flattened).")
+        str | None,
+        typer.Option(
+            help=f"auto, cls, mean, paper or tokens (the cached token maps, flattened) {CkaSpec.default_help('pool')}."
+        ),
     ] = None,
-    split: Annotated[str | None, typer.Option(help="test (default), val, train or all.")] = None,
+    split: Annotated[str | None, typer.Option(help=f"{', '.join(CKA_SPLITS)} {CkaSpec.default_help('split')}.")] = None,
     estimator: Annotated[
         str | None, typer.Option(help="exact or minibatch (default: exact for pooled, minibatch for tokens).")
     ] = None,
@@ -273,9 +298,10 @@ def cka_cmd(
         bool | None, typer.Option("--debiased/--biased", help="Unbiased HSIC (default) or Kornblith 2019's biased CKA.")
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help="Minibatch estimator only: samples per batch (default 256).")
+        int | None,
+        typer.Option(help=f"Minibatch estimator only: samples per batch {CkaSpec.default_help('batch_size')}."),
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Results root (default results).")] = None,
+    out: Annotated[Path | None, typer.Option(help=f"Results root {CkaSpec.default_help('out')}.")] = None,
     plots: Annotated[
         bool | None, typer.Option("--plots/--no-plots", help="The heatmap PNG beside the results.")
     ] = None,

@@ -25,7 +25,9 @@ from typing import Protocol
 from fmcache.cost.counting import Counts, ModelShape
 from fmcache.cost.rates import Rates
 from fmcache.errors import FmcacheError
+from fmcache.extract.spec import ExtractSpec, parse_tokens, token_layers, wants_paper_tokens
 from fmcache.protocols import get_protocol
+from fmcache.runners import spec_class
 
 # -- per job ------------------------------------------------------------------------------------------------------------
 
@@ -82,15 +84,11 @@ def _defaults(spec_class: type) -> dict:
 
 @cache
 def _protocol_defaults(kind: str) -> dict:
-    from fmcache.runners import spec_class  # deferred: the specs import torch
-
     return _defaults(spec_class(kind))
 
 
 @cache
 def _extract_defaults() -> dict:
-    from fmcache.extract.plan import ExtractSpec  # deferred: torch
-
     return _defaults(ExtractSpec)
 
 
@@ -179,14 +177,13 @@ class Estimator:
 
     @staticmethod
     def _img_size(job) -> int:
-        from fmcache.models.registry import get_spec
+        from fmcache.models.registry import get_spec  # deferred: torch (the registry package builds models)
 
         return int(job.model.get("img_size") or get_spec(job.model["name"]).default_img_size)
 
     # -- the cache
     def row_bytes(self, shape: ModelShape, extract: dict) -> float:
         """Bytes one cached image takes: pooled arrays of every layer, the paper feature, the cached token layers."""
-        from fmcache.extract.plan import parse_tokens, token_layers, wants_paper_tokens
 
         item = _itemsize(extract)
         pools = (2 if shape.prefix > 0 else 1) * shape.layers * max(shape.dims)
@@ -292,7 +289,6 @@ class Estimator:
 
     def _token_layers(self, job, shape: ModelShape) -> list[tuple[float, int, int]]:
         """(foundation fraction, tokens, width) of each layer a token-head job trains on."""
-        from fmcache.extract.plan import parse_tokens, token_layers
 
         value = str(_options(job)["layer"]).strip()
         if value == "paper":

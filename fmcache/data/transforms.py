@@ -9,6 +9,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
+from fmcache.choices import GRAY_MODES
 from fmcache.errors import FmcacheError
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -39,7 +40,6 @@ def seed_random_resized_crop(img_size: int) -> T.RandomResizedCrop:
 # How a grayscale scan meets a model trained on RGB. "repeat" (fmcache's default) feeds the one channel three times.
 # "seed" reproduces the original code, which keeps one channel and cuts the first layer down to its red-channel
 # kernel: a first layer is linear in its input channels, so that equals feeding (gray, 0, 0) after normalisation.
-GRAY_MODES: tuple[str, ...] = ("repeat", "seed")
 # The paper's datasets released as single-channel scans; --gray seed only makes sense for these.
 GRAYSCALE_DATASETS: tuple[str, ...] = ("cbis_ddsm", "chexpert")
 

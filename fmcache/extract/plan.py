@@ -10,94 +10,26 @@ from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fmcache.cache.folder import CacheFolder
 from fmcache.cache.key import SCHEMA_VERSION, cache_key
-from fmcache.cache.shards import PAPER_TOKENS
 from fmcache.cache.views import SEED as VIEWS_SEED
-from fmcache.config import as_path, check_int
 from fmcache.data import DatasetIndex, build_transform, dataset_norm, load_dataset
 from fmcache.data.transforms import (
-    GRAY_MODES,
-    INTERPOLATIONS,
     check_gray_for,
     train_augmentation,
     train_augmentation_spec,
 )
 from fmcache.errors import FmcacheError
+from fmcache.extract.spec import ExtractSpec, parse_tokens
 from fmcache.files import sha256_file
 from fmcache.models import RANDOM_INIT_SEED, get_spec
 
-DTYPES = {"fp16": np.float16, "fp32": np.float32}
-ON_BAD_IMAGE = ("error", "skip")
-NORMS = ("dataset", "model")
-COMPRESSIONS = (None, "gzip", "lzf")
-FINGERPRINTS = ("stat", "content")  # path + size + mtime (cheap), or the bytes of every image
-
-
-@dataclass(frozen=True)
-class ExtractSpec:
-    """Everything ``fmcache extract`` needs; a YAML config or the CLI flags fill it in."""
-
-    dataset: str
-    data_root: Path
-    model: str
-    weights: Path | None = None
-    random_init: bool = False
-    img_size: int | None = None
-    resize: int | None = None
-    interpolation: str = "bilinear"
-    gray: str = "repeat"  # repeat | seed (grayscale datasets: the seed's red-channel kernel, see data/transforms.py)
-    norm: str = "dataset"  # dataset | model; csv/imagefolder have no dataset statistics and use the model's
-    tokens: str = "none"  # none | last | all | comma-separated 1-based layer numbers
-    dtype: str = "fp16"
-    batch_size: int = 64
-    workers: int = 2
-    shard_size: int = 1024
-    cache_root: Path = Path("cache")
-    limit: int | None = None
-    on_bad_image: str = "error"
-    compression: str | None = None  # None or gzip / lzf
-    compile: bool = False
-    device: str | None = None
-    fingerprint: str = "stat"  # stat | content; content hashes every image's bytes into the key
-    verify: bool = False  # hash-check every finished shard before trusting or resuming the cache
-    allow_empty_split: bool = False  # an empty train/val/test split is refused unless the user means it
-    views: int = 0  # K seeded augmented views of every train image, besides its center crop (cache/views.py)
-    dataset_options: dict = field(default_factory=dict)
-    arch_overrides: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        """Check choices, types and ranges once, so bad values fail as one clear line before any work."""
-        for name in ("data_root", "weights", "cache_root"):
-            object.__setattr__(self, name, as_path(getattr(self, name)))
-        if self.tokens is not None and not isinstance(self.tokens, str):
-            object.__setattr__(self, "tokens", str(self.tokens))  # YAML reads `tokens: 12` as a number
-        for name, low in (("batch_size", 1), ("shard_size", 1), ("workers", 0), ("views", 0)):
-            check_int(name, getattr(self, name), low)
-        for name in ("img_size", "resize", "limit"):
-            if getattr(self, name) is not None:
-                check_int(name, getattr(self, name), 1)
-        choices = {
-            "norm": NORMS,
-            "dtype": tuple(DTYPES),
-            "on_bad_image": ON_BAD_IMAGE,
-            "compression": COMPRESSIONS,
-            "interpolation": tuple(INTERPOLATIONS),
-            "fingerprint": FINGERPRINTS,
-            "gray": GRAY_MODES,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                shown = ", ".join(str(a) for a in allowed if a is not None)
-                raise FmcacheError(f"unknown --{name.replace('_', '-')} '{getattr(self, name)}'; use {shown}")
-        if self.device not in (None, "auto", "cpu") and not str(self.device).startswith("cuda"):
-            raise FmcacheError(f"unknown --device '{self.device}'; use auto, cpu or cuda")
-        parse_tokens(self.tokens)
+DTYPES = {"fp16": np.float16, "fp32": np.float32}  # --dtype → what the shards store
 
 
 def select_positions(index: DatasetIndex, limit: int | None) -> np.ndarray:
@@ -121,48 +53,6 @@ def resolve_norm(spec: ExtractSpec) -> tuple[tuple[float, ...], tuple[float, ...
             return model_spec.mean, model_spec.std, "model"
         return norm[0], norm[1], "dataset"
     raise FmcacheError(f"unknown --norm '{spec.norm}'; use dataset or model")
-
-
-def parse_tokens(tokens: str) -> str | list:
-    """Normalise the --tokens request: 'none', 'last', 'all', or a list of 1-based layer numbers, 'last', 'all'
-    and 'paper' (sorted numbers first; the one-word requests stay strings, as the keys of existing caches)."""
-    text = str(tokens).strip().lower()
-    if text in ("none", "last", "all", ""):
-        return text or "none"
-    parts = [t.strip() for t in text.split(",") if t.strip()]
-    words = [p for p in ("last", "all", PAPER_TOKENS) if p in parts]
-    try:
-        layers = sorted({int(t) for t in parts if t not in words})
-    except ValueError:
-        raise FmcacheError(
-            f"bad --tokens '{tokens}'; use none, last, all, paper or layer numbers like 4,8,12 (e.g. last,paper)"
-        ) from None
-    if (layers and layers[0] < 1) or not (layers or words):
-        raise FmcacheError(f"bad --tokens '{tokens}'; layer numbers start at 1")
-    return [*layers, *words] if words else layers
-
-
-def token_layers(request: str | list, num_layers: int) -> list[int]:
-    """The 1-based layers whose tokens a request caches (``paper`` is not a layer: see :func:`wants_paper_tokens`)."""
-    if request == "none":
-        return []
-    if request == "last":
-        return [num_layers]
-    if request == "all":
-        return list(range(1, num_layers + 1))
-    numbers = {n for n in request if isinstance(n, int)}
-    if "all" in request:
-        numbers |= set(range(1, num_layers + 1))
-    if "last" in request:
-        numbers.add(num_layers)
-    bad = [n for n in sorted(numbers) if n > num_layers]
-    if bad:
-        raise FmcacheError(f"--tokens asks for layer {bad[0]} but the model has {num_layers} layers")
-    return sorted(numbers)
-
-
-def wants_paper_tokens(request: str | list) -> bool:
-    return isinstance(request, list) and PAPER_TOKENS in request
 
 
 def weights_identity(spec: ExtractSpec) -> dict:

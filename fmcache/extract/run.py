@@ -34,7 +34,8 @@ from fmcache.data.describe import empty_split_warning
 from fmcache.data.views import ViewsImageDataset
 from fmcache.dist import Dist, close_dist, init_dist, is_main_process
 from fmcache.errors import FmcacheError
-from fmcache.extract.plan import DTYPES, ExtractPlan, ExtractSpec, plan, token_layers, wants_paper_tokens
+from fmcache.extract.plan import DTYPES, ExtractPlan, plan
+from fmcache.extract.spec import ExtractSpec, token_layers, wants_paper_tokens
 from fmcache.files import ensure_writable_dir
 from fmcache.models import Foundation, FoundationOutput, create_foundation
 from fmcache.models.final_norm import final_norm_params

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from fmcache import metrics
+from fmcache.choices import AMP_MODES
 from fmcache.dist import Dist
 from fmcache.errors import FmcacheError
 from fmcache.files import atomic_write_bytes, atomic_write_json
@@ -52,7 +53,6 @@ from fmcache.training import (
 
 LAST = "last.pt"  # the per-epoch resumable checkpoint, beside the run's results
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")
 EXPORT = "foundation.safetensors"
 HEAD_EXPORT = "head.safetensors"
 ADAPTER_EXPORT = "adapter.safetensors"  # --method lora: the best epoch's adapters alone (peft's names in the model)

@@ -28,7 +28,6 @@ from torch import nn
 from fmcache.errors import FmcacheError
 from fmcache.models.blocks import BlipStages, OpenClipStages, Stages, TimmSamStages, TimmVitStages
 
-METHODS = ("full", "lora")
 ADAPTER = "default"  # peft's adapter name; one adapter per run
 MARK = "lora_"  # every peft LoRA parameter's name contains it (lora_A, lora_B)
 

@@ -14,18 +14,9 @@ from torch import nn
 
 from fmcache.errors import FmcacheError
 from fmcache.finetune.lora import is_lora_parameter, merged_state_dict
+from fmcache.finetune.spec import parse_freeze
 from fmcache.models import Foundation
 from fmcache.models.blocks import Stages
-
-
-def parse_freeze(value: str | int) -> str | int:
-    text = str(value).strip().lower()
-    if text in ("none", "all"):
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise FmcacheError(f"bad --freeze '{value}'; use none, all or a block count K") from None
 
 
 class FineTuneModel(nn.Module):
@@ -58,7 +49,7 @@ class FineTuneModel(nn.Module):
         self.head = head
         self.head_input = head_input
         self.method = method  # full, or lora: only the adapters (fmcache.finetune.lora) of the trainable blocks train
-        self.lora: dict | None = None  # the adapters' report (fmcache.finetune.run.build_model), for the results
+        self.lora: dict | None = None  # the adapters' report (fmcache.finetune.build.build_model), for the results
         self.stages = stages if stages is not None else foundation.block_layout()
         self.freeze, self.drop_after = check_freeze(foundation, self.stages, freeze, drop_after)
         self._apply_freeze()

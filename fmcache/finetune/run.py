@@ -10,26 +10,24 @@ and seed lists, so a grid that grows reuses the runs it already finished. The gr
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 from fmcache.dist import is_main_process, world_size
 from fmcache.errors import FmcacheError
 from fmcache.files import ensure_writable_dir
+from fmcache.finetune.build import METHOD_FIELDS, build_model, extract_spec, method_doc
+from fmcache.finetune.data import Data, cached_data, online_data
 from fmcache.finetune.loop import (
     BEST_PREDICTIONS,
-    Labelled,
     RunSettings,
     Trainer,
     resolve_amp,
     split_ids,
     split_labels,
 )
-from fmcache.finetune.model import FineTuneModel, parse_freeze
 from fmcache.finetune.spec import FinetuneSpec
 from fmcache.headgrid import ProbeResult, summarise
 from fmcache.progress import progress_bar
@@ -42,165 +40,6 @@ TRAINING_ONLY = ("epochs", "batch_size", "drop_last", "accum", "clip", "amp", "s
                  "weight_decay")  # fmt: skip
 
 
-def _extract_spec(spec: FinetuneSpec, dataset: str, data_root: Path):
-    """The equivalent ``ExtractSpec``: norm, weights identity and seeded random init come from extract's code."""
-    from fmcache.extract.plan import ExtractSpec
-
-    return ExtractSpec(
-        dataset=dataset, data_root=data_root, model=spec.model, weights=spec.weights, random_init=spec.random_init,
-        img_size=spec.img_size, norm=spec.norm, gray=spec.gray, dataset_options=dict(spec.dataset_options),
-        arch_overrides=dict(spec.arch_overrides),
-    )  # fmt: skip
-
-
-def build_foundation(spec: FinetuneSpec, img_size: int):
-    """The starting foundation, built exactly as ``extract`` builds it (the same seeded factory)."""
-    from fmcache.models import create_foundation
-
-    return create_foundation(spec.model, weights=spec.weights, random_init=spec.random_init, img_size=img_size,
-                             arch_overrides=spec.arch_overrides or None)  # fmt: skip
-
-
-def build_model(spec: FinetuneSpec, img_size: int, num_classes: int, seed: int) -> tuple[FineTuneModel, dict]:
-    """Foundation + freshly seeded head with the freezing applied; the head weights report for the results."""
-    foundation = build_foundation(spec, img_size)
-    head_input = "pooled" if spec.head == "linear" else "tokens"
-    drop = spec.drop_after
-    model = FineTuneModel(foundation, nn.Identity(), head_input, parse_freeze(spec.freeze), drop)
-    with torch.no_grad():
-        probe = model.features(torch.zeros(1, 3, img_size, img_size))
-    lora = _inject_lora(spec, model, seed) if spec.method == "lora" else None
-    torch.manual_seed(seed)
-    info: dict = {"kind": spec.head}
-    if spec.head == "linear":
-        head: nn.Module = nn.Linear(probe.shape[-1], num_classes)
-    else:
-        from fmcache.frozen.heads import build_head, load_deit_weights
-
-        head = build_head("deit", probe.shape[-1], num_classes, depth=spec.head_depth)
-        if spec.head_random_init:
-            info["weights"] = "random"
-        else:
-            info["weights"] = load_deit_weights(head, spec.head_weights or "imagenet")
-    final = FineTuneModel(foundation, head, head_input, model.freeze, model.drop_after, model.stages, spec.method)
-    final.lora = lora
-    return final, info
-
-
-def _inject_lora(spec: FinetuneSpec, model: FineTuneModel, seed: int) -> dict:
-    """peft adapters in the blocks that train (K+1..I), seeded by the run's seed; what the result reports."""
-    from fmcache.finetune.lora import inject, is_lora_parameter, resolve_targets
-
-    f = model.foundation
-    targets = resolve_targets(model.stages, f.name, f.layer_unit, spec.lora_targets)
-    blocks = range(model.first_trainable_block, model.used_blocks)
-    modules = inject(model.stages, blocks, targets, spec.lora_rank, spec.lora_alpha, spec.lora_dropout, seed)
-    params = sum(p.numel() for n, p in f.root.named_parameters() if is_lora_parameter(n))
-    return {"rank": spec.lora_rank, "alpha": spec.lora_alpha, "dropout": spec.lora_dropout, "targets": list(targets),
-            "blocks": [blocks.start + 1, blocks.stop], "modules": len(modules), "adapter_parameters": params}  # fmt: skip
-
-
-# full fine-tuning's result folders keep the names they had before --method existed: its fields enter the keys only
-# for --method lora (with the targets resolved on the model, so the default and the same list named share a folder)
-METHOD_FIELDS = ("method", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
-
-
-def _method_doc(spec: FinetuneSpec, lora: dict | None) -> dict:
-    if spec.method == "full" or lora is None:
-        return {}
-    return {"method": spec.method, "lora_rank": spec.lora_rank, "lora_alpha": spec.lora_alpha,
-            "lora_dropout": spec.lora_dropout, "lora_targets": list(lora["targets"])}  # fmt: skip
-
-
-# -- data ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Data:
-    splits: dict
-    dataset: str
-    class_names: list[str]
-    multilabel: bool
-    metric: str
-    img_size: int
-    identity: dict  # what the run's key records about the data
-    notes: list[str] = field(default_factory=list)
-
-
-def online_data(spec: FinetuneSpec) -> Data:
-    """Images with the train augmentation (train) and the eval transform (val/test), as PROTOCOLS.md."""
-    from fmcache.data import ImageDataset, build_transform, default_metric, load_dataset, train_augmentation
-    from fmcache.data.describe import empty_split_warning
-    from fmcache.data.transforms import check_gray_for
-    from fmcache.extract.plan import resolve_norm
-    from fmcache.metrics import check_metric
-    from fmcache.models import get_spec
-
-    ex = _extract_spec(spec, spec.dataset, Path(spec.data_root))
-    check_gray_for(spec.gray, spec.dataset)
-    index = load_dataset(spec.dataset, spec.data_root, **spec.dataset_options)
-    img_size = int(spec.img_size or get_spec(spec.model).default_img_size)
-    mean, std, norm_source = resolve_norm(ex)
-    positions = {
-        s: index.indices(s)[: spec.limit] if spec.limit else index.indices(s) for s in ("train", "val", "test")
-    }
-    empty = empty_split_warning(index.name, {s: len(p) for s, p in positions.items()})
-    if empty:
-        raise FmcacheError(empty)
-    eval_tf, eval_desc = build_transform(img_size, None, mean, std, gray=spec.gray)
-    train_tf = train_augmentation(img_size, mean, std, gray=spec.gray)
-    splits = {
-        s: Labelled(ImageDataset(index, positions[s], train_tf if s == "train" else eval_tf), index.labels)
-        for s in ("train", "val", "test")
-    }
-    identity = {"dataset": index.name, "fingerprint": index.fingerprint(), "labels": index.labels_fingerprint(),
-                "split": index.split_info, "options": index.options, "limit": spec.limit,
-                "transform": {**eval_desc, "norm_source": norm_source}}  # fmt: skip
-    metric = check_metric(spec.metric) if spec.metric else default_metric(index)
-    return Data(splits, index.name, list(index.class_names), bool(index.multilabel), metric, img_size, identity)
-
-
-def cached_data(spec: FinetuneSpec) -> tuple[Data, object]:
-    """Layer-K tokens of a cache (K = --freeze): the same model and weights identity, or refused."""
-    from fmcache.cache.reader import CacheReader
-    from fmcache.extract.plan import weights_identity
-    from fmcache.frozen.common import resolve_metric
-    from fmcache.models import get_spec
-
-    freeze = parse_freeze(spec.freeze)
-    if not isinstance(freeze, int) or freeze < 1:
-        raise FmcacheError("--from-cache needs --freeze K (K >= 1): the cached layer-K tokens feed block K+1")
-    reader = CacheReader(spec.from_cache)
-    inputs = reader.manifest.get("inputs", {})
-    cached_model = inputs.get("model", {})
-    if reader.model != get_spec(spec.model).name:
-        raise FmcacheError(f"cache {reader.path} holds {reader.model}, not {spec.model}; extract {spec.model} first")
-    mine = weights_identity(_extract_spec(spec, reader.dataset, Path(reader.manifest["dataset"]["root"])))
-    if cached_model.get("weights") != mine or (cached_model.get("arch_overrides") or {}) != spec.arch_overrides:
-        raise FmcacheError(
-            f"cache {reader.path} was extracted with other weights ({cached_model.get('weights')}) than this run "
-            f"({mine}); extract with the same --weights/--random-init"
-        )
-    img_size = int(inputs.get("img_size") or reader.manifest["model"]["img_size"])
-    if spec.img_size is not None and spec.img_size != img_size:
-        raise FmcacheError(f"cache {reader.path} was extracted at {img_size} px, not --img-size {spec.img_size}")
-    splits = {s: Labelled(reader.tokens(s, freeze), None) for s in ("train", "val", "test")}
-    if spec.limit:
-        from torch.utils.data import Subset
-
-        for s in splits:
-            inner = splits[s].inner
-            keep = list(range(min(spec.limit, len(inner))))
-            sub = Subset(inner, keep)
-            sub.labels = inner.labels[keep]  # type: ignore[attr-defined]
-            splits[s] = Labelled(sub, None)
-    identity = {"cache": reader.key, "layer": freeze}
-    metric = resolve_metric(reader, spec.metric)
-    notes = [f"from cache {reader.path}: blocks 1..{freeze} are not run and see no augmentation (center crops)"]
-    data = Data(splits, reader.dataset, reader.class_names, reader.multilabel, metric, img_size, identity, notes)
-    return data, reader
-
-
 # -- the grid ------------------------------------------------------------------------------------------------------
 
 
@@ -208,7 +47,7 @@ def run_key(spec: FinetuneSpec, data: Data, weights: dict, lora: dict | None = N
     doc = {k: v for k, v in asdict(spec).items()
            if k not in ("lrs", "seeds", "out", "resume", "workers", "tensorboard", "device", "from_cache",
                         "dataset_options", "data_root", *TRAINING_ONLY, *METHOD_FIELDS)}  # fmt: skip
-    doc.update(_method_doc(spec, lora))
+    doc.update(method_doc(spec, lora))
     doc.update(data=data.identity, weights=weights)
     return settings_hash(doc)
 
@@ -231,7 +70,7 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
         data, _ = cached_data(spec)
     else:
         data = online_data(spec)
-    weights = weights_identity(_extract_spec(spec, data.dataset, Path(spec.data_root or ".")))
+    weights = weights_identity(extract_spec(spec, data.dataset, Path(spec.data_root or ".")))
     # freezing is checked on the real model before any process group or file: a bad K is one line, nothing written
     model0, head_info = build_model(spec, data.img_size, len(data.class_names), spec.seeds[0])
     if spec.from_cache is not None and model0.stages is None:
@@ -340,7 +179,7 @@ def result_settings(spec: FinetuneSpec, amp: str, warmup: dict, world: int, effe
     """
     skip = ("out", "resume", "workers", "tensorboard", "device", "data_root", "from_cache", *METHOD_FIELDS)
     settings = {k: v for k, v in asdict(spec).items() if k not in skip}
-    settings.update(_method_doc(spec, lora))
+    settings.update(method_doc(spec, lora))
     settings.update(lrs=[float(lr) for lr in spec.lrs], seeds=list(spec.seeds), from_cache=spec.from_cache
                     is not None, amp=amp, warmup=warmup, world_size=world, effective_batch_size=effective,
                     head_weights_identity=_without_paths(head))  # fmt: skip

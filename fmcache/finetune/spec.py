@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
-from fmcache.config import as_floats, as_path, as_seeds, as_text, check_int
+from fmcache.choices import AMP_MODES, DEIT_DEPTH, GRAY_MODES, LORA_METHODS, NORMS, SCHEDULES
+from fmcache.config import Spec, as_floats, as_seeds, as_text
 from fmcache.errors import FmcacheError
-from fmcache.finetune.loop import AMP_MODES
-from fmcache.finetune.lora import METHODS
-from fmcache.finetune.model import parse_freeze
-from fmcache.training import SCHEDULES
+from fmcache.frozen.specs import check_head_depth
 
 HEADS = ("linear", "deit")
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def parse_freeze(value: str | int) -> str | int:
+    text = str(value).strip().lower()
+    if text in ("none", "all"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise FmcacheError(f"bad --freeze '{value}'; use none, all or a block count K") from None
 
 
 @dataclass(frozen=True)
-class FinetuneSpec:
+class FinetuneSpec(Spec):
     """Everything ``fmcache finetune`` needs; a YAML config or the CLI flags fill it in."""
 
     dataset: str | None = None
@@ -27,7 +37,7 @@ class FinetuneSpec:
     head: str = "linear"
     head_weights: str | None = None  # deit: "imagenet" (default) or a file
     head_random_init: bool = False
-    head_depth: int = 12  # DeiT blocks in the stacked head (the seed's 12; tests use fewer)
+    head_depth: int = DEIT_DEPTH  # DeiT blocks in the stacked head (the seed's 12; tests use fewer)
     freeze: str = "none"
     drop_after: int | None = None
     # full: every weight of the trainable parts (the paper's); lora: peft adapters in the trainable blocks only
@@ -61,26 +71,20 @@ class FinetuneSpec:
     dataset_options: dict = field(default_factory=dict)
     arch_overrides: dict = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
+    PATHS: ClassVar[tuple[str, ...]] = ("data_root", "weights", "out", "from_cache")
+    INTS: ClassVar[dict[str, int]] = {"epochs": 1, "batch_size": 1, "accum": 1, "workers": 0, "head_depth": 1, "img_size": 1, "limit": 1,
+            "lora_rank": 1}  # fmt: skip
+    CHOICES: ClassVar[dict[str, tuple]] = {"head": HEADS, "schedule": SCHEDULES, "amp": AMP_MODES, "method": LORA_METHODS, "norm": NORMS,
+               "gray": GRAY_MODES}  # fmt: skip
+
+    def check(self) -> None:
         # what flags (text) and YAML (lists, numbers) give, coerced once, here
-        object.__setattr__(self, "lrs", as_floats("lrs", self.lrs))
-        object.__setattr__(self, "seeds", as_seeds(self.seeds))
+        self.set("lrs", as_floats("lrs", self.lrs, example="1e-5,1e-4"))
+        self.set("seeds", as_seeds(self.seeds))
         for name in ("freeze", "head_weights"):
-            object.__setattr__(self, name, as_text(getattr(self, name)))
-        for name in ("data_root", "weights", "out", "from_cache"):
-            object.__setattr__(self, name, as_path(getattr(self, name)))
-        for name, low in (("epochs", 1), ("batch_size", 1), ("accum", 1), ("workers", 0), ("head_depth", 1)):
-            check_int(name, getattr(self, name), low)
-        for name in ("img_size", "limit"):
-            if getattr(self, name) is not None:
-                check_int(name, getattr(self, name), 1)
-        choices = {"head": HEADS, "schedule": SCHEDULES, "amp": AMP_MODES, "method": METHODS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise FmcacheError(
-                    f"unknown --{name.replace('_', '-')} '{getattr(self, name)}'; use {', '.join(allowed)}"
-                )
+            self.set(name, as_text(getattr(self, name)))
         parse_freeze(self.freeze)
+        check_head_depth(self.head, self.head_depth)
         self._check_lora()
         if not self.lrs or any(not (lr > 0) for lr in self.lrs):
             raise FmcacheError(f"--lrs must be positive numbers, got {list(self.lrs)}")
@@ -100,25 +104,20 @@ class FinetuneSpec:
             raise FmcacheError("--model is required with --from-cache (it must match the cache's model)")
 
     def _check_lora(self) -> None:
-        object.__setattr__(self, "lora_targets", _as_names("lora_targets", self.lora_targets))
-        check_int("lora_rank", self.lora_rank, 1)
+        self.set("lora_targets", _as_names("lora_targets", self.lora_targets))
         try:
-            object.__setattr__(self, "lora_alpha", float(self.lora_alpha))
-            object.__setattr__(self, "lora_dropout", float(self.lora_dropout))
+            self.set("lora_alpha", float(self.lora_alpha))
+            self.set("lora_dropout", float(self.lora_dropout))
         except (TypeError, ValueError):
             raise FmcacheError(f"bad --lora-alpha / --lora-dropout ({self.lora_alpha}, {self.lora_dropout})") from None
         if not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1:
             raise FmcacheError("--lora-alpha must be > 0 and --lora-dropout in [0, 1)")
         if self.method == "full":
-            given = [name for name in LORA_FIELDS if getattr(self, name) != _DEFAULTS[name]]
+            given = [name for name in LORA_FIELDS if getattr(self, name) != self.default(name)]
             if given:
                 raise FmcacheError(f"--{given[0].replace('_', '-')} applies to --method lora; pass that or drop it")
         elif str(self.freeze).strip().lower() == "all":
             raise FmcacheError("--method lora with --freeze all adapts no block; use --freeze none or K")
-
-
-LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
-_DEFAULTS = {f.name: f.default for f in fields(FinetuneSpec) if f.name in LORA_FIELDS}
 
 
 def _as_names(name: str, value: object) -> tuple[str, ...] | None:

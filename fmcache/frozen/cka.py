@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from fmcache.choices import CKA_ESTIMATORS
 from fmcache.dist import synchronize
 from fmcache.errors import FmcacheError
 from fmcache.frozen.cka_read import (
@@ -45,7 +46,6 @@ from fmcache.frozen.cka_read import (
     rebatch,
 )
 
-ESTIMATORS = ("exact", "minibatch")
 # Feature-space accumulators beyond this many float64 values (about 4 GB) are refused in favour of minibatch.
 _MAX_EXACT_VALUES = 1 << 29
 
@@ -265,8 +265,8 @@ def compute_cka(
 
     Returns ``matrix`` (L, L'), ``n``, ``batches`` (minibatch) and ``timings`` (read and compute seconds).
     """
-    if estimator not in ESTIMATORS:
-        raise FmcacheError(f"unknown --estimator '{estimator}'; use {' or '.join(ESTIMATORS)}")
+    if estimator not in CKA_ESTIMATORS:
+        raise FmcacheError(f"unknown --estimator '{estimator}'; use {' or '.join(CKA_ESTIMATORS)}")
     if estimator == "minibatch" and not debiased:
         raise FmcacheError(
             "the minibatch estimator sums unbiased HSIC (Nguyen et al. 2021); --biased needs --estimator exact"

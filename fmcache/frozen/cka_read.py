@@ -15,11 +15,11 @@ import numpy as np
 
 from fmcache.cache.reader import SPLIT_CODES, CacheReader
 from fmcache.cache.shards import token_dataset
+from fmcache.choices import CKA_SPLITS
 from fmcache.errors import FmcacheError
 from fmcache.frozen.features import resolve_pool
 
 POOLS = ("auto", "cls", "mean", "paper", "tokens")
-SPLITS = ("test", "val", "train", "all")
 MIN_SAMPLES = 4  # unbiased HSIC divides by n(n-3)
 
 
@@ -110,7 +110,7 @@ def _split_codes(split: str) -> list[int]:
     if split == "all":
         return sorted(SPLIT_CODES.values())
     if split not in SPLIT_CODES:
-        raise FmcacheError(f"unknown --split '{split}'; use {', '.join(SPLITS)}")
+        raise FmcacheError(f"unknown --split '{split}'; use {', '.join(CKA_SPLITS)}")
     return [SPLIT_CODES[split]]
 
 

@@ -30,8 +30,9 @@ from timm.layers import Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from fmcache.choices import DEIT_DEPTH
 from fmcache.errors import FmcacheError
-from fmcache.frozen.specs import DEIT_DEPTH
+from fmcache.frozen.specs import check_head_depth
 
 DEIT_WIDTH = 768
 DEIT_HEADS = 12
@@ -66,8 +67,7 @@ class _DeiTBody(nn.Module):
 
     def __init__(self, depth: int):
         super().__init__()
-        if not 1 <= depth <= DEIT_DEPTH:
-            raise FmcacheError(f"--head-depth must lie in 1..{DEIT_DEPTH} (DeiT-B's blocks), got {depth}")
+        check_head_depth("deit", depth)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, DEIT_WIDTH))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + DEIT_GRID[0] * DEIT_GRID[1], DEIT_WIDTH))
         norm = partial(nn.LayerNorm, eps=DEIT_EPS)

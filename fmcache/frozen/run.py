@@ -11,24 +11,20 @@ import numpy as np
 
 from fmcache.cache.reader import CacheReader
 from fmcache.errors import FmcacheError
-from fmcache.frozen.common import (
-    is_paper_feature,
+from fmcache.frozen.common import is_paper_feature, protocol_dir, resolve_metric, result_source, views_and_warmup
+from fmcache.frozen.features import FeatureSource, resolve_layers, resolve_pool, standardize, train_stats
+from fmcache.frozen.knn import knn_evaluate, knn_rows
+from fmcache.frozen.specs import CkaSpec, KnnSpec, ProbeSpec
+from fmcache.frozen.subsets import (
+    Subset,
     over_subsets,
-    protocol_dir,
-    resolve_metric,
-    result_source,
     rows_of,
     subset_drop_last,
     subset_settings,
     subset_source,
     take,
-    views_and_warmup,
     write_subset,
 )
-from fmcache.frozen.features import FeatureSource, resolve_layers, resolve_pool, standardize, train_stats
-from fmcache.frozen.knn import knn_evaluate, knn_rows
-from fmcache.frozen.specs import CkaSpec, KnnSpec, ProbeSpec
-from fmcache.frozen.subsets import Subset
 from fmcache.plots import plot_knn_vs_k, plot_knn_vs_layer, plot_probe_curves, plot_probe_vs_layer
 from fmcache.progress import progress_bar
 from fmcache.results import (

@@ -13,26 +13,23 @@ import time
 from pathlib import Path
 
 from fmcache.cache.reader import CacheReader
-from fmcache.cache.shards import PAPER_TOKENS
+from fmcache.choices import PAPER_TOKENS
 from fmcache.dist import pick_device
 from fmcache.files import atomic_write_bytes
-from fmcache.frozen.common import (
+from fmcache.frozen.common import protocol_dir, resolve_metric, result_source, views_and_warmup
+from fmcache.frozen.heads import deit_pretrained_state
+from fmcache.frozen.specs import TokenProbeSpec
+from fmcache.frozen.subsets import (
+    Subset,
     over_subsets,
-    protocol_dir,
-    resolve_metric,
-    result_source,
     rows_of,
     subset_drop_last,
     subset_settings,
     subset_source,
-    views_and_warmup,
     write_subset,
 )
-from fmcache.frozen.heads import deit_pretrained_state
-from fmcache.frozen.specs import TokenProbeSpec
-from fmcache.frozen.subsets import Subset
 from fmcache.frozen.token_layers import check_token_layers, layer_spec, paper_tokens_note, token_norm_for
-from fmcache.frozen.tokens import GridConfig, TokenSplit, should_preload, train_token_grid
+from fmcache.frozen.tokens import TokenGridSettings, TokenSplit, should_preload, train_token_grid
 from fmcache.plots import plot_probe_curves, plot_probe_vs_layer
 from fmcache.progress import progress_bar
 from fmcache.results import csv_bytes, start_result, write_head_grid
@@ -118,7 +115,7 @@ def _run_token_probe(reader: CacheReader, spec: TokenProbeSpec, subset: Subset |
         splits = [TokenSplit(reader, s, n, loads[n], spec.workers, with_views and s == "train", rows_of(subset, s))
                   for s in EVAL]  # fmt: skip
         read_info[n] = {"preloaded": loads[n], "read_seconds": time.perf_counter() - t0}
-        cfg = GridConfig(head, list(lrs), seed_list, len(reader.class_names), metric, reader.multilabel, epochs,
+        cfg = TokenGridSettings(head, list(lrs), seed_list, len(reader.class_names), metric, reader.multilabel, epochs,
                          batch_size, spec.weight_decay, warmup, schedule, 1.0, head_depth, heads_per_pass,
                          reader.class_names if reader.multilabel else None, drop_last)  # fmt: skip
         with progress_bar(progress, epochs * max(1, -(-n_heads // (heads_per_pass or n_heads))), f"layer {n}",

@@ -1,57 +1,95 @@
 """Stage two's requests: one frozen dataclass per protocol, checked once, filled from flags, ``--config`` or the grid.
 
-Each spec names its cache and results root and every option its runner takes; ``__post_init__`` coerces what text
-flags and YAML give (``"1e-5,1e-4"``, ``[1e-5, 1e-4]``, a seed count or a list) and refuses bad values with one line,
-before any cache is opened. Checks that need the cache (layers, pools, token layers) stay with the runners.
+Every spec follows :class:`fmcache.config.Spec`'s idiom: path, integer and choice fields are named in class
+attributes, and :meth:`check` coerces what text flags and YAML give (``"1e-5,1e-4"``, ``[1e-5, 1e-4]``, a seed count
+or a list) and refuses bad values with one line, before any cache is opened. The two head grids (linear, token heads)
+share :class:`HeadGridSpec`; every protocol that trains on the train split shares the label-efficiency fields of
+:class:`SubsetSpec`. Checks that need the cache (layers, pools, token layers) stay with the runners.
+
+This module imports no torch, so the CLI reads its defaults for ``--help`` at no cost.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from fmcache.config import as_floats, as_ints, as_path, as_seeds, as_text, check_int
+from fmcache.choices import (
+    CKA_ESTIMATORS,
+    CKA_SPLITS,
+    DEIT_DEPTH,
+    PRELOAD,
+    SCHEDULES,
+    TOKEN_HEADS,
+    TOKEN_NORMS,
+    VIEW_MODES,
+)
+from fmcache.config import Spec, as_floats, as_ints, as_seeds, as_text
 from fmcache.errors import FmcacheError
-from fmcache.frozen.cka import ESTIMATORS
-from fmcache.frozen.cka_read import SPLITS as CKA_SPLITS
 from fmcache.frozen.knn import DEFAULT_KS, DEFAULT_TEMPERATURE
-from fmcache.frozen.views import MODES as VIEW_MODES
-from fmcache.training import SCHEDULES
-
-# the token heads' choices live here, not in heads.py/tokens.py: the linear probe's spec must not import timm
-TOKEN_HEADS = ("deit", "attentive")
-TOKEN_NORMS = ("seed", "none", "final")
-PRELOAD = ("auto", "yes", "no")
-DEIT_DEPTH = 12  # DeiT-B's blocks
 
 DEFAULT_LRS = (1e-5, 3e-5, 1e-4, 1e-3)
 VIEWS = (None, "auto", *VIEW_MODES)
 EVAL_SPLITS = ("val", "test")
-CKA_ESTIMATORS = (None, *ESTIMATORS)
 
 
-def _set(spec: object, name: str, value: object) -> None:
-    object.__setattr__(spec, name, value)
-
-
-def _choice(name: str, value: object, allowed: tuple) -> None:
-    if value not in allowed:
-        shown = ", ".join(str(a) for a in allowed if a is not None)
-        raise FmcacheError(f"unknown --{name.replace('_', '-')} '{value}'; use {shown}")
-
-
-def _layer_text(spec: object, name: str = "layer") -> None:
+def _layer_text(spec: Spec, name: str = "layer") -> None:
     value = getattr(spec, name)
     if value is not None:
-        _set(spec, name, str(value))
+        spec.set(name, str(value))
+
+
+def check_head_depth(head: str, depth: int) -> None:
+    """The stacked DeiT head keeps the first ``depth`` of DeiT-B's blocks."""
+    if head == "deit" and not 1 <= depth <= DEIT_DEPTH:
+        raise FmcacheError(f"--head-depth must lie in 1..{DEIT_DEPTH} (DeiT-B's blocks), got {depth}")
 
 
 @dataclass(frozen=True)
-class KnnSpec:
-    """``fmcache knn``: weighted k-NN with the train split as the bank."""
+class CacheSpec(Spec):
+    """What every stage-two request names: the cache it reads and the results root it writes under."""
 
     cache: Path
     out: Path = Path("results")
+
+    PATHS: ClassVar[tuple[str, ...]] = ("cache", "out")
+
+
+@dataclass(frozen=True)
+class SubsetSpec(CacheSpec):
+    """The label-efficiency options (``--train-fraction``/``--train-per-class``; :mod:`fmcache.frozen.subsets`)."""
+
+    train_fraction: tuple[float, ...] | None = None  # one run per fraction × repeat
+    train_per_class: tuple[int, ...] | None = None  # ... or per count of train samples per class
+    subset_repeats: int = 1
+    val_fraction_follows: bool = False  # val is subset like train (default: full val for model selection)
+
+    def check(self) -> None:
+        """Ascending distinct fractions in (0, 1] or counts >= 1, never both."""
+        fractions, counts = self.train_fraction, self.train_per_class
+        if fractions is not None and counts is not None:
+            raise FmcacheError("pass either --train-fraction or --train-per-class, not both")
+        if fractions is not None:
+            fractions = as_floats("train_fraction", fractions, example="0.01,0.1,1.0")
+            if any(not 0 < f <= 1 for f in fractions) or len(set(fractions)) != len(fractions):
+                raise FmcacheError(f"--train-fraction must be distinct numbers in (0, 1], got {list(fractions)}")
+            self.set("train_fraction", tuple(sorted(fractions)))  # the curve's order; each run is independent
+        if counts is not None:
+            counts = as_ints("train_per_class", counts, low=1, example="1,5,10")
+            if len(set(counts)) != len(counts):
+                raise FmcacheError(f"--train-per-class repeats a count: {list(counts)}")
+            self.set("train_per_class", tuple(sorted(counts)))
+        self.set("val_fraction_follows", bool(self.val_fraction_follows))
+        if fractions is None and counts is None and (self.subset_repeats != 1 or self.val_fraction_follows):
+            what = "--subset-repeats" if self.subset_repeats != 1 else "--val-fraction-follows"
+            raise FmcacheError(f"{what} applies to label-efficiency runs; add --train-fraction or --train-per-class")
+
+
+@dataclass(frozen=True)
+class KnnSpec(SubsetSpec):
+    """``fmcache knn``: weighted k-NN with the train split as the bank."""
+
     ks: tuple[int, ...] = DEFAULT_KS
     temperature: float = DEFAULT_TEMPERATURE
     layer: str = "last"
@@ -60,34 +98,28 @@ class KnnSpec:
     metric: str | None = None
     use_gpu: bool | None = None  # None: FAISS on GPU when present; False: --cpu
     plots: bool = True
-    train_fraction: tuple[float, ...] | None = None  # label efficiency: one run per fraction × repeat (subsets.py)
-    train_per_class: tuple[int, ...] | None = None  # ... or per count of train samples per class
-    subset_repeats: int = 1
-    val_fraction_follows: bool = False  # val is subset like train (default: full val for model selection)
 
-    def __post_init__(self) -> None:
-        _set(self, "cache", as_path(self.cache))
-        _set(self, "out", as_path(self.out))
-        _set(self, "ks", as_ints("k", self.ks))
+    INTS: ClassVar[dict[str, int]] = {"subset_repeats": 1}
+
+    def check(self) -> None:
+        self.set("ks", as_ints("k", self.ks, example="10,20,100,200"))
         _layer_text(self)
         splits = self.eval_splits.split(",") if isinstance(self.eval_splits, str) else list(self.eval_splits)
         splits = [s.strip() for s in splits if s and s.strip()]
         # the train split is the bank: querying it would let every sample find itself
         if not splits or any(s not in EVAL_SPLITS for s in splits):
             raise FmcacheError(f"bad --eval '{','.join(splits)}'; use val, test or val,test")
-        _set(self, "eval_splits", tuple(splits))
+        self.set("eval_splits", tuple(splits))
         if not float(self.temperature) > 0:
             raise FmcacheError(f"--temperature must be > 0, got {self.temperature}")
-        _set(self, "temperature", float(self.temperature))
-        _subset_fields(self)
+        self.set("temperature", float(self.temperature))
+        super().check()
 
 
 @dataclass(frozen=True)
-class ProbeSpec:
-    """``fmcache probe --head linear``: the LR × seed grid of linear heads on pooled features."""
+class HeadGridSpec(SubsetSpec):
+    """What every LR × seed grid of heads on a cache takes: the linear probe and the token heads."""
 
-    cache: Path
-    out: Path = Path("results")
     head: str = "linear"
     lrs: tuple[float, ...] = DEFAULT_LRS
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -95,42 +127,48 @@ class ProbeSpec:
     batch_size: int = 64
     drop_last: bool = True  # the seed's train loader drops its last partial batch
     layer: str = "last"
-    pool: str = "auto"
     metric: str | None = None
     weight_decay: float = 1e-5
     schedule: str = "constant"
-    sklearn: bool = False
     device: str | None = None
-    standardize: bool = True
     plots: bool = True
     views: str | None = None
-    train_fraction: tuple[float, ...] | None = None  # label efficiency: one run per fraction × repeat (subsets.py)
-    train_per_class: tuple[int, ...] | None = None  # ... or per count of train samples per class
-    subset_repeats: int = 1
-    val_fraction_follows: bool = False  # val is subset like train (default: full val for model selection)
 
-    def __post_init__(self) -> None:
-        _head_grid_fields(self)
-        if self.head != "linear":
-            raise FmcacheError(f"unknown --head '{self.head}' for the linear probe; use linear, deit or attentive")
+    INTS: ClassVar[dict[str, int]] = {"epochs": 1, "batch_size": 1, "subset_repeats": 1}
+    CHOICES: ClassVar[dict[str, tuple]] = {"schedule": SCHEDULES, "views": VIEWS}
+
+    def check(self) -> None:
+        lrs = as_floats("lrs", self.lrs, example="1e-5,1e-4")
+        if any(not lr > 0 for lr in lrs) or len(set(lrs)) != len(lrs):
+            raise FmcacheError(f"--lrs must be distinct positive numbers, got {list(lrs)}")
+        self.set("lrs", lrs)
+        self.set("seeds", as_seeds(self.seeds))
+        if self.weight_decay < 0:
+            raise FmcacheError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        self.set("weight_decay", float(self.weight_decay))
+        _layer_text(self)
+        super().check()
 
 
 @dataclass(frozen=True)
-class TokenProbeSpec:
+class ProbeSpec(HeadGridSpec):
+    """``fmcache probe --head linear``: the LR × seed grid of linear heads on pooled features."""
+
+    pool: str = "auto"
+    sklearn: bool = False
+    standardize: bool = True
+
+    def check(self) -> None:
+        if self.head != "linear":
+            raise FmcacheError(f"unknown --head '{self.head}' for the linear probe; use linear, deit or attentive")
+        super().check()
+
+
+@dataclass(frozen=True)
+class TokenProbeSpec(HeadGridSpec):
     """``fmcache probe --head deit|attentive``: token heads on cached token layers (the decapitation study)."""
 
-    cache: Path
-    out: Path = Path("results")
     head: str = "deit"
-    lrs: tuple[float, ...] = DEFAULT_LRS
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    epochs: int = 100
-    batch_size: int = 64
-    drop_last: bool = True  # the seed's train loader drops its last partial batch
-    layer: str = "last"
-    metric: str | None = None
-    weight_decay: float = 1e-5
-    schedule: str = "constant"
     head_weights: str | None = None  # deit: "imagenet" (timm's DeiT-B/16, the seed's; default) or a file
     head_random_init: bool = False
     head_depth: int = DEIT_DEPTH
@@ -139,79 +177,30 @@ class TokenProbeSpec:
     heads_per_pass: int = 0
     resume: bool = True
     workers: int = 2
-    device: str | None = None
-    plots: bool = True
-    views: str | None = None
-    train_fraction: tuple[float, ...] | None = None  # label efficiency: one run per fraction × repeat (subsets.py)
-    train_per_class: tuple[int, ...] | None = None  # ... or per count of train samples per class
-    subset_repeats: int = 1
-    val_fraction_follows: bool = False  # val is subset like train (default: full val for model selection)
 
-    def __post_init__(self) -> None:
-        _head_grid_fields(self)
-        _choice("head", self.head, TOKEN_HEADS)
-        _choice("token_norm", self.token_norm, TOKEN_NORMS)
-        _choice("preload", self.preload, PRELOAD)
-        for name, low in (("heads_per_pass", 0), ("workers", 0), ("head_depth", 1)):
-            check_int(name, getattr(self, name), low)
-        _set(self, "head_weights", as_text(self.head_weights))
+    INTS: ClassVar[dict[str, int]] = {**HeadGridSpec.INTS, "heads_per_pass": 0, "workers": 0, "head_depth": 1}
+    CHOICES: ClassVar[dict[str, tuple]] = {
+        **HeadGridSpec.CHOICES,
+        "head": TOKEN_HEADS,
+        "token_norm": TOKEN_NORMS,
+        "preload": PRELOAD,
+    }
+
+    def check(self) -> None:
+        super().check()
+        self.set("head_weights", as_text(self.head_weights))
         if self.head == "attentive" and self.head_weights is not None:
             raise FmcacheError("--head-weights applies to --head deit; the attentive head has no pretrained weights")
-        if self.head == "deit" and not 1 <= self.head_depth <= DEIT_DEPTH:
-            raise FmcacheError(f"--head-depth must lie in 1..{DEIT_DEPTH} (DeiT-B's blocks), got {self.head_depth}")
+        check_head_depth(self.head, self.head_depth)
         if self.head_random_init and self.head_weights is not None:
             raise FmcacheError("pass either --head-weights or --head-random-init, not both")
 
 
-def _head_grid_fields(spec: ProbeSpec | TokenProbeSpec) -> None:
-    """The fields every head grid shares, checked and coerced once (probe linear and token heads)."""
-    _set(spec, "cache", as_path(spec.cache))
-    _set(spec, "out", as_path(spec.out))
-    lrs = as_floats("lrs", spec.lrs)
-    if any(not lr > 0 for lr in lrs) or len(set(lrs)) != len(lrs):
-        raise FmcacheError(f"--lrs must be distinct positive numbers, got {list(lrs)}")
-    _set(spec, "lrs", lrs)
-    _set(spec, "seeds", as_seeds(spec.seeds))
-    for name in ("epochs", "batch_size"):
-        check_int(name, getattr(spec, name), 1)
-    if spec.weight_decay < 0:
-        raise FmcacheError(f"--weight-decay must be >= 0, got {spec.weight_decay}")
-    _set(spec, "weight_decay", float(spec.weight_decay))
-    _choice("schedule", spec.schedule, SCHEDULES)
-    _choice("views", spec.views, VIEWS)
-    _layer_text(spec)
-    _subset_fields(spec)
-
-
-def _subset_fields(spec: KnnSpec | ProbeSpec | TokenProbeSpec) -> None:
-    """The label-efficiency options: ascending distinct fractions in (0, 1] or counts >= 1, never both."""
-    fractions, counts = spec.train_fraction, spec.train_per_class
-    if fractions is not None and counts is not None:
-        raise FmcacheError("pass either --train-fraction or --train-per-class, not both")
-    if fractions is not None:
-        fractions = as_floats("train_fraction", fractions)
-        if any(not 0 < f <= 1 for f in fractions) or len(set(fractions)) != len(fractions):
-            raise FmcacheError(f"--train-fraction must be distinct numbers in (0, 1], got {list(fractions)}")
-        _set(spec, "train_fraction", tuple(sorted(fractions)))  # the curve's order; each run is independent
-    if counts is not None:
-        counts = as_ints("train_per_class", counts, low=1)
-        if len(set(counts)) != len(counts):
-            raise FmcacheError(f"--train-per-class repeats a count: {list(counts)}")
-        _set(spec, "train_per_class", tuple(sorted(counts)))
-    check_int("subset_repeats", spec.subset_repeats, 1)
-    _set(spec, "val_fraction_follows", bool(spec.val_fraction_follows))
-    if fractions is None and counts is None and (spec.subset_repeats != 1 or spec.val_fraction_follows):
-        what = "--subset-repeats" if spec.subset_repeats != 1 else "--val-fraction-follows"
-        raise FmcacheError(f"{what} applies to label-efficiency runs; add --train-fraction or --train-per-class")
-
-
 @dataclass(frozen=True)
-class CkaSpec:
+class CkaSpec(CacheSpec):
     """``fmcache cka``: linear CKA between the layers of one cache, or of two caches aligned by sample id."""
 
-    cache: Path
     cache_b: Path | None = None
-    out: Path = Path("results")
     layers: str = "all"
     layers_b: str | None = None
     pool: str = "auto"
@@ -222,12 +211,10 @@ class CkaSpec:
     plots: bool = True
     device: str | None = None
 
-    def __post_init__(self) -> None:
-        _set(self, "cache", as_path(self.cache))
-        _set(self, "cache_b", as_path(self.cache_b))
-        _set(self, "out", as_path(self.out))
+    PATHS: ClassVar[tuple[str, ...]] = ("cache", "cache_b", "out")
+    INTS: ClassVar[dict[str, int]] = {"batch_size": 1}
+    CHOICES: ClassVar[dict[str, tuple]] = {"split": CKA_SPLITS, "estimator": (None, *CKA_ESTIMATORS)}
+
+    def check(self) -> None:
         _layer_text(self, "layers")
         _layer_text(self, "layers_b")
-        _choice("split", self.split, CKA_SPLITS)
-        _choice("estimator", self.estimator, CKA_ESTIMATORS)
-        check_int("batch_size", self.batch_size, 1)

@@ -1,4 +1,6 @@
-"""Train subsets for label-efficiency curves (``--train-fraction``, ``--train-per-class``): pure numpy, no cache.
+"""Label efficiency in stage two (``--train-fraction``, ``--train-per-class``): how train subsets are drawn (pure
+numpy), and what every runner does with them (:func:`over_subsets`: one run per subset, then the curve's folder).
+The curve's rows from finished results live in :mod:`fmcache.label_efficiency`, which the report shares.
 
 How a subset is drawn, so that anyone can check or redo it (``subsets.npz`` records the result):
 
@@ -21,13 +23,21 @@ run's input, row for row, so its numbers equal the plain run's.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from fmcache.cache.reader import CacheReader
 from fmcache.errors import FmcacheError
+from fmcache.files import atomic_write_bytes, ensure_writable_dir
+from fmcache.label_efficiency import label_efficiency_folder, label_efficiency_rows
+from fmcache.plots import plot_label_efficiency
+from fmcache.results import RESULT_JSON, SUBSETS, ResultSource, base_settings, csv_bytes, npz_bytes, to_jsonable
 
 SALT = 0x1ABE1  # separates these generators from every other seeded stream in fmcache
 SPLIT_CODES = {"train": 0, "val": 1}
@@ -157,3 +167,114 @@ def plan(
                 continue
             subsets.append(Subset(fraction, count, repeat, sampling, val_follows, train, val, full))
     return subsets
+
+
+# -- label efficiency (--train-fraction / --train-per-class): what every runner does with its subsets ---------------
+
+
+def _subset_plan(reader: CacheReader, spec) -> list[Subset] | None:
+    """The spec's subsets, every one drawn and checked before any run; None for a plain run (no subset option)."""
+    if spec.train_fraction is None and spec.train_per_class is None:
+        return None
+    return plan(reader.labels("train"), reader.labels("val"), reader.class_names, reader.multilabel,
+                spec.train_fraction or (), spec.train_per_class or (), spec.subset_repeats,
+                spec.val_fraction_follows)  # fmt: skip
+
+
+def over_subsets(reader: CacheReader, spec, protocol: str, run_one: Callable[[Subset | None], dict], log) -> dict:
+    """A runner's whole answer: ``run_one(None)`` for a plain run; with ``--train-fraction``/``--train-per-class``,
+    ``run_one`` per planned subset (all drawn and checked first), then the label-efficiency curve."""
+    subsets = _subset_plan(reader, spec)
+    if subsets is None:
+        return run_one(None)
+    folders = [run_one(subset)["folder"] for subset in subsets]
+    return finish_label_efficiency(reader, spec, protocol, folders, subsets, log)
+
+
+def rows_of(subset: Subset | None, split: str) -> np.ndarray | None:
+    """A split's positions under ``subset`` (train, or val when it follows); None: every row, as a plain run."""
+    if subset is None:
+        return None
+    return subset.train if split == "train" else subset.val if split == "val" else None
+
+
+def take(values: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """``values`` at ``rows`` (None: all of them, the array itself, so a plain run's input is untouched)."""
+    return values if rows is None else values[rows]
+
+
+def subset_settings(subset: Subset | None) -> dict:
+    """What a subset adds to the folder-naming settings: nothing for a plain run, so its folder keeps its name."""
+    return {} if subset is None else subset.settings()
+
+
+def subset_drop_last(subset: Subset | None, batch_size: int, drop_last: bool, log) -> bool:
+    """A subset smaller than one batch trains on itself as one batch per epoch: drop_last would drop it all."""
+    if subset is None or not drop_last or len(subset.train) >= batch_size:
+        return drop_last
+    log(f"note: subset {subset.tag()} has {len(subset.train)} train samples, fewer than the batch size "
+        f"{batch_size}: one batch of all of them per epoch (drop_last does not apply)")  # fmt: skip
+    return False
+
+
+def subset_source(source: ResultSource, subset: Subset | None) -> ResultSource:
+    """The result source of a run on ``subset``: val ids and labels cut to the subset when val follows."""
+    rows = rows_of(subset, "val")
+    if rows is None or "val" not in source.ids:
+        return source
+    ids, labels = dict(source.ids), dict(source.labels)
+    ids["val"], labels["val"] = ids["val"][rows], labels["val"][rows]
+    return dataclasses.replace(source, ids=ids, labels=labels)
+
+
+def write_subset(folder: Path, reader: CacheReader, subset: Subset | None) -> dict:
+    """``subsets.npz`` in a subset run's folder (positions and sample ids, so anyone can re-run exactly these rows)
+    and the facts ``result.json`` records about it; nothing for a plain run."""
+    if subset is None:
+        return {}
+    arrays = {"train_rows": subset.train, "train_ids": reader.ids("train")[subset.train]}
+    if subset.val is not None:
+        arrays.update(val_rows=subset.val, val_ids=reader.ids("val")[subset.val])
+    atomic_write_bytes(folder / SUBSETS, npz_bytes(arrays))
+    facts = {"n_train": len(subset.train), "n_train_split": len(reader.rows("train")), "file": SUBSETS}
+    if not reader.multilabel:
+        labels = reader.labels("train")[subset.train].astype(np.int64)
+        facts["train_per_class"] = np.bincount(labels, minlength=len(reader.class_names)).tolist()
+    if subset.val is not None:
+        facts["n_val"] = len(subset.val)
+    return {"subset": facts}
+
+
+def finish_label_efficiency(reader: CacheReader, spec, protocol: str, folders: list[Path], subsets: list[Subset],
+                            log) -> dict:  # fmt: skip
+    """After every subset run of a curve: its ``label_efficiency/`` folder (CSV, PNG, all subsets, JSON last), and
+    the runner's answer: ``folder`` is the last run's (the grid's ledger records it; it is written last, so it is
+    complete only when every run is), ``folders`` every run's."""
+    docs = [json.loads((Path(f) / RESULT_JSON).read_text()) for f in folders]
+    curve = {"train_fraction": spec.train_fraction, "train_per_class": spec.train_per_class,
+             "subset_repeats": spec.subset_repeats, "val_fraction_follows": spec.val_fraction_follows}  # fmt: skip
+    settings = {**base_settings(docs[0]), "label_efficiency": curve}
+    folder = ensure_writable_dir(label_efficiency_folder(spec.out, reader.dataset, reader.model, reader.key, protocol,
+                                                         settings))  # fmt: skip
+    (folder / "label_efficiency.json").unlink(missing_ok=True)  # written last: its presence vouches for the rest
+    rows = label_efficiency_rows(docs)
+    atomic_write_bytes(folder / "label_efficiency.csv", csv_bytes(rows))
+    arrays = {}
+    for s in subsets:
+        arrays[f"{s.tag()}_train_rows"], arrays[f"{s.tag()}_train_ids"] = s.train, reader.ids("train")[s.train]
+        if s.val is not None:
+            arrays[f"{s.tag()}_val_rows"], arrays[f"{s.tag()}_val_ids"] = s.val, reader.ids("val")[s.val]
+    atomic_write_bytes(folder / SUBSETS, npz_bytes(arrays))
+    metric = docs[0]["metric"]
+    if spec.plots:
+        lines: dict[str, list] = {}
+        for row in rows:
+            lines.setdefault(f"{protocol} layer {row['layer']}", []).append(row)
+        plot_label_efficiency(folder / "label_efficiency.png", lines, metric,
+                              f"{reader.dataset}, {reader.model}: {protocol}")  # fmt: skip
+    document = {"protocol": protocol, "dataset": reader.dataset, "model": reader.model, "cache_key": reader.key,
+                "metric": metric, "settings": settings, "rows": rows, "folders": [str(f) for f in folders]}  # fmt: skip
+    atomic_write_bytes(folder / "label_efficiency.json", (json.dumps(to_jsonable(document), indent=2) + "\n").encode())
+    log(f"label efficiency: {len(folders)} runs; curve in {folder}")
+    return {"folder": folders[-1], "folders": folders, "label_efficiency": folder, "rows": rows, "metric": metric,
+            "protocol": protocol}  # fmt: skip

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fmcache.cache.reader import CacheReader
-from fmcache.cache.shards import PAPER_TOKENS
+from fmcache.choices import PAPER_TOKENS
 from fmcache.errors import FmcacheError
 from fmcache.frozen.heads import token_grid
 from fmcache.frozen.specs import TOKEN_NORMS

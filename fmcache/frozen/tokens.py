@@ -33,10 +33,11 @@ import torch
 
 from fmcache import metrics
 from fmcache.cache.reader import CacheReader
-from fmcache.cache.shards import PAPER_TOKENS, token_dataset
+from fmcache.cache.shards import token_dataset
+from fmcache.choices import PAPER_TOKENS
 from fmcache.dist import synchronize
 from fmcache.errors import FmcacheError
-from fmcache.frozen.heads import DEIT_DEPTH, build_head
+from fmcache.frozen.heads import build_head
 from fmcache.frozen.specs import PRELOAD
 from fmcache.frozen.token_layers import LayerSpec, TokenNorm
 from fmcache.headgrid import ProbeResult, check_lists, head_losses, labels_tensor, summarise
@@ -137,7 +138,7 @@ def _autocast(device: torch.device):
 
 
 @dataclass
-class GridConfig:
+class TokenGridSettings:
     kind: str
     lrs: list[float]
     seeds: list[int]
@@ -169,7 +170,7 @@ def train_token_grid(
     train: TokenSplit,
     val: TokenSplit,
     test: TokenSplit,
-    cfg: GridConfig,
+    cfg: TokenGridSettings,
     device: torch.device,
     pretrained: dict[str, torch.Tensor] | None,
     checkpoint: Path | None = None,
@@ -254,7 +255,7 @@ def train_token_grid(
 class _Pass:
     """The heads of one pass, their optimizers and the data-order generators of their seeds."""
 
-    def __init__(self, spec, heads_idx, lrs, seeds, cfg: GridConfig, device, pretrained, resumed: dict | None):
+    def __init__(self, spec, heads_idx, lrs, seeds, cfg: TokenGridSettings, device, pretrained, resumed: dict | None):
         self.cfg, self.device, self.heads_idx = cfg, device, heads_idx
         n_seeds = len(seeds)
         self.seed_of = {h: h % n_seeds for h in heads_idx}
@@ -368,4 +369,4 @@ class _Pass:
                 records.test_metrics[h] = json_roundtrip(evaluate(test.labels, test_probs[h]))
 
 
-__all__ = ["DEIT_DEPTH", "GridConfig", "TokenSplit", "should_preload", "train_token_grid"]
+__all__ = ["TokenGridSettings", "TokenSplit", "should_preload", "train_token_grid"]

@@ -15,16 +15,15 @@ import torch
 
 from fmcache.cache.reader import CacheReader
 from fmcache.cache.views import no_views_error
+from fmcache.choices import VIEW_MODES
 from fmcache.errors import FmcacheError
-
-MODES = ("on", "off")
 
 
 def use_views(reader: CacheReader, mode: str | None) -> bool:
     """``--views``: None (default) is on when the cache has views; ``on`` without views is an error."""
     if mode is None or mode == "auto":
         return reader.views_k > 0
-    if mode not in MODES:
+    if mode not in VIEW_MODES:
         raise FmcacheError(f"unknown --views '{mode}'; use on or off")
     if mode == "on" and not reader.views_k:
         raise no_views_error(reader.path)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fmcache.errors import FmcacheError
 from fmcache.protocols import get_protocol, names
+from fmcache.runners import spec_class
 
 EXTRACT = "extract"  # the job kind of stage one; every other kind is a protocol
 TOP_KEYS = ("results", "cache_root", "models", "datasets", "extract", "protocols")
@@ -40,8 +41,6 @@ def _unknown(keys, valid, where: str, source: Path) -> None:
 
 def _runner_options(kind: str) -> set[str]:
     """The options a protocol variant may set: its spec's fields, less what the grid fixes (and CKA's pairing)."""
-    from fmcache.runners import spec_class  # deferred: the specs import torch
-
     protocol = get_protocol(kind)
     fields = {f.name for f in dataclasses.fields(spec_class(kind))} - GRID_OWNED
     if protocol.reads == "images":
@@ -52,7 +51,7 @@ def _runner_options(kind: str) -> set[str]:
 
 
 def _extract_options() -> set[str]:
-    from fmcache.extract.plan import ExtractSpec
+    from fmcache.extract.spec import ExtractSpec
 
     return ({f.name for f in dataclasses.fields(ExtractSpec)} - GRID_OWNED) | {"tokens"}
 

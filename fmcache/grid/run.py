@@ -36,7 +36,7 @@ def _source(data: dict, model: dict) -> dict:
 
 
 def extract_spec(job: Job, model: dict | None = None):
-    from fmcache.extract.plan import ExtractSpec
+    from fmcache.extract.spec import ExtractSpec
 
     settings = dict(job.extract)
     if job.dataset.get("limit") is not None:

@@ -155,10 +155,10 @@ def columns_of(docs: Sequence[dict]) -> tuple[list[Column], set[tuple[str, str]]
 
 
 def _val(doc: dict) -> float:
-    summary = doc.get("summary") or {}
-    value = summary.get("val_mean")
-    if value is None and summary.get("best"):
-        value = summary["best"].get("val")
+    """The val metric a result competes on for a cell, by its protocol's rule (``competes_by``)."""
+    value: object = doc.get("summary") or {}
+    for part in protocol_of(doc).competes_by.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
     return float(value) if value is not None and math.isfinite(float(value)) else -math.inf
 
 
