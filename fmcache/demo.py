@@ -11,6 +11,8 @@ from pathlib import Path
 
 from fmcache.data.digits import write_digits
 from fmcache.errors import FmcacheError
+from fmcache.extract.spec import ExtractSpec
+from fmcache.frozen.specs import CkaSpec, KnnSpec, ProbeSpec
 
 
 def run_demo(
@@ -22,10 +24,8 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Digits → extract → knn → probe → cka; returns the results and writes them under ``out``."""
-    from fmcache.extract.run import run_extract
-    from fmcache.extract.spec import ExtractSpec
-    from fmcache.frozen.run import run_cka, run_knn, run_probe
-    from fmcache.frozen.specs import CkaSpec, KnnSpec, ProbeSpec
+    from fmcache.extract.run import run_extract  # deferred: h5py
+    from fmcache.frozen.run import run_cka, run_knn, run_probe  # deferred: h5py
 
     out = Path(out)
     data_root = out / "digits"

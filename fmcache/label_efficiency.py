@@ -55,8 +55,10 @@ def subset_points(document: Mapping) -> dict[str, dict]:
     if get_protocol(str(document.get("protocol"))).summary == "rows":  # k-NN: a value per k, chosen on val
         return _knn_points(summary)
     per_layer = summary.get("per_layer") or {str((document.get("settings") or {}).get("layers", ["?"])[-1]): summary}
-    return {str(layer): {s: (e.get(f"{s}_mean"), e.get(f"{s}_std"), e.get("n_seeds") or 1) for s in ("val", "test")}
-            for layer, e in per_layer.items()}  # fmt: skip
+    return {
+        str(layer): {s: (e.get(f"{s}_mean"), e.get(f"{s}_std"), e.get("n_seeds") or 1) for s in ("val", "test")}
+        for layer, e in per_layer.items()
+    }
 
 
 def label_efficiency_rows(documents: Sequence[Mapping]) -> list[dict]:

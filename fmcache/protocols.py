@@ -19,7 +19,7 @@ from fmcache.errors import FmcacheError
 
 READS = ("pooled", "tokens", "images")  # cached pooled features, cached token layers, the images themselves
 SUMMARIES = ("grid", "rows", "matrix")  # a head grid (best LR, mean ± std), k-NN rows + best, a CKA matrix
-COST_MODELS = ("knn", "pooled_heads", "token_heads", "cka", "finetune")  # the estimators of fmcache.cost
+COST_MODELS = ("neighbours", "pooled_heads", "token_heads", "similarity", "end_to_end")  # fmcache.cost estimators
 HEAD_LABELS = {"linear": "linear", "deit": "DeiT", "attentive": "attentive"}
 
 
@@ -41,8 +41,11 @@ class Protocol:
     describes: str = ""  # one line for help texts and the report
 
     def __post_init__(self) -> None:
-        for trait, value, allowed in (("reads", self.reads, READS), ("summary", self.summary, SUMMARIES),
-                                      ("cost", self.cost, COST_MODELS)):  # fmt: skip
+        for trait, value, allowed in (
+            ("reads", self.reads, READS),
+            ("summary", self.summary, SUMMARIES),
+            ("cost", self.cost, COST_MODELS),
+        ):
             if value not in allowed:
                 raise FmcacheError(f"protocol {self.name}: {trait} '{value}' is not one of {', '.join(allowed)}")
 
@@ -63,7 +66,7 @@ _TIME = "fig3_time"  # every protocol with per-run timings feeds the time figure
 PROTOCOLS: dict[str, Protocol] = {
     p.name: p
     for p in (
-        Protocol("knn", "knn", "pooled", "rows", "knn", fills=("fig2_knn", _TIME),
+        Protocol("knn", "knn", "pooled", "rows", "neighbours", fills=("fig2_knn", _TIME),
                  per_layer=("supp_knn_vs_layer", "k-NN per layer"),
                  describes="weighted k-NN on L2-normalised pooled features (paper Fig. 2)"),
         Protocol("probe_linear", "probe", "pooled", "grid", "pooled_heads", head="linear",
@@ -77,14 +80,14 @@ PROTOCOLS: dict[str, Protocol] = {
         Protocol("probe_attentive", "probe", "tokens", "grid", "token_heads", head="attentive",
                  per_layer=("supp_attentive_vs_layer", "attentive head per layer"),
                  describes="an attentive-pooling head on frozen cached tokens"),
-        Protocol("cka", "cka", "pooled", "matrix", "cka", pairs=True, predictions=False,
+        Protocol("cka", "cka", "pooled", "matrix", "similarity", pairs=True, predictions=False,
                  fills=("fig7_cka_finetune", "fig8_cka_models"),
                  describes="linear CKA between layers of one or two caches (paper Figs. 7 and 8)"),
-        Protocol("finetune_linear", "finetune", "images", "grid", "finetune", head="linear", trains_foundation=True,
+        Protocol("finetune_linear", "finetune", "images", "grid", "end_to_end", head="linear", trains_foundation=True,
                  fills=("table1_frozen", "table2_unfrozen", "table3_1024px", "fig4_freeze", "fig5_decapitation",
                         "fig6_model_size", _TIME),
                  describes="end-to-end fine-tuning with a linear head"),
-        Protocol("finetune_deit", "finetune", "images", "grid", "finetune", head="deit", trains_foundation=True,
+        Protocol("finetune_deit", "finetune", "images", "grid", "end_to_end", head="deit", trains_foundation=True,
                  fills=("table1_frozen", "table2_unfrozen", "table3_1024px", "fig4_freeze", "fig5_decapitation",
                         "fig6_model_size", _TIME),
                  describes="end-to-end fine-tuning with the stacked DeiT-B head"),

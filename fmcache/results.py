@@ -241,8 +241,10 @@ def write_result(
     atomic_write_bytes(folder / RESULT_CSV, csv_bytes(rows))
     predictions_sha256 = None
     if predictions is not None:
-        arrays = {k: np.asarray(v, dtype=np.float32) if k.endswith("_scores") else np.asarray(v)
-                  for k, v in predictions.items()}  # fmt: skip
+        arrays = {
+            k: np.asarray(v, dtype=np.float32) if k.endswith("_scores") else np.asarray(v)
+            for k, v in predictions.items()
+        }
         data = npz_bytes(arrays)
         atomic_write_bytes(folder / PREDICTIONS, data)
         predictions_sha256 = hashlib.sha256(data).hexdigest()  # the report refuses a file that differs
@@ -289,8 +291,12 @@ class ResultSource:
 
     def identity(self) -> dict:
         """The identity keys of ``result.json``: dataset, model, cache_key, weights."""
-        return {"dataset": self.dataset, "model": self.model, "cache_key": self.cache_key,
-                "weights": dict(self.weights)}  # fmt: skip
+        return {
+            "dataset": self.dataset,
+            "model": self.model,
+            "cache_key": self.cache_key,
+            "weights": dict(self.weights),
+        }
 
     def facts(self) -> dict:
         """Top-level ``result.json`` keys the report groups by: the split identity and the input size."""
@@ -314,10 +320,19 @@ class ResultSource:
 
 
 def write_head_grid(
-    folder: Path, source: ResultSource, *, protocol: str, settings: Mapping, metric: str, per_layer: Mapping,
-    rows: Sequence[Mapping], predictions: Mapping | None, details: Mapping, extra: Mapping | None = None,
+    folder: Path,
+    source: ResultSource,
+    *,
+    protocol: str,
+    settings: Mapping,
+    metric: str,
+    per_layer: Mapping,
+    rows: Sequence[Mapping],
+    predictions: Mapping | None,
+    details: Mapping,
+    extra: Mapping | None = None,
     timings_extra: Mapping | None = None,
-) -> Path:  # fmt: skip
+) -> Path:
     """A head grid's folder (probe_* and finetune_*): ``result.json``/CSV and the last layer's best-LR predictions.
 
     Train seconds are summed and inference s/sample averaged over the layers; the summary is
@@ -332,10 +347,18 @@ def write_head_grid(
         scores = {"val": predictions["val_scores"], "test": predictions["test_scores"]}
         arrays = source.predictions(scores, predictions["seeds"])
     return write_result(
-        folder, protocol=protocol, settings=settings, metric=metric, timings=timings,
-        summary=probe_summary(per_layer, len(settings["seeds"])), details=details, rows=rows, predictions=arrays,
-        extra={**source.facts(), **(extra or {})}, **source.identity(),
-    )  # fmt: skip
+        folder,
+        protocol=protocol,
+        settings=settings,
+        metric=metric,
+        timings=timings,
+        summary=probe_summary(per_layer, len(settings["seeds"])),
+        details=details,
+        rows=rows,
+        predictions=arrays,
+        extra={**source.facts(), **(extra or {})},
+        **source.identity(),
+    )
 
 
 def seed_summary(best_lr, val: Sequence[float], test: Sequence[float], seeds_requested: int) -> dict:

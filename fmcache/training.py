@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fmcache.errors import FmcacheError
+from fmcache.files import atomic_write_with, disk_error
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -195,8 +196,6 @@ def save_checkpoint(path: Path, state: dict, settings: dict) -> None:
     previous checkpoint or the new one, never a torn file. ``settings`` must be JSON-able; :func:`load_checkpoint`
     refuses a checkpoint whose settings differ, so a rerun with other settings never mixes two runs.
     """
-
-    from fmcache.files import atomic_write_with, disk_error
 
     path = Path(path)
     payload = {"format": CHECKPOINT_FORMAT, "settings": _canonical(settings), "rng": rng_states(), "state": state}

@@ -111,3 +111,22 @@ def cka(reader, reader_b=None, out: Path = Path("results"), **kw) -> dict:
 
     cache_b = None if reader_b is None else _cache_path(reader_b)
     return run_cka(CkaSpec(_cache_path(reader), cache_b=cache_b, out=out, **kw))
+
+
+@pytest.fixture(scope="session")
+def demo_grid_run(tmp_path_factory):
+    """configs/demo_grid.yaml as shipped, run once for the whole session (paths relative to the YAML: the copy writes
+    under a temporary folder): ``(config, run_grid's answer, its log lines)``. The grid's and the cost model's tests
+    share this one run, the slowest thing the suite does."""
+    import shutil
+
+    from fmcache.grid.config import GridOptions
+    from fmcache.grid.main import run_grid
+
+    folder = tmp_path_factory.mktemp("demo_grid")
+    (folder / "configs").mkdir()
+    config = folder / "configs" / "demo_grid.yaml"
+    shutil.copy(Path(__file__).resolve().parents[1] / "configs" / "demo_grid.yaml", config)
+    messages: list[str] = []
+    answer = run_grid(config, GridOptions(), log=messages.append)
+    return config, answer, messages

@@ -1,5 +1,6 @@
 """The grid's cost before it runs: exact FLOP counts against closed forms, rates, the dry run's cost table for the
-paper's grid, ``fmcache calibrate``, and the estimate against the demo grid's measured jobs."""
+paper's grid, ``fmcache calibrate``, and the demo grid's every job priced (the seconds against a measured run are
+benchmarks/bench_cost.py's ratio)."""
 
 from __future__ import annotations
 
@@ -150,25 +151,15 @@ def test_grid_device_rate_flag_and_calibrate_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_grid_estimate_within_2x_of_its_measured_jobs(tmp_path):
-    """configs/demo_grid.yaml: the estimate on this machine's quick calibration against the jobs' wall times."""
-    (tmp_path / "configs").mkdir()
-    config = tmp_path / "configs" / "demo_grid.yaml"
-    shutil.copy(REPO / "configs" / "demo_grid.yaml", config)
-    assert runner.invoke(app, ["calibrate", "--quick"]).exit_code == 0
-    plan = run_grid(config, GridOptions(dry_run=True), log=lambda m: None)
-    estimated = {job_id: doc["ours"]["seconds"] for job_id, doc in plan["cost"]["jobs"].items()}
-    messages: list[str] = []
-    run_grid(config, GridOptions(), log=messages.append)
-    measured, current = {}, None
-    for line in messages:
-        if match := re.match(r"\[\d+/\d+\] (\S+)$", line):
-            current = match.group(1)
-        elif match := re.match(r"  done in ([\d.]+) s$", line):
-            measured[current] = float(match.group(1))
-    assert set(measured) == set(estimated)
-    for job_id in measured:
-        print(f"{job_id:<60} estimated {estimated[job_id]:7.1f} s  measured {measured[job_id]:7.1f} s")
-    total_e, total_m = sum(estimated.values()), sum(measured.values())
-    print(f"total: estimated {total_e:.0f} s, measured {total_m:.0f} s ({total_e / total_m:.2f}x)")
-    assert 0.5 <= total_e / total_m <= 2.0
+def test_demo_grid_estimate_prices_every_job_it_ran(demo_grid_run):
+    """The dry run of configs/demo_grid.yaml prices exactly the jobs the grid then runs, each with a positive time and
+    (but CKA) FLOPs. How close the seconds come to a measured run depends on the machine's load: that ratio is
+    benchmarks/bench_cost.py's, never a test's."""
+    config, answer, _messages = demo_grid_run
+    fresh = config.parent.parent / "fresh"  # an empty results tree and cache, so the dry run prices every job
+    plan = run_grid(config, GridOptions(dry_run=True, results=fresh / "results", cache_root=fresh / "cache",
+                                        device_rate="h100"), log=lambda m: None)  # fmt: skip
+    jobs = plan["cost"]["jobs"]
+    assert set(jobs) == set(answer["ran"]) and not plan["cost"]["not_estimated"]
+    assert all(doc["ours"]["seconds"] > 0 for doc in jobs.values())
+    assert all(doc["ours"]["flops"] > 0 for job, doc in jobs.items() if not job.startswith("cka"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -99,20 +98,41 @@ def _one_line_exit_2(result, *needles: str) -> None:
         assert needle in result.output, result.output
 
 
-def test_bad_input_is_one_line(tmp_path: Path, tiny: Path, monkeypatch):
+# (id, how the tiny grid's YAML changes, extra command-line arguments, what the one error line names)
+BAD_GRIDS = [
+    ("unknown-top-key", lambda y: y + "epochs: 3\n", (), ("unknown key(s) epochs", "valid: cache_root, datasets")),
+    (
+        "unknown-protocol-option",
+        lambda y: y.replace("knn: {ks: [3, 5], layer: all}", "knn: {ks: [3], k_max: 9}"),
+        (),
+        ("k_max in protocols.knn", "temperature"),
+    ),
+    ("unknown-protocol", lambda y: y.replace("knn:", "knnn:"), (), ("knnn", "probe_linear")),
+    (
+        "missing-root",
+        lambda y: y.replace("root: data/digits, prepare: digits, per_class: 8", "root: nowhere"),
+        (),
+        ("root", "nowhere", "does not exist"),
+    ),
+    (
+        "slurm-option-the-grid-sets",
+        lambda y: y,
+        ("--executor", "slurm", "--slurm-option", "dependency=afterok:1"),
+        ("the grid sets --dependency itself",),
+    ),
+    ("slurm-option-without-key", lambda y: y, ("--executor", "slurm", "--slurm-option", "=16G"), ("give KEY=VALUE",)),
+]
+
+
+@pytest.mark.parametrize(("change", "args", "needles"), [case[1:] for case in BAD_GRIDS], ids=[c[0] for c in BAD_GRIDS])
+def test_bad_input_is_one_line(tmp_path: Path, change, args, needles):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(TINY + "epochs: 3\n")
-    _one_line_exit_2(_grid(bad), "unknown key(s) epochs", "valid: cache_root, datasets")
-    bad.write_text(TINY.replace("knn: {ks: [3, 5], layer: all}", "knn: {ks: [3], k_max: 9}"))
-    _one_line_exit_2(_grid(bad), "k_max in protocols.knn", "temperature")
-    bad.write_text(TINY.replace("knn:", "knnn:"))
-    _one_line_exit_2(_grid(bad), "knnn", "probe_linear")
-    bad.write_text(TINY.replace("root: data/digits, prepare: digits, per_class: 8", "root: nowhere"))
-    _one_line_exit_2(_grid(bad), "root", "nowhere", "does not exist")
-    assert not (tmp_path / "out").exists()  # refused before any job started
-    _one_line_exit_2(_grid(tiny, "--executor", "slurm", "--slurm-option", "dependency=afterok:1"),
-                     "the grid sets --dependency itself")  # fmt: skip
-    _one_line_exit_2(_grid(tiny, "--executor", "slurm", "--slurm-option", "=16G"), "give KEY=VALUE")
+    bad.write_text(change(TINY))
+    _one_line_exit_2(_grid(bad, *args), *needles)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()  # refused before any job or data
+
+
+def test_slurm_without_submitit_is_one_line(tiny: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
     _one_line_exit_2(_grid(tiny, "--executor", "slurm"), "pip install submitit")
     assert not (tmp_path / "data").exists()
@@ -148,22 +168,18 @@ def test_local_jobs_subprocesses(tiny: Path, tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_demo_grid_end_to_end(tmp_path: Path):
-    """configs/demo_grid.yaml as shipped (paths relative to the YAML: the copy writes under tmp_path)."""
-    (tmp_path / "configs").mkdir()
-    shutil.copy(REPO / "configs" / "demo_grid.yaml", tmp_path / "configs" / "demo_grid.yaml")
-    start = time.perf_counter()
-    result = _grid(tmp_path / "configs" / "demo_grid.yaml")
-    assert result.exit_code == 0, result.output
-    assert "16 job(s): 16 ran" in result.output
-    print(f"demo grid: {time.perf_counter() - start:.0f} s")
-    assert "16 job(s): 0 ran, 16 already done" in _grid(tmp_path / "configs" / "demo_grid.yaml").output
-    report = runner.invoke(app, ["report", str(tmp_path / "results"), "--out", str(tmp_path / "report")])
+def test_demo_grid_end_to_end(demo_grid_run):
+    """configs/demo_grid.yaml as shipped: every job runs once, a rerun runs none, and the report fills its tables."""
+    config, answer, messages = demo_grid_run
+    assert len(answer["ran"]) == 16 and not answer["skipped"], messages[-5:]
+    assert "16 job(s): 0 ran, 16 already done" in _grid(config).output
+    folder = config.parent.parent
+    report = runner.invoke(app, ["report", str(folder / "results"), "--out", str(folder / "report")])
     assert report.exit_code == 0, report.output
-    md = (tmp_path / "report" / "report.md").read_text()
+    md = (folder / "report" / "report.md").read_text()
     table1 = md.split("## Table 1", 1)[1].split("\n## ", 1)[0]
     assert "imagefolder (accuracy) linear" in table1 and "resnet50" in table1
-    figures = {p.name for p in (tmp_path / "report" / "figures").iterdir()}
+    figures = {p.name for p in (folder / "report" / "figures").iterdir()}
     assert "fig4_freeze_imagefolder.png" in figures and "fig8_cka_models_imagefolder.png" in figures
 
 

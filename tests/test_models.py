@@ -277,3 +277,84 @@ def test_head_tokens_are_what_each_seed_feeds_its_deit_head(name):
     rule = get_spec(name).head_tokens
     assert rule == {"blip_base": "final", "mae_vitb16": "final", "aimv2_l14": "final", "coca_vitb32": "pooler",
                     "sam2_b": "neck"}.get(name, "prenorm")  # fmt: skip
+
+
+# -- position tables as the seeds keep them ------------------------------------------------------------------------
+
+
+def test_dinov2_keeps_the_release_table_as_its_parameter():
+    """The seed's hub DINOv2 is built at 518 and learns its 37 × 37 table, resampled on every forward: fmcache's too,
+    at any input size, in the Foundation's forward and in the block view fine-tuning runs."""
+    from fmcache.finetune.model import FineTuneModel
+
+    model = tiny("dinov2_vits14")  # 56 px
+    table = model.adapter.model.pos_embed
+    assert table.shape == (1, 1 + 37 * 37, 384)
+    tuned = FineTuneModel(model, torch.nn.Linear(384, 3), "pooled", "none", None)
+    tuned.train()
+    tuned(torch.randn(2, 3, 56, 56)).sum().backward()
+    assert table.grad is not None and table.grad.shape == table.shape and table.grad.abs().sum() > 0
+
+
+# -- SAM2: Hiera blocks freeze one by one (the follow-up's self.blocks = image_encoder.trunk.blocks) ---------------
+
+SAM2_TINY = {"stages": (1, 2, 2, 1), "global_att_blocks": (4,), "embed_dim": 16, "num_heads": 1}
+
+
+def _tiny_sam2():
+    return create_foundation("sam2_b", random_init=True, img_size=64, arch_overrides=SAM2_TINY)
+
+
+def test_sam2_block_view_equals_the_foundation():
+    """Running Hiera's blocks one by one gives the Foundation's stages (the cached layers), pooled feature and DeiT
+    tokens (the neck over stages 3 and 4)."""
+    model = _tiny_sam2()
+    stages = model.block_layout()
+    assert stages.depth == 6 and stages.stage_ends == (0, 2, 4, 5)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        h = stages.embed(x)
+        for i in range(stages.depth):
+            h = stages.run_block(i, h)
+        assert len(h.stages) == len(out.tokens) == 4
+        for got, want in zip(h.stages, out.tokens, strict=True):
+            assert torch.equal(got.flatten(2).transpose(1, 2), want)
+        assert torch.equal(stages.pooled(h, last=True), out.pooled)
+        assert torch.equal(stages.deit_tokens(h), out.head_tokens)
+
+
+@pytest.mark.parametrize("k", [0, 2, 5])
+def test_sam2_freeze_k_freezes_the_first_k_hiera_blocks(k: int):
+    """--freeze K: blocks 1..K get no gradient, blocks K+1.. do; the patch and position embeddings and the FPN neck stay
+    frozen (the follow-up freezes the whole image encoder, then unfreezes blocks[K:])."""
+    from fmcache.finetune.model import FineTuneModel
+
+    model = FineTuneModel(_tiny_sam2(), torch.nn.Linear(256, 3), "tokens", k, None)
+    model.train()
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    blocks = model.stages.blocks
+    for i, block in enumerate(blocks):
+        grads = [p.grad for p in block.parameters()]
+        if i < k:
+            assert all(g is None for g in grads), f"block {i + 1} is frozen"
+        else:
+            assert all(g is not None and g.abs().sum() > 0 for g in grads), f"block {i + 1} trains"
+    encoder = model.foundation.adapter.encoder
+    frozen = [encoder.trunk.patch_embed, encoder.neck]
+    assert all(p.grad is None for m in frozen for p in m.parameters())
+    assert encoder.trunk.pos_embed.grad is None and encoder.trunk.pos_embed_window.grad is None
+
+
+def test_sam2_freeze_none_trains_embeddings_and_neck_and_refuses_what_it_cannot_do():
+    from fmcache.finetune.model import FineTuneModel
+
+    model = FineTuneModel(_tiny_sam2(), torch.nn.Linear(256, 3), "pooled", "none", None)
+    model.train()
+    model(torch.randn(1, 3, 64, 64)).sum().backward()
+    encoder = model.foundation.adapter.encoder
+    assert encoder.trunk.pos_embed.grad is not None and encoder.neck.convs[1].conv.weight.grad is not None
+    with pytest.raises(FmcacheError, match="--drop-after is not available"):
+        FineTuneModel(_tiny_sam2(), torch.nn.Linear(256, 3), "pooled", "all", 3)(torch.randn(1, 3, 64, 64))
+    with pytest.raises(FmcacheError, match="without --from-cache"):
+        model.stages.from_tokens(torch.randn(1, 16, 32))

@@ -223,19 +223,27 @@ def test_lr_multiplier_warmup_then_cosine():
     assert training.lr_multiplier(7, 10, 2, "constant") == 1.0
 
 
-def test_bad_settings_are_errors():
+# (id, the labels' shift, train_linear_grid's keyword arguments, the error's words)
+BAD_GRID_SETTINGS = [
+    ("two-warmups", 0, {"warmup_epochs": 1, "warmup_iters": 5}, "not both"),
+    ("warmup-longer-than-training", 0, {"warmup_iters": 1000}, "warmup"),
+    ("labels-out-of-range", C, {}, "labels must lie"),
+    ("repeated-lr", 0, {"lrs": [1e-3, 1e-3]}, "must not repeat"),
+    ("unknown-schedule", 0, {"schedule": "step"}, "unknown LR schedule"),
+]
+
+
+@pytest.mark.parametrize(("shift", "extra", "words"), [c[1:] for c in BAD_GRID_SETTINGS],
+                         ids=[c[0] for c in BAD_GRID_SETTINGS])  # fmt: skip
+def test_bad_settings_are_errors(shift, extra, words):
     x, y = _data(0)
-    kwargs = {"num_classes": C, "metric": "accuracy", "epochs": 1, "device": "cpu"}
-    with pytest.raises(FmcacheError, match="not both"):
-        probe.train_linear_grid(x, y, x, y, x, y, lrs=[1e-3], seeds=1, warmup_epochs=1, warmup_iters=5, **kwargs)
-    with pytest.raises(FmcacheError, match="warmup"):
-        probe.train_linear_grid(x, y, x, y, x, y, lrs=[1e-3], seeds=1, warmup_iters=1000, **kwargs)
-    with pytest.raises(FmcacheError, match="labels must lie"):
-        probe.train_linear_grid(x, y + C, x, y, x, y, lrs=[1e-3], seeds=1, **kwargs)
-    with pytest.raises(FmcacheError, match="must not repeat"):
-        probe.train_linear_grid(x, y, x, y, x, y, lrs=[1e-3, 1e-3], seeds=1, **kwargs)
-    with pytest.raises(FmcacheError, match="unknown LR schedule"):
-        probe.train_linear_grid(x, y, x, y, x, y, lrs=[1e-3], seeds=1, schedule="step", **kwargs)
+    kwargs = {"num_classes": C, "metric": "accuracy", "epochs": 1, "device": "cpu", "lrs": [1e-3], "seeds": 1, **extra}
+    with pytest.raises(FmcacheError, match=words):
+        probe.train_linear_grid(x, y + shift, x, y, x, y, **kwargs)
+
+
+def test_sklearn_reference_is_single_label_only():
+    x, y = _data(0)
     with pytest.raises(FmcacheError, match="single-label only"):
         fit_sklearn_reference(x, np.zeros((N, 2)), x, y, x, y)
 

@@ -63,9 +63,13 @@ def _forward(model, size: int):
     return out
 
 
+SAM_RESIZED = ("model.pos_embed", "blocks.1.attn.rel_pos_h", "blocks.1.attn.rel_pos_w")  # global block 1's tables
+
+
 def test_sam_vit_b_release_loads_at_224(tmp_path: Path):
     overrides = {"depth": DEPTH, "global_attn_indexes": (1,)}
-    model = load_release(tmp_path, "sam_vit_b", rl.sam_release(DEPTH, global_blocks=(1,)), overrides=overrides)
+    model = load_release(tmp_path, "sam_vit_b", rl.sam_release(DEPTH, global_blocks=(1,)), overrides=overrides,
+                         resampled=SAM_RESIZED)  # fmt: skip
     out = _forward(model, 224)
     assert out.tokens[-1].shape == (1, 14 * 14, 768) and out.pooled.shape == (1, 768)
     assert "unexpected" in model.weights_source["report"] or model.weights_source["unexpected_keys"] == []
@@ -78,14 +82,25 @@ def test_sam_vit_b_release_runs_at_1024(tmp_path: Path):
     assert _forward(model, 1024).tokens[-1].shape == (1, 64 * 64, 768)
 
 
-def test_sam_runtime_resampling_matches_a_build_at_the_input_size(tmp_path: Path):
-    """Built at 1024 and run at 224, the relative-position tables of the global blocks are resampled at run time;
-    the windowed blocks' 14-token tables are used as released."""
-    model = load_release(
-        tmp_path, "sam_vit_b", rl.sam_release(DEPTH, (1,)), overrides={"depth": DEPTH, "global_attn_indexes": (1,)}
-    )
-    blocks = model.adapter.model.blocks
-    assert blocks[0].attn.rel_pos_h.shape == (27, 64) and blocks[1].attn.rel_pos_h.shape == (127, 64)
+def test_sam_tables_are_resized_once_at_load_as_the_seed(tmp_path: Path):
+    """At 224 the WACV seed builds SAM's encoder at 224 and resizes the release's tables at load: the global blocks'
+    relative-position tables (127 → 27 rows) with F.interpolate's default mode (nearest), the 64 × 64 table bicubic
+    with antialias (→ 14 × 14); the windowed blocks' 27-row tables load as released. These are the parameters
+    fine-tuning trains, as in the seed."""
+    release = rl.sam_release(DEPTH, (1,))
+    model = load_release(tmp_path, "sam_vit_b", release, overrides={"depth": DEPTH, "global_attn_indexes": (1,)},
+                         resampled=SAM_RESIZED)  # fmt: skip
+    timm_model = model.adapter.model
+    blocks = timm_model.blocks
+    assert blocks[0].attn.rel_pos_h.shape == (27, 64) and blocks[1].attn.rel_pos_h.shape == (27, 64)
+    assert torch.equal(blocks[0].attn.rel_pos_h, release["image_encoder.blocks.0.attn.rel_pos_h"])
+    table = release["image_encoder.blocks.1.attn.rel_pos_w"]  # (127, 64): row 63 is offset 0
+    nearest = table[[(i * 127) // 27 for i in range(27)]]  # nearest's source row for each target row
+    assert torch.equal(blocks[1].attn.rel_pos_w, nearest)
+    grid = release["image_encoder.pos_embed"].permute(0, 3, 1, 2)
+    bicubic = torch.nn.functional.interpolate(grid, size=14, mode="bicubic", antialias=True).permute(0, 2, 3, 1)
+    torch.testing.assert_close(timm_model.pos_embed, bicubic, rtol=0, atol=1e-6)
+    assert all(m.eps == 1e-6 for m in timm_model.modules() if isinstance(m, torch.nn.LayerNorm))  # SAM's, not timm's
 
 
 def test_blip_model_base_loads_at_224_and_384(tmp_path: Path):
@@ -120,21 +135,22 @@ def test_blip_momentum_encoder_is_not_taken_for_the_encoder(tmp_path: Path):
 
 
 def test_dinov2_release_loads_at_224(tmp_path: Path):
-    model = load_release(tmp_path, "dinov2_vitb14", rl.dinov2_release(DEPTH), 224, {"depth": DEPTH},
-                         resampled=("pos_embed",))  # fmt: skip
+    """Built at 518 as the seed's hub model: the 37 × 37 table loads as released and stays the parameter (resampled
+    on every forward), at any input size."""
+    model = load_release(tmp_path, "dinov2_vitb14", rl.dinov2_release(DEPTH), 224, {"depth": DEPTH})
+    assert model.adapter.model.pos_embed.shape == (1, 1 + 37 * 37, 768)
     assert _forward(model, 224).tokens[-1].shape == (1, 1 + 16 * 16, 768)
 
 
 def test_dinov2_giant_swiglu_release_loads(tmp_path: Path):
-    model = load_release(tmp_path, "dinov2_vitg14", rl.dinov2_release(DEPTH, dim=1536), 224, {"depth": DEPTH},
-                         resampled=("pos_embed",))  # fmt: skip
+    model = load_release(tmp_path, "dinov2_vitg14", rl.dinov2_release(DEPTH, dim=1536), 224, {"depth": DEPTH})
     assert _forward(model, 224).tokens[-1].shape == (1, 1 + 16 * 16, 1536)
 
 
 @pytest.mark.slow
 def test_dinov2_release_loads_at_1024(tmp_path: Path):
-    model = load_release(tmp_path, "dinov2_vitb14", rl.dinov2_release(DEPTH), 1022, {"depth": DEPTH},
-                         resampled=("pos_embed",))  # fmt: skip
+    model = load_release(tmp_path, "dinov2_vitb14", rl.dinov2_release(DEPTH), 1022, {"depth": DEPTH})
+    assert model.adapter.model.pos_embed.shape == (1, 1 + 37 * 37, 768)
     assert _forward(model, 1022).tokens[-1].shape == (1, 1 + 73 * 73, 768)
 
 
@@ -223,3 +239,29 @@ def test_hub_errors_say_what_failed(monkeypatch):
     with pytest.raises(FmcacheError) as info:
         create_foundation("deit_base")
     assert "offline" not in str(info.value) and "size mismatch" in str(info.value)
+
+
+def test_sam_hub_weights_are_resized_as_a_release_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The hub's SAM (timm builds it at 1024 with the released tables) goes through the same seed resizing at 224 as
+    a release file does: the two give the same model."""
+    import fmcache.models.backends as backends
+
+    overrides = {"depth": DEPTH, "global_attn_indexes": (1,)}
+    release = rl.sam_release(DEPTH, (1,))
+    from_file = load_release(tmp_path, "sam_vit_b", release, overrides=overrides, resampled=SAM_RESIZED)
+    real = backends._create_timm
+
+    def offline_hub(name, pretrained, img_size, kwargs):
+        model = real(name.split(".")[0], False, img_size, kwargs)
+        if pretrained:  # what timm's hub loading gives: the release at 1024, through timm's SAM filter
+            assert img_size == 1024
+            from timm.models.vision_transformer_sam import checkpoint_filter_fn
+
+            model.load_state_dict(checkpoint_filter_fn(release, model), strict=False)
+        return model
+
+    monkeypatch.setattr(backends, "_create_timm", offline_hub)
+    from_hub = create_foundation("sam_vit_b", img_size=224, arch_overrides=overrides)
+    hub_state, file_state = from_hub.adapter.state_dict(), from_file.adapter.state_dict()
+    assert hub_state.keys() == file_state.keys()
+    assert all(torch.equal(hub_state[k], file_state[k]) for k in hub_state if not k.startswith("model.neck."))

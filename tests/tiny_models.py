@@ -52,3 +52,24 @@ TINY = {
     "dino_vitb16": (64, {"depth": 2, "embed_dim": 64, "num_heads": 2}, 2, 1, 64),
     "resnet50": (64, {}, 5, 0, 2048),
 }
+
+
+_VIT = {"depth": 2, "embed_dim": 64, "num_heads": 2}
+_SAM = {"depth": 2, "embed_dim": 64, "num_heads": 2, "global_attn_indexes": (1,)}  # block 1 windowed, block 2 global
+
+# name -> tiny architecture in the official implementation's keyword names (fmcache.models.conformance maps them to
+# fmcache's arch_overrides), for conformance at the release's image sizes: two blocks, every other shape as released.
+CONFORMANCE_ARCH = {
+    "dinov2_vits14": _VIT,
+    "dinov2_vitg14": {"depth": 2, "embed_dim": 96, "num_heads": 2},  # fused SwiGLU: 96 keeps timm's width equal
+    "sam_vit_b": _SAM,
+    "sam2_b": {"stages": (1, 2, 2, 1), "global_att_blocks": (4,), "embed_dim": 16, "num_heads": 1},
+    "clip_vitb16": _open_clip_tiny(_CLIP, pooler=False),
+    "coca_vitb32": _open_clip_tiny(_COCA, pooler=True),
+    "deit_base": _VIT,
+    "dino_vitb16": _VIT,
+    "mae_vitb16": _VIT,
+    "blip_base": _VIT,
+    "aimv2_l14": {**_VIT, "hidden": 176},  # SwiGLU width 2.75 x embed_dim, as the release
+    "resnet50": {},
+}

@@ -17,6 +17,7 @@ LOCK_NAME = "writer.lock"
 # a lock file still without a record after this long was left by a holder killed while it created it
 UNREADABLE_STALE_S = 60.0
 
+
 class LockHeld(FmcacheError):
     """Another live process holds the lock; ``holder`` is its record (pid, host, started, and what the lock adds)."""
 

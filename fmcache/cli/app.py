@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import fmcache
+from fmcache.config import load_config, merge
 from fmcache.errors import FmcacheError
 from fmcache.protocols import get_protocol
 from fmcache.runners import spec_class
@@ -103,8 +104,6 @@ def build_spec(spec_cls: type, config: Path | None, flags: dict, **fixed):
     a field of the spec is refused, naming the valid ones; a flag that the spec has no field for was given for
     another variant (e.g. ``--pool`` with a token head) and is refused too.
     """
-    from fmcache.config import load_config, merge
-
     names = {f.name for f in fields(spec_cls)}
     takes_dataset = "dataset_options" in names
     dataset_flags = {k: flags.pop(k, None) for k in DATASET_FLAGS} if takes_dataset else {}
@@ -112,8 +111,7 @@ def build_spec(spec_cls: type, config: Path | None, flags: dict, **fixed):
     if stray:
         raise FmcacheError(f"--{stray[0].replace('_', '-')} does not apply here ({spec_cls.__name__}); drop it")
     allowed = names | (set(DATASET_FLAGS) if takes_dataset else set())
-    merged = merge({}, load_config(config), {k: v for k, v in flags.items() if k in names}, allowed,
-                   source=str(config))  # fmt: skip
+    merged = merge({}, load_config(config), {k: v for k, v in flags.items() if k in names}, allowed, source=str(config))
     merged.update(fixed)
     if takes_dataset:
         options = {**merged.pop("dataset_options", {})}

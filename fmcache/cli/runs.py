@@ -12,7 +12,9 @@ from fmcache.cli.app import SPLIT_HELP, app, cli_command, console, log_line, pro
 from fmcache.cli.stage_two import print_cka, print_folder, print_knn, print_probe
 from fmcache.config import load_config
 from fmcache.finetune.spec import FinetuneSpec
+from fmcache.grid.config import GridOptions, parse_slurm_options
 from fmcache.protocols import head_protocol
+from fmcache.report.render import build_report, parse_formats
 from fmcache.runners import run
 
 
@@ -23,9 +25,13 @@ def _print_finetune(result: dict) -> None:
     for layer, r in result["layers"].items():
         t = r["timings"]
         table.add_row(
-            str(layer), f"{r['best_lr']:g}", f"{r['val_mean']:.4f} ± {r['val_std']:.4f}",
-            f"{r['test_mean']:.4f} ± {r['test_std']:.4f}", f"{t['train_s_per_epoch']:.2f}", str(t["effective_batch_size"]),
-        )  # fmt: skip
+            str(layer),
+            f"{r['best_lr']:g}",
+            f"{r['val_mean']:.4f} ± {r['val_std']:.4f}",
+            f"{r['test_mean']:.4f} ± {r['test_std']:.4f}",
+            f"{t['train_s_per_epoch']:.2f}",
+            str(t["effective_batch_size"]),
+        )
     console.print(table)
     print_folder(result)
 
@@ -125,7 +131,7 @@ def finetune_cmd(
     Patch/position embedding, CLS and the final norm train only with --freeze none, as in the seed.
     """
     flags = {k: v for k, v in locals().items() if k not in ("config", "quiet")}
-    from fmcache.dist import is_main_process
+    from fmcache.dist import is_main_process  # deferred: torch
 
     protocol = head_protocol("finetune", flags.get("head") or str(load_config(config).get("head") or "linear"))
     spec = protocol_spec(protocol.name, config, flags)
@@ -134,10 +140,13 @@ def finetune_cmd(
         _print_finetune(result)
         if result.get("lora"):
             lora, size = result["lora"], result.get("checkpoint_bytes")
-            console.print(f"LoRA r={lora['rank']} on {', '.join(lora['targets'])} of blocks {lora['blocks'][0]}.."
-                          f"{lora['blocks'][1]}: {lora['adapter_parameters']:,} adapter parameters, "
-                          f"{result['trainable_parameters']:,} trainable with the head; checkpoint "
-                          f"{size if size is None else f'{size / 1e6:.2f} MB'}", markup=False)  # fmt: skip
+            console.print(
+                f"LoRA r={lora['rank']} on {', '.join(lora['targets'])} of blocks {lora['blocks'][0]}.."
+                f"{lora['blocks'][1]}: {lora['adapter_parameters']:,} adapter parameters, "
+                f"{result['trainable_parameters']:,} trainable with the head; checkpoint "
+                f"{size if size is None else f'{size / 1e6:.2f} MB'}",
+                markup=False,
+            )
 
 
 @app.command("report")
@@ -154,8 +163,6 @@ def report_cmd(
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
 ) -> None:
     """The paper's tables (mean ± std, bootstrap CIs, paired tests), figures and one HTML page from a results tree."""
-    from fmcache.report.render import build_report, parse_formats
-
     report = build_report(results, out, parse_formats(format), resamples, seed, log=log_line)
     console.print(f"{report['n_results']} result(s) → {len(report['files'])} file(s) in {report['out']}", markup=False)
     for path in report["files"]:
@@ -198,13 +205,25 @@ def grid_cmd(
     ] = None,
 ) -> None:
     """Expand a YAML experiment into extract → protocol jobs, skip finished ones, run the rest locally or on Slurm."""
-    from fmcache.grid.config import GridOptions, parse_slurm_options
-    from fmcache.grid.main import run_grid
+    from fmcache.grid.main import run_grid  # deferred: h5py
 
-    options = GridOptions(dry_run=dry_run, executor=executor, only=only, results=results, cache_root=cache_root,
-                          jobs=jobs, slurm_partition=slurm_partition, gpus_per_job=gpus_per_job, time_min=time,
-                          logs=logs, wait=wait, slurm_account=slurm_account, slurm_qos=slurm_qos,
-                          slurm_options=parse_slurm_options(slurm_option), device_rate=device_rate)  # fmt: skip
+    options = GridOptions(
+        dry_run=dry_run,
+        executor=executor,
+        only=only,
+        results=results,
+        cache_root=cache_root,
+        jobs=jobs,
+        slurm_partition=slurm_partition,
+        gpus_per_job=gpus_per_job,
+        time_min=time,
+        logs=logs,
+        wait=wait,
+        slurm_account=slurm_account,
+        slurm_qos=slurm_qos,
+        slurm_options=parse_slurm_options(slurm_option),
+        device_rate=device_rate,
+    )
     run_grid(config, options, log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
 
 
@@ -217,8 +236,8 @@ def demo_cmd(
     epochs: Annotated[int, typer.Option(help="Linear-probe epochs.")] = 30,
 ) -> None:
     """Offline demo: scikit-learn digits → extract → info → k-NN → linear probe → CKA."""
-    from fmcache.cache.info import format_info
-    from fmcache.demo import run_demo
+    from fmcache.cache.info import format_info  # deferred: h5py
+    from fmcache.demo import run_demo  # deferred: torch, torchvision
 
     result = run_demo(out, model, img_size, epochs=epochs, log=log_line)
     console.print(format_info(result["cache"]), highlight=False, soft_wrap=True)

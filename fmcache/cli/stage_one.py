@@ -20,8 +20,8 @@ from fmcache.extract.spec import ExtractSpec
 @cli_command
 def models_cmd() -> None:
     """List every registered foundation: backend, pooled kind, layers, default size, local weights."""
-    from fmcache.models import list_models, weights_available_locally
-    from fmcache.models.registry import UNAVAILABLE
+    from fmcache.models import list_models, weights_available_locally  # deferred: torch
+    from fmcache.models.registry import UNAVAILABLE  # deferred: torch
 
     table = Table(title="fmcache foundations")
     for col in ("name", "backend", "architecture", "pooled", "layers", "size", "local weights", "notes"):
@@ -57,7 +57,7 @@ def datasets_cmd(
     ] = None,
 ) -> None:
     """Describe a dataset found on disk: counts per split and class, and problems."""
-    from fmcache.data import describe, format_description, load_dataset, write_split_csv
+    from fmcache.data import describe, format_description, load_dataset, write_split_csv  # deferred: torch, torchvision
 
     index = load_dataset(dataset, data_root, **dataset_options(uncertain, split, layout, csv))
     desc = describe(index)
@@ -74,7 +74,7 @@ def datasets_cmd(
 
 def _warn_empty_split(index) -> None:
     """The warning `extract` turns into an error (stderr, so --json output stays parseable)."""
-    from fmcache.data.describe import SPLITS, empty_split_warning
+    from fmcache.data.describe import SPLITS, empty_split_warning  # deferred: torch, torchvision
 
     warning = empty_split_warning(index.name, {s: len(index.indices(s)) for s in SPLITS})
     if warning:
@@ -143,8 +143,8 @@ def extract_cmd(
     # parsed here, not by typer, so a bad value is one line (ExtractSpec names the rule) rather than a usage box
     views = int(views) if views is not None and views.strip().lstrip("-").isdigit() else views  # type: ignore[assignment]
     flags = {k: v for k, v in locals().items() if k not in ("config", "quiet")}
-    from fmcache.dist import is_main_process
-    from fmcache.extract.run import run_extract
+    from fmcache.dist import is_main_process  # deferred: torch
+    from fmcache.extract.run import run_extract  # deferred: h5py, torch, torchvision
 
     spec = build_spec(ExtractSpec, config, flags)
     folder = run_extract(spec, progress=not quiet, log=log_line)
@@ -156,7 +156,7 @@ def extract_cmd(
 @cli_command
 def info_cmd(cache: Annotated[Path, typer.Argument(help="A cache directory.")]) -> None:
     """Summarise a cache: model, weights, key inputs, shapes, splits, size, time per image and status."""
-    from fmcache.cache.info import format_info
+    from fmcache.cache.info import format_info  # deferred: h5py
 
     console.print(format_info(cache), highlight=False, soft_wrap=True)
 
@@ -165,7 +165,7 @@ def info_cmd(cache: Annotated[Path, typer.Argument(help="A cache directory.")]) 
 @cli_command
 def ls_cmd(cache_root: Annotated[Path, typer.Option(help="Root folder of all caches.")] = Path("cache")) -> None:
     """List every cache under the cache root."""
-    from fmcache.cache.info import list_caches
+    from fmcache.cache.info import list_caches  # deferred: h5py
 
     rows = list_caches(cache_root)
     if not rows:
@@ -189,8 +189,8 @@ def verify_cmd(
     ] = False,
 ) -> None:
     """Check every shard against the manifest: exists, size, sha256, opens, datasets and shapes (exit 2 if damaged)."""
-    from fmcache.cache.info import human_bytes
-    from fmcache.cache.verify import OK, damage_error, repair_cache, repair_message, verify_cache
+    from fmcache.cache.info import human_bytes  # deferred: h5py
+    from fmcache.cache.verify import OK, damage_error, repair_cache, repair_message, verify_cache  # deferred: h5py
 
     report = verify_cache(cache, full=True)
     table = Table(title=f"shards of {cache}")

@@ -70,9 +70,12 @@ def print_probe(result: dict) -> None:
         table.add_column(col)
     for layer, r in result["layers"].items():
         table.add_row(
-            str(layer), f"{r['best_lr']:g}", f"{r['val_mean']:.4f} ± {r['val_std']:.4f}",
-            f"{r['test_mean']:.4f} ± {r['test_std']:.4f}", f"{r['timings']['train_seconds']:.1f}",
-        )  # fmt: skip
+            str(layer),
+            f"{r['best_lr']:g}",
+            f"{r['val_mean']:.4f} ± {r['val_std']:.4f}",
+            f"{r['test_mean']:.4f} ± {r['test_std']:.4f}",
+            f"{r['timings']['train_seconds']:.1f}",
+        )
         if "sklearn" in r:
             ref = r["sklearn"]
             table.add_row(str(layer), f"sklearn C={ref['best_C']:g}", f"{ref['val']:.4f}", f"{ref['value']:.4f}", "")
@@ -110,10 +113,21 @@ def knn_cmd(
 ) -> None:
     """Weighted k-NN from a cache (FAISS, exact inner product on L2-normalised features). Defaults: k
     10,20,100,200, T 0.07, the last layer."""
-    flags = {"ks": k, "temperature": temperature, "layer": layer, "pool": pool, "eval_splits": eval,
-             "metric": metric, "out": out, "use_gpu": False if cpu else None, "plots": plots,
-             "train_fraction": train_fraction, "train_per_class": train_per_class, "subset_repeats": subset_repeats,
-             "val_fraction_follows": val_fraction_follows}  # fmt: skip
+    flags = {
+        "ks": k,
+        "temperature": temperature,
+        "layer": layer,
+        "pool": pool,
+        "eval_splits": eval,
+        "metric": metric,
+        "out": out,
+        "use_gpu": False if cpu else None,
+        "plots": plots,
+        "train_fraction": train_fraction,
+        "train_per_class": train_per_class,
+        "subset_repeats": subset_repeats,
+        "val_fraction_follows": val_fraction_follows,
+    }
     result = run("knn", protocol_spec("knn", config, flags, cache=cache), log=log_line)
     if "label_efficiency" in result:
         _print_label_efficiency(result)
@@ -240,12 +254,20 @@ def _print_label_efficiency(result: dict) -> None:
         table.add_column(col)
     for r in rows:
         table.add_row(
-            f"{r[axis]:g}", f"{r['n_train']:g}" if r["n_train"] is not None else "", str(r["layer"]), str(r["repeats"]),
-            _mean_std(r["val_mean"], r["val_std"]), _mean_std(r["test_mean"], r["test_std"]),
-        )  # fmt: skip
+            f"{r[axis]:g}",
+            f"{r['n_train']:g}" if r["n_train"] is not None else "",
+            str(r["layer"]),
+            str(r["repeats"]),
+            _mean_std(r["val_mean"], r["val_std"]),
+            _mean_std(r["test_mean"], r["test_std"]),
+        )
     console.print(table)
-    console.print(f"→ {len(result['folders'])} result folders; curve: {result['label_efficiency']}", markup=False,
-                  highlight=False, soft_wrap=True)  # fmt: skip
+    console.print(
+        f"→ {len(result['folders'])} result folders; curve: {result['label_efficiency']}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _mean_std(mean: float | None, std: float | None) -> str:

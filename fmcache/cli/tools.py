@@ -21,8 +21,12 @@ def calibrate_cmd(
     Kept per device in ~/.cache/fmcache/calibration.json ($FMCACHE_CALIBRATION overrides the path); the dry run
     uses this machine's entry, or another with --device-rate NAME.
     """
-    from fmcache.cost.calibrate import calibrate
+    from fmcache.cost.calibrate import calibrate  # deferred: torch, timm (the probes build models)
 
     entry = calibrate(seconds=seconds, quick=quick, device=device, log=log_line)
-    console.print(f"calibrated {entry['name']} in {entry['seconds']:.0f} s → {entry['path']}", markup=False,
-                  highlight=False, soft_wrap=True)  # fmt: skip
+    console.print(
+        f"calibrated {entry['name']} in {entry['seconds']:.0f} s → {entry['path']}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )

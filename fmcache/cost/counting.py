@@ -60,8 +60,8 @@ def _count_foundation(name: str, img_size: int | None, overrides: dict | None) -
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fmcache.models import create_foundation
-    from fmcache.models.registry import get_spec
+    from fmcache.models import create_foundation  # deferred: torch
+    from fmcache.models.registry import get_spec  # deferred: torch
 
     spec = get_spec(name)
     size = int(img_size or spec.default_img_size)
@@ -97,7 +97,7 @@ def _count_head(kind: str, tokens: int, dim: int, classes: int, depth: int) -> d
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fmcache.frozen.heads import build_head
+    from fmcache.frozen.heads import build_head  # deferred: timm, torch
 
     side = math.isqrt(tokens)
     grid = (side, side) if side * side == tokens else (1, tokens)
@@ -134,10 +134,17 @@ class Counts:
         name, size, overrides = entry["name"], entry.get("img_size"), entry.get("arch_overrides")
         doc = self._get(_model_key(name, size, overrides), lambda: _count_foundation(name, size, overrides))
         return ModelShape(
-            flops=doc["flops"], layers=doc["layers"], dims=tuple(doc["dims"]), tokens=tuple(doc["tokens"]),
-            prefix=doc["prefix"], pooled_dim=doc["pooled_dim"], head_tokens=tuple(doc["head_tokens"]),
-            params=doc["params"], tensors=doc["tensors"], conv=doc["conv"],
-        )  # fmt: skip
+            flops=doc["flops"],
+            layers=doc["layers"],
+            dims=tuple(doc["dims"]),
+            tokens=tuple(doc["tokens"]),
+            prefix=doc["prefix"],
+            pooled_dim=doc["pooled_dim"],
+            head_tokens=tuple(doc["head_tokens"]),
+            params=doc["params"],
+            tensors=doc["tensors"],
+            conv=doc["conv"],
+        )
 
     def head(self, kind: str, tokens: int, dim: int, classes: int, depth: int) -> tuple[float, int]:
         """(forward FLOPs per sample, parameters) of a token head."""

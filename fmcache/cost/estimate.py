@@ -202,8 +202,12 @@ class Estimator:
         size = self._img_size(job)
         data = images * self._decode_s(ds, size) + views * ds.train * self._augment_s(size)
         workers = int(e["workers"])
-        seconds = (self.rates.job_s + self._build_s(shape.params) + self._pipeline(self._fwd_s(shape, flops), data,
-                   workers) + written / self.rates.io_bytes_s)  # fmt: skip
+        seconds = (
+            self.rates.job_s
+            + self._build_s(shape.params)
+            + self._pipeline(self._fwd_s(shape, flops), data, workers)
+            + written / self.rates.io_bytes_s
+        )
         return Cost(images, flops, written, 0.0, seconds)
 
     # -- one job
@@ -221,16 +225,31 @@ class Estimator:
         if job.is_extract:
             return JobCost(self.extract_cost(job, shape, ds, job.extract), Cost())
         model = get_protocol(job.kind).cost  # the protocol's trait names its cost model
-        if model == "finetune":
+        if model == "end_to_end":
             ours = self._finetune(job, shape, ds)
             return JobCost(ours, ours)  # fine-tuning is the same end-to-end path in fmcache and the seed
-        models = {"knn": self._knn, "pooled_heads": self._linear, "token_heads": self._tokens, "cka": self._cka}
+        models = {
+            "neighbours": self._knn,
+            "pooled_heads": self._linear,
+            "token_heads": self._tokens,
+            "similarity": self._cka,
+        }
         if model not in models:
             raise FmcacheError(f"no cost model {model!r} for job kind {job.kind}")
         return models[model](job, shape, ds)
 
-    def _seed_frozen_run(self, job, shape: ModelShape, ds: DataSize, epochs: int, batch: int, fraction: float,
-                         head_train_flops: float, head_eval_flops: float, head_params: float) -> Cost:  # fmt: skip
+    def _seed_frozen_run(
+        self,
+        job,
+        shape: ModelShape,
+        ds: DataSize,
+        epochs: int,
+        batch: int,
+        fraction: float,
+        head_train_flops: float,
+        head_eval_flops: float,
+        head_params: float,
+    ) -> Cost:
         """One of the seed's frozen runs: the foundation (up to ``fraction`` of its blocks) on every train step with
         the augmentation, on val every epoch and on test once, then the head."""
         used = (ds.train // batch) * batch
@@ -238,12 +257,19 @@ class Estimator:
         fwd = shape.flops * fraction
         flops = images * fwd + epochs * used * head_train_flops + (epochs * ds.val + ds.test) * head_eval_flops
         data = images * self._decode_s(ds, self._img_size(job)) + epochs * used * self._augment_s(self._img_size(job))
-        compute = (self._fwd_s(shape, images * fwd) + self._train_s(None, epochs * used * head_train_flops)
-                   + (epochs * ds.val + ds.test) * head_eval_flops / self.rates.fwd
-                   + epochs * (ds.train // batch) * self._step_s(head_params))  # fmt: skip
+        compute = (
+            self._fwd_s(shape, images * fwd)
+            + self._train_s(None, epochs * used * head_train_flops)
+            + (epochs * ds.val + ds.test) * head_eval_flops / self.rates.fwd
+            + epochs * (ds.train // batch) * self._step_s(head_params)
+        )
         workers = int(_extract_options(job.extract)["workers"])
-        seconds = (self.rates.job_s + self._build_s(shape.params) + self._pipeline(compute, data, workers, False)
-                   + (epochs + 1) * self.rates.metric_s)  # fmt: skip
+        seconds = (
+            self.rates.job_s
+            + self._build_s(shape.params)
+            + self._pipeline(compute, data, workers, False)
+            + (epochs + 1) * self.rates.metric_s
+        )
         return Cost(images, flops, 0.0, 0.0, seconds)
 
     def _knn(self, job, shape: ModelShape, ds: DataSize) -> JobCost:
@@ -262,8 +288,13 @@ class Estimator:
         images = ks * (ds.train + queries)
         data = images * self._decode_s(ds, self._img_size(job))
         compute = self._fwd_s(shape, images * shape.flops) + ks * search / len(layers) / self.rates.fp32
-        seed = Cost(images, images * shape.flops + ks * search / len(layers), 0, 0,
-                    self.rates.job_s + self._build_s(shape.params) + self._pipeline(compute, data, 2, False))  # fmt: skip
+        seed = Cost(
+            images,
+            images * shape.flops + ks * search / len(layers),
+            0,
+            0,
+            self.rates.job_s + self._build_s(shape.params) + self._pipeline(compute, data, 2, False),
+        )
         return JobCost(ours, seed)
 
     def _linear(self, job, shape: ModelShape, ds: DataSize) -> JobCost:
@@ -278,8 +309,12 @@ class Estimator:
         per = 2.0 * dim * ds.classes  # one head's forward on one sample
         flops = len(layers) * heads * per * (3 * steps * batch + epochs * ds.val + bests(epochs) * ds.test)
         read = len(layers) * (ds.total + views * ds.train) * dim * item
-        seconds = (self.rates.job_s + read / self.rates.io_bytes_s + flops / self.rates.fp32
-                   + len(layers) * (steps * self.rates.linear_step_s + epochs * heads * self.rates.metric_s))  # fmt: skip
+        seconds = (
+            self.rates.job_s
+            + read / self.rates.io_bytes_s
+            + flops / self.rates.fp32
+            + len(layers) * (steps * self.rates.linear_step_s + epochs * heads * self.rates.metric_s)
+        )
         ours = Cost(0, flops, 0, read, seconds)
         seed = Cost()
         for layer in layers:  # the seed: one run per (layer, LR, seed), the foundation cut after that layer
@@ -319,9 +354,13 @@ class Estimator:
             preload = layer_bytes <= TOKEN_PRELOAD_BYTES
             read = layer_bytes if preload else epochs * ds.total * (tokens + shape.prefix) * dim * item
             checkpoints = epochs * heads * hp * 12  # parameters and AdamW state, every epoch
-            seconds = (self._train_s(None, train_flops) + eval_flops / self.rates.fwd
-                       + heads * epochs * steps * self._step_s(hp) + heads * (epochs + bests(epochs)) * self.rates.metric_s
-                       + (read + checkpoints) / self.rates.io_bytes_s)  # fmt: skip
+            seconds = (
+                self._train_s(None, train_flops)
+                + eval_flops / self.rates.fwd
+                + heads * epochs * steps * self._step_s(hp)
+                + heads * (epochs + bests(epochs)) * self.rates.metric_s
+                + (read + checkpoints) / self.rates.io_bytes_s
+            )
             ours = ours + Cost(0, train_flops + eval_flops, checkpoints, read, seconds)
             run = self._seed_frozen_run(job, shape, ds, epochs, batch, fraction, 3 * hf, hf, hp)
             seed = seed + run.scaled(heads)
@@ -355,8 +394,15 @@ class Estimator:
         images = n * (1 + (1 if shape_b is not None else 0))
         fwd_flops = n * (shape.flops + fwd_b)
         compute = self._fwd_s(shape, fwd_flops) + flops / self.rates.fp64
-        seed = Cost(images, fwd_flops + flops, 0, 0, self.rates.job_s + self._build_s(shape.params)
-                    + self._pipeline(compute, images * self._decode_s(ds, self._img_size(job)), 2, False))  # fmt: skip
+        seed = Cost(
+            images,
+            fwd_flops + flops,
+            0,
+            0,
+            self.rates.job_s
+            + self._build_s(shape.params)
+            + self._pipeline(compute, images * self._decode_s(ds, self._img_size(job)), 2, False),
+        )
         return JobCost(ours, seed)
 
     def _finetune(self, job, shape: ModelShape, ds: DataSize) -> Cost:
@@ -394,11 +440,18 @@ class Estimator:
         flops = epochs * used_n * train_per + evals * eval_per
         size = self._img_size(job)
         data = epochs * used_n * (self._decode_s(ds, size) + self._augment_s(size)) + evals * self._decode_s(ds, size)
-        compute = (self._train_s(shape, epochs * used_n * train_per) + self._fwd_s(shape, evals * eval_per)
-                   + epochs * steps * (self._step_s(trained_params) + trained_tensors * self.rates.opt_s_per_tensor))  # fmt: skip
+        compute = (
+            self._train_s(shape, epochs * used_n * train_per)
+            + self._fwd_s(shape, evals * eval_per)
+            + epochs * steps * (self._step_s(trained_params) + trained_tensors * self.rates.opt_s_per_tensor)
+        )
         checkpoints = epochs * (shape.params * 4 + trained_params * 8) + bests(epochs) * shape.params * 4
-        seconds = (self._build_s(shape.params) + self._pipeline(compute, data, int(o["workers"]))
-                   + checkpoints / self.rates.io_bytes_s + (epochs + bests(epochs)) * self.rates.metric_s)  # fmt: skip
+        seconds = (
+            self._build_s(shape.params)
+            + self._pipeline(compute, data, int(o["workers"]))
+            + checkpoints / self.rates.io_bytes_s
+            + (epochs + bests(epochs)) * self.rates.metric_s
+        )
         one = Cost(epochs * used_n + evals, flops, checkpoints, 0, seconds)
         total = one.scaled(runs)
         total.seconds += self.rates.job_s

@@ -15,7 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from fmcache import __version__
 from fmcache.errors import FmcacheError
+from fmcache.files import atomic_write_text
 
 Log = Callable[[str], None]
 
@@ -34,8 +36,6 @@ def calibration_path() -> Path:
 
 
 def fmcache_version() -> str:
-    from fmcache import __version__
-
     return str(__version__)
 
 
@@ -48,8 +48,6 @@ def read_json(path: Path) -> dict:
 
 
 def write_json(path: Path, doc: dict) -> None:
-    from fmcache.files import atomic_write_text
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=True))
@@ -151,7 +149,7 @@ def device_name(device: str | None = None) -> str:
     """The name a calibration is kept under: the GPU's name, or the CPU's model and thread count."""
     import torch
 
-    from fmcache.dist import pick_device
+    from fmcache.dist import pick_device  # deferred: torch
 
     dev = pick_device(device)
     if dev.type == "cuda":
@@ -175,8 +173,10 @@ def resolve_rates(choice: str | None, log: Log) -> Rates:
         here = device_name()
         if here in doc:
             return _rates_from(doc[here], here)
-        log(f"no calibration for this machine ({here}) in {calibration_path()}: `fmcache calibrate` measures it; "
-            "estimating on the H200 preset instead (--device-rate chooses)")  # fmt: skip
+        log(
+            f"no calibration for this machine ({here}) in {calibration_path()}: `fmcache calibrate` measures it; "
+            "estimating on the H200 preset instead (--device-rate chooses)"
+        )
         return preset("h200")
     text = str(choice).strip()
     if text.lower() in GPUS:
@@ -189,8 +189,15 @@ def resolve_rates(choice: str | None, log: Log) -> Rates:
         if not flops > 0:
             raise FmcacheError(f"--device-rate {text}: a rate must be a positive FLOP/s number, e.g. 4e14")
         base = preset("h200")
-        return replace(base, label=f"{flops:.3g} FLOP/s", fwd=flops, train=flops, fwd_conv=flops, train_conv=flops,
-                       source="every FLOP rate as given; the rest as the H200 preset's (an estimate)")  # fmt: skip
+        return replace(
+            base,
+            label=f"{flops:.3g} FLOP/s",
+            fwd=flops,
+            train=flops,
+            fwd_conv=flops,
+            train_conv=flops,
+            source="every FLOP rate as given; the rest as the H200 preset's (an estimate)",
+        )
     if text in doc:
         return _rates_from(doc[text], text)
     path = Path(os.path.expanduser(text))
@@ -203,5 +210,6 @@ def resolve_rates(choice: str | None, log: Log) -> Rates:
             log(f"--device-rate {path}: {len(other)} devices; using the first, {name}")
         return _rates_from(other[name], name)
     known = [*PRESETS, *doc]
-    raise FmcacheError(f"--device-rate {text}: not a preset, a FLOP/s number, a calibrated device or a file; "
-                       f"known: {', '.join(known)}")  # fmt: skip
+    raise FmcacheError(
+        f"--device-rate {text}: not a preset, a FLOP/s number, a calibrated device or a file; known: {', '.join(known)}"
+    )

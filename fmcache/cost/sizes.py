@@ -19,8 +19,8 @@ DIGITS_PX = 32  # prepare: digits writes 32 × 32 scans (fmcache.data.digits)
 
 
 def _official_split(name: str, n: int) -> tuple[tuple[int, int, int], str]:
-    from fmcache.data import aptos, chexpert, isic
-    from fmcache.data.index import TEST, TRAIN, VAL, split_counts
+    from fmcache.data import aptos, chexpert, isic  # deferred: torch, torchvision
+    from fmcache.data.index import TEST, TRAIN, VAL, split_counts  # deferred: torch, torchvision
 
     seed_holdout = {aptos.NAME: aptos.SEED_HOLDOUT, isic.NAME: isic.SEED_HOLDOUT}
     if name in seed_holdout:  # the seed's val_size: the held-out rows, halved into val and test
@@ -50,8 +50,8 @@ def _sample_mpx(paths, limit: int = 16) -> float | None:
 def dataset_sizes(datasets: list[dict], log: Log) -> dict[str, DataSize | None]:
     """Split sizes per dataset entry of a grid (``name``, ``root``, options): counted where the root exists, else the official release's count split by the
     dataset's own rule (said in one line each); None where no count is known."""
-    from fmcache.data.index import split_counts
-    from fmcache.data.registry import DATASETS, load_dataset
+    from fmcache.data.index import split_counts  # deferred: torch, torchvision
+    from fmcache.data.registry import DATASETS, load_dataset  # deferred: torch, torchvision
 
     sizes: dict[str, DataSize | None] = {}
     for data in datasets:
@@ -82,11 +82,14 @@ def dataset_sizes(datasets: list[dict], log: Log) -> dict[str, DataSize | None]:
                 log(f"dataset {name}: root {root} {why}; no official image count is known, so costs leave it out")
             else:
                 counts, note = _official_split(name, official)
-                log(f"dataset {name}: root {root} {why}; planning from the official release's {official:,} images"
-                    + (f" ({note})" if note else ""))  # fmt: skip
+                log(
+                    f"dataset {name}: root {root} {why}; planning from the official release's {official:,} images"
+                    + (f" ({note})" if note else "")
+                )
                 size = DataSize(*counts, classes or 2, TYPICAL_MPX.get(name, 0.25), note)
         if size is not None and limit is not None:
-            size = DataSize(min(size.train, limit), min(size.val, limit), min(size.test, limit), size.classes,
-                            size.mpx, size.note)  # fmt: skip
+            size = DataSize(
+                min(size.train, limit), min(size.val, limit), min(size.test, limit), size.classes, size.mpx, size.note
+            )
         sizes[name] = size
     return sizes

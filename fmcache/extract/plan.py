@@ -116,6 +116,8 @@ def key_inputs(spec: ExtractSpec, index: DatasetIndex, positions: np.ndarray, tr
             "arch": model_spec.arch,
             "weights": weights_identity(spec),
             "arch_overrides": spec.arch_overrides,
+            # a build change that moved this model's features (registry ``build``): older caches get another key
+            **({"build": model_spec.build} if model_spec.build else {}),
         },
         "img_size": transform_desc.get("crop"),
         "transform": transform_desc,
@@ -187,8 +189,16 @@ def plan(spec: ExtractSpec, log=print) -> ExtractPlan:
     key = cache_key(inputs)
     folder = cache_dir(spec.cache_root, index.name, model_spec.name, key)
     return ExtractPlan(
-        spec=spec, index=index, positions=positions, img_size=img_size, transform=transform,
-        transform_desc=transform_desc, augment=augment, inputs=inputs, key=key, folder=folder,
+        spec=spec,
+        index=index,
+        positions=positions,
+        img_size=img_size,
+        transform=transform,
+        transform_desc=transform_desc,
+        augment=augment,
+        inputs=inputs,
+        key=key,
+        folder=folder,
         num_shards=max(1, -(-len(positions) // spec.shard_size)),
         cache=CacheFolder(folder, key, verify=spec.verify, log=log),
-    )  # fmt: skip
+    )

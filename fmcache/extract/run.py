@@ -214,9 +214,12 @@ class Extractor:
         # seeded inside: a resumed or multi-rank run rebuilds exactly the same random weights, so shards written
         # by different processes come from one model
         model = create_foundation(
-            spec.model, weights=spec.weights, random_init=spec.random_init, img_size=self.img_size,
+            spec.model,
+            weights=spec.weights,
+            random_init=spec.random_init,
+            img_size=self.img_size,
             arch_overrides=spec.arch_overrides or None,
-        ).to(device)  # fmt: skip
+        ).to(device)
         differs = model.weights_source.get("differs_from_paper")
         if differs and is_main_process():
             self.log(f"note: {differs}")

@@ -57,11 +57,24 @@ class ExtractSpec(Spec):
     arch_overrides: dict = field(default_factory=dict)
 
     PATHS: ClassVar[tuple[str, ...]] = ("data_root", "weights", "cache_root")
-    INTS: ClassVar[dict[str, int]] = {"batch_size": 1, "shard_size": 1, "workers": 0, "views": 0, "img_size": 1,
-                                      "resize": 1, "limit": 1}  # fmt: skip
-    CHOICES: ClassVar[dict[str, tuple]] = {"norm": NORMS, "dtype": DTYPES, "on_bad_image": ON_BAD_IMAGE,
-                                           "compression": COMPRESSIONS, "interpolation": INTERPOLATIONS,
-                                           "fingerprint": FINGERPRINTS, "gray": GRAY_MODES}  # fmt: skip
+    INTS: ClassVar[dict[str, int]] = {
+        "batch_size": 1,
+        "shard_size": 1,
+        "workers": 0,
+        "views": 0,
+        "img_size": 1,
+        "resize": 1,
+        "limit": 1,
+    }
+    CHOICES: ClassVar[dict[str, tuple]] = {
+        "norm": NORMS,
+        "dtype": DTYPES,
+        "on_bad_image": ON_BAD_IMAGE,
+        "compression": COMPRESSIONS,
+        "interpolation": INTERPOLATIONS,
+        "fingerprint": FINGERPRINTS,
+        "gray": GRAY_MODES,
+    }
 
     def check(self) -> None:
         if self.tokens is not None and not isinstance(self.tokens, str):

@@ -10,6 +10,8 @@ from fmcache.errors import FmcacheError
 from fmcache.finetune.build import extract_spec
 from fmcache.finetune.loop import Labelled
 from fmcache.finetune.spec import FinetuneSpec, parse_freeze
+from fmcache.metrics import check_metric
+from fmcache.models import get_spec
 
 
 @dataclass
@@ -26,12 +28,16 @@ class Data:
 
 def online_data(spec: FinetuneSpec) -> Data:
     """Images with the train augmentation (train) and the eval transform (val/test), as PROTOCOLS.md."""
-    from fmcache.data import ImageDataset, build_transform, default_metric, load_dataset, train_augmentation
-    from fmcache.data.describe import empty_split_warning
-    from fmcache.data.transforms import check_gray_for
-    from fmcache.extract.plan import resolve_norm
-    from fmcache.metrics import check_metric
-    from fmcache.models import get_spec
+    from fmcache.data import (
+        ImageDataset,
+        build_transform,
+        default_metric,
+        load_dataset,
+        train_augmentation,
+    )  # deferred: torchvision
+    from fmcache.data.describe import empty_split_warning  # deferred: torchvision
+    from fmcache.data.transforms import check_gray_for  # deferred: torchvision
+    from fmcache.extract.plan import resolve_norm  # deferred: h5py, torchvision
 
     ex = extract_spec(spec, spec.dataset, Path(spec.data_root))
     check_gray_for(spec.gray, spec.dataset)
@@ -50,19 +56,24 @@ def online_data(spec: FinetuneSpec) -> Data:
         s: Labelled(ImageDataset(index, positions[s], train_tf if s == "train" else eval_tf), index.labels)
         for s in ("train", "val", "test")
     }
-    identity = {"dataset": index.name, "fingerprint": index.fingerprint(), "labels": index.labels_fingerprint(),
-                "split": index.split_info, "options": index.options, "limit": spec.limit,
-                "transform": {**eval_desc, "norm_source": norm_source}}  # fmt: skip
+    identity = {
+        "dataset": index.name,
+        "fingerprint": index.fingerprint(),
+        "labels": index.labels_fingerprint(),
+        "split": index.split_info,
+        "options": index.options,
+        "limit": spec.limit,
+        "transform": {**eval_desc, "norm_source": norm_source},
+    }
     metric = check_metric(spec.metric) if spec.metric else default_metric(index)
     return Data(splits, index.name, list(index.class_names), bool(index.multilabel), metric, img_size, identity)
 
 
 def cached_data(spec: FinetuneSpec) -> tuple[Data, object]:
     """Layer-K tokens of a cache (K = --freeze): the same model and weights identity, or refused."""
-    from fmcache.cache.reader import CacheReader
-    from fmcache.extract.plan import weights_identity
-    from fmcache.frozen.common import resolve_metric
-    from fmcache.models import get_spec
+    from fmcache.cache.reader import CacheReader  # deferred: h5py
+    from fmcache.extract.plan import weights_identity  # deferred: h5py, torchvision
+    from fmcache.frozen.common import resolve_metric  # deferred: h5py
 
     freeze = parse_freeze(spec.freeze)
     if not isinstance(freeze, int) or freeze < 1:

@@ -197,17 +197,27 @@ class Trainer:
             self.data["train"], num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=self.s.seed
         )
         loader = DataLoader(
-            self.data["train"], batch_size=self.s.batch_size, sampler=sampler, num_workers=self.s.workers,
-            generator=generator, pin_memory=self.device.type == "cuda", drop_last=self.s.drop_last,
-        )  # fmt: skip
+            self.data["train"],
+            batch_size=self.s.batch_size,
+            sampler=sampler,
+            num_workers=self.s.workers,
+            generator=generator,
+            pin_memory=self.device.type == "cuda",
+            drop_last=self.s.drop_last,
+        )
         return loader, sampler
 
     def _predict(self, split: str) -> np.ndarray:
         """(N, C) probabilities for a split in dataset order; each rank scores a share, all ranks get all rows."""
         dataset = self.data[split]
         positions = np.arange(self.dist.rank, len(dataset), self.dist.world)
-        loader = DataLoader(Subset(dataset, positions.tolist()), batch_size=self.s.batch_size, shuffle=False,
-                            num_workers=self.s.workers, pin_memory=self.device.type == "cuda")  # fmt: skip
+        loader = DataLoader(
+            Subset(dataset, positions.tolist()),
+            batch_size=self.s.batch_size,
+            shuffle=False,
+            num_workers=self.s.workers,
+            pin_memory=self.device.type == "cuda",
+        )
         self.model.eval()
         outs = []
         start = time.perf_counter()
@@ -276,8 +286,9 @@ class Trainer:
             batch_starts(len(sampler), self.s.batch_size, self.s.drop_last)
         steps_per_epoch = math.ceil(batches / self.s.accum)
         total = steps_per_epoch * self.s.epochs
-        warmup = warmup_steps_for(self.s.warmup.get("warmup_epochs"), self.s.warmup.get("warmup_iters"),
-                                  steps_per_epoch, total)  # fmt: skip
+        warmup = warmup_steps_for(
+            self.s.warmup.get("warmup_epochs"), self.s.warmup.get("warmup_iters"), steps_per_epoch, total
+        )
         state = {"epoch": 0, "step": 0, "epoch_seconds": [], "eval_seconds": 0.0, "eval_images": 0}
         # the best epoch is kept as every head grid keeps it (first maximum of val; test read only there)
         records = HeadRecords(1, self.s.epochs)
@@ -342,14 +353,18 @@ class Trainer:
                 self.tb.add_scalar(f"{self.folder.name}/train_loss", float(np.mean(losses)), epoch + 1)
                 self.tb.add_scalar(f"{self.folder.name}/val_{self.s.metric}", val["value"], epoch + 1)
             if self.dist.main:
-                save_checkpoint(self.folder / LAST, {
-                    "trainable": {n: p.detach().cpu() for n, p in model.trainable_named_parameters()},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": {"step": state["step"], "total": total, "warmup": warmup},
-                    "scaler": scaler.state_dict(),
-                    "sampler": {"seed": self.s.seed, "epoch": epoch + 1, "position": 0},
-                    "loop": state,
-                }, self.settings_doc)  # fmt: skip
+                save_checkpoint(
+                    self.folder / LAST,
+                    {
+                        "trainable": {n: p.detach().cpu() for n, p in model.trainable_named_parameters()},
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": {"step": state["step"], "total": total, "warmup": warmup},
+                        "scaler": scaler.state_dict(),
+                        "sampler": {"seed": self.s.seed, "epoch": epoch + 1, "position": 0},
+                        "loop": state,
+                    },
+                    self.settings_doc,
+                )
             self.dist.barrier()
         return self._finish(state, records, steps_per_epoch)
 
@@ -359,8 +374,9 @@ class Trainer:
         head = {k: v.detach().cpu().contiguous().clone() for k, v in model.head.state_dict().items()}
         atomic_write_bytes(self.folder / HEAD_EXPORT, save(head))
         if model.method == "lora":
-            adapters = {k: v.detach().cpu().contiguous().clone()
-                        for k, v in adapter_state_dict(model.foundation.root).items()}  # fmt: skip
+            adapters = {
+                k: v.detach().cpu().contiguous().clone() for k, v in adapter_state_dict(model.foundation.root).items()
+            }
             atomic_write_bytes(self.folder / ADAPTER_EXPORT, save(adapters))
         if self.s.export:  # the foundation's own key layout; LoRA adapters merged into their weights
             state = model.foundation_state_dict()

@@ -66,8 +66,9 @@ def adaptable(stages: Stages) -> list[str]:
     ``out_proj`` of an ``nn.MultiheadAttention``, whose weight the attention reads directly)."""
     block = stages.blocks[0]
     mha = [n for n, m in block.named_modules() if isinstance(m, nn.MultiheadAttention)]
-    return [n for n, m in block.named_modules()
-            if isinstance(m, nn.Linear) and not any(n.startswith(a + ".") for a in mha)]  # fmt: skip
+    return [
+        n for n, m in block.named_modules() if isinstance(m, nn.Linear) and not any(n.startswith(a + ".") for a in mha)
+    ]
 
 
 def _blocks_prefix(stages: Stages) -> str:
@@ -93,13 +94,16 @@ def resolve_targets(stages: Stages | None, name: str, unit: str, targets: Sequen
                 if _is_attention(stages, target)
                 else ""
             )
-            raise FmcacheError(f"--lora-targets: {name}'s blocks have no adaptable linear '{target}'{why}; they have: "
-                               f"{', '.join(valid)}")  # fmt: skip
+            raise FmcacheError(
+                f"--lora-targets: {name}'s blocks have no adaptable linear '{target}'{why}; they have: "
+                f"{', '.join(valid)}"
+            )
     return chosen
 
 
-def inject(stages: Stages, blocks: range, targets: Sequence[str], rank: int, alpha: float, dropout: float,
-           seed: int) -> list[str]:  # fmt: skip
+def inject(
+    stages: Stages, blocks: range, targets: Sequence[str], rank: int, alpha: float, dropout: float, seed: int
+) -> list[str]:
     """Adapters in ``targets`` of ``blocks`` (0-based), in place, initialised from ``seed`` (peft's init: A random,
     B zero, so the adapted model starts as the foundation). Returns the adapted modules' names in the root."""
     peft = _peft()
@@ -145,8 +149,11 @@ def _tuner_layers(root: nn.Module) -> dict[str, nn.Module]:
 
 def _is_attention(stages: Stages, target: str) -> bool:
     block = stages.blocks[0]
-    return any(n == target or target.startswith(n + ".") for n, m in block.named_modules()
-               if isinstance(m, nn.MultiheadAttention))  # fmt: skip
+    return any(
+        n == target or target.startswith(n + ".")
+        for n, m in block.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+    )
 
 
 def adapter_state_dict(root: nn.Module) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmcache.dist import is_main_process, world_size
+from fmcache.dist import close_dist, init_dist, is_main_process, pick_device, world_size
 from fmcache.errors import FmcacheError
 from fmcache.files import ensure_writable_dir
 from fmcache.finetune.build import METHOD_FIELDS, build_model, extract_spec, method_doc
@@ -30,23 +30,39 @@ from fmcache.finetune.loop import (
 )
 from fmcache.finetune.spec import FinetuneSpec
 from fmcache.headgrid import ProbeResult, summarise
+from fmcache.models import get_spec
 from fmcache.progress import progress_bar
 from fmcache.results import ResultSource, result_folder, safe_name, settings_hash, write_head_grid
-from fmcache.training import HeadRecords, batch_starts
+from fmcache.training import HeadRecords, batch_starts, fit_warmup, paper_warmup
 
 # Left out of the folder key but in each run's checkpoint: a rerun that changes one of these in the same --out is
 # refused by --resume (it would continue another run) and starts over with --no-resume.
-TRAINING_ONLY = ("epochs", "batch_size", "drop_last", "accum", "clip", "amp", "schedule", "layer_decay",
-                 "weight_decay")  # fmt: skip
+TRAINING_ONLY = ("epochs", "batch_size", "drop_last", "accum", "clip", "amp", "schedule", "layer_decay", "weight_decay")
 
 
 # -- the grid ------------------------------------------------------------------------------------------------------
 
 
 def run_key(spec: FinetuneSpec, data: Data, weights: dict, lora: dict | None = None) -> str:
-    doc = {k: v for k, v in asdict(spec).items()
-           if k not in ("lrs", "seeds", "out", "resume", "workers", "tensorboard", "device", "from_cache",
-                        "dataset_options", "data_root", *TRAINING_ONLY, *METHOD_FIELDS)}  # fmt: skip
+    doc = {
+        k: v
+        for k, v in asdict(spec).items()
+        if k
+        not in (
+            "lrs",
+            "seeds",
+            "out",
+            "resume",
+            "workers",
+            "tensorboard",
+            "device",
+            "from_cache",
+            "dataset_options",
+            "data_root",
+            *TRAINING_ONLY,
+            *METHOD_FIELDS,
+        )
+    }
     doc.update(method_doc(spec, lora))
     doc.update(data=data.identity, weights=weights)
     return settings_hash(doc)
@@ -58,10 +74,7 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
     Returns ``folder`` (the result folder, ``<out>/<dataset>/<model>/<key12>/finetune_<head>-<hash12>``) and
     ``runs_folder`` (``<key12>``, with one subfolder per LR × seed).
     """
-    from fmcache.dist import close_dist, init_dist, pick_device
-    from fmcache.extract.plan import weights_identity
-    from fmcache.models import get_spec
-    from fmcache.training import fit_warmup, paper_warmup
+    from fmcache.extract.plan import weights_identity  # deferred: h5py, torchvision
 
     get_spec(spec.model)  # unknown names fail before any data is read
     resolve_amp(spec.amp, pick_device(spec.device))
@@ -93,8 +106,9 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
     dist = init_dist(spec.device)
     amp = resolve_amp(spec.amp, dist.device)
     n_train = len(data.splits["train"])
-    warmup = fit_warmup(paper_warmup(data.dataset), spec.epochs, n_train, spec.batch_size * spec.accum * dist.world,
-                        spec.drop_last)  # fmt: skip
+    warmup = fit_warmup(
+        paper_warmup(data.dataset), spec.epochs, n_train, spec.batch_size * spec.accum * dist.world, spec.drop_last
+    )
     seeds = list(spec.seeds)
     results: dict[tuple[float, int], dict] = {}
     try:
@@ -102,20 +116,44 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
         with progress_bar(progress and dist.main, total, f"finetune {spec.model}", "finetune") as advance:
             for lr in spec.lrs:
                 for seed in seeds:
-                    model = model0 if (lr, seed) == (spec.lrs[0], seeds[0]) else build_model(
-                        spec, data.img_size, len(data.class_names), seed)[0]  # fmt: skip
+                    model = (
+                        model0
+                        if (lr, seed) == (spec.lrs[0], seeds[0])
+                        else build_model(spec, data.img_size, len(data.class_names), seed)[0]
+                    )
                     model0 = None  # type: ignore[assignment]  (every run starts from the pristine foundation)
                     settings = RunSettings(
-                        lr=lr, seed=seed, epochs=spec.epochs, batch_size=spec.batch_size, drop_last=spec.drop_last,
+                        lr=lr,
+                        seed=seed,
+                        epochs=spec.epochs,
+                        batch_size=spec.batch_size,
+                        drop_last=spec.drop_last,
                         accum=spec.accum,
-                        clip=spec.clip, amp=amp, schedule=spec.schedule, warmup=warmup,
-                        weight_decay=spec.weight_decay, layer_decay=spec.layer_decay, metric=data.metric,
-                        multilabel=data.multilabel, label_names=data.class_names if data.multilabel else None,
-                        workers=spec.workers, from_cache=spec.from_cache is not None, export=export,
+                        clip=spec.clip,
+                        amp=amp,
+                        schedule=spec.schedule,
+                        warmup=warmup,
+                        weight_decay=spec.weight_decay,
+                        layer_decay=spec.layer_decay,
+                        metric=data.metric,
+                        multilabel=data.multilabel,
+                        label_names=data.class_names if data.multilabel else None,
+                        workers=spec.workers,
+                        from_cache=spec.from_cache is not None,
+                        export=export,
                         extra={"key": key},
-                    )  # fmt: skip
-                    trainer = Trainer(model, data.splits, settings, folder / f"lr{lr:g}_seed{seed}", dist,
-                                      spec.resume, advance, log, tb)  # fmt: skip
+                    )
+                    trainer = Trainer(
+                        model,
+                        data.splits,
+                        settings,
+                        folder / f"lr{lr:g}_seed{seed}",
+                        dist,
+                        spec.resume,
+                        advance,
+                        log,
+                        tb,
+                    )
                     results[(lr, seed)] = trainer.run()
     finally:
         close_dist(dist)
@@ -147,18 +185,38 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
         if summary.predictions is None:
             details["notes"] = [*data.notes, "runs from an older fmcache saved no predictions; rerun with --no-resume"]
         source = ResultSource(
-            dataset=data.dataset, model=spec.model, cache_key=None, weights=weights,
+            dataset=data.dataset,
+            model=spec.model,
+            cache_key=None,
+            weights=weights,
             ids={s: split_ids(data.splits[s]) for s in ("val", "test")},
             labels={s: split_labels(data.splits[s]) for s in ("val", "test")},
-            split=data.identity.get("split"), img_size=data.img_size,
-        )  # fmt: skip
+            split=data.identity.get("split"),
+            img_size=data.img_size,
+        )
         write_head_grid(
-            result_dir, source, protocol=f"finetune_{spec.head}", settings=settings, metric=data.metric,
-            per_layer={layer: entry}, rows=rows, predictions=summary.predictions, details=details,
-            extra={"run_key": key}, timings_extra=entry["timings"],
-        )  # fmt: skip
-    return {"folder": result_dir, "runs_folder": folder, "metric": data.metric, "layers": {layer: entry},
-            "rows": rows, "notes": data.notes, "lora": lora, **_sizes(results)}  # fmt: skip
+            result_dir,
+            source,
+            protocol=f"finetune_{spec.head}",
+            settings=settings,
+            metric=data.metric,
+            per_layer={layer: entry},
+            rows=rows,
+            predictions=summary.predictions,
+            details=details,
+            extra={"run_key": key},
+            timings_extra=entry["timings"],
+        )
+    return {
+        "folder": result_dir,
+        "runs_folder": folder,
+        "metric": data.metric,
+        "layers": {layer: entry},
+        "rows": rows,
+        "notes": data.notes,
+        "lora": lora,
+        **_sizes(results),
+    }
 
 
 def _sizes(results: dict) -> dict:
@@ -170,8 +228,9 @@ def _sizes(results: dict) -> dict:
     return {"trainable_parameters": params[0] if params else None, "checkpoint_bytes": max(sizes) if sizes else None}
 
 
-def result_settings(spec: FinetuneSpec, amp: str, warmup: dict, world: int, effective: int, head: dict,
-                    lora: dict | None = None) -> dict:  # fmt: skip
+def result_settings(
+    spec: FinetuneSpec, amp: str, warmup: dict, world: int, effective: int, head: dict, lora: dict | None = None
+) -> dict:
     """Every setting that changes the numbers, for the result folder's hash: not paths, workers, device, logging.
 
     ``head`` is the head weights report (``build_model``), so DeiT heads from other weights get other folders;
@@ -180,9 +239,16 @@ def result_settings(spec: FinetuneSpec, amp: str, warmup: dict, world: int, effe
     skip = ("out", "resume", "workers", "tensorboard", "device", "data_root", "from_cache", *METHOD_FIELDS)
     settings = {k: v for k, v in asdict(spec).items() if k not in skip}
     settings.update(method_doc(spec, lora))
-    settings.update(lrs=[float(lr) for lr in spec.lrs], seeds=list(spec.seeds), from_cache=spec.from_cache
-                    is not None, amp=amp, warmup=warmup, world_size=world, effective_batch_size=effective,
-                    head_weights_identity=_without_paths(head))  # fmt: skip
+    settings.update(
+        lrs=[float(lr) for lr in spec.lrs],
+        seeds=list(spec.seeds),
+        from_cache=spec.from_cache is not None,
+        amp=amp,
+        warmup=warmup,
+        world_size=world,
+        effective_batch_size=effective,
+        head_weights_identity=_without_paths(head),
+    )
     return settings
 
 

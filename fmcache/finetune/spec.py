@@ -72,10 +72,24 @@ class FinetuneSpec(Spec):
     arch_overrides: dict = field(default_factory=dict)
 
     PATHS: ClassVar[tuple[str, ...]] = ("data_root", "weights", "out", "from_cache")
-    INTS: ClassVar[dict[str, int]] = {"epochs": 1, "batch_size": 1, "accum": 1, "workers": 0, "head_depth": 1, "img_size": 1, "limit": 1,
-            "lora_rank": 1}  # fmt: skip
-    CHOICES: ClassVar[dict[str, tuple]] = {"head": HEADS, "schedule": SCHEDULES, "amp": AMP_MODES, "method": LORA_METHODS, "norm": NORMS,
-               "gray": GRAY_MODES}  # fmt: skip
+    INTS: ClassVar[dict[str, int]] = {
+        "epochs": 1,
+        "batch_size": 1,
+        "accum": 1,
+        "workers": 0,
+        "head_depth": 1,
+        "img_size": 1,
+        "limit": 1,
+        "lora_rank": 1,
+    }
+    CHOICES: ClassVar[dict[str, tuple]] = {
+        "head": HEADS,
+        "schedule": SCHEDULES,
+        "amp": AMP_MODES,
+        "method": LORA_METHODS,
+        "norm": NORMS,
+        "gray": GRAY_MODES,
+    }
 
     def check(self) -> None:
         # what flags (text) and YAML (lists, numbers) give, coerced once, here

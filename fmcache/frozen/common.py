@@ -8,6 +8,7 @@ from pathlib import Path
 from fmcache import metrics
 from fmcache.cache.reader import CacheReader
 from fmcache.errors import FmcacheError
+from fmcache.frozen.views import use_views
 from fmcache.results import (
     ResultSource,
     result_folder,
@@ -44,13 +45,16 @@ def protocol_dir(reader: CacheReader, out: Path, protocol: str, settings: dict) 
 def result_source(reader: CacheReader, splits: tuple[str, ...] = EVAL_SPLITS) -> ResultSource:
     """The results contract's view of a cache: identity, extraction time per image, the splits' ids and labels."""
     return ResultSource(
-        dataset=reader.dataset, model=reader.model, cache_key=reader.key,
+        dataset=reader.dataset,
+        model=reader.model,
+        cache_key=reader.key,
         weights=reader.manifest.get("weights", {}),
         extract_seconds_per_image=reader.manifest.get("timings", {}).get("s_per_img"),
-        ids={s: reader.ids(s) for s in splits}, labels={s: reader.labels(s) for s in splits},
+        ids={s: reader.ids(s) for s in splits},
+        labels={s: reader.labels(s) for s in splits},
         split=reader.manifest.get("inputs", {}).get("dataset", {}).get("split"),
         img_size=reader.manifest.get("model", {}).get("img_size"),
-    )  # fmt: skip
+    )
 
 
 def views_and_warmup(
@@ -59,8 +63,6 @@ def views_and_warmup(
     """What every trained head grid resolves first: whether ``--views`` is used (:mod:`fmcache.frozen.views`), and
     the paper's warmup for the dataset, fitted to this run's length (``warmup_epochs`` or ``warmup_iters``);
     ``n_train`` is a train subset's size (default: the whole train split)."""
-    from fmcache.frozen.views import use_views
-
     with_views = use_views(reader, views)
     n_train = len(reader.rows("train")) if n_train is None else n_train
     batch_starts(n_train, batch_size, drop_last)  # a train split smaller than one batch fails here, before any write

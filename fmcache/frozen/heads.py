@@ -33,6 +33,7 @@ from torch import nn
 from fmcache.choices import DEIT_DEPTH
 from fmcache.errors import FmcacheError
 from fmcache.frozen.specs import check_head_depth
+from fmcache.weightfiles import load_weights_file
 
 DEIT_WIDTH = 768
 DEIT_HEADS = 12
@@ -110,9 +111,14 @@ class DeiTHead(_DeiTBody):
             return self.pos_embed
         # antialias off: the seed interpolates with plain F.interpolate (bicubic, align_corners False)
         return resample_abs_pos_embed(
-            self.pos_embed, new_size=list(grid), old_size=list(DEIT_GRID), num_prefix_tokens=1,
-            interpolation="bicubic", antialias=False, align_corners=False,
-        )  # fmt: skip
+            self.pos_embed,
+            new_size=list(grid),
+            old_size=list(DEIT_GRID),
+            num_prefix_tokens=1,
+            interpolation="bicubic",
+            antialias=False,
+            align_corners=False,
+        )
 
     def forward_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, 1 + T, 768) after the final norm, CLS first."""
@@ -143,8 +149,6 @@ def deit_pretrained_state(weights: str | Path, depth: int = DEIT_DEPTH) -> tuple
     tensor of those parts with DeiT-B's shapes (missing or mis-shaped tensors are refused, pickles with code too);
     the patch embedding, the classifier and blocks past ``depth`` are left out and counted in the report.
     """
-    from fmcache.weightfiles import load_weights_file
-
     template = _DeiTBody(depth)
     if str(weights) == "imagenet":
         path = _hub_file()

@@ -273,7 +273,7 @@ class LinearHeadGrid:
         order = torch.stack([torch.randperm(n, generator=g) for g in self.generators]).to(self.device)
         head_order = order[self.head_seed]  # (H, N): each head's data order, by its seed
         if self.views is not None:
-            from fmcache.frozen.views import epoch_views
+            from fmcache.frozen.views import epoch_views  # deferred: h5py
 
             k = self.views.shape[1]
             # its own generator per (seed, epoch), so the data order is the same as without views

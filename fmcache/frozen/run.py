@@ -10,10 +10,15 @@ import time
 import numpy as np
 
 from fmcache.cache.reader import CacheReader
+from fmcache.dist import pick_device
 from fmcache.errors import FmcacheError
+from fmcache.frozen.cka import compute_cka
+from fmcache.frozen.cka_read import select
 from fmcache.frozen.common import is_paper_feature, protocol_dir, resolve_metric, result_source, views_and_warmup
 from fmcache.frozen.features import FeatureSource, resolve_layers, resolve_pool, standardize, train_stats
 from fmcache.frozen.knn import knn_evaluate, knn_rows
+from fmcache.frozen.linear import train_linear_grid
+from fmcache.frozen.sklearn_ref import fit_sklearn_reference
 from fmcache.frozen.specs import CkaSpec, KnnSpec, ProbeSpec
 from fmcache.frozen.subsets import (
     Subset,
@@ -25,7 +30,8 @@ from fmcache.frozen.subsets import (
     take,
     write_subset,
 )
-from fmcache.plots import plot_knn_vs_k, plot_knn_vs_layer, plot_probe_curves, plot_probe_vs_layer
+from fmcache.frozen.views import pooled_views
+from fmcache.plots import plot_cka_heatmap, plot_knn_vs_k, plot_knn_vs_layer, plot_probe_curves, plot_probe_vs_layer
 from fmcache.progress import progress_bar
 from fmcache.results import (
     start_result,
@@ -51,8 +57,10 @@ def _subset_ks(ks: tuple[int, ...], subset: Subset | None, log) -> tuple[int, ..
     """A subset's bank may hold fewer samples than the largest k: those k run as the whole bank (said once)."""
     if subset is None or max(ks) <= len(subset.train):
         return ks
-    log(f"note: subset {subset.tag()} has {len(subset.train)} train samples; k > {len(subset.train)} runs as "
-        f"k = {len(subset.train)}")  # fmt: skip
+    log(
+        f"note: subset {subset.tag()} has {len(subset.train)} train samples; k > {len(subset.train)} runs as "
+        f"k = {len(subset.train)}"
+    )
     return tuple(dict.fromkeys(min(k, len(subset.train)) for k in ks))
 
 
@@ -67,8 +75,10 @@ def _run_knn(reader: CacheReader, spec: KnnSpec, subset: Subset | None, log) -> 
     start = time.perf_counter()
     per_layer, rows = {}, []
     for number in layers:
-        queries = {s: (take(features.get(s, number), rows_of(subset, s)), take(reader.labels(s), rows_of(subset, s)))
-                   for s in splits}  # fmt: skip
+        queries = {
+            s: (take(features.get(s, number), rows_of(subset, s)), take(reader.labels(s), rows_of(subset, s)))
+            for s in splits
+        }
         result = knn_evaluate(
             take(features.get("train", number), train_rows),
             take(reader.labels("train"), train_rows),
@@ -88,8 +98,15 @@ def _run_knn(reader: CacheReader, spec: KnnSpec, subset: Subset | None, log) -> 
             last_scores = scores
         per_layer[number] = result
         rows += knn_rows(result, layer=number, pool="+".join(pools))
-    settings = {"ks": [int(k) for k in spec.ks], "temperature": float(temperature), "layers": layers, "pool": pools,
-                "metric": metric, "eval_splits": splits, **subset_settings(subset)}  # fmt: skip
+    settings = {
+        "ks": [int(k) for k in spec.ks],
+        "temperature": float(temperature),
+        "layers": layers,
+        "pool": pools,
+        "metric": metric,
+        "eval_splits": splits,
+        **subset_settings(subset),
+    }
     folder = start_result(protocol_dir(reader, spec.out, "knn", settings))
     subset_facts = write_subset(folder, reader, subset)
     payload = {"cache": str(reader.path), "layers": per_layer, "total_seconds": time.perf_counter() - start}
@@ -110,12 +127,26 @@ def _run_knn(reader: CacheReader, spec: KnnSpec, subset: Subset | None, log) -> 
     if spec.plots and len(layers) > 1:
         plot_knn_vs_layer(folder / "knn_vs_layer.png", per_layer)
     write_result(
-        folder, protocol="knn", settings=settings, metric=metric, timings=timings, summary=summary, details=payload,
-        rows=rows, predictions=predictions, **source.identity(),
+        folder,
+        protocol="knn",
+        settings=settings,
+        metric=metric,
+        timings=timings,
+        summary=summary,
+        details=payload,
+        rows=rows,
+        predictions=predictions,
+        **source.identity(),
         extra={**source.facts(), "paper_feature": is_paper_feature(reader, layers, pools), **subset_facts},
-    )  # fmt: skip
-    return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows, "views_note": payload.get("views"),
-            "best": best}  # fmt: skip
+    )
+    return {
+        "folder": folder,
+        "metric": metric,
+        "layers": per_layer,
+        "rows": rows,
+        "views_note": payload.get("views"),
+        "best": best,
+    }
 
 
 def _knn_best(result: dict, layer: int) -> dict:
@@ -124,8 +155,12 @@ def _knn_best(result: dict, layer: int) -> dict:
     values = {k: (-np.inf if m["value"] is None or np.isnan(m["value"]) else m["value"]) for k, m in by_k.items()}
     best_k = max(values, key=lambda k: (values[k], -int(k)))
     test = result["splits"].get("test", {}).get(best_k)
-    return {"k": int(best_k), "layer": layer, "test": None if test is None else test["value"],
-            "val": None if "val" not in result["splits"] else result["splits"]["val"][best_k]["value"]}  # fmt: skip
+    return {
+        "k": int(best_k),
+        "layer": layer,
+        "test": None if test is None else test["value"],
+        "val": None if "val" not in result["splits"] else result["splits"]["val"][best_k]["value"],
+    }
 
 
 def run_probe(spec: ProbeSpec, progress: bool = False, log=print) -> dict:
@@ -152,33 +187,43 @@ def run_probe(spec: ProbeSpec, progress: bool = False, log=print) -> dict:
 
 def _run_probe(reader: CacheReader, spec: ProbeSpec, subset: Subset | None, progress: bool, log) -> dict:
     """One linear grid: on the whole train split (``subset`` None, the plain run) or on a subset of it."""
-    from fmcache.frozen.linear import train_linear_grid
-    from fmcache.frozen.sklearn_ref import fit_sklearn_reference
-
     lrs, epochs, batch_size, schedule = spec.lrs, spec.epochs, spec.batch_size, spec.schedule
     metric = resolve_metric(reader, spec.metric)
     layers = resolve_layers(reader, spec.layer)
     pools = resolve_pool(reader, spec.pool, layers)
     if spec.sklearn and reader.multilabel:
         raise FmcacheError("--sklearn fits a single-label LogisticRegression; it does not apply to multi-label data")
-    from fmcache.frozen.views import pooled_views
 
     drop_last = subset_drop_last(subset, batch_size, spec.drop_last, log)
     n_train = None if subset is None else len(subset.train)
     with_views, warmup = views_and_warmup(reader, spec.views, epochs, batch_size, drop_last, n_train)
     features = FeatureSource(reader, layers, pools)
     seed_list = list(spec.seeds)
-    settings = {"head": spec.head, "lrs": [float(lr) for lr in lrs], "seeds": seed_list, "epochs": epochs,
-                "batch_size": batch_size, "drop_last": spec.drop_last, "layers": layers, "pool": pools, "metric": metric,
-                "weight_decay": spec.weight_decay, "schedule": schedule, "standardize": spec.standardize, **warmup,
-                "views": {"used": with_views, "k": reader.views_k if with_views else 0},
-                **subset_settings(subset)}  # fmt: skip
+    settings = {
+        "head": spec.head,
+        "lrs": [float(lr) for lr in lrs],
+        "seeds": seed_list,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "drop_last": spec.drop_last,
+        "layers": layers,
+        "pool": pools,
+        "metric": metric,
+        "weight_decay": spec.weight_decay,
+        "schedule": schedule,
+        "standardize": spec.standardize,
+        **warmup,
+        "views": {"used": with_views, "k": reader.views_k if with_views else 0},
+        **subset_settings(subset),
+    }
     folder = start_result(protocol_dir(reader, spec.out, "probe_linear", settings))
     subset_facts = write_subset(folder, reader, subset)
     per_layer, rows, predictions = {}, [], None
     for number in layers:
-        data = [(take(features.get(s, number), rows_of(subset, s)), take(reader.labels(s), rows_of(subset, s)))
-                for s in ("train", "val", "test")]  # fmt: skip
+        data = [
+            (take(features.get(s, number), rows_of(subset, s)), take(reader.labels(s), rows_of(subset, s)))
+            for s in ("train", "val", "test")
+        ]
         train_views = take(pooled_views(reader, number, pools), rows_of(subset, "train")) if with_views else None
         if spec.standardize:
             # the center crops' train statistics, for the views too: val and test are scaled exactly as with
@@ -192,13 +237,25 @@ def _run_probe(reader: CacheReader, spec: ProbeSpec, subset: Subset | None, prog
             progress, epochs, f"layer {number}", f"probe {heads} heads, layer {number}", "epoch/s"
         ) as advance:
             result = train_linear_grid(
-                *data[0], *data[1], *data[2],
-                lrs=lrs, seeds=seed_list, num_classes=len(reader.class_names), metric=metric,
-                multilabel=reader.multilabel, epochs=epochs, batch_size=batch_size, weight_decay=spec.weight_decay,
-                schedule=schedule, label_names=reader.class_names if reader.multilabel else None,
-                device=spec.device, on_epoch=lambda _: advance(1), train_views=train_views, drop_last=drop_last,
+                *data[0],
+                *data[1],
+                *data[2],
+                lrs=lrs,
+                seeds=seed_list,
+                num_classes=len(reader.class_names),
+                metric=metric,
+                multilabel=reader.multilabel,
+                epochs=epochs,
+                batch_size=batch_size,
+                weight_decay=spec.weight_decay,
+                schedule=schedule,
+                label_names=reader.class_names if reader.multilabel else None,
+                device=spec.device,
+                on_epoch=lambda _: advance(1),
+                train_views=train_views,
+                drop_last=drop_last,
                 **warmup,
-            )  # fmt: skip
+            )
         entry = result.to_dict()
         if spec.sklearn:
             entry["sklearn"] = fit_sklearn_reference(*data[0], *data[1], *data[2], metric=metric)
@@ -212,10 +269,17 @@ def _run_probe(reader: CacheReader, spec: ProbeSpec, subset: Subset | None, prog
         plot_probe_vs_layer(folder / "probe_linear_vs_layer.png", per_layer, metric)
     details = {"cache": str(reader.path), "sklearn": spec.sklearn, "layers": per_layer}
     write_head_grid(
-        folder, subset_source(result_source(reader), subset), protocol="probe_linear", settings=settings,
-        metric=metric, per_layer=per_layer, rows=rows, predictions=predictions, details=details,
+        folder,
+        subset_source(result_source(reader), subset),
+        protocol="probe_linear",
+        settings=settings,
+        metric=metric,
+        per_layer=per_layer,
+        rows=rows,
+        predictions=predictions,
+        details=details,
         extra={"paper_feature": is_paper_feature(reader, layers, pools), **subset_facts},
-    )  # fmt: skip
+    )
     return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows, "views": settings["views"]}
 
 
@@ -223,12 +287,28 @@ def _cache_summary(reader: CacheReader) -> dict:
     return {"cache": str(reader.path), "cache_key": reader.key, "dataset": reader.dataset, "model": reader.model}
 
 
-def cka_settings(a_labels, b_labels, pool_a: str, pool_b: str, split: str, estimator: str, debiased: bool,
-                 batch_size: int, reader_b: CacheReader | None) -> dict:  # fmt: skip
+def cka_settings(
+    a_labels,
+    b_labels,
+    pool_a: str,
+    pool_b: str,
+    split: str,
+    estimator: str,
+    debiased: bool,
+    batch_size: int,
+    reader_b: CacheReader | None,
+) -> dict:
     """CKA's folder-naming settings; A × B names cache B (its full key), so each pair gets its own folder."""
-    settings = {"layers": a_labels, "layers_b": b_labels, "pool": pool_a, "pool_b": pool_b, "split": split,
-                "estimator": estimator, "debiased": debiased,
-                "batch_size": batch_size if estimator == "minibatch" else None}  # fmt: skip
+    settings = {
+        "layers": a_labels,
+        "layers_b": b_labels,
+        "pool": pool_a,
+        "pool_b": pool_b,
+        "split": split,
+        "estimator": estimator,
+        "debiased": debiased,
+        "batch_size": batch_size if estimator == "minibatch" else None,
+    }
     if reader_b is not None:
         settings.update(cache_b_key=reader_b.key, model_b=reader_b.model, dataset_b=reader_b.dataset)
     return settings
@@ -243,11 +323,6 @@ def run_cka(spec: CkaSpec, progress: bool = False, log=print) -> dict:
     ``spec.estimator`` None picks exact for pooled features and minibatch for token maps. Every check runs before
     anything is written.
     """
-    from fmcache.dist import pick_device
-    from fmcache.frozen.cka import compute_cka
-    from fmcache.frozen.cka_read import select
-    from fmcache.plots import plot_cka_heatmap
-
     start = time.perf_counter()
     reader = CacheReader(spec.cache)
     reader_b = None if spec.cache_b is None else CacheReader(spec.cache_b)
@@ -264,8 +339,9 @@ def run_cka(spec: CkaSpec, progress: bool = False, log=print) -> dict:
         for i, la in enumerate(sel_a.labels)
         for j, lb in enumerate(labels_b)
     ]
-    settings = cka_settings(sel_a.labels, labels_b, sel_a.pool, (sel_b or sel_a).pool, split, estimator, debiased,
-                            batch_size, reader_b)  # fmt: skip
+    settings = cka_settings(
+        sel_a.labels, labels_b, sel_a.pool, (sel_b or sel_a).pool, split, estimator, debiased, batch_size, reader_b
+    )
     payload = dict(
         device=str(dev),
         cache_a=_cache_summary(reader),
@@ -284,18 +360,38 @@ def run_cka(spec: CkaSpec, progress: bool = False, log=print) -> dict:
         model_b = (reader_b or reader).model
         kind = "debiased" if debiased else "biased"
         plot_cka_heatmap(
-            folder / "cka_heatmap.png", matrix, sel_a.labels, labels_b,
+            folder / "cka_heatmap.png",
+            matrix,
+            sel_a.labels,
+            labels_b,
             title=f"linear CKA ({kind}, {estimator}), {split}, n={result['n']}",
-            ylabel=f"{reader.model} layer ({sel_a.pool})", xlabel=f"{model_b} layer ({(sel_b or sel_a).pool})",
-        )  # fmt: skip
+            ylabel=f"{reader.model} layer ({sel_a.pool})",
+            xlabel=f"{model_b} layer ({(sel_b or sel_a).pool})",
+        )
     # no head is trained; "inference" is the CKA computation per sample (reads excluded)
     source = result_source(reader, ())
     timings = source.timings(None, result["timings"]["compute_seconds"] / max(1, result["n"]))
     timings.update(payload["timings"])
     summary = {"layers_a": sel_a.labels, "layers_b": labels_b, "matrix": matrix}
     write_result(
-        folder, protocol="cka", settings=settings, metric="linear_cka", timings=timings, summary=summary,
-        details=payload, rows=rows, extra=source.facts(), **source.identity(),
-    )  # fmt: skip
-    return {"folder": folder, "matrix": matrix, "rows": rows, "n": result["n"], "row_layers": sel_a.labels,
-            "col_layers": labels_b, "estimator": estimator, "debiased": debiased}  # fmt: skip
+        folder,
+        protocol="cka",
+        settings=settings,
+        metric="linear_cka",
+        timings=timings,
+        summary=summary,
+        details=payload,
+        rows=rows,
+        extra=source.facts(),
+        **source.identity(),
+    )
+    return {
+        "folder": folder,
+        "matrix": matrix,
+        "rows": rows,
+        "n": result["n"],
+        "row_layers": sel_a.labels,
+        "col_layers": labels_b,
+        "estimator": estimator,
+        "debiased": debiased,
+    }

@@ -60,8 +60,9 @@ def run_token_probe(spec: TokenProbeSpec, progress: bool = False, log=print) -> 
     """Token heads (``deit`` or ``attentive``) for the LR × seed grid on each requested cached token layer; with
     ``--train-fraction``/``--train-per-class`` one folder per (amount, repeat), then the label-efficiency curve."""
     reader = CacheReader(spec.cache)
-    answer = over_subsets(reader, spec, f"probe_{spec.head}",
-                          lambda subset: _run_token_probe(reader, spec, subset, progress, log), log)  # fmt: skip
+    answer = over_subsets(
+        reader, spec, f"probe_{spec.head}", lambda subset: _run_token_probe(reader, spec, subset, progress, log), log
+    )
     return {**answer, "head": spec.head}
 
 
@@ -87,16 +88,36 @@ def _run_token_probe(reader: CacheReader, spec: TokenProbeSpec, subset: Subset |
     stem = f"probe_{head}"
     # what names the folder: every setting that changes the numbers (not passes, preload, workers or device, which
     # only change how they are computed; the checkpoint still records those and refuses a resume across them)
-    shared = {"head": head, "lrs": [float(x) for x in lrs], "seeds": seed_list, "epochs": epochs,
-              "batch_size": batch_size, "drop_last": spec.drop_last, "metric": metric,
-              "weight_decay": spec.weight_decay, "schedule": schedule, "token_norm": norm,
-              "head_weights": weights_record, "head_depth": head_depth if head == "deit" else None,
-              **subset_settings(subset)}  # fmt: skip
-    settings = {**shared, **warmup, "layers": layers,
-                "views": {"used": with_views, "k": reader.views_k if with_views else 0}}  # fmt: skip
+    shared = {
+        "head": head,
+        "lrs": [float(x) for x in lrs],
+        "seeds": seed_list,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "drop_last": spec.drop_last,
+        "metric": metric,
+        "weight_decay": spec.weight_decay,
+        "schedule": schedule,
+        "token_norm": norm,
+        "head_weights": weights_record,
+        "head_depth": head_depth if head == "deit" else None,
+        **subset_settings(subset),
+    }
+    settings = {
+        **shared,
+        **warmup,
+        "layers": layers,
+        "views": {"used": with_views, "k": reader.views_k if with_views else 0},
+    }
     folder = protocol_dir(reader, spec.out, stem, settings)
-    common = {**shared, "cache_key": reader.key, "warmup": warmup, "heads_per_pass": heads_per_pass,
-              "device": dev.type, "views": reader.views_k if with_views else 0}  # fmt: skip
+    common = {
+        **shared,
+        "cache_key": reader.key,
+        "warmup": warmup,
+        "heads_per_pass": heads_per_pass,
+        "device": dev.type,
+        "views": reader.views_k if with_views else 0,
+    }
     ckpt_settings = {n: {**common, "layer": n} for n in layers}
     resumes = {}
     if spec.resume:  # refuse a mismatched checkpoint before anything is trained or written
@@ -112,18 +133,47 @@ def _run_token_probe(reader: CacheReader, spec: TokenProbeSpec, subset: Subset |
         if n in resumes:  # as fine-tuning does: a rerun says where it picks up
             log(f"resumed {stem} layer {n} {_resume_point(resumes[n], epochs, n_passes)}")
         t0 = time.perf_counter()
-        splits = [TokenSplit(reader, s, n, loads[n], spec.workers, with_views and s == "train", rows_of(subset, s))
-                  for s in EVAL]  # fmt: skip
+        splits = [
+            TokenSplit(reader, s, n, loads[n], spec.workers, with_views and s == "train", rows_of(subset, s))
+            for s in EVAL
+        ]
         read_info[n] = {"preloaded": loads[n], "read_seconds": time.perf_counter() - t0}
-        cfg = TokenGridSettings(head, list(lrs), seed_list, len(reader.class_names), metric, reader.multilabel, epochs,
-                         batch_size, spec.weight_decay, warmup, schedule, 1.0, head_depth, heads_per_pass,
-                         reader.class_names if reader.multilabel else None, drop_last)  # fmt: skip
-        with progress_bar(progress, epochs * max(1, -(-n_heads // (heads_per_pass or n_heads))), f"layer {n}",
-                          f"{head} {n_heads} heads, layer {n}", "epoch/s") as advance:  # fmt: skip
+        cfg = TokenGridSettings(
+            head,
+            list(lrs),
+            seed_list,
+            len(reader.class_names),
+            metric,
+            reader.multilabel,
+            epochs,
+            batch_size,
+            spec.weight_decay,
+            warmup,
+            schedule,
+            1.0,
+            head_depth,
+            heads_per_pass,
+            reader.class_names if reader.multilabel else None,
+            drop_last,
+        )
+        with progress_bar(
+            progress,
+            epochs * max(1, -(-n_heads // (heads_per_pass or n_heads))),
+            f"layer {n}",
+            f"{head} {n_heads} heads, layer {n}",
+            "epoch/s",
+        ) as advance:
             result = train_token_grid(
-                specs[n], *splits, cfg, dev, pretrained, checkpoint_path(folder, head, n), ckpt_settings[n], spec.resume,
+                specs[n],
+                *splits,
+                cfg,
+                dev,
+                pretrained,
+                checkpoint_path(folder, head, n),
+                ckpt_settings[n],
+                spec.resume,
                 on_epoch=lambda _: advance(1),
-            )  # fmt: skip
+            )
         entry = result.to_dict()
         entry["timings"]["token_read"] = read_info[n]
         per_layer[n] = entry
@@ -134,16 +184,35 @@ def _run_token_probe(reader: CacheReader, spec: TokenProbeSpec, subset: Subset |
             plot_probe_curves(folder / f"{stem}_curves{suffix}.png", result.curves, metric=f"val {metric}")
     if len(layers) > 1:
         _write_vs_layer(folder, stem, head, per_layer, metric, spec.plots)
-    details = {"cache": str(reader.path), "token_norm_option": spec.token_norm, "head_weights": weights_info,
-               "head_random_init": weights_info["source"] == "random", "heads_per_pass": heads_per_pass,
-               "device": dev.type, "layers": per_layer}  # fmt: skip
+    details = {
+        "cache": str(reader.path),
+        "token_norm_option": spec.token_norm,
+        "head_weights": weights_info,
+        "head_random_init": weights_info["source"] == "random",
+        "heads_per_pass": heads_per_pass,
+        "device": dev.type,
+        "layers": per_layer,
+    }
     write_head_grid(
-        folder, subset_source(result_source(reader), subset), protocol=stem, settings=settings, metric=metric,
-        per_layer=per_layer, rows=rows, predictions=predictions, details=details,
+        folder,
+        subset_source(result_source(reader), subset),
+        protocol=stem,
+        settings=settings,
+        metric=metric,
+        per_layer=per_layer,
+        rows=rows,
+        predictions=predictions,
+        details=details,
         extra={"paper_feature": _paper_tokens(reader, layers, norm), **subset_facts},
-    )  # fmt: skip
-    return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows, "head": head,
-            "head_weights": weights_info}  # fmt: skip
+    )
+    return {
+        "folder": folder,
+        "metric": metric,
+        "layers": per_layer,
+        "rows": rows,
+        "head": head,
+        "head_weights": weights_info,
+    }
 
 
 def _resume_point(position: dict, epochs: int, n_passes: int) -> str:
@@ -168,13 +237,23 @@ def _paper_tokens(reader: CacheReader, layers: list, norm: str) -> bool:
 def _write_vs_layer(folder: Path, stem: str, head: str, per_layer: dict, metric: str, plots: bool) -> None:
     """The decapitation curve: best-LR test metric (mean ± std over seeds) per layer, as CSV and PNG."""
     rows = [
-        {"layer": n, "best_lr": e["best_lr"], "metric": metric, "val_mean": e["val_mean"], "val_std": e["val_std"],
-         "test_mean": e["test_mean"], "test_std": e["test_std"]}
+        {
+            "layer": n,
+            "best_lr": e["best_lr"],
+            "metric": metric,
+            "val_mean": e["val_mean"],
+            "val_std": e["val_std"],
+            "test_mean": e["test_mean"],
+            "test_std": e["test_std"],
+        }
         for n, e in per_layer.items()
-    ]  # fmt: skip
+    ]
     atomic_write_bytes(folder / f"{stem}_vs_layer.csv", csv_bytes(rows))
     if plots:
         plot_probe_vs_layer(
-            folder / f"{stem}_vs_layer.png", per_layer, metric, title=f"{head} head per layer (decapitation)",
+            folder / f"{stem}_vs_layer.png",
+            per_layer,
+            metric,
+            title=f"{head} head per layer (decapitation)",
             xlabel="foundation layer whose tokens feed the head",
-        )  # fmt: skip
+        )

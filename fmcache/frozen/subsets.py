@@ -72,8 +72,14 @@ class Subset:
     def settings(self) -> dict:
         """What names the result folder besides the plain run's settings (see :mod:`fmcache.results`)."""
         amount = {"fraction": self.fraction} if self.fraction is not None else {"per_class": self.per_class}
-        return {"train_subset": {**amount, "repeat": self.repeat, "sampling": self.sampling,
-                                 "val_follows": self.val_follows}}  # fmt: skip
+        return {
+            "train_subset": {
+                **amount,
+                "repeat": self.repeat,
+                "sampling": self.sampling,
+                "val_follows": self.val_follows,
+            }
+        }
 
     def tag(self) -> str:
         """``f0.01_r0`` or ``n5_r2``: the key of this subset's arrays in ``subsets.npz``."""
@@ -97,9 +103,13 @@ def _amount(fraction: float | None, per_class: int | None) -> str:
 
 
 def stratified(
-    labels: np.ndarray, class_names: Sequence[str], repeat: int, fraction: float | None = None,
-    per_class: int | None = None, split: str = "train",
-) -> np.ndarray:  # fmt: skip
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    repeat: int,
+    fraction: float | None = None,
+    per_class: int | None = None,
+    split: str = "train",
+) -> np.ndarray:
     """Sorted positions of a class-stratified subset of single-label ``labels`` (see the module doc)."""
     labels = np.asarray(labels).astype(np.int64)
     chosen = []
@@ -136,9 +146,14 @@ def random_rows(
 
 
 def draw(
-    labels: np.ndarray, class_names: Sequence[str], multilabel: bool, repeat: int, fraction: float | None = None,
-    per_class: int | None = None, split: str = "train",
-) -> np.ndarray:  # fmt: skip
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    multilabel: bool,
+    repeat: int,
+    fraction: float | None = None,
+    per_class: int | None = None,
+    split: str = "train",
+) -> np.ndarray:
     """One subset's sorted positions: stratified for single-label data, random for multi-label data."""
     if multilabel:
         if per_class is not None:
@@ -148,9 +163,15 @@ def draw(
 
 
 def plan(
-    train_labels: np.ndarray, val_labels: np.ndarray, class_names: Sequence[str], multilabel: bool,
-    fractions: Sequence[float] = (), per_class: Sequence[int] = (), repeats: int = 1, val_follows: bool = False,
-) -> list[Subset]:  # fmt: skip
+    train_labels: np.ndarray,
+    val_labels: np.ndarray,
+    class_names: Sequence[str],
+    multilabel: bool,
+    fractions: Sequence[float] = (),
+    per_class: Sequence[int] = (),
+    repeats: int = 1,
+    val_follows: bool = False,
+) -> list[Subset]:
     """Every (amount, repeat) subset, smallest amount first; a subset that is the whole split runs once (repeat 0).
 
     Every subset is drawn (and checked) before any run starts, so a fraction that leaves a class empty fails first.
@@ -176,9 +197,16 @@ def _subset_plan(reader: CacheReader, spec) -> list[Subset] | None:
     """The spec's subsets, every one drawn and checked before any run; None for a plain run (no subset option)."""
     if spec.train_fraction is None and spec.train_per_class is None:
         return None
-    return plan(reader.labels("train"), reader.labels("val"), reader.class_names, reader.multilabel,
-                spec.train_fraction or (), spec.train_per_class or (), spec.subset_repeats,
-                spec.val_fraction_follows)  # fmt: skip
+    return plan(
+        reader.labels("train"),
+        reader.labels("val"),
+        reader.class_names,
+        reader.multilabel,
+        spec.train_fraction or (),
+        spec.train_per_class or (),
+        spec.subset_repeats,
+        spec.val_fraction_follows,
+    )
 
 
 def over_subsets(reader: CacheReader, spec, protocol: str, run_one: Callable[[Subset | None], dict], log) -> dict:
@@ -212,8 +240,10 @@ def subset_drop_last(subset: Subset | None, batch_size: int, drop_last: bool, lo
     """A subset smaller than one batch trains on itself as one batch per epoch: drop_last would drop it all."""
     if subset is None or not drop_last or len(subset.train) >= batch_size:
         return drop_last
-    log(f"note: subset {subset.tag()} has {len(subset.train)} train samples, fewer than the batch size "
-        f"{batch_size}: one batch of all of them per epoch (drop_last does not apply)")  # fmt: skip
+    log(
+        f"note: subset {subset.tag()} has {len(subset.train)} train samples, fewer than the batch size "
+        f"{batch_size}: one batch of all of them per epoch (drop_last does not apply)"
+    )
     return False
 
 
@@ -245,17 +275,23 @@ def write_subset(folder: Path, reader: CacheReader, subset: Subset | None) -> di
     return {"subset": facts}
 
 
-def finish_label_efficiency(reader: CacheReader, spec, protocol: str, folders: list[Path], subsets: list[Subset],
-                            log) -> dict:  # fmt: skip
+def finish_label_efficiency(
+    reader: CacheReader, spec, protocol: str, folders: list[Path], subsets: list[Subset], log
+) -> dict:
     """After every subset run of a curve: its ``label_efficiency/`` folder (CSV, PNG, all subsets, JSON last), and
     the runner's answer: ``folder`` is the last run's (the grid's ledger records it; it is written last, so it is
     complete only when every run is), ``folders`` every run's."""
     docs = [json.loads((Path(f) / RESULT_JSON).read_text()) for f in folders]
-    curve = {"train_fraction": spec.train_fraction, "train_per_class": spec.train_per_class,
-             "subset_repeats": spec.subset_repeats, "val_fraction_follows": spec.val_fraction_follows}  # fmt: skip
+    curve = {
+        "train_fraction": spec.train_fraction,
+        "train_per_class": spec.train_per_class,
+        "subset_repeats": spec.subset_repeats,
+        "val_fraction_follows": spec.val_fraction_follows,
+    }
     settings = {**base_settings(docs[0]), "label_efficiency": curve}
-    folder = ensure_writable_dir(label_efficiency_folder(spec.out, reader.dataset, reader.model, reader.key, protocol,
-                                                         settings))  # fmt: skip
+    folder = ensure_writable_dir(
+        label_efficiency_folder(spec.out, reader.dataset, reader.model, reader.key, protocol, settings)
+    )
     (folder / "label_efficiency.json").unlink(missing_ok=True)  # written last: its presence vouches for the rest
     rows = label_efficiency_rows(docs)
     atomic_write_bytes(folder / "label_efficiency.csv", csv_bytes(rows))
@@ -270,11 +306,26 @@ def finish_label_efficiency(reader: CacheReader, spec, protocol: str, folders: l
         lines: dict[str, list] = {}
         for row in rows:
             lines.setdefault(f"{protocol} layer {row['layer']}", []).append(row)
-        plot_label_efficiency(folder / "label_efficiency.png", lines, metric,
-                              f"{reader.dataset}, {reader.model}: {protocol}")  # fmt: skip
-    document = {"protocol": protocol, "dataset": reader.dataset, "model": reader.model, "cache_key": reader.key,
-                "metric": metric, "settings": settings, "rows": rows, "folders": [str(f) for f in folders]}  # fmt: skip
+        plot_label_efficiency(
+            folder / "label_efficiency.png", lines, metric, f"{reader.dataset}, {reader.model}: {protocol}"
+        )
+    document = {
+        "protocol": protocol,
+        "dataset": reader.dataset,
+        "model": reader.model,
+        "cache_key": reader.key,
+        "metric": metric,
+        "settings": settings,
+        "rows": rows,
+        "folders": [str(f) for f in folders],
+    }
     atomic_write_bytes(folder / "label_efficiency.json", (json.dumps(to_jsonable(document), indent=2) + "\n").encode())
     log(f"label efficiency: {len(folders)} runs; curve in {folder}")
-    return {"folder": folders[-1], "folders": folders, "label_efficiency": folder, "rows": rows, "metric": metric,
-            "protocol": protocol}  # fmt: skip
+    return {
+        "folder": folders[-1],
+        "folders": folders,
+        "label_efficiency": folder,
+        "rows": rows,
+        "metric": metric,
+        "protocol": protocol,
+    }

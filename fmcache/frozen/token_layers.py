@@ -38,8 +38,10 @@ def paper_tokens_note(reader: CacheReader, layers: list) -> str | None:
     rule = reader.manifest["model"].get("head_tokens")
     if rule in ("pooler", "neck") and PAPER_TOKENS not in layers:
         what = "its attention pooler's outputs" if rule == "pooler" else "its FPN neck's features (stride 16)"
-        return (f"note: the follow-up feeds {reader.model}'s DeiT head {what}, not a layer's tokens; extract with "
-                "--tokens paper and probe --layer paper for the paper's cell")  # fmt: skip
+        return (
+            f"note: the follow-up feeds {reader.model}'s DeiT head {what}, not a layer's tokens; extract with "
+            "--tokens paper and probe --layer paper for the paper's cell"
+        )
     return None
 
 
@@ -63,7 +65,7 @@ def check_token_layers(reader: CacheReader, layer: str) -> list[int | str]:
     try:
         layers: list[int | str] = [
             PAPER_TOKENS if part == PAPER_TOKENS else reader.resolve_layer(part) for part in parts
-        ]  # fmt: skip
+        ]
     except FmcacheError as exc:
         raise FmcacheError(f"{exc}; cached token layers: {', '.join(map(str, cached))}") from None
     if not layers:

@@ -40,6 +40,7 @@ from fmcache.errors import FmcacheError
 from fmcache.frozen.heads import build_head
 from fmcache.frozen.specs import PRELOAD
 from fmcache.frozen.token_layers import LayerSpec, TokenNorm
+from fmcache.frozen.views import epoch_views
 from fmcache.headgrid import ProbeResult, check_lists, head_losses, labels_tensor, summarise
 from fmcache.training import (
     ADAM_BETAS,
@@ -66,9 +67,15 @@ class TokenSplit:
     """
 
     def __init__(
-        self, reader: CacheReader, split: str, layer: int | str, preload: bool, workers: int, views: bool = False,
+        self,
+        reader: CacheReader,
+        split: str,
+        layer: int | str,
+        preload: bool,
+        workers: int,
+        views: bool = False,
         rows: np.ndarray | None = None,
-    ):  # fmt: skip
+    ):
         self.dataset = reader.view_tokens(layer) if views else reader.tokens(split, layer)
         self.k = reader.views_k if views else 0
         self.rows = None if rows is None else torch.as_tensor(np.asarray(rows, dtype=np.int64))
@@ -186,8 +193,9 @@ def train_token_grid(
         labels_tensor(split.labels, split.n, cfg.num_classes, cfg.multilabel, "val/test")
     steps_per_epoch = len(batch_starts(train.n, cfg.batch_size, cfg.drop_last))
     total_steps = steps_per_epoch * cfg.epochs
-    warmup = warmup_steps_for(cfg.warmup.get("warmup_epochs"), cfg.warmup.get("warmup_iters"), steps_per_epoch,
-                              total_steps)  # fmt: skip
+    warmup = warmup_steps_for(
+        cfg.warmup.get("warmup_epochs"), cfg.warmup.get("warmup_iters"), steps_per_epoch, total_steps
+    )
     norm = TokenNorm(spec, device)
     records = HeadRecords(n_heads, cfg.epochs)
     plan = passes(len(lrs), seeds, cfg.heads_per_pass)
@@ -220,10 +228,15 @@ def train_token_grid(
                 nxt = (p + 1, 0) if done_pass else (p, epoch + 1)
                 save_checkpoint(
                     checkpoint,
-                    {"pass": nxt[0], "epoch": nxt[1], "train_seconds": train_seconds, "records": records.state(),
-                     **({} if done_pass else run.state())},
+                    {
+                        "pass": nxt[0],
+                        "epoch": nxt[1],
+                        "train_seconds": train_seconds,
+                        "records": records.state(),
+                        **({} if done_pass else run.state()),
+                    },
                     ckpt_settings or {},
-                )  # fmt: skip
+                )
             if on_epoch is not None:
                 on_epoch(epoch + 1)
         del run
@@ -303,8 +316,6 @@ class _Pass:
         index_lists = {j: list(order.split(self.cfg.batch_size))[:keep] for j, order in orders.items()}
         items = index_lists
         if train.k:  # one cached view per sample, drawn per (seed, epoch) as the linear heads draw theirs
-            from fmcache.frozen.views import epoch_views
-
             items = {}
             for j, order in orders.items():
                 view = epoch_views(self.seeds[j], epoch, train.n, train.k)

@@ -13,7 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fmcache.config import load_config
 from fmcache.errors import FmcacheError
+from fmcache.extract.spec import ExtractSpec
 from fmcache.protocols import get_protocol, names
 from fmcache.runners import spec_class
 
@@ -27,8 +29,22 @@ PREPARERS = ("digits",)
 # options every protocol variant may carry besides its runner's: which models it applies to
 VARIANT_KEYS = ("models",)
 # fixed by the grid itself, so a YAML may not set them inside extract: or a protocol
-GRID_OWNED = {"dataset", "data_root", "model", "weights", "random_init", "cache_root", "dataset_options",
-              "arch_overrides", "out", "cache", "cache_b", "head", "from_cache", "img_size"}  # fmt: skip
+GRID_OWNED = {
+    "dataset",
+    "data_root",
+    "model",
+    "weights",
+    "random_init",
+    "cache_root",
+    "dataset_options",
+    "arch_overrides",
+    "out",
+    "cache",
+    "cache_b",
+    "head",
+    "from_cache",
+    "img_size",
+}
 
 Log = Callable[[str], None]
 
@@ -51,8 +67,6 @@ def _runner_options(kind: str) -> set[str]:
 
 
 def _extract_options() -> set[str]:
-    from fmcache.extract.spec import ExtractSpec
-
     return ({f.name for f in dataclasses.fields(ExtractSpec)} - GRID_OWNED) | {"tokens"}
 
 
@@ -81,8 +95,6 @@ class GridConfig:
 
 def load_grid(path: Path, results: Path | None = None, cache_root: Path | None = None) -> GridConfig:
     """Read and check a grid YAML; every unknown key is one line naming it and the valid ones."""
-    from fmcache.config import load_config
-
     path = Path(path)
     raw = load_config(path)
     _unknown(raw, TOP_KEYS, "the top level", path)
@@ -125,8 +137,10 @@ def load_grid(path: Path, results: Path | None = None, cache_root: Path | None =
     labels = [label(m) for m in checked_models]
     repeated = sorted({x for x in labels if labels.count(x) > 1})
     if repeated:
-        raise FmcacheError(f"{path}: model {repeated[0]} is listed twice; give each entry its own label: (e.g. "
-                           f"label: {repeated[0]}@1024)")  # fmt: skip
+        raise FmcacheError(
+            f"{path}: model {repeated[0]} is listed twice; give each entry its own label: (e.g. "
+            f"label: {repeated[0]}@1024)"
+        )
     model_names = set(labels)  # protocols choose models by label (the name, unless an entry sets one)
     for kind, variants in protocols.items():
         for variant in variants:

@@ -81,8 +81,10 @@ def _hours(seconds: float) -> str:
 
 def _row(title: str, n: int, ours, seed, width: int) -> str:
     seed_cells = f"{count_text(seed.forwards):>8} {duration(seed.seconds):>9}" if seed.seconds else f"{'-':>8} {'-':>9}"
-    return (f"  {title:<{width}} {n:>4} {count_text(ours.forwards):>8} {si(ours.flops, 'FLOP'):>11} "
-            f"{si(ours.written, 'B'):>9} {si(ours.read, 'B'):>9} {duration(ours.seconds):>9}   {seed_cells}")  # fmt: skip
+    return (
+        f"  {title:<{width}} {n:>4} {count_text(ours.forwards):>8} {si(ours.flops, 'FLOP'):>11} "
+        f"{si(ours.written, 'B'):>9} {si(ours.read, 'B'):>9} {duration(ours.seconds):>9}   {seed_cells}"
+    )
 
 
 def print_cost(jobs: list[Job], splits: dict[str, DataSize | None], log: Log, device_rate: str | None = None) -> dict:
@@ -111,8 +113,10 @@ def print_cost(jobs: list[Job], splits: dict[str, DataSize | None], log: Log, de
             key = job.id if per_job else f"{job.kind.split('#')[0]} {label(job.model)}"
             groups.setdefault(key, []).append(job.id)
     width = max(24, *(len(k) for k in groups))
-    log(f"  {'job' if per_job else 'kind, model (all datasets and variants)':<{width}} {'jobs':>4} {'forwards':>8} "
-        f"{'FLOPs':>11} {'written':>9} {'read':>9} {'time':>9}   {'seed: fwd':>8} {'time':>9}")  # fmt: skip
+    log(
+        f"  {'job' if per_job else 'kind, model (all datasets and variants)':<{width}} {'jobs':>4} {'forwards':>8} "
+        f"{'FLOPs':>11} {'written':>9} {'read':>9} {'time':>9}   {'seed: fwd':>8} {'time':>9}"
+    )
 
     def total(ids) -> tuple[Cost, Cost]:
         ours, seed = Cost(), Cost()
@@ -133,28 +137,38 @@ def print_cost(jobs: list[Job], splits: dict[str, DataSize | None], log: Log, de
             log(_row(name, len(ids), *total(ids), width))
     log(_row("total", len(costs), ours, seed, width))
     hours, seed_hours = ours.seconds / 3600, seed.seconds / 3600
-    log(f"total: {count_text(ours.forwards)} foundation forwards, {si(ours.flops, 'FLOP')}, {si(ours.written, 'B')} "
+    log(
+        f"total: {count_text(ours.forwards)} foundation forwards, {si(ours.flops, 'FLOP')}, {si(ours.written, 'B')} "
         f"written, {si(ours.read, 'B')} read; about {_hours(ours.seconds)} device-hours on {rates.label} "
-        f"({duration(ours.seconds)} one job after another)")  # fmt: skip
+        f"({duration(ours.seconds)} one job after another)"
+    )
     saving = f", {seed.seconds / ours.seconds:.1f}x fmcache's" if ours.seconds else ""
-    log(f"the seed's online protocol for the same results: {count_text(seed.forwards)} foundation forwards, "
-        f"{si(seed.flops, 'FLOP')}; about {_hours(seed.seconds)} device-hours{saving}")  # fmt: skip
+    log(
+        f"the seed's online protocol for the same results: {count_text(seed.forwards)} foundation forwards, "
+        f"{si(seed.flops, 'FLOP')}; about {_hours(seed.seconds)} device-hours{saving}"
+    )
     frozen = [j.id for j in jobs if j.id in costs and not j.reads_images]
     mine, theirs = total(frozen)
     if frozen and len(frozen) < len(costs):
         ratio = f" ({theirs.seconds / mine.seconds:.0f}x)" if mine.seconds else ""
-        log(f"  without fine-tuning (the same in both), what the cache changes: {_hours(mine.seconds)} vs the "
-            f"seed's {_hours(theirs.seconds)} device-hours{ratio}")  # fmt: skip
+        log(
+            f"  without fine-tuning (the same in both), what the cache changes: {_hours(mine.seconds)} vs the "
+            f"seed's {_hours(theirs.seconds)} device-hours{ratio}"
+        )
     bound = [i for i, c in costs.items() if c.data_bound]
     if bound and ours.seconds:
         share = sum(costs[i].ours.seconds for i in bound) / ours.seconds
-        log(f"  {len(bound)} job(s), {share:.0%} of that time, wait on image decoding with their `workers` (a "
-            "protocol's default is 2): more workers per GPU shorten them")  # fmt: skip
+        log(
+            f"  {len(bound)} job(s), {share:.0%} of that time, wait on image decoding with their `workers` (a "
+            "protocol's default is 2): more workers per GPU shorten them"
+        )
     notes = sorted({s.note for s in splits.values() if s is not None and s.note})
-    log("  assumptions: training = 3x the forward of what trains; test scored at ~1 + 2 ln(epochs) new best epochs; "
+    log(
+        "  assumptions: training = 3x the forward of what trains; test scored at ~1 + 2 ln(epochs) new best epochs; "
         "the seed recomputes the frozen foundation every step (train with augmentation), val every epoch, test once, "
         "and the k-NN bank for every k; fine-tuning costs the same in both; image decode from the datasets' typical "
-        "image sizes (README \"Scale\")" + (f"; {'; '.join(notes)}" if notes else ""))  # fmt: skip
+        'image sizes (README "Scale")' + (f"; {'; '.join(notes)}" if notes else "")
+    )
     return {
         "rates": rates.describe(),
         "jobs": {i: {"ours": asdict(c.ours), "seed": asdict(c.seed)} for i, c in costs.items()},

@@ -124,8 +124,9 @@ def run_parallel(jobs: list[Job], n: int, logs: Path, log: Log, wait: bool = Fal
             spec, log_file = logs / f"{_log_name(job)}.json", logs / f"{_log_name(job)}.log"
             spec.write_text(json.dumps(job_doc(job), default=str))
             handle = open(log_file, "w")  # noqa: SIM115  (closed when the job ends)
-            proc = subprocess.Popen([sys.executable, "-m", "fmcache.grid.main", str(spec)], env=env, stdout=handle,
-                                    stderr=subprocess.STDOUT)  # fmt: skip
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fmcache.grid.main", str(spec)], env=env, stdout=handle, stderr=subprocess.STDOUT
+            )
             running[job.id] = (job, proc, gpu, log_file, handle)
             log(f"started {job.id}" + (f" on GPU {gpu}" if gpu is not None else ""))
         for job_id, (job, proc, gpu, log_file, handle) in list(running.items()):

@@ -41,8 +41,14 @@ class Job:
 
     def digest(self) -> str:
         """What makes the job's numbers: never the folders, so --results elsewhere keeps its own ledger."""
-        doc = {"kind": self.kind, "dataset": self.dataset, "model": self.model, "options": self.options,
-               "extract": self.extract, "model_b": self.model_b}  # fmt: skip
+        doc = {
+            "kind": self.kind,
+            "dataset": self.dataset,
+            "model": self.model,
+            "options": self.options,
+            "extract": self.extract,
+            "model_b": self.model_b,
+        }
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -86,22 +92,32 @@ def expand(grid: GridConfig) -> list[Job]:
                         _check_finetune_ref(grid, ref)
                         job_options = {**options, "after_finetune": f"{ref}/{data['name']}/{label(model)}"}
                         deps.append(job_options["after_finetune"])
-                    jobs.append(Job(job_id, kind, data, model, job_options, deps, _extract_settings(grid, model),
-                                    **common))  # fmt: skip
+                    jobs.append(
+                        Job(job_id, kind, data, model, job_options, deps, _extract_settings(grid, model), **common)
+                    )
                 if across:  # the last layer of every pair of models (paper Fig. 8)
                     pair_options = {**options, "layers": "last", "layers_b": "last"}
                     for i, a in enumerate(chosen):
                         for b in chosen[i + 1 :]:
                             if a["name"] == b["name"]:  # one model at two sizes: not a pair of models
                                 continue
-                            jobs.append(Job(
-                                f"{kind}{suffix}/{data['name']}/{label(a)}_x_{label(b)}", kind, data, a, pair_options,
-                                [extract_ids[label(a)], extract_ids[label(b)]], _extract_settings(grid, a),
-                                model_b=b, **common,
-                            ))  # fmt: skip
+                            jobs.append(
+                                Job(
+                                    f"{kind}{suffix}/{data['name']}/{label(a)}_x_{label(b)}",
+                                    kind,
+                                    data,
+                                    a,
+                                    pair_options,
+                                    [extract_ids[label(a)], extract_ids[label(b)]],
+                                    _extract_settings(grid, a),
+                                    model_b=b,
+                                    **common,
+                                )
+                            )
     # fine-tuning last: frozen results come early, the costliest runs at the end; a CKA after fine-tuning after both
-    jobs.sort(key=lambda j: (j.reads_images or bool(j.options.get("after_finetune")),
-                             bool(j.options.get("after_finetune"))))  # fmt: skip
+    jobs.sort(
+        key=lambda j: (j.reads_images or bool(j.options.get("after_finetune")), bool(j.options.get("after_finetune")))
+    )
     return jobs
 
 
@@ -131,8 +147,11 @@ def select(jobs: list[Job], only: str | None) -> list[Job]:
 
     def keep(job: Job) -> bool:
         names = {label(job.model), job.model["name"]} | ({label(job.model_b)} if job.model_b else set())
-        return ((not tokens & kinds or job.kind in tokens) and (not tokens & datasets or job.dataset["name"] in tokens)
-                and (not tokens & models or bool(names & tokens)))  # fmt: skip
+        return (
+            (not tokens & kinds or job.kind in tokens)
+            and (not tokens & datasets or job.dataset["name"] in tokens)
+            and (not tokens & models or bool(names & tokens))
+        )
 
     kept = {j.id for j in jobs if keep(j)}
     for job in jobs:  # a reader needs its cache: its extract comes along (and is skipped when complete)

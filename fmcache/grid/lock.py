@@ -19,6 +19,7 @@ from pathlib import Path
 from fmcache.cache.lock import LockHeld, PidLock
 from fmcache.grid.config import Log
 from fmcache.grid.jobs import Job
+from fmcache.grid.slurm_cli import job_state
 
 LEDGER = ".grid"
 
@@ -52,7 +53,6 @@ class JobLock(PidLock):
         slurm_id = holder.get("slurm_job_id")
         if not slurm_id or holder.get("host") == socket.gethostname():
             return False  # a live pid here, or a process elsewhere that only its own host can judge
-        from fmcache.grid.slurm_cli import job_state
 
         state = job_state(str(slurm_id))
         return state is not None and not state.active  # None: Slurm cannot be asked from here, so assume alive

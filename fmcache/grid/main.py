@@ -64,7 +64,7 @@ def check_roots(grid: GridConfig, dry_run: bool, log: Log) -> None:
 
 def prepare_digits(root: Path, per_class: int) -> Path:
     """The demo's digits ImageFolder, written beside and renamed into place, so a killed run never leaves half."""
-    from fmcache.data.digits import write_digits
+    from fmcache.data.digits import write_digits  # deferred: torch, torchvision
 
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
@@ -88,16 +88,25 @@ def plan(grid: GridConfig, jobs: list[Job], log: Log, device_rate: str | None = 
     recorded = estimate_jobs(RecordedEstimator(recorded_seconds(grid.results, grid.cache_root)), pending)
     seconds, unknown = sum(c.ours.seconds for c in recorded.costs.values()), len(recorded.failed)
     known = len(pending) - unknown
-    log(f"estimated cost of the {known} job(s) with recorded timings of their kind: {seconds:.0f} s"
-        + (f"; {unknown} job(s) have none yet" if unknown else ""))  # fmt: skip
+    log(
+        f"estimated cost of the {known} job(s) with recorded timings of their kind: {seconds:.0f} s"
+        + (f"; {unknown} job(s) have none yet" if unknown else "")
+    )
     shown = pending if len(pending) <= ROWS_PER_JOB else pending[:40]
     for job in shown:
         log(f"  to run: {job.id}")
     if len(shown) < len(pending):
         log(f"  ... and {len(pending) - len(shown)} more to run (--only KIND,DATASET,MODEL lists fewer)")
     cost = print_cost(pending, splits, log, device_rate)
-    return {"jobs": len(jobs), "done": len(done), "pending": [j.id for j in pending], "estimate_s": seconds,
-            "paper_outputs": groups, "dataset_sizes": sizes, "cost": cost}  # fmt: skip
+    return {
+        "jobs": len(jobs),
+        "done": len(done),
+        "pending": [j.id for j in pending],
+        "estimate_s": seconds,
+        "paper_outputs": groups,
+        "dataset_sizes": sizes,
+        "cost": cost,
+    }
 
 
 def _safe_done(job: Job) -> bool:
@@ -134,8 +143,10 @@ def run_grid(config: Path, options: GridOptions, log: Log = print) -> dict:
         outcome = run_local(jobs, log, wait=options.wait)
     seconds = time.perf_counter() - start
     elsewhere = f", {len(outcome.elsewhere)} running in another grid" if outcome.elsewhere else ""
-    log(f"{len(jobs)} job(s): {len(outcome.ran)} ran, {len(outcome.skipped)} already done, "
-        f"{len(outcome.failed)} failed, {len(outcome.blocked)} not started{elsewhere}; {seconds:.1f} s")  # fmt: skip
+    log(
+        f"{len(jobs)} job(s): {len(outcome.ran)} ran, {len(outcome.skipped)} already done, "
+        f"{len(outcome.failed)} failed, {len(outcome.blocked)} not started{elsewhere}; {seconds:.1f} s"
+    )
     # the summary names every job that did not end done, so nothing needs digging out of the lines above
     for job_id, why in [*outcome.failed.items(), *outcome.blocked.items(), *outcome.elsewhere.items()]:
         log(f"  {job_id}: {why if job_id not in outcome.failed else 'failed: ' + why}")
@@ -145,8 +156,13 @@ def run_grid(config: Path, options: GridOptions, log: Log = print) -> dict:
             f"{len(outcome.failed)} job(s) failed and {len(outcome.blocked)} could not start; first: {first[0]}: "
             f"{first[1]}; rerun the same command to retry only those"
         )
-    return {"jobs": len(jobs), "ran": outcome.ran, "skipped": outcome.skipped, "elsewhere": dict(outcome.elsewhere),
-            "seconds": seconds}  # fmt: skip
+    return {
+        "jobs": len(jobs),
+        "ran": outcome.ran,
+        "skipped": outcome.skipped,
+        "elsewhere": dict(outcome.elsewhere),
+        "seconds": seconds,
+    }
 
 
 def main(argv: list[str]) -> int:

@@ -13,10 +13,13 @@ import json
 from pathlib import Path
 
 from fmcache.errors import FmcacheError
+from fmcache.extract.spec import ExtractSpec
+from fmcache.files import atomic_write_bytes, ensure_writable_dir
 from fmcache.grid.config import DATASET_OPTIONS, Log
 from fmcache.grid.jobs import Job
 from fmcache.grid.lock import LEDGER, JobLock
 from fmcache.protocols import get_protocol
+from fmcache.results import RESULT_JSON, is_complete
 from fmcache.runners import make_spec, run
 
 # exit codes of ``python -m fmcache.grid.main JOB.json`` (the --jobs N subprocess) besides 0 (ran) and 2 (failed)
@@ -27,17 +30,18 @@ EXIT_DONE_ELSEWHERE = 4  # another grid finished it before this process got the 
 def _source(data: dict, model: dict) -> dict:
     """The spec fields that name the images and the foundation: the same for an extract and a fine-tune."""
     return {
-        "dataset": data["name"], "data_root": Path(data["root"]), "model": model["name"],
+        "dataset": data["name"],
+        "data_root": Path(data["root"]),
+        "model": model["name"],
         "weights": Path(model["weights"]) if model.get("weights") else None,
-        "random_init": bool(model.get("random_init", False)), "img_size": model.get("img_size"),
+        "random_init": bool(model.get("random_init", False)),
+        "img_size": model.get("img_size"),
         "arch_overrides": dict(model.get("arch_overrides") or {}),
         "dataset_options": {k: data[k] for k in DATASET_OPTIONS if data.get(k) is not None},
-    }  # fmt: skip
+    }
 
 
 def extract_spec(job: Job, model: dict | None = None):
-    from fmcache.extract.spec import ExtractSpec
-
     settings = dict(job.extract)
     if job.dataset.get("limit") is not None:
         settings.setdefault("limit", job.dataset["limit"])
@@ -46,7 +50,7 @@ def extract_spec(job: Job, model: dict | None = None):
 
 def _plan(job: Job, model: dict | None = None):
     """The extraction a job reads (an extract job: the one it runs); planning reads labels, no image, no model."""
-    from fmcache.extract.plan import plan
+    from fmcache.extract.plan import plan  # deferred: h5py, torch, torchvision
 
     return plan(extract_spec(job, model), log=lambda _m: None)
 
@@ -77,9 +81,8 @@ def job_spec(job: Job):
 def _finetuned_cache(job: Job, finetune_id: str) -> Path:
     """Fig. 7's second cache: the job's model extracted again with the export of its fine-tune job (the best LR's
     first seed), with the same extraction settings; the extraction is skipped when that cache is complete."""
-    from fmcache.extract.run import run_extract
-    from fmcache.finetune.loop import EXPORT
-    from fmcache.results import RESULT_JSON, is_complete
+    from fmcache.extract.run import run_extract  # deferred: h5py, torch, torchvision
+    from fmcache.finetune.loop import EXPORT  # deferred: torch
 
     entries = []
     for path in sorted((Path(job.results) / LEDGER).glob("*.json")):
@@ -103,7 +106,7 @@ def _finetuned_cache(job: Job, finetune_id: str) -> Path:
 def execute(job: Job, log: Log = print) -> Path:
     """Run one job in this process with the library's functions; returns the cache or result folder."""
     if job.is_extract:
-        from fmcache.extract.run import run_extract
+        from fmcache.extract.run import run_extract  # deferred: h5py, torch, torchvision
 
         return run_extract(extract_spec(job), progress=False, log=log)
     return Path(run(job.kind, job_spec(job), progress=False, log=log)["folder"])
@@ -123,8 +126,6 @@ def _ledger_entry(path: Path) -> dict | None:
 
 def is_done(job: Job) -> bool:
     """An extract: its cache is complete. Any other job: its ledger entry names a complete result folder."""
-    from fmcache.results import is_complete
-
     if job.is_extract:
         return _plan(job).is_complete()
     entry = _ledger_entry(ledger_path(job))
@@ -138,8 +139,6 @@ def run_and_record(job: Job, log: Log = print, wait: bool = False, note: Log | N
     Raises :class:`fmcache.grid.lock.JobBusy` when another grid runs the job now, unless ``wait``; ``note`` gets
     the lock's own messages (waiting, a stale lock taken over), ``log`` the job's.
     """
-    from fmcache.files import atomic_write_bytes, ensure_writable_dir
-
     note = note or log
     lock = JobLock(job)
     ensure_writable_dir(lock.path.parent)

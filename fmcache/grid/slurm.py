@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fmcache.errors import FmcacheError
-from fmcache.files import ensure_writable_dir
+from fmcache.files import atomic_write_json, ensure_writable_dir
 from fmcache.grid.config import GridOptions, Log
 from fmcache.grid.jobs import Job
 from fmcache.grid.lock import LEDGER, JobLock
@@ -79,12 +79,18 @@ def _marker(job: Job) -> Path:
 
 
 def _write_marker(job: Job, tracked: Tracked) -> None:
-    from fmcache.files import atomic_write_json
-
-    atomic_write_json(_marker(job), {
-        "job": job.id, "slurm_job_id": tracked.slurm_id, "stdout": str(tracked.stdout), "stderr": str(tracked.stderr),
-        "grid_pid": os.getpid(), "grid_host": socket.gethostname(), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    })  # fmt: skip
+    atomic_write_json(
+        _marker(job),
+        {
+            "job": job.id,
+            "slurm_job_id": tracked.slurm_id,
+            "stdout": str(tracked.stdout),
+            "stderr": str(tracked.stderr),
+            "grid_pid": os.getpid(),
+            "grid_host": socket.gethostname(),
+            "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    )
 
 
 def _other_submission(job: Job) -> tuple[dict, SlurmState] | None:
@@ -125,8 +131,9 @@ def _rejected(job: Job, exc: Exception, options: GridOptions, gpus: int, tracked
     return FmcacheError(message)
 
 
-def _submit_one(job: Job, executor, options: GridOptions, gpus: int | None, tracked: dict[str, Tracked],
-                outcome: Outcome, log: Log) -> int | None:  # fmt: skip
+def _submit_one(
+    job: Job, executor, options: GridOptions, gpus: int | None, tracked: dict[str, Tracked], outcome: Outcome, log: Log
+) -> int | None:
     """Settle ``job`` before submitting (dependency failed, done, left to another grid) or submit it; returns the GPU
     count, asked of the cluster at the first submission."""
     from submitit.core.utils import FailedJobError
@@ -144,8 +151,10 @@ def _submit_one(job: Job, executor, options: GridOptions, gpus: int | None, trac
     if other is not None or holder is not None:
         if other is not None:
             marker, state = other
-            where = (f"running in another grid (pid {marker.get('grid_pid', '?')}, host "
-                     f"{marker.get('grid_host', '?')}, Slurm job {marker['slurm_job_id']} {state.state.lower()})")  # fmt: skip
+            where = (
+                f"running in another grid (pid {marker.get('grid_pid', '?')}, host "
+                f"{marker.get('grid_host', '?')}, Slurm job {marker['slurm_job_id']} {state.state.lower()})"
+            )
         else:
             where = busy(holder or {})
         if not options.wait:
@@ -154,8 +163,13 @@ def _submit_one(job: Job, executor, options: GridOptions, gpus: int | None, trac
             return gpus
         if other is not None:  # watch the other grid's Slurm job rather than queue a second one
             marker = other[0]
-            tracked[job.id] = Tracked(job, str(marker["slurm_job_id"]), Path(marker.get("stdout", "")),
-                                      Path(marker.get("stderr", "")), adopted=True)  # fmt: skip
+            tracked[job.id] = Tracked(
+                job,
+                str(marker["slurm_job_id"]),
+                Path(marker.get("stdout", "")),
+                Path(marker.get("stderr", "")),
+                adopted=True,
+            )
             log(f"waiting for {job.id}: {where}")
             return gpus
         # a grid without Slurm runs it: this job's process waits on the node for that run's lock
@@ -197,8 +211,11 @@ def run_slurm(jobs: list[Job], options: GridOptions, logs: Path, log: Log) -> Ou
     gpus: int | None = None  # asked of the cluster only when there is something to submit
     executor = submitit.AutoExecutor(folder=logs / "%j", cluster="slurm")
     params: dict = {"timeout_min": options.time_min, "tasks_per_node": 1, "nodes": 1}
-    for key, value in (("slurm_partition", options.slurm_partition), ("slurm_account", options.slurm_account),
-                       ("slurm_qos", options.slurm_qos)):  # fmt: skip
+    for key, value in (
+        ("slurm_partition", options.slurm_partition),
+        ("slurm_account", options.slurm_account),
+        ("slurm_qos", options.slurm_qos),
+    ):
         if value:
             params[key] = value
     executor.update_parameters(**params)
@@ -212,8 +229,10 @@ def run_slurm(jobs: list[Job], options: GridOptions, logs: Path, log: Log) -> Ou
     except KeyboardInterrupt:
         left = [t for t in tracked.values() if not outcome.settled(t.job.id) and not t.adopted]
         if left:
-            log(f"interrupted: {len(left)} job(s) of this run go on in Slurm without this grid; stop them with: "
-                f"scancel {' '.join(t.slurm_id for t in left)}; a rerun of the same command collects what they finish")  # fmt: skip
+            log(
+                f"interrupted: {len(left)} job(s) of this run go on in Slurm without this grid; stop them with: "
+                f"scancel {' '.join(t.slurm_id for t in left)}; a rerun of the same command collects what they finish"
+            )
         raise
     return outcome
 
@@ -259,8 +278,10 @@ class _Watch:
         if missing:  # ended more than MinJobAge ago (or never known): only accounting still knows them
             accounted, why = sacct_states(missing)
             if accounted is None and not self.accounting_note:
-                self.log(f"Slurm accounting is off here ({why}); jobs that squeue no longer lists are judged by "
-                         "their results and logs")  # fmt: skip
+                self.log(
+                    f"Slurm accounting is off here ({why}); jobs that squeue no longer lists are judged by "
+                    "their results and logs"
+                )
                 self.accounting_note = True
             states.update(accounted or {})
         return states
@@ -297,12 +318,16 @@ class _Watch:
                 if not t.adopted:
                     cancel([t.slurm_id])
                 if st.reason == "DependencyNeverSatisfied":  # its dependencies succeeded in our eyes, not Slurm's
-                    outcome.blocked[jid] = ("not started: Slurm will not start it, as a dependency ended without "
-                                            "success (cancelled while finishing?); rerun the same command to run it")  # fmt: skip
+                    outcome.blocked[jid] = (
+                        "not started: Slurm will not start it, as a dependency ended without "
+                        "success (cancelled while finishing?); rerun the same command to run it"
+                    )
                 else:
-                    outcome.failed[jid] = (f"Slurm would never start it (pending, reason {st.reason}): it asks for "
-                                           "more than the partition allows; fix --gpus-per-job, --time or "
-                                           "--slurm-option")  # fmt: skip
+                    outcome.failed[jid] = (
+                        f"Slurm would never start it (pending, reason {st.reason}): it asks for "
+                        "more than the partition allows; fix --gpus-per-job, --time or "
+                        "--slurm-option"
+                    )
                 self.log(f"{jid}: {outcome.blocked.get(jid) or outcome.failed[jid]}")
                 return True
             if st.state == "RUNNING" and not t.running_logged:

@@ -19,16 +19,36 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # states in which Slurm may still run (or is running) the job
-ACTIVE = frozenset({
-    "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
-    "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "SPECIAL_EXIT",
-})  # fmt: skip
+ACTIVE = frozenset(
+    {
+        "PENDING",
+        "CONFIGURING",
+        "RUNNING",
+        "COMPLETING",
+        "SUSPENDED",
+        "REQUEUED",
+        "REQUEUE_FED",
+        "REQUEUE_HOLD",
+        "RESIZING",
+        "SIGNALING",
+        "STAGE_OUT",
+        "RESV_DEL_HOLD",
+        "SPECIAL_EXIT",
+    }
+)
 # reasons a PENDING job will never start: its dependency failed (clusters without kill_invalid_depend leave such jobs
 # pending forever), or it asks for more than the partition allows
-NEVER_STARTS = frozenset({
-    "DependencyNeverSatisfied", "PartitionConfig", "BadConstraints", "PartitionNodeLimit", "PartitionTimeLimit",
-    "InvalidAccount", "InvalidQOS",
-})  # fmt: skip
+NEVER_STARTS = frozenset(
+    {
+        "DependencyNeverSatisfied",
+        "PartitionConfig",
+        "BadConstraints",
+        "PartitionNodeLimit",
+        "PartitionTimeLimit",
+        "InvalidAccount",
+        "InvalidQOS",
+    }
+)
 TIMEOUT_S = 30
 
 

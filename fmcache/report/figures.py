@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fmcache.plots import new_figure, plot_cka_heatmap, save_png
+from fmcache.label_efficiency import label_efficiency_rows
+from fmcache.plots import new_figure, plot_cka_heatmap, plot_label_efficiency, save_png
 from fmcache.protocols import PROTOCOLS
 from fmcache.report.paper import MODEL_SIZE_FAMILY, OUTPUTS, freeze_of
 from fmcache.report.tables import (
@@ -26,7 +27,7 @@ from fmcache.report.tables import (
     ordered_models,
     protocol_of,
 )
-from fmcache.results import safe_name
+from fmcache.results import base_settings, safe_name, settings_hash, train_subset
 
 
 def _paper(key: str) -> str:
@@ -98,8 +99,18 @@ def metric_vs_layer(docs: Sequence[dict], out: Path) -> list[Figure]:
                 ax.errorbar(xs, means, yerr=np.nan_to_num(stds), marker="o", capsize=3, label=model)
             metric = next(iter(curves.values()))[1]
             caption = f"{_paper(stem)} ({dataset})" if stem in OUTPUTS else f"{dataset}: {label}"
-            figures.append(_finish(fig, ax, out, f"{stem}_{safe_name(dataset)}", caption,
-                                   title=f"{dataset}: {label}", ylabel=f"test {metric}", xlabel="layer"))  # fmt: skip
+            figures.append(
+                _finish(
+                    fig,
+                    ax,
+                    out,
+                    f"{stem}_{safe_name(dataset)}",
+                    caption,
+                    title=f"{dataset}: {label}",
+                    ylabel=f"test {metric}",
+                    xlabel="layer",
+                )
+            )
     return figures
 
 
@@ -113,8 +124,11 @@ def knn_vs_k(docs: Sequence[dict], out: Path) -> list[Figure]:
                 continue
             summary = doc.get("summary") or {}
             layer = (summary.get("best") or {}).get("layer")
-            points = {int(r["k"]): r["value"] for r in summary.get("rows") or []
-                      if r.get("split") == "test" and r.get("layer") == layer and r.get("value") is not None}  # fmt: skip
+            points = {
+                int(r["k"]): r["value"]
+                for r in summary.get("rows") or []
+                if r.get("split") == "test" and r.get("layer") == layer and r.get("value") is not None
+            }
             if points:
                 lines[doc["model"]] = (points, doc.get("metric"))
         if not lines:
@@ -124,9 +138,18 @@ def knn_vs_k(docs: Sequence[dict], out: Path) -> list[Figure]:
             ks = sorted(points)
             ax.plot(ks, [points[k] for k in ks], marker="o", label=model)
         ax.set_xscale("log")
-        figures.append(_finish(fig, ax, out, f"fig2_knn_{safe_name(dataset)}", f"{_paper('fig2_knn')} ({dataset})",
-                               title=f"{dataset}: k-NN vs k", ylabel=f"test {next(iter(lines.values()))[1]}",
-                               xlabel="k"))  # fmt: skip
+        figures.append(
+            _finish(
+                fig,
+                ax,
+                out,
+                f"fig2_knn_{safe_name(dataset)}",
+                f"{_paper('fig2_knn')} ({dataset})",
+                title=f"{dataset}: k-NN vs k",
+                ylabel=f"test {next(iter(lines.values()))[1]}",
+                xlabel="k",
+            )
+        )
     return figures
 
 
@@ -163,13 +186,23 @@ def frozen_blocks(docs: Sequence[dict], out: Path) -> list[Figure]:
         fig, (ax,) = new_figure()
         for label, points in sorted(lines.items()):
             ks = sorted(points)
-            line = ax.errorbar(ks, [points[k][0] for k in ks], yerr=[points[k][1] for k in ks], marker="o", capsize=3,
-                               label=label)  # fmt: skip
+            line = ax.errorbar(
+                ks, [points[k][0] for k in ks], yerr=[points[k][1] for k in ks], marker="o", capsize=3, label=label
+            )
             if label in unfrozen:
                 ax.axhline(unfrozen[label], linestyle="--", color=line[0].get_color(), label=f"{label}, unfrozen")
-        figures.append(_finish(fig, ax, out, f"fig4_freeze_{safe_name(dataset)}", f"{_paper('fig4_freeze')} ({dataset})",
-                               title=f"{dataset}: fine-tuning with the first K blocks frozen", ylabel=f"test {metric}",
-                               xlabel="frozen blocks (first K)"))  # fmt: skip
+        figures.append(
+            _finish(
+                fig,
+                ax,
+                out,
+                f"fig4_freeze_{safe_name(dataset)}",
+                f"{_paper('fig4_freeze')} ({dataset})",
+                title=f"{dataset}: fine-tuning with the first K blocks frozen",
+                ylabel=f"test {metric}",
+                xlabel="frozen blocks (first K)",
+            )
+        )
     return figures
 
 
@@ -189,9 +222,15 @@ def cka_heatmaps(docs: Sequence[dict], out: Path) -> list[Figure]:
         stem = "fig7_cka_finetune" if fig7 else "supp_cka"
         name = f"{stem}_{safe_name(doc['dataset'])}_{safe_name(doc['model'])}_vs_{safe_name(model_b)}_{Path(doc['folder']).name}"
         title = f"{doc['dataset']}: CKA {doc['model']} × {model_b}" + (" (after fine-tuning)" if fig7 else "")
-        path = plot_cka_heatmap(out / f"{name}.png", matrix, summary.get("layers_a") or [],
-                                summary.get("layers_b") or [], title=title, ylabel=f"{doc['model']} layer",
-                                xlabel=f"{model_b} layer" + (" (fine-tuned)" if fig7 else ""))  # fmt: skip
+        path = plot_cka_heatmap(
+            out / f"{name}.png",
+            matrix,
+            summary.get("layers_a") or [],
+            summary.get("layers_b") or [],
+            title=title,
+            ylabel=f"{doc['model']} layer",
+            xlabel=f"{model_b} layer" + (" (fine-tuned)" if fig7 else ""),
+        )
         figures.append(Figure(name, f"{_paper('fig7_cka_finetune')} ({title})" if fig7 else title, path))
     return figures
 
@@ -247,13 +286,26 @@ def bar_charts(docs: Sequence[dict], out: Path) -> list[Figure]:
             means = [np.nan if d is None else d["summary"].get("test_mean") for d in docs_]
             stds = [0.0 if d is None else d["summary"].get("test_std") or 0.0 for d in docs_]
             xs = np.arange(len(models)) + (i - (len(present) - 1) / 2) * width
-            ax.bar(xs, [np.nan if m is None else m for m in means], width, yerr=stds, capsize=2,
-                   label=f"{HEAD_NAMES[head]} {regime}")  # fmt: skip
+            ax.bar(
+                xs,
+                [np.nan if m is None else m for m in means],
+                width,
+                yerr=stds,
+                capsize=2,
+                label=f"{HEAD_NAMES[head]} {regime}",
+            )
         ax.set_xticks(range(len(models)), models, rotation=30 if len(models) > 3 else 0, ha="right")
-        figures.append(_finish(fig, ax, out, f"supp_bars_{safe_name(dataset)}_{safe_name(metric)}",
-                               f"{dataset}: Tables 1 and 2 as bars ({metric})",
-                               title=f"{dataset}: test {metric} (mean ± std over seeds)",
-                               ylabel=f"test {metric}"))  # fmt: skip
+        figures.append(
+            _finish(
+                fig,
+                ax,
+                out,
+                f"supp_bars_{safe_name(dataset)}_{safe_name(metric)}",
+                f"{dataset}: Tables 1 and 2 as bars ({metric})",
+                title=f"{dataset}: test {metric} (mean ± std over seeds)",
+                ylabel=f"test {metric}",
+            )
+        )
     return figures
 
 
@@ -270,13 +322,27 @@ def model_size(docs: Sequence[dict], out: Path) -> list[Figure]:
         for head, regime in lines:
             points = [(i, cells.get((dataset, metric, head, regime, m))) for i, m in enumerate(sizes)]
             points = [(i, d["summary"]) for i, d in points if d is not None]
-            ax.errorbar([i for i, _ in points], [s.get("test_mean") for _, s in points],
-                        yerr=[s.get("test_std") or 0.0 for _, s in points], marker="o", capsize=3,
-                        label=f"{HEAD_NAMES[head]} {regime}")  # fmt: skip
+            ax.errorbar(
+                [i for i, _ in points],
+                [s.get("test_mean") for _, s in points],
+                yerr=[s.get("test_std") or 0.0 for _, s in points],
+                marker="o",
+                capsize=3,
+                label=f"{HEAD_NAMES[head]} {regime}",
+            )
         ax.set_xticks(range(len(sizes)), [m.replace("dinov2_vit", "").upper() for m in sizes])
-        figures.append(_finish(fig, ax, out, f"fig6_model_size_{safe_name(dataset)}",
-                               f"{_paper('fig6_model_size')} ({dataset})", title=f"{dataset}: DINOv2 size",
-                               ylabel=f"test {metric}", xlabel="DINOv2"))  # fmt: skip
+        figures.append(
+            _finish(
+                fig,
+                ax,
+                out,
+                f"fig6_model_size_{safe_name(dataset)}",
+                f"{_paper('fig6_model_size')} ({dataset})",
+                title=f"{dataset}: DINOv2 size",
+                ylabel=f"test {metric}",
+                xlabel="DINOv2",
+            )
+        )
     return figures
 
 
@@ -300,10 +366,6 @@ def _chosen_layer(rows: Sequence[dict]) -> str:
 def label_efficiency(docs: Sequence[dict], out: Path) -> list[Figure]:
     """Test metric against the labelled train amount (``--train-fraction`` runs), one figure per dataset and metric,
     one line per model and head (a multi-layer run at the layer chosen on val), mean ± std over repeats × seeds."""
-    from fmcache.label_efficiency import label_efficiency_rows
-    from fmcache.plots import plot_label_efficiency
-    from fmcache.results import base_settings, settings_hash, train_subset
-
     curves: dict[tuple, dict[tuple, list[dict]]] = {}
     for doc in docs:
         subset = train_subset(doc)
@@ -325,6 +387,12 @@ def label_efficiency(docs: Sequence[dict], out: Path) -> list[Figure]:
         name = f"{stem}_{safe_name(dataset)}_{safe_name(metric)}"
         title = f"{dataset}: label efficiency ({metric})"
         path = plot_label_efficiency(out / f"{name}.png", named, metric, title)
-        figures.append(Figure(name, f"{title}: test metric against labelled train data, mean ± std over repeats × "
-                                    "seeds, one line per model and head", path))  # fmt: skip
+        figures.append(
+            Figure(
+                name,
+                f"{title}: test metric against labelled train data, mean ± std over repeats × "
+                "seeds, one line per model and head",
+                path,
+            )
+        )
     return figures

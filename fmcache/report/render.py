@@ -30,12 +30,15 @@ from fmcache.report.tables import (
     load_results,
     timing_table,
 )
-from fmcache.results import train_subset
+from fmcache.results import check_predictions, train_subset
 
 FORMATS = ("md", "csv", "tex", "html")
 # the paper's head tables and the regimes each shows
-HEAD_TABLES = {"table1_frozen": ("frozen",), "table2_unfrozen": ("fine-tuned",),
-               "table3_1024px": ("frozen", "fine-tuned")}  # fmt: skip
+HEAD_TABLES = {
+    "table1_frozen": ("frozen",),
+    "table2_unfrozen": ("fine-tuned",),
+    "table3_1024px": ("frozen", "fine-tuned"),
+}
 ALWAYS = ("md", "csv")
 
 
@@ -60,17 +63,39 @@ def ci_table(
             rows.append([doc["dataset"], doc["model"], label, doc["metric"], MISSING, MISSING, MISSING])
             records.append({"dataset": doc["dataset"], "model": doc["model"], "protocol": label, "error": ci["error"]})
             continue
-        rows.append([doc["dataset"], doc["model"], label, doc["metric"], fmt(ci["point"]),
-                     f"[{fmt(ci['low'])}, {fmt(ci['high'])}]", str(ci["n"])])  # fmt: skip
-        records.append({"dataset": doc["dataset"], "model": doc["model"], "protocol": label, "metric": doc["metric"],
-                        **{k: ci[k] for k in ("point", "low", "high", "n", "resamples", "failed", "seed")},
-                        "folder": folder})  # fmt: skip
+        rows.append(
+            [
+                doc["dataset"],
+                doc["model"],
+                label,
+                doc["metric"],
+                fmt(ci["point"]),
+                f"[{fmt(ci['low'])}, {fmt(ci['high'])}]",
+                str(ci["n"]),
+            ]
+        )
+        records.append(
+            {
+                "dataset": doc["dataset"],
+                "model": doc["model"],
+                "protocol": label,
+                "metric": doc["metric"],
+                **{k: ci[k] for k in ("point", "low", "high", "n", "resamples", "failed", "seed")},
+                "folder": folder,
+            }
+        )
     resamples = next((c["resamples"] for c in cis.values() if "resamples" in c), stats.RESAMPLES)
     notes = [f"Percentile bootstrap over test samples ({resamples} resamples, seeded) of the seed-mean test metric."]
     notes += [f"Not in the bootstrap (no predictions.npz): {folder}." for folder in absent]
     notes += [f"Skipped, unreadable: {item}." for item in skipped]
-    return Table("supp_bootstrap_ci", "Supplementary: 95 % bootstrap confidence intervals of the table cells", header,
-                 rows, records, notes)  # fmt: skip
+    return Table(
+        "supp_bootstrap_ci",
+        "Supplementary: 95 % bootstrap confidence intervals of the table cells",
+        header,
+        rows,
+        records,
+        notes,
+    )
 
 
 def paired_table(rows_in: list[dict]) -> Table:
@@ -80,21 +105,31 @@ def paired_table(rows_in: list[dict]) -> Table:
         if "error" in r:
             rows.append([r["dataset"], r["column"], r["best"], r["other"], MISSING, MISSING, MISSING])
         else:
-            rows.append([r["dataset"], r["column"], r["best"], r["other"], fmt(r["delta"]),
-                         f"[{fmt(r['low'])}, {fmt(r['high'])}]", f"{r['p_value']:.3g}"])  # fmt: skip
+            rows.append(
+                [
+                    r["dataset"],
+                    r["column"],
+                    r["best"],
+                    r["other"],
+                    fmt(r["delta"]),
+                    f"[{fmt(r['low'])}, {fmt(r['high'])}]",
+                    f"{r['p_value']:.3g}",
+                ]
+            )
         records.append(r)
-    notes = ["Paired bootstrap on the same test ids: the best model (by test mean) against each other model; "
-             "two-sided p for no difference."]  # fmt: skip
-    return Table("supp_paired_tests", "Supplementary: paired bootstrap tests between models", header, rows, records,
-                 notes)  # fmt: skip
+    notes = [
+        "Paired bootstrap on the same test ids: the best model (by test mean) against each other model; "
+        "two-sided p for no difference."
+    ]
+    return Table(
+        "supp_paired_tests", "Supplementary: paired bootstrap tests between models", header, rows, records, notes
+    )
 
 
 def build_tables(
     docs: Sequence[dict], resamples: int, seed: int, log=print, skipped: Sequence[str] = ()
 ) -> list[Table]:
     """The paper's tables in its order, then the supplementary ones (CIs name what they leave out)."""
-    from fmcache.results import check_predictions
-
     head = {key: head_cells(docs, key) for key in HEAD_TABLES}
     knn = knn_cells(docs)
     chosen = {d["folder"]: d for cells in head.values() for d, _ in cells.values()}
@@ -166,9 +201,22 @@ def _records_csv(records: Sequence[dict]) -> bytes:
     return _csv(list(columns), rows)
 
 
-_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "–": "--",
-        "†": r"$^\dagger$", "×": r"$\times$"}  # fmt: skip
+_TEX = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "±": r"$\pm$",
+    "–": "--",
+    "†": r"$^\dagger$",
+    "×": r"$\times$",
+}
 
 
 def _tex(text: str) -> str:
@@ -180,9 +228,16 @@ def latex(tables: Sequence[Table]) -> str:
     for t in tables:
         if not t.rows:
             continue
-        out += ["\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{_tex(t.title)}}}",
-                f"\\begin{{tabular}}{{l{'r' * (len(t.header) - 1)}}}", "\\toprule",
-                " & ".join(_tex(h) for h in t.header) + " \\\\", "\\midrule"]  # fmt: skip
+        out += [
+            "\\begin{table}[t]",
+            "\\centering",
+            "\\small",
+            f"\\caption{{{_tex(t.title)}}}",
+            f"\\begin{{tabular}}{{l{'r' * (len(t.header) - 1)}}}",
+            "\\toprule",
+            " & ".join(_tex(h) for h in t.header) + " \\\\",
+            "\\midrule",
+        ]
         out += [" & ".join(_tex(c) for c in row) + " \\\\" for row in t.rows]
         out += ["\\bottomrule", "\\end{tabular}"]
         out += [f"\\\\[2pt]\\footnotesize {_tex(n)}" for n in t.notes]
@@ -197,9 +252,13 @@ th,td{border:1px solid #bbb;padding:4px 8px;text-align:right}th{background:#eef}
 
 def html_page(tables: Sequence[Table], figures: Sequence[Figure], source: Path) -> str:
     esc = html.escape
-    parts = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'><title>fmcache report</title>",
-             f"<style>{_CSS}</style></head><body>", "<h1>fmcache report</h1>",
-             f"<p>Results: <code>{esc(str(source))}</code></p>"]  # fmt: skip
+    parts = [
+        "<!DOCTYPE html>",
+        "<html lang='en'><head><meta charset='utf-8'><title>fmcache report</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>fmcache report</h1>",
+        f"<p>Results: <code>{esc(str(source))}</code></p>",
+    ]
     for t in tables:
         parts.append(f"<h2>{esc(t.title)}</h2>")
         if not t.rows:
@@ -214,8 +273,10 @@ def html_page(tables: Sequence[Table], figures: Sequence[Figure], source: Path) 
     for f in figures:
         # embedded, so the one file opens offline and travels alone
         data = base64.b64encode(f.path.read_bytes()).decode()
-        parts.append(f"<figure><img alt='{esc(f.title)}' src='data:image/png;base64,{data}'>"
-                     f"<figcaption>{esc(f.title)}</figcaption></figure>")  # fmt: skip
+        parts.append(
+            f"<figure><img alt='{esc(f.title)}' src='data:image/png;base64,{data}'>"
+            f"<figcaption>{esc(f.title)}</figcaption></figure>"
+        )
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -252,5 +313,10 @@ def build_report(
         write("report.tex", latex(tables).encode())
     if "html" in formats:
         write("report.html", html_page(tables, figures, Path(results)).encode())
-    return {"out": out, "files": written + [f.path for f in figures], "tables": tables, "figures": figures,
-            "n_results": len(docs)}  # fmt: skip
+    return {
+        "out": out,
+        "files": written + [f.path for f in figures],
+        "tables": tables,
+        "figures": figures,
+        "n_results": len(docs),
+    }

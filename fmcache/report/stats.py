@@ -103,8 +103,16 @@ def bootstrap_ci(
         raise FmcacheError(f"every bootstrap resample left {metric} undefined; the test split is too small")
     alpha = (1 - level) / 2
     low, high = np.quantile(values, [alpha, 1 - alpha])
-    return {"point": point, "low": float(low), "high": float(high), "n": len(pred.ids), "resamples": resamples,
-            "failed": failed, "level": level, "seed": seed}  # fmt: skip
+    return {
+        "point": point,
+        "low": float(low),
+        "high": float(high),
+        "n": len(pred.ids),
+        "resamples": resamples,
+        "failed": failed,
+        "level": level,
+        "seed": seed,
+    }
 
 
 def align(a: Predictions, b: Predictions) -> tuple[Predictions, Predictions]:
@@ -127,8 +135,9 @@ def paired_bootstrap(
     mean: p = (1 + #{|d_b − d| ≥ |d|}) / (B + 1), which is never 0 and is 1 for identical runs.
     """
     a, b = align(a, b)
-    if not np.array_equal(np.asarray(a.labels, dtype=np.float64), np.asarray(b.labels, dtype=np.float64),
-                          equal_nan=True):  # fmt: skip
+    if not np.array_equal(
+        np.asarray(a.labels, dtype=np.float64), np.asarray(b.labels, dtype=np.float64), equal_nan=True
+    ):
         raise FmcacheError("the two runs disagree on the labels of the same test ids; they are not the same split")
     delta = seed_mean(metric, a) - seed_mean(metric, b)
 
@@ -141,8 +150,15 @@ def paired_bootstrap(
     extreme = int(np.sum(np.abs(values - delta) >= abs(delta) - 1e-12))
     alpha = (1 - level) / 2
     low, high = np.quantile(values, [alpha, 1 - alpha])
-    return {"delta": float(delta), "low": float(low), "high": float(high), "p_value": (1 + extreme) / (len(values) + 1),
-            "n": len(a.ids), "resamples": resamples, "failed": failed}  # fmt: skip
+    return {
+        "delta": float(delta),
+        "low": float(low),
+        "high": float(high),
+        "p_value": (1 + extreme) / (len(values) + 1),
+        "n": len(a.ids),
+        "resamples": resamples,
+        "failed": failed,
+    }
 
 
 def _loaded(doc: dict, predictions: Mapping[str, Predictions | None] | None) -> Predictions | None:
@@ -191,8 +207,13 @@ def paired_tests(
         for doc, pred in with_pred:
             if doc is best_doc:
                 continue
-            row = {"dataset": dataset, "column": column, "metric": doc["metric"], "best": best_doc["model"],
-                   "other": doc["model"]}  # fmt: skip
+            row = {
+                "dataset": dataset,
+                "column": column,
+                "metric": doc["metric"],
+                "best": best_doc["model"],
+                "other": doc["model"],
+            }
             try:
                 row.update(paired_bootstrap(doc["metric"], best_pred, pred, resamples, seed))
             except FmcacheError as exc:

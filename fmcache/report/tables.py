@@ -24,6 +24,7 @@ from pathlib import Path
 from fmcache.errors import FmcacheError
 from fmcache.protocols import HEAD_LABELS, Protocol, get_protocol
 from fmcache.report.paper import OUTPUTS, freeze_of, outputs_of
+from fmcache.results import find_results
 
 MISSING = "–"
 FEWER_SEEDS = "†"
@@ -48,8 +49,6 @@ class Table:
 def load_results(root: Path, log=print) -> tuple[list[dict], list[str]]:
     """Every complete result under ``root``, and the unreadable ``result.json`` files (``path (why)``), which are
     also named through ``log``, not hidden; no results at all is a user error (exit 2), not an empty report."""
-    from fmcache.results import find_results
-
     root = Path(root)
     if not root.is_dir():
         raise FmcacheError(f"results folder {root} does not exist; run `fmcache grid CONFIG.yaml` or an evaluation")
@@ -226,8 +225,14 @@ def head_table(
         row = [model]
         for column, head, regime in grid:
             found = cells.get((model, column, head, regime))
-            record = {"model": model, "dataset": column.dataset, "metric": column.metric, "split": column.split,
-                      "head": head, "regime": regime}  # fmt: skip
+            record = {
+                "model": model,
+                "dataset": column.dataset,
+                "metric": column.metric,
+                "split": column.split,
+                "head": head,
+                "regime": regime,
+            }
             if found is None:
                 row.append(MISSING)
                 records.append({**record, "test_mean": None, "test_std": None, "n_seeds": None})
@@ -237,13 +242,23 @@ def head_table(
             marked |= fewer_seeds(s)
             row.append(cell_text(s))
             ci = (cis or {}).get(doc["folder"], {})
-            records.append({
-                **record, "test_mean": s.get("test_mean"), "test_std": s.get("test_std"),
-                "val_mean": s.get("val_mean"), "best_lr": s.get("best_lr"), "n_seeds": s.get("n_seeds"),
-                "seeds_requested": s.get("seeds_requested"), "fewer_seeds": fewer_seeds(s),
-                "ci_low": ci.get("low"), "ci_high": ci.get("high"), "protocol": doc["protocol"],
-                "candidates": n, "folder": doc["folder"],
-            })  # fmt: skip
+            records.append(
+                {
+                    **record,
+                    "test_mean": s.get("test_mean"),
+                    "test_std": s.get("test_std"),
+                    "val_mean": s.get("val_mean"),
+                    "best_lr": s.get("best_lr"),
+                    "n_seeds": s.get("n_seeds"),
+                    "seeds_requested": s.get("seeds_requested"),
+                    "fewer_seeds": fewer_seeds(s),
+                    "ci_low": ci.get("low"),
+                    "ci_high": ci.get("high"),
+                    "protocol": doc["protocol"],
+                    "candidates": n,
+                    "folder": doc["folder"],
+                }
+            )
             if n > 1:
                 competed.append(f"{model} / {column.label(False)} / {HEAD_NAMES[head]}: {n} results")
         rows.append(row)
@@ -317,11 +332,22 @@ def knn_table(docs: Sequence[dict], cis: dict[str, dict] | None = None, cells: d
             t = knn_temperature(doc)
             row.append(f"{fmt(best.get('test'))} (k={best.get('k')}, T={t:g}, layer {best.get('layer')})")
             ci = (cis or {}).get(doc["folder"], {})
-            records.append({
-                "model": model, "dataset": column.dataset, "metric": column.metric, "split": column.split,
-                "test": best.get("test"), "k": best.get("k"), "temperature": t, "layer": best.get("layer"),
-                "ci_low": ci.get("low"), "ci_high": ci.get("high"), "candidates": n, "folder": doc["folder"],
-            })  # fmt: skip
+            records.append(
+                {
+                    "model": model,
+                    "dataset": column.dataset,
+                    "metric": column.metric,
+                    "split": column.split,
+                    "test": best.get("test"),
+                    "k": best.get("k"),
+                    "temperature": t,
+                    "layer": best.get("layer"),
+                    "ci_low": ci.get("low"),
+                    "ci_high": ci.get("high"),
+                    "candidates": n,
+                    "folder": doc["folder"],
+                }
+            )
         rows.append(row)
     paper = OUTPUTS["fig2_knn"]
     notes = [
@@ -356,12 +382,20 @@ def timing_table(docs: Sequence[dict]) -> Table:
         t = doc.get("timings") or {}
         values = [t.get("extract_seconds_per_image"), t.get("train_seconds"), t.get("inference_seconds_per_sample")]
         rows.append([doc["dataset"], doc["model"], label, *(fmt_seconds(v) for v in values)])
-        records.append({
-            "dataset": doc["dataset"], "model": doc["model"], "protocol": label,
-            "extract_seconds_per_image": values[0], "train_seconds": values[1],
-            "inference_seconds_per_sample": values[2], "folder": doc["folder"],
-        })  # fmt: skip
+        records.append(
+            {
+                "dataset": doc["dataset"],
+                "model": doc["model"],
+                "protocol": label,
+                "extract_seconds_per_image": values[0],
+                "train_seconds": values[1],
+                "inference_seconds_per_sample": values[2],
+                "folder": doc["folder"],
+            }
+        )
     paper = OUTPUTS["fig3_time"]
-    notes = [f"{paper.label}: {paper.caption}. Seconds as recorded by each run (k-NN: the search time); extraction "
-             "is paid once per cache."]  # fmt: skip
+    notes = [
+        f"{paper.label}: {paper.caption}. Seconds as recorded by each run (k-NN: the search time); extraction "
+        "is paid once per cache."
+    ]
     return Table("fig3_time", f"{paper.label} (data): {paper.caption}", header, rows, records, notes)
