@@ -83,3 +83,11 @@ def test_checkout_shim_and_module_entry_point(tmp_path: Path):
         text=True,
     )
     assert verbose.returncode == 2 and "Traceback" in verbose.stderr
+
+
+def test_dataset_help_names_every_registered_dataset():
+    from fmcache.cli.app import DATASET_HELP
+    from fmcache.data.registry import DATASETS
+
+    missing = [name for name in DATASETS if name not in DATASET_HELP]
+    assert not missing, f"--dataset's help misses {missing}"

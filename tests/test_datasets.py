@@ -86,7 +86,10 @@ def tcia_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_registry_names_and_norms() -> None:
-    assert dataset_names() == ["aptos2019", "cbis_ddsm", "isic2019", "chexpert", "csv", "imagefolder"]
+    from fmcache.data.registry import EXTERNAL_DATASETS
+
+    paper = ["aptos2019", "cbis_ddsm", "isic2019", "chexpert"]
+    assert dataset_names() == [*paper, *EXTERNAL_DATASETS, "csv", "imagefolder"]
     assert dataset_norm("aptos2019") == ((0.415, 0.221, 0.073), (0.275, 0.150, 0.081))
     assert dataset_norm("cbis_ddsm") == ((0.286,) * 3, (0.267,) * 3)
     assert dataset_norm("chexpert") == ((0.503,) * 3, (0.292,) * 3)

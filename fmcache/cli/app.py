@@ -78,10 +78,17 @@ def _main(
     STATE["verbose"] = STATE["verbose"] or verbose
 
 
+# every registered dataset (tests/test_cli.py holds this list to fmcache.data.registry's; the registry imports torch)
+DATASET_HELP = (
+    "The paper's aptos2019, cbis_ddsm, isic2019, chexpert; external sets pad_ufes20, ham10000, messidor2, idrid, "
+    "eyepacs, chestxray14, mimic_cxr, cmmd, vindr_mammo; or csv, imagefolder."
+)
 SPLIT_HELP = (
     "Split mode. aptos2019, isic2019: seed (default: the paper's row shuffle, or <data-root>/val_ids.json) or "
     "random; isic2019 also lesion (by lesion_id). cbis_ddsm: official (default) or patient (TCIA layout). "
-    "chexpert: seed (default) or patient. Any dataset: file:FILE.csv (written by datasets --export-split)."
+    "chexpert: seed (default) or patient. External sets: external (default: every sample is test), random (by "
+    "patient or lesion), official where the release has a split. Any dataset: file:FILE.csv (written by datasets "
+    "--export-split)."
 )
 
 

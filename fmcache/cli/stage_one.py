@@ -10,7 +10,17 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fmcache.cli.app import SPLIT_HELP, app, build_spec, cli_command, console, dataset_options, err_console, log_line
+from fmcache.cli.app import (
+    DATASET_HELP,
+    SPLIT_HELP,
+    app,
+    build_spec,
+    cli_command,
+    console,
+    dataset_options,
+    err_console,
+    log_line,
+)
 from fmcache.extract.spec import ExtractSpec
 
 # -- models / datasets -------------------------------------------------------------------------------------------
@@ -44,7 +54,7 @@ def models_cmd() -> None:
 @app.command("datasets")
 @cli_command
 def datasets_cmd(
-    dataset: Annotated[str, typer.Option(help="aptos2019, cbis_ddsm, isic2019, chexpert, csv or imagefolder")],
+    dataset: Annotated[str, typer.Option(help=DATASET_HELP)],
     data_root: Annotated[Path, typer.Option(help="Folder laid out like the official release.")],
     uncertain: Annotated[str | None, typer.Option(help="CheXpert uncertain labels: zeros, ones or ignore.")] = None,
     split: Annotated[str | None, typer.Option(help=SPLIT_HELP)] = None,

@@ -1,5 +1,8 @@
 """Datasets: official on-disk layouts, labels, deterministic splits, image reading and transforms.
 
+The four paper datasets (:data:`PAPER_DATASETS`) and the external-validation sets that share their tasks
+(:data:`EXTERNAL_DATASETS`, all test by default) carry raw labels and per-sample metadata in their index.
+
 ``load_dataset(name, root, **options)`` returns a :class:`DatasetIndex` (paths, labels, split in a canonical
 order); :class:`ImageDataset` with :func:`build_transform` turns it into tensors. :func:`write_split_csv`
 exports a split that the ``split="file:FILE.csv"`` option of every loader reads back.
@@ -12,6 +15,8 @@ from fmcache.data.images import IMAGE_EXTENSIONS, load_image
 from fmcache.data.index import SPLITS, DatasetIndex, random_split, split_code
 from fmcache.data.registry import (
     DATASETS,
+    EXTERNAL_DATASETS,
+    PAPER_DATASETS,
     DatasetSpec,
     dataset_metric,
     dataset_names,
@@ -32,9 +37,11 @@ from fmcache.data.transforms import (
 
 __all__ = [
     "DATASETS",
+    "EXTERNAL_DATASETS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "PAPER_DATASETS",
     "SPLITS",
     "DatasetIndex",
     "DatasetSpec",

@@ -6,6 +6,7 @@ Every failure here is an :class:`FmcacheError` whose one line names the file at 
 from __future__ import annotations
 
 import csv
+import gzip
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,16 @@ LAYOUT_MARKERS: dict[str, tuple[str, ...]] = {
         "calc_case_description_test_set.csv",
     ),
     "chexpert": ("CheXpert-v1.0-small", "CheXpert-v1.0", "valid.csv"),
+    # External-validation releases: only names no other layout (or a user's class folders) would have.
+    "pad_ufes20": ("imgs_part_1",),
+    "ham10000": ("HAM10000_metadata.csv", "HAM10000_metadata", "HAM10000_images_part_1"),
+    "messidor2": ("messidor_data.csv", "messidor-2.csv"),
+    "idrid": ("B. Disease Grading",),
+    "eyepacs": ("trainLabels.csv", "retinopathy_solution.csv"),
+    "chestxray14": ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv"),
+    "mimic_cxr": ("mimic-cxr-2.0.0-chexpert.csv.gz", "mimic-cxr-2.0.0-split.csv.gz", "mimic-cxr-2.0.0-chexpert.csv"),
+    "cmmd": ("CMMD_clinicaldata_revision.xlsx", "CMMD_clinicaldata_revision.csv"),
+    "vindr_mammo": ("breast-level_annotations.csv",),
 }
 
 # How many missing files an error message names.
@@ -68,20 +79,36 @@ def require_file(path: Path, dataset: str, root: Path, expected: str) -> Path:
 
 
 def read_csv(
-    path: Path, required: Sequence[str], *, dataset: str, root: Path, expected: str
+    path: Path, required: Sequence[str], *, dataset: str, root: Path, expected: str, delimiter: str = ","
 ) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """Header and rows of a CSV, each row as (line number, {column: stripped value}).
+    """Header and rows of a CSV (gzip-compressed when the name ends in .gz), each row as (line number,
+    {column: stripped value}).
 
     Missing file, missing columns and a file without rows are errors naming the file. Short rows get "".
     """
     require_file(path, dataset, root, expected)
+    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
+        with opener(path, "rt", newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle, delimiter=delimiter)
             header = [h.strip() for h in next(reader, [])]
             rows = [(reader.line_num, _row_dict(header, cells)) for cells in reader if cells]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
         raise FmcacheError(f"{dataset}: cannot read {path}: {exc}; check that it is a UTF-8 CSV file") from exc
+    return _checked(path, header, rows, required, dataset=dataset, root=root, expected=expected)
+
+
+def _checked(
+    path: Path,
+    header: list[str],
+    rows: list[tuple[int, dict[str, str]]],
+    required: Sequence[str],
+    *,
+    dataset: str,
+    root: Path,
+    expected: str,
+) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """``(header, rows)`` once the required columns and at least one row are there; errors name the file."""
     missing = [c for c in required if c not in header]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -144,3 +171,37 @@ def merge_duplicates(
     merged = labels[[first[k] for k in order]] if order else labels[:0]
     problems = [f"{source.name}: merged {dropped} duplicate row(s) with identical labels"] if dropped else []
     return order, merged, problems
+
+
+def read_xlsx(
+    path: Path, required: Sequence[str], *, dataset: str, root: Path, expected: str, alternative: str
+) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """Header and rows of the first sheet of an Excel file, shaped like :func:`read_csv`'s (row numbers are
+    the sheet's). Needs openpyxl; without it the error names ``pip install openpyxl`` and ``alternative`` (a CSV
+    export the loader also reads)."""
+    require_file(path, dataset, root, expected)
+    try:
+        import openpyxl
+    except ImportError:
+        raise FmcacheError(
+            f"{dataset}: reading {path.name} needs openpyxl: pip install openpyxl, or save the sheet as "
+            f"{alternative} next to it"
+        ) from None
+    try:
+        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+        cells = [[_xlsx_text(v) for v in row] for row in book.worksheets[0].iter_rows(values_only=True)]
+        book.close()
+    except Exception as exc:  # openpyxl raises zipfile, XML and its own errors for a damaged file
+        raise FmcacheError(
+            f"{dataset}: cannot read {path}: {exc}; re-download it or export it as {alternative}"
+        ) from exc
+    header = [h.strip() for h in (cells[0] if cells else [])]
+    rows = [(n, _row_dict(header, row)) for n, row in enumerate(cells[1:], start=2) if any(row)]
+    return _checked(path, header, rows, required, dataset=dataset, root=root, expected=expected)
+
+
+def _xlsx_text(value: object) -> str:
+    # Whole numbers come back as floats from some writers; "44" and "44.0" must read the same.
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return "" if value is None else str(value)

@@ -1,4 +1,8 @@
-"""APTOS 2019 Blindness Detection (Kaggle release): ``train.csv`` + ``train_images/<id_code>.png``."""
+"""APTOS 2019 Blindness Detection (Kaggle release): ``train.csv`` + ``train_images/<id_code>.png``.
+
+The release carries no patient or demographic columns: metadata is the ``image_id`` (``id_code``) alone, raw
+labels the ``diagnosis`` column, and every image is its own bootstrap unit.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from fmcache.data._io import cell, check_files_exist, merge_duplicates, read_csv
+from fmcache.data.columns import text
 from fmcache.data.index import DatasetIndex, build_index, check_fractions, check_seed, random_split, random_split_info
 from fmcache.data.splits import apply_split_file, parse_split, require_unique_rows, rows_to_samples, seed_row_codes
 from fmcache.errors import FmcacheError
@@ -78,5 +83,8 @@ def load_aptos2019(
         multilabel=False,
         split_info=split_info,
         problems=problems,
+        metadata={"image_id": text(ids)},
+        raw_labels=labels[:, None],
+        raw_label_names=("diagnosis",),
     )
     return apply_split_file(index, split_file) if split_file else index

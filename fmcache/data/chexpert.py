@@ -5,6 +5,11 @@ folder's name (``CheXpert-v1.0-small/train/patient00001/...``); that first compo
 resolved inside the CheXpert folder, so a renamed folder still works. The index's ``root`` is the CheXpert
 folder either way, so both forms of ``--data-root`` give the same fingerprint.
 
+Raw labels are the 14 observation columns as released (1, 0, -1, NaN for blank), before the uncertainty policy.
+Metadata: ``patient`` (the ``patientNNNNN`` folder of Path, the bootstrap unit), ``study`` (``patientNNNNN/studyN``,
+unique across patients), and the CSV's ``Sex``, ``Age``, ``Frontal/Lateral`` and ``AP/PA`` as ``sex``, ``age``,
+``view`` and ``ap_pa``.
+
 valid.csv (234 radiologist-labelled images) is never mixed in silently. With ``valid="report"`` (default) its
 row count is reported and it is not used. With ``valid="test"`` it becomes the test split, and the part of
 train.csv that would have been test goes to val instead.
@@ -20,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from fmcache.data._io import cell, check_files_exist, layout_hint, merge_duplicates, read_csv
+from fmcache.data.columns import first_rows, table_columns, text
 from fmcache.data.index import (
     TEST,
     TRAIN,
@@ -60,6 +66,13 @@ EXPECTED = "CheXpert-v1.0-small/ (or CheXpert-v1.0/) with train.csv and valid.cs
 # Raw cell values: 1 positive, 0 negative, -1 uncertain, NaN blank (not mentioned in the report).
 _RAW = {"1.0": 1.0, "1": 1.0, "0.0": 0.0, "0": 0.0, "-1.0": -1.0, "-1": -1.0, "": math.nan}
 _PATIENT = re.compile(r"(?:^|/)(patient\d+)(?:/|$)")
+_PATIENT_STUDY = re.compile(r"(?:^|/)(patient\d+)(?:/(study\d+))?(?:/|$)")
+METADATA_COLUMNS = {
+    "sex": ("Sex", "text"),
+    "age": ("Age", "number"),
+    "view": ("Frontal/Lateral", "text"),
+    "ap_pa": ("AP/PA", "text"),
+}
 
 
 def find_chexpert_dir(root: Path) -> Path:
@@ -92,7 +105,11 @@ def _raw_value(value: str, path: Path, line: int, column: str) -> float:
     return number
 
 
-def _raw_row(row: dict[str, str], path: Path, line: int) -> list[float]:
+def raw_row(row: dict[str, str], path: Path, line: int) -> list[float]:
+    """The 14 observations of one CSV row as 1, 0, -1 or NaN (blank); another value is an error naming the cell.
+
+    MIMIC-CXR-JPG's chexpert labels use the same columns and values, so its loader reads them with this too.
+    """
     try:  # fast path: every cell is one of the usual spellings
         return [_RAW[row[c]] for c in OBSERVATIONS]
     except KeyError:
@@ -115,12 +132,24 @@ def _patient_id(value: str, csv_path: Path) -> str:
     return match.group(1)
 
 
-def _read_rows(csv_path: Path, root: Path) -> tuple[list[str], np.ndarray, list[str]]:
-    """Sorted unique Path values, their raw (N, 14) labels and problem lines."""
-    _, rows = read_csv(csv_path, ("Path", *OBSERVATIONS), dataset=NAME, root=root, expected=EXPECTED)
+def _read_rows(csv_path: Path, root: Path) -> tuple[list[str], np.ndarray, dict[str, np.ndarray], list[str]]:
+    """Sorted unique Path values, their raw (N, 14) labels, metadata columns and problem lines."""
+    header, rows = read_csv(csv_path, ("Path", *OBSERVATIONS), dataset=NAME, root=root, expected=EXPECTED)
     keys = [cell(row, "Path", csv_path, line) for line, row in rows]
-    raw = np.array([_raw_row(row, csv_path, line) for line, row in rows], dtype=np.float32)
-    return merge_duplicates(keys, raw, [line for line, _ in rows], csv_path)
+    raw = np.array([raw_row(row, csv_path, line) for line, row in rows], dtype=np.float32)
+    unique, raw, problems = merge_duplicates(keys, raw, [line for line, _ in rows], csv_path)
+    first = first_rows(keys, [row for _, row in rows])
+    metadata, notes = table_columns([first[k] for k in unique], METADATA_COLUMNS, header, csv_path.name)
+    return unique, raw, {**_patient_study(unique), **metadata}, problems + notes
+
+
+def _patient_study(keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """``patient`` and ``study`` (``patientNNNNN/studyN``) columns from Path values (blank where absent)."""
+    # One regex pass for both columns: this runs once per image (224k for CheXpert).
+    found = [_PATIENT_STUDY.search(k.replace("\\", "/")) for k in keys]
+    patients = [m.group(1) if m else "" for m in found]
+    studies = [f"{m.group(1)}/{m.group(2)}" if m and m.group(2) else "" for m in found]
+    return {"patient": text(patients), "study": text(studies)}
 
 
 def apply_uncertainty(raw: np.ndarray, policy: str) -> np.ndarray:
@@ -185,7 +214,7 @@ def load_chexpert(
     seed, fractions = check_seed(seed), check_fractions(fractions)
     chex_dir = find_chexpert_dir(root)
     train_csv, valid_csv = chex_dir / "train.csv", chex_dir / "valid.csv"
-    keys, raw, problems = _read_rows(train_csv, root)
+    keys, raw, metadata, problems = _read_rows(train_csv, root)
     if mode == "file":
         codes = np.full(len(keys), TRAIN, dtype=np.int8)  # replaced by the file's split below
     elif mode == "seed":
@@ -196,11 +225,12 @@ def load_chexpert(
     check_files_exist(paths, str(train_csv), f"Path values are resolved inside {chex_dir}")
     if valid == "test":
         codes[codes == TEST] = VAL  # valid.csv takes the test role; train.csv's test part is not wasted
-        valid_keys, valid_raw, valid_problems = _read_rows(valid_csv, root)
+        valid_keys, valid_raw, valid_metadata, valid_problems = _read_rows(valid_csv, root)
         valid_paths = [_image_path(k, chex_dir, valid_csv) for k in valid_keys]
         check_files_exist(valid_paths, str(valid_csv), f"Path values are resolved inside {chex_dir}")
         paths += valid_paths
         raw = np.concatenate([raw, valid_raw])
+        metadata = _concat_columns(metadata, valid_metadata)
         codes = np.concatenate([codes, np.full(len(valid_keys), TEST, dtype=np.int8)])
         problems += valid_problems
     else:
@@ -220,8 +250,17 @@ def load_chexpert(
         split_info=split_info,
         options={"uncertain": uncertain},
         problems=problems,
+        metadata=metadata,
+        raw_labels=raw,
+        raw_label_names=OBSERVATIONS,
+        group_unit="patient",
     )
     return apply_split_file(index, split_file) if split_file else index
+
+
+def _concat_columns(first: dict[str, np.ndarray], second: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Columns of train.csv then valid.csv; a column only one file has is left out."""
+    return {name: np.concatenate([first[name], second[name]]) for name in first if name in second}
 
 
 def _valid_note(valid_csv: Path) -> str:

@@ -13,6 +13,16 @@ mammogram: abnormality rows of one image merge (malignant if any row is), and so
 of one breast view (``Mass-…_P_00001_LEFT_CC`` and ``Calc-…_P_00001_LEFT_CC``); a copy that is train in one
 set and test in the other stays in test, so no image is both trained on and tested.
 
+Raw labels and metadata. ``lists``: the file-name class (normal / benign / cancer) as the raw label; the seed's
+names (``cancer_05-C_0128_1.LEFT_CC.LJPEG.1.jpg``, the original DDSM file name behind the class and volume) give
+``image_id`` (the name without its extension), ``patient`` (the DDSM case, ``C_0128``: one woman's screening
+exam), ``laterality`` (left/right) and ``view`` (CC/MLO); a column no name carries is left out. ``tcia``: the
+``pathology`` values of the merged rows as the raw label (``"|"``-joined when they differ), and from the CSVs
+``patient`` (``patient_id``), ``breast_density`` (``breast_density`` in the mass CSVs, ``breast density`` in the
+calc CSVs), ``view`` (``image view``), ``laterality`` (``left or right breast``, lower-cased) and
+``abnormality_type`` (``"|"``-joined over the merged rows), with ``image_id`` the breast view (``P_00001_LEFT_CC``).
+The patient is the bootstrap unit in both layouts.
+
 TCIA splits: ``official`` keeps the official train/test and moves ``val_fraction`` of the train images to val
 (image by image: views of one patient can land in train, val and test). ``patient`` groups by the ``P_NNNNN``
 patient id: a patient with any image in the official test set goes to test with all their images, and
@@ -28,6 +38,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from fmcache.data._io import SHOW_MISSING, cell, check_files_exist, layout_hint, read_csv
+from fmcache.data.columns import joined, numbers, text
 from fmcache.data.index import TEST, TRAIN, VAL, DatasetIndex, build_index, check_choice, check_seed
 from fmcache.data.splits import apply_split_file, parse_split
 from fmcache.errors import FmcacheError
@@ -121,8 +132,12 @@ def _canonical_key(path: Path, root: Path) -> str:
 # The seed's list files
 
 
+def _list_prefix(entry: str) -> str:
+    return PurePosixPath(entry.replace("\\", "/")).name.split("_")[0]
+
+
 def _list_label(entry: str, list_path: Path, line: int) -> int:
-    prefix = PurePosixPath(entry.replace("\\", "/")).name.split("_")[0]
+    prefix = _list_prefix(entry)
     if prefix not in LIST_PREFIX:
         raise FmcacheError(
             f"{list_path} line {line}: cannot tell the label of {entry!r} from its name "
@@ -174,6 +189,7 @@ def _load_lists(root: Path) -> DatasetIndex:
         paths, str(root / LIST_DIR), f"list entries are looked up under {root / RAW_DIR}, {root} and {LIST_DIR}/"
     )
     problems = [f"{LIST_DIR}: merged {duplicates} repeated line(s)"] if duplicates else []
+    metadata = _list_metadata(paths)
     return build_index(
         name=NAME,
         root=root,
@@ -190,7 +206,29 @@ def _load_lists(root: Path) -> DatasetIndex:
         },
         options={"layout": "lists"},
         problems=problems,
+        metadata=metadata,
+        raw_labels=np.array([[_list_prefix(p.name)] for p in paths]),
+        raw_label_names=("class",),
+        group_unit="patient" if "patient" in metadata else None,
     )
+
+
+# The seed's names keep the original DDSM file name: <class>_<volume>-<case>_<n>.<SIDE>_<VIEW>.LJPEG.1.jpg.
+_DDSM_CASE = re.compile(r"(?:^|[-_])([A-D]_\d{4})_\d+\.")
+_SIDE_VIEW = re.compile(r"(LEFT|RIGHT)_(CC|MLO)(?:\.|$)")
+
+
+def _list_metadata(paths: list[Path]) -> dict[str, np.ndarray]:
+    """What the list layout's file names carry; a column that no name carries is left out."""
+    cases = [_DDSM_CASE.search(p.name) for p in paths]
+    sides = [_SIDE_VIEW.search(p.name) for p in paths]
+    columns = {
+        "image_id": text(p.stem for p in paths),
+        "patient": text(m.group(1) if m else "" for m in cases),
+        "laterality": text(m.group(1).lower() if m else "" for m in sides),
+        "view": text(m.group(2) if m else "" for m in sides),
+    }
+    return {name: column for name, column in columns.items() if np.any(column != "")}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -295,6 +333,8 @@ class _Sample:
     split: int
     where: str
     case: str
+    key: str
+    rows: list[dict[str, str]] = field(default_factory=list)  # the CSV rows merged into this mammogram
 
 
 @dataclass
@@ -306,14 +346,15 @@ class _TciaSamples:
     copies_merged: int = 0
     moved_to_test: int = 0
 
-    def add(self, csv_value: str, path: Path, label: int, split: int, where: str) -> None:
+    def add(self, csv_value: str, path: Path, label: int, split: int, where: str, row: dict[str, str]) -> None:
         case = PurePosixPath(csv_value.replace("\\", "/").strip("/")).parts[0]
         match = _CASE.fullmatch(case)
         key = match.group(1) if match else path.as_posix()
         sample = self.by_image.get(key)
         if sample is None:
-            self.by_image[key] = _Sample(path, label, split, where, case)
+            self.by_image[key] = _Sample(path, label, split, where, case, key if match else "", [row])
             return
+        sample.rows.append(row)
         sample.label = max(sample.label, label)  # malignant if any abnormality is
         if path == sample.path:
             self.rows_merged += 1
@@ -357,7 +398,7 @@ def _load_tcia(root: Path, *, seed: int, val_fraction: float, ambiguous: str, by
             if found.path is None:
                 (missing if found.failure == "missing" else unresolved).append(f"{found.detail} ({where})")
             else:
-                samples.add(value, found.path, label, code, where)
+                samples.add(value, found.path, label, code, where, row)
     _raise_unresolved(root, n_rows, missing, unresolved, ambiguous)
     problems = samples.problems()
     if unresolved:
@@ -423,6 +464,7 @@ def _tcia_index(
             ]
     else:
         codes = _val_from_train(official, val_fraction, seed)
+    metadata, notes = _tcia_metadata(samples)
     return build_index(
         name=NAME,
         root=root,
@@ -433,12 +475,38 @@ def _tcia_index(
         multilabel=False,
         split_info=split_info,
         options={"layout": "tcia", "ambiguous": ambiguous},
-        problems=problems,
+        problems=[*problems, *notes],
+        metadata=metadata,
+        raw_labels=np.array([[joined(r.get("pathology", "") for r in s.rows)] for s in samples]),
+        raw_label_names=("pathology",),
+        group_unit="patient",
     )
 
 
-def _patient_of(sample: _Sample) -> str:
+def _first_cell(rows: list[dict[str, str]], *columns: str) -> str:
+    """The first non-blank value of any of ``columns`` (the mass and calc CSVs spell some headers differently)."""
+    return next((row[c] for row in rows for c in columns if row.get(c)), "")
+
+
+def _tcia_metadata(samples: list[_Sample]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Metadata columns of the merged TCIA samples (see the module docstring) and problem lines."""
+    density, bad = numbers(_first_cell(s.rows, "breast_density", "breast density") for s in samples)
+    patients = (_first_cell(s.rows, "patient_id") or _patient_of(s, required=False) for s in samples)
+    columns = {
+        "image_id": text(s.key for s in samples),
+        "patient": text(patients),
+        "breast_density": density,
+        "view": text(_first_cell(s.rows, "image view") for s in samples),
+        "laterality": text(_first_cell(s.rows, "left or right breast").lower() for s in samples),
+        "abnormality_type": text(joined(r.get("abnormality type", "") for r in s.rows) for s in samples),
+    }
+    return columns, [f"{bad} breast density value(s) are not numbers; read as missing"] if bad else []
+
+
+def _patient_of(sample: _Sample, required: bool = True) -> str:
     match = _PATIENT.search(sample.case)
+    if match is None and not required:
+        return ""
     if match is None:
         raise FmcacheError(
             f"{NAME}: no patient id P_NNNNN in case folder {sample.case!r} ({sample.where}); "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from fmcache.data.index import SPLITS, DatasetIndex
@@ -27,9 +29,20 @@ def _multi_counts(index: DatasetIndex, rows: np.ndarray) -> dict:
     return {"n": len(rows), "labels": columns}
 
 
+def _metadata_summary(index: DatasetIndex) -> dict:
+    """Kind and blank count of every metadata column."""
+    summary = {}
+    for name, column in index.metadata.items():
+        number = column.dtype.kind == "f"
+        blank = int(np.isnan(column).sum()) if number else int(np.sum(column == ""))
+        summary[name] = {"kind": "number" if number else "text", "blank": blank}
+    return summary
+
+
 def describe(index: DatasetIndex) -> dict:
     """Counts for each split and in total: per class (single-label) or positive/negative/unknown per label
-    column (multi-label), plus the split info, options and problems. JSON-able."""
+    column (multi-label), plus the split info, options, metadata columns (kind, blank cells), the bootstrap unit
+    with its number of units, the raw label columns and problems. JSON-able."""
     count = _multi_counts if index.multilabel else _single_counts
     rows = {s: index.indices(s) for s in SPLITS} | {"total": np.arange(len(index))}
     return {
@@ -41,6 +54,10 @@ def describe(index: DatasetIndex) -> dict:
         "split_info": index.split_info,
         "options": index.options,
         "splits": {name: count(index, r) for name, r in rows.items()},
+        "metadata": _metadata_summary(index),
+        "group_unit": index.group_unit,
+        "units": len(np.unique(index.groups())),
+        "raw_label_names": list(index.raw_label_names),
         "problems": list(index.problems),
     }
 
@@ -78,8 +95,26 @@ def format_description(desc: dict) -> str:
         header[0] = "class"
         body += [[escape(name), *(str(splits[c]["classes"][name]) for c in COLUMNS)] for name in desc["class_names"]]
     lines += _table(header, body)
+    lines += _annotation_lines(desc, escape)
     lines += [f"[yellow]note:[/yellow] {escape(p)}" for p in desc["problems"]]
     return "\n".join(lines)
+
+
+def _annotation_lines(desc: dict, escape: Callable[[str], str]) -> list[str]:
+    """The metadata, bootstrap-unit and raw-label lines (descriptions made before they existed have none)."""
+    lines = []
+    if desc.get("metadata"):
+        cells = [
+            f"{name} ({info['kind']}{', ' + str(info['blank']) + ' blank' if info['blank'] else ''})"
+            for name, info in desc["metadata"].items()
+        ]
+        lines.append(f"metadata: {escape(', '.join(cells))}")
+    if "units" in desc:
+        unit = desc.get("group_unit") or "image"
+        lines.append(f"bootstrap unit: {escape(unit)} ({desc['units']} units)")
+    if desc.get("raw_label_names"):
+        lines.append(f"raw labels: {escape(', '.join(desc['raw_label_names']))}")
+    return lines
 
 
 def empty_split_warning(name: str, counts: dict[str, int]) -> str | None:

@@ -1,4 +1,11 @@
-"""ISIC 2019 training set: ``ISIC_2019_Training_GroundTruth.csv`` + ``ISIC_2019_Training_Input/<image>.jpg``."""
+"""ISIC 2019 training set: ``ISIC_2019_Training_GroundTruth.csv`` + ``ISIC_2019_Training_Input/<image>.jpg``.
+
+Raw labels are the nine one-hot columns as released (MEL..SCC and UNK). Metadata: ``image_id`` (the ``image``
+column; HAM10000 and BCN20000 images keep their ``ISIC_00xxxxx`` ids here, so overlaps with those datasets show
+by id) and, when the release's optional ``ISIC_2019_Training_Metadata.csv`` is present, its ``lesion_id``,
+``age_approx``, ``sex`` and ``anatom_site_general`` columns. The lesion is the bootstrap unit then (many non-HAM
+images have a blank lesion_id: each is its own unit).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fmcache.data._io import cell, check_files_exist, merge_duplicates, read_csv
+from fmcache.data.columns import first_rows, table_columns, text
 from fmcache.data.index import DatasetIndex, build_index, check_fractions, check_seed, random_split, random_split_info
 from fmcache.data.splits import (
     apply_split_file,
@@ -27,6 +35,13 @@ METADATA = "ISIC_2019_Training_Metadata.csv"
 EXPECTED = f"{GROUND_TRUTH} and {IMAGE_DIR}/ (the ISIC 2019 training release)"
 SPLIT_MODES = ("seed", "random", "lesion")
 SEED_HOLDOUT = 0.2  # the seed's val_size for ISIC2019: 20 % of the rows, halved into val and test
+RAW_COLUMNS = (*CLASS_NAMES, "UNK")
+METADATA_COLUMNS = {
+    "lesion_id": ("lesion_id", "text"),
+    "age_approx": ("age_approx", "number"),
+    "sex": ("sex", "text"),
+    "anatom_site_general": ("anatom_site_general", "text"),
+}
 
 
 def _one_hot_value(value: str, path: Path, line: int, column: str) -> float:
@@ -75,14 +90,18 @@ def load_isic2019(
     mode, split_file = parse_split(split, SPLIT_MODES, NAME)
     seed, fractions = check_seed(seed), check_fractions(fractions)
     csv_path = root / GROUND_TRUTH
-    columns = ("image", *CLASS_NAMES, "UNK")
-    _, rows = read_csv(csv_path, columns, dataset=NAME, root=root, expected=EXPECTED)
+    _, rows = read_csv(csv_path, ("image", *RAW_COLUMNS), dataset=NAME, root=root, expected=EXPECTED)
     lines = [line for line, _ in rows]
     row_ids = [cell(row, "image", csv_path, line) for line, row in rows]
     labels = np.array([_row_class(row, csv_path, line) for line, row in rows])
     if mode == "seed":
         require_unique_rows(row_ids, lines, csv_path, NAME)
     ids, labels, problems = merge_duplicates(row_ids, labels, lines, csv_path)
+    # _row_class has checked every cell, so the raw one-hot rows parse; a merged duplicate repeats its row.
+    first = first_rows(row_ids, [row for _, row in rows])
+    raw = np.array([[float(first[i][c]) for c in RAW_COLUMNS] for i in ids], dtype=np.float32)
+    metadata, notes = read_metadata(root, ids)
+    problems += notes
     paths = [root / IMAGE_DIR / f"{i}.jpg" for i in ids]
     check_files_exist(paths, str(csv_path), f"expected {IMAGE_DIR}/<image>.jpg next to {GROUND_TRUTH}")
     if mode == "seed":
@@ -117,8 +136,29 @@ def load_isic2019(
         multilabel=False,
         split_info=split_info,
         problems=problems,
+        metadata={"image_id": text(ids), **metadata},
+        raw_labels=raw,
+        raw_label_names=RAW_COLUMNS,
+        group_unit="lesion_id" if "lesion_id" in metadata else None,
     )
     return apply_split_file(index, split_file) if split_file else index
+
+
+def read_metadata(root: Path, ids: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The :data:`METADATA_COLUMNS` of ``ids`` from the optional metadata CSV (none when it is absent).
+
+    Images the CSV does not list get blank cells; how many is reported.
+    """
+    meta_path = root / METADATA
+    if not meta_path.is_file():
+        return {}, []
+    header, rows = read_csv(meta_path, ("image",), dataset=NAME, root=root, expected=EXPECTED)
+    by_image = first_rows([row["image"] for _, row in rows], [row for _, row in rows])
+    columns, problems = table_columns([by_image.get(i, {}) for i in ids], METADATA_COLUMNS, header, METADATA)
+    unlisted = sum(1 for i in ids if i not in by_image)
+    if unlisted:
+        problems.append(f"{METADATA} does not list {unlisted} image(s); their metadata is blank")
+    return columns, problems
 
 
 def lesion_groups(root: Path, ids: Sequence[str]) -> tuple[list[str], list[str]]:

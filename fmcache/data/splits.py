@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmcache.data.index import SPLITS, TEST, TRAIN, VAL, DatasetIndex, random_split
+from fmcache.data.index import EXTERNAL_NOTE, SPLITS, TEST, TRAIN, VAL, DatasetIndex, random_split
 from fmcache.errors import FmcacheError
 from fmcache.files import atomic_write_text
 
@@ -268,5 +268,5 @@ def apply_split_file(index: DatasetIndex, path: Path) -> DatasetIndex:
     # Keys that describe the data rather than the split the file replaces.
     info.update({k: v for k, v in index.split_info.items() if k in ("order", "task", "valid")})
     extra = [f"the {s} split is empty" for code, s in enumerate(SPLITS) if not np.any(codes == code)]
-    kept = [p for p in index.problems if not p.endswith("split is empty")]
+    kept = [p for p in index.problems if not p.endswith("split is empty") and p != EXTERNAL_NOTE]
     return replace(index, split=codes, split_info=info, problems=(*kept, *extra))

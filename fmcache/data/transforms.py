@@ -40,23 +40,10 @@ def seed_random_resized_crop(img_size: int) -> T.RandomResizedCrop:
 # How a grayscale scan meets a model trained on RGB. "repeat" (fmcache's default) feeds the one channel three times.
 # "seed" reproduces the original code, which keeps one channel and cuts the first layer down to its red-channel
 # kernel: a first layer is linear in its input channels, so that equals feeding (gray, 0, 0) after normalisation.
-# The paper's datasets released as single-channel scans; --gray seed only makes sense for these.
-GRAYSCALE_DATASETS: tuple[str, ...] = ("cbis_ddsm", "chexpert")
-
-
-def _check_gray(gray: str) -> str:
+def check_gray(gray: str) -> str:
     if gray not in GRAY_MODES:
         raise FmcacheError(f"unknown --gray {gray!r}; choose one of {', '.join(GRAY_MODES)}")
     return gray
-
-
-def check_gray_for(gray: str, dataset: str) -> None:
-    """``--gray seed`` is the seed's red-channel trick for single-channel scans; on RGB data it would drop colour."""
-    _check_gray(gray)
-    if gray == "seed" and dataset not in GRAYSCALE_DATASETS:
-        raise FmcacheError(
-            f"--gray seed applies to grayscale datasets ({', '.join(GRAYSCALE_DATASETS)}), not {dataset}; drop the flag"
-        )
 
 
 def _red_channel_only(x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +95,7 @@ def build_transform(
     ``img_size``, convert to a float32 CHW tensor in [0, 1], normalise with ``mean``/``std``. ``gray="seed"``
     then keeps only the first channel (see :data:`GRAY_MODES`); use it for grayscale datasets only.
     """
-    gray = _check_gray(gray)
+    gray = check_gray(gray)
     img_size = _check_size(img_size, "img_size")
     resize = default_resize(img_size) if resize is None else _check_size(resize, "resize")
     if resize < img_size:
@@ -151,7 +138,7 @@ def train_augmentation(
     """
     img_size = _check_size(img_size, "img_size")
     mean_l, std_l = check_norm(mean, std)
-    gray = _check_gray(gray)
+    gray = check_gray(gray)
     resize = default_resize(img_size)
     return T.Compose(
         [
@@ -176,7 +163,7 @@ def train_augmentation_spec(
 ) -> dict:
     """JSON-able description of :func:`train_augmentation` (for the key of cached augmented views)."""
     mean_l, std_l = check_norm(mean, std)
-    gray = _check_gray(gray)
+    gray = check_gray(gray)
     steps = ["resize", "center_crop", "random_resized_crop", "vflip", "hflip", "color_jitter", "to_tensor"]
     return {
         "steps": [*steps, "normalize", *(["gray_seed"] if gray == "seed" else [])],

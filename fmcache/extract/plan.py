@@ -19,8 +19,8 @@ from fmcache.cache.folder import CacheFolder
 from fmcache.cache.key import SCHEMA_VERSION, cache_key
 from fmcache.cache.views import SEED as VIEWS_SEED
 from fmcache.data import DatasetIndex, build_transform, dataset_norm, load_dataset
+from fmcache.data.registry import check_gray_for
 from fmcache.data.transforms import (
-    check_gray_for,
     train_augmentation,
     train_augmentation_spec,
 )

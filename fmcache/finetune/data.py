@@ -36,7 +36,7 @@ def online_data(spec: FinetuneSpec) -> Data:
         train_augmentation,
     )  # deferred: torchvision
     from fmcache.data.describe import empty_split_warning  # deferred: torchvision
-    from fmcache.data.transforms import check_gray_for  # deferred: torchvision
+    from fmcache.data.registry import check_gray_for  # deferred: torchvision
     from fmcache.extract.plan import resolve_norm  # deferred: h5py, torchvision
 
     ex = extract_spec(spec, spec.dataset, Path(spec.data_root))
