@@ -47,9 +47,9 @@ def check_int(name: str, value: object, low: int) -> None:
 # -- coercion at the spec boundary: flags arrive as text, YAML as lists or numbers, Python callers as either ------
 
 
-def as_floats(name: str, value: object, example: str = "1e-5,1e-4") -> tuple[float, ...]:
+def as_floats(name: str, value: object, *, example: str) -> tuple[float, ...]:
     """``1e-5,1e-4`` (text), ``[1e-5, 1e-4]`` or one number, as a non-empty tuple of floats; ``example`` is what the
-    error suggests for this option."""
+    error suggests for this option (its own: fractions ``0.01,0.1,1.0``, LRs ``1e-5,1e-4``), so it has no default."""
     items = [t for t in value.split(",") if t.strip()] if isinstance(value, str) else value
     items = items if isinstance(items, (list, tuple)) else [items]
     try:
@@ -57,13 +57,13 @@ def as_floats(name: str, value: object, example: str = "1e-5,1e-4") -> tuple[flo
     except (TypeError, ValueError):
         raise FmcacheError(f"bad --{_flag(name)} {value!r}; give comma-separated numbers, e.g. {example}") from None
     if not out:
-        raise FmcacheError(f"--{_flag(name)} is empty")
+        raise FmcacheError(f"--{_flag(name)} is empty; give comma-separated numbers, e.g. {example}")
     return out
 
 
-def as_ints(name: str, value: object, low: int = 1, example: str = "10,20,100,200") -> tuple[int, ...]:
-    """Like :func:`as_floats` for integers >= ``low``."""
-    values = as_floats(name, value, example)
+def as_ints(name: str, value: object, low: int = 1, *, example: str) -> tuple[int, ...]:
+    """Like :func:`as_floats` for integers >= ``low`` (seeds ``0,3,7``, ks ``10,20,100,200``)."""
+    values = as_floats(name, value, example=example)
     if any(v != int(v) or v < low for v in values):
         raise FmcacheError(f"bad --{_flag(name)} {value!r}; give integers >= {low}, e.g. {example}")
     return tuple(int(v) for v in values)

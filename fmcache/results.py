@@ -32,8 +32,12 @@ Contract (``fmcache report``/``fmcache grid`` read exactly this):
 
 * Label-efficiency runs (``--train-fraction``/``--train-per-class``) are ordinary results whose ``settings`` hold
   ``train_subset`` (``fraction`` or ``per_class``, ``repeat``, ``sampling``, ``val_follows``), with a top-level
-  ``subset`` record and ``subsets.npz`` (the rows) in the folder; a result without ``train_subset`` used the whole
-  train split. The report keeps them out of the paper's tables (:func:`train_subset`).
+  ``subset`` record, ``subsets.npz`` (the rows) in the folder and its sha256 as ``subsets_sha256``; a result without
+  ``train_subset`` used the whole train split. The report keeps them out of the paper's tables (:func:`train_subset`).
+
+:func:`check_result_document` holds a ``result.json`` to this contract: :func:`write_result` before it writes one,
+:func:`find_results` (and so the report) and :func:`is_complete` (and so the grid) when they read one. A document that
+breaks it is never half-used: the writer refuses it, readers skip it and name the file and the field.
 
 Every file goes to a temporary name in the target folder and is moved into place with ``os.replace``,
 so a crash never leaves a half-written result that looks valid.
@@ -47,6 +51,7 @@ import hashlib
 import io
 import json
 import math
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -95,13 +100,99 @@ def result_folder(root: Path, dataset: str, model: str, key: str, protocol: str,
 
 
 def is_complete(folder: Path) -> bool:
-    """True when ``folder`` holds a readable ``result.json`` with status complete (it is written last)."""
+    """True when ``folder`` holds a ``result.json`` (written last) that keeps the contract, and its subsets file,
+    when it has one, is the one the run wrote; else the grid runs the job again."""
+    return incomplete(folder) is None
+
+
+def incomplete(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete result (one line naming the file at fault), or None when it is one."""
     path = Path(folder) / RESULT_JSON
     try:
         document = json.loads(path.read_text())
     except (OSError, ValueError):
+        return f"{path} is missing or unreadable"
+    try:
+        check_result_document(document, path)
+        check_subsets(document, Path(folder))
+    except FmcacheError as exc:
+        return str(exc)
+    return None
+
+
+class ContractError(FmcacheError):
+    """A ``result.json`` that breaks the results contract; ``why`` names the field (the message names the file too)."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path} breaks the results contract: {why}")
+        self.why = why
+
+
+# the summary each protocol's trait promises (fmcache.protocols.SUMMARIES)
+SUMMARY_KEYS = {
+    "grid": ("best_lr", "val_mean", "val_std", "test_mean", "test_std"),
+    "rows": ("rows", "best"),
+    "matrix": ("layers_a", "layers_b", "matrix"),
+}
+TEXT_KEYS = ("dataset", "model", "metric", "settings_hash")  # non-empty text
+OBJECT_KEYS = ("settings", "timings", "summary")  # JSON objects
+
+
+def check_result_document(document: object, path: Path) -> None:
+    """``document`` against the contract in this module's docstring; a break is one :class:`ContractError` line
+    naming ``path`` and the missing or bad field."""
+    if not isinstance(document, dict):
+        raise ContractError(path, f"it holds {type(document).__name__}, not an object")
+    if document.get("status") != "complete":
+        raise ContractError(path, f"status is {document.get('status')!r}, not 'complete'")
+    try:
+        protocol = get_protocol(str(document.get("protocol")))
+    except FmcacheError as exc:
+        raise ContractError(path, f"'protocol': {exc}") from None
+    for key in TEXT_KEYS:
+        if not isinstance(document.get(key), str) or not document[key]:
+            raise ContractError(path, _missing_or_bad(document, key, "text"))
+    for key in OBJECT_KEYS:
+        if not isinstance(document.get(key), dict):
+            raise ContractError(path, _missing_or_bad(document, key, "an object"))
+    lacking = [k for k in SUMMARY_KEYS.get(protocol.summary, ()) if k not in document["summary"]]
+    if lacking:
+        raise ContractError(path, f"its summary lacks '{lacking[0]}' (a {protocol.summary} summary of {protocol.name})")
+    if document.get("cache_key") is not None and not isinstance(document["cache_key"], str):
+        raise ContractError(path, _missing_or_bad(document, "cache_key", "text or null"))
+
+
+def _missing_or_bad(document: dict, key: str, kind: str) -> str:
+    if key not in document:
+        return f"no '{key}'"
+    return f"'{key}' is {document[key]!r:.40}, not {kind}"
+
+
+def check_subsets(document: dict, folder: Path) -> None:
+    """A label-efficiency run's ``subsets.npz``: the bytes its ``result.json`` records (``subsets_sha256``; a result
+    written before that record: a file that opens, with its train rows). One line naming the file when it is not."""
+    if train_subset(document) is None:
+        return
+    path = Path(folder) / SUBSETS
+    if not path.is_file():
+        raise FmcacheError(f"{path} is missing; the run's subset rows are gone: rerun that evaluation")
+    data = path.read_bytes()
+    recorded = document.get("subsets_sha256")
+    if recorded and hashlib.sha256(data).hexdigest() != recorded:
+        raise FmcacheError(
+            f"{path} does not match the sha256 its result.json records (changed or damaged after the run); rerun "
+            "that evaluation"
+        )
+    if not recorded and not _opens_with_rows(data):
+        raise FmcacheError(f"{path} does not open as the run's subset rows (damaged); rerun that evaluation")
+
+
+def _opens_with_rows(data: bytes) -> bool:
+    try:
+        with np.load(io.BytesIO(data)) as npz:
+            return "train_rows" in npz.files and npz["train_rows"].ndim == 1
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):  # a truncated or foreign file
         return False
-    return isinstance(document, dict) and document.get("status") == "complete"
 
 
 def find_results(root: Path, problems: list[tuple[Path, str]] | None = None) -> list[dict]:
@@ -120,11 +211,26 @@ def find_results(root: Path, problems: list[tuple[Path, str]] | None = None) -> 
             if problems is not None:
                 problems.append((path, f"unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:80]})"))
             continue
-        if isinstance(document, dict) and document.get("status") == "complete":
+        why = _unusable(document, path)
+        if why is None:
             found.append({**document, "folder": str(path.parent)})
         elif problems is not None:
-            problems.append((path, "not a complete result (no status complete)"))
+            problems.append((path, why))
     return found
+
+
+def _unusable(document: object, path: Path) -> str | None:
+    """Why a parsed ``result.json`` is not a result to read (its own words, without the path), or None."""
+    if not isinstance(document, dict) or document.get("status") != "complete":
+        return "not a complete result (no status complete)"
+    try:
+        check_result_document(document, path)
+        check_subsets(document, path.parent)
+    except ContractError as exc:
+        return f"breaks the results contract: {exc.why}"
+    except FmcacheError as exc:  # its subsets file, named in the message
+        return str(exc)
+    return None
 
 
 def check_predictions(document: Mapping) -> bytes | None:
@@ -267,6 +373,7 @@ def write_result(
         "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     path = folder / RESULT_JSON
+    check_result_document(document, path)  # the writer holds itself to the contract its readers check
     atomic_write_bytes(path, (json.dumps(document, indent=2, allow_nan=False) + "\n").encode())
     return path
 

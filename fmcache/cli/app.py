@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import sys
@@ -13,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 import fmcache
 from fmcache.config import load_config, merge
@@ -20,7 +22,109 @@ from fmcache.errors import FmcacheError
 from fmcache.protocols import get_protocol
 from fmcache.runners import spec_class
 
+try:  # a recent typer carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - an older typer on click itself
+    from click import exceptions as click_errors
+
+# what each option type accepts, for a value click could not convert: (what it is not, what to give)
+ACCEPTS = {
+    int: ("an integer", "give a whole number such as 3"),
+    float: ("a number", "give a number such as 0.5 or 1e-4"),
+    bool: ("yes or no", "give the flag alone, or leave it out"),
+    Path: ("a path", "give a file or folder path"),
+}
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors(group, ctx=None):
+    """Turn click's usage errors into one ``error:`` line and exit 2; ``fmcache`` alone still prints the help.
+
+    ``ctx`` is the group's context once it parsed: a subcommand's parser raises without a context of its own."""
+    try:
+        yield
+    except click_errors.UsageError as exc:
+        if isinstance(exc, getattr(click_errors, "NoArgsIsHelpError", ())):
+            raise
+        if STATE["verbose"]:
+            traceback.print_exc()
+        sub = exc.ctx.info_name if exc.ctx is not None and exc.ctx.parent is not None else None
+        sub = sub or (ctx.invoked_subcommand if ctx is not None else None)
+        command = group.get_command(ctx, sub) if sub else group
+        print_error(usage_line(exc, command, f"fmcache {sub}" if sub else "fmcache"))
+        raise typer.Exit(code=2) from None
+
+
+def usage_line(exc: Exception, command, title: str) -> str:
+    """One line for a click usage error of ``command`` (``title``: as typed): the option or argument at fault and
+    what it accepts."""
+    if isinstance(exc, click_errors.MissingParameter) and exc.param is not None:
+        return f"{title} needs {param_name(exc.param)}: {first_sentence(exc.param)}"
+    if isinstance(exc, click_errors.BadParameter) and exc.param is not None:
+        return f"{param_name(exc.param)}: {bad_value(exc)}"
+    if isinstance(exc, click_errors.NoSuchOption):
+        maybe = f"; did you mean {', '.join(sorted(exc.possibilities))}?" if exc.possibilities else ""
+        return f"{title} has no option {exc.option_name}{maybe} (see {title} --help)"
+    if isinstance(exc, click_errors.BadOptionUsage):
+        return f"{exc.option_name}: {_option_usage(exc.option_name, command)}"
+    message = exc.format_message().rstrip(".")
+    return f"{title}: {message[:1].lower()}{message[1:]} (see {title} --help)"
+
+
+def param_name(param) -> str:
+    """An option as typed (its long flag) or an argument as the help shows it (CACHE)."""
+    opts = [o for o in getattr(param, "opts", []) if o.startswith("-")]
+    return max(opts, key=len) if opts else str(param.name).upper()
+
+
+def first_sentence(param) -> str:
+    help_text = " ".join(str(getattr(param, "help", None) or "a value").split())
+    return help_text.split(". ")[0].rstrip(".")
+
+
+def accepts(param) -> tuple[str, str] | None:
+    """(what the value is not, what to give) for the option's type; None for a type without a sentence."""
+    descriptor = getattr(param, "type_descriptor", None)
+    choices = getattr(descriptor, "choices", None)
+    if choices:
+        return "one of the choices", f"use {', '.join(str(getattr(c, 'value', c)) for c in choices)}"
+    return ACCEPTS.get(getattr(descriptor, "annotation", None))
+
+
+def bad_value(exc) -> str:
+    """``'x' is not an integer; give a whole number such as 3``, from the value click could not convert."""
+    errors = getattr(exc.__cause__, "errors", None)
+    given = errors()[0].get("input") if callable(errors) and errors() else None
+    said = accepts(exc.param)
+    if given is None or said is None:
+        return exc.message[:1].lower() + exc.message[1:]
+    return f"{given!r} is not {said[0]}; {said[1]}"
+
+
+def _option_usage(option: str, command) -> str:
+    """A flag given a value (``--quick=yes``), or an option given none (``--epochs`` last)."""
+    found = [p for p in getattr(command, "params", []) if option in (*p.opts, *p.secondary_opts)]
+    if found and getattr(found[0], "is_flag", False):
+        return f"a flag takes no value; give {option} alone, or leave it out"
+    said = accepts(found[0]) if found else None
+    return "needs a value" + (f"; {said[1]}" if said else f": {first_sentence(found[0])}" if found else "")
+
+
+class OneLineGroup(TyperGroup):
+    """The app's group: click's own usage errors (a bad type, an unknown option, a missing argument) read like
+    every other error, one ``error:`` line and exit 2, instead of typer's usage box. Help is untouched."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        with _one_line_usage_errors(self):
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors(self, ctx):  # the subcommand parses its options in here
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
+    cls=OneLineGroup,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -43,15 +147,20 @@ def cli_command(fn):
         except FmcacheError as exc:
             if STATE["verbose"]:
                 traceback.print_exc()
-            # messages built from foreign errors (torch, h5py) may carry colour codes and line breaks: one plain line
-            message = " ".join(_ANSI.sub("", str(exc)).split())
-            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            print_error(str(exc))
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]; rerun the same command to resume")
             raise typer.Exit(code=130) from None
 
     return wrapper
+
+
+def print_error(message: str) -> None:
+    """``error: …`` on stderr, on one line: messages built from foreign errors (torch, h5py) may carry colour codes
+    and line breaks."""
+    message = " ".join(_ANSI.sub("", str(message)).split())
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def log_line(message: str) -> None:
@@ -82,6 +191,10 @@ def _main(
 DATASET_HELP = (
     "The paper's aptos2019, cbis_ddsm, isic2019, chexpert; external sets pad_ufes20, ham10000, messidor2, idrid, "
     "eyepacs, chestxray14, mimic_cxr, cmmd, vindr_mammo; or csv, imagefolder."
+)
+BEST_EPOCH_HELP = (
+    "Best epoch on val: seed (the val metric rounded to 3 decimals, strictly better: a tie keeps the earlier epoch, "
+    "as the seed) or exact (unrounded)."
 )
 SPLIT_HELP = (
     "Split mode. aptos2019, isic2019: seed (default: the paper's row shuffle, or <data-root>/val_ids.json) or "

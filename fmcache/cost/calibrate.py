@@ -334,8 +334,8 @@ def calibrate(seconds: float = 60.0, quick: bool = False, device: str | None = N
     the budget is spent (:func:`measure`): on a shared machine a job runs at the typical speed, and round-robin spreads
     every probe over the whole measurement.
     """
-    if not seconds > 0:
-        raise FmcacheError(f"--seconds must be > 0, got {seconds}")
+    if not (math.isfinite(seconds) and seconds > 0):  # inf would measure for ever
+        raise FmcacheError(f"--seconds must be a finite number > 0, got {seconds}")
     start = time.perf_counter()
     dev = pick_device(device)
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from functools import cache
 from typing import Protocol
 
+from fmcache.config import as_floats, as_ints
 from fmcache.cost.counting import Counts, ModelShape
 from fmcache.cost.rates import Rates
 from fmcache.errors import FmcacheError
@@ -120,6 +121,40 @@ def _count(value) -> int:
 def bests(epochs: int) -> float:
     """Assumed number of new best val epochs (each scores test): about 1 + 2 ln E, at most E."""
     return min(float(epochs), 1.0 + 2.0 * math.log(max(1, epochs)))
+
+
+def _cut(size: int, fraction: float | None, per_class: int | None, classes: int) -> int:
+    """A subset's size: round(f · N) half up (the runner rounds each class so; summed, this is within a sample per
+    class), or n per class."""
+    if fraction is not None:
+        return min(size, math.floor(fraction * size + 0.5 + 1e-9))
+    return min(size, int(per_class) * classes)
+
+
+def subset_runs(o: dict, ds: DataSize) -> list[DataSize]:
+    """The data each run of a job sees: the whole split for a plain run; with ``train_fraction`` or
+    ``train_per_class`` (label efficiency), one run per amount and repeat on its own train size (val cut the same way
+    when it follows), and an amount that is the whole split once, not per repeat, as the runner plans them
+    (:func:`fmcache.frozen.subsets.plan`)."""
+    fractions, counts = o.get("train_fraction"), o.get("train_per_class")
+    if fractions is None and counts is None:
+        return [ds]
+    amounts = [(f, None) for f in (as_floats("train_fraction", fractions, example="0.01,0.1,1.0") if fractions else ())]
+    amounts += [(None, n) for n in (as_ints("train_per_class", counts, example="1,5,10") if counts else ())]
+    follows = bool(o.get("val_fraction_follows"))
+    runs = []
+    for fraction, per_class in amounts:
+        train = _cut(ds.train, fraction, per_class, ds.classes)
+        val = _cut(ds.val, fraction, per_class, ds.classes) if follows else ds.val
+        full = train == ds.train and val == ds.val
+        runs += [replace(ds, train=train, val=val)] * (1 if full else int(o.get("subset_repeats") or 1))
+    return runs
+
+
+def _names(value) -> list[str] | None:
+    """``lora_targets`` from text (``attn.qkv,attn.proj``) or a list; None: the family's default."""
+    items = value.split(",") if isinstance(value, str) else list(value or [])
+    return [v.strip() for v in items if v.strip()] or None
 
 
 def _layer_list(value, layers: int) -> list[int]:
@@ -236,7 +271,11 @@ class Estimator:
         }
         if model not in models:
             raise FmcacheError(f"no cost model {model!r} for job kind {job.kind}")
-        return models[model](job, shape, ds)
+        total = JobCost(Cost(), Cost())
+        for data in subset_runs(_options(job), ds):  # every run the job does: one, or one per train subset
+            run = models[model](job, shape, data)
+            total = JobCost(total.ours + run.ours, total.seed + run.seed)
+        return total
 
     def _seed_frozen_run(
         self,
@@ -434,6 +473,13 @@ class Estimator:
         eval_per = fwd + hf
         trained_params = shape.params * trainable * fraction + hp
         trained_tensors = shape.tensors * trainable * fraction + (hp and 2)
+        lora = str(o["method"]) == "lora"
+        if lora:  # adapters train, the foundation's weights do not: no weight gradients, ~2x the trained blocks
+            first = 0 if freeze == "none" else min(used, int(freeze))
+            targets, per_block = self.counts.lora(job.model, _names(o["lora_targets"]))
+            train_per = fwd * (1 + trainable) + 3 * hf
+            trained_params = int(o["lora_rank"]) * sum(per_block[first:used]) + hp
+            trained_tensors = 2 * len(targets) * (used - first) + (hp and 2)
         steps = ds.train // batch
         used_n = steps * batch
         evals = epochs * ds.val + bests(epochs) * ds.test
@@ -446,6 +492,9 @@ class Estimator:
             + epochs * steps * (self._step_s(trained_params) + trained_tensors * self.rates.opt_s_per_tensor)
         )
         checkpoints = epochs * (shape.params * 4 + trained_params * 8) + bests(epochs) * shape.params * 4
+        if lora:  # the checkpoint holds adapters and head with AdamW's two moments; each best exports the whole
+            # foundation (merged) beside the adapters and the head
+            checkpoints = epochs * trained_params * 12 + bests(epochs) * (shape.params + trained_params) * 4
         seconds = (
             self._build_s(shape.params)
             + self._pipeline(compute, data, int(o["workers"]))

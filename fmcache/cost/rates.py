@@ -9,6 +9,7 @@ Rates come from ``fmcache calibrate`` (:mod:`fmcache.cost.calibrate`, a micro-be
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from collections.abc import Callable
@@ -135,14 +136,57 @@ def preset(name: str) -> Rates:
 PRESETS = tuple(GPUS)
 
 
-def _rates_from(entry: dict, label: str) -> Rates:
+# rates an estimate divides by: zero would be a division by zero, so they must be > 0; every other number is a time
+# (seconds per thing) and may be 0
+THROUGHPUTS = ("fwd", "train", "fwd_conv", "train_conv", "fp32", "fp64", "io_bytes_s")
+TEXT_FIELDS = ("label", "source")
+
+
+def read_calibrations(path: Path) -> dict[str, dict]:
+    """The calibrations kept in ``path``, device name → measured entry ({} without a file). A file that does not
+    parse, or an entry that is not an object, is one line naming the file and the entry."""
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        why = " ".join(str(exc).split())[:80]
+        raise FmcacheError(f"{path} is not a calibration file ({why}); run `fmcache calibrate` or remove it") from None
+    if not isinstance(doc, dict):
+        raise FmcacheError(f"{path} is not a calibration file (not an object of device: rates); remove it")
+    for name, entry in doc.items():
+        if not isinstance(entry, dict):
+            raise FmcacheError(
+                f"{path}: calibration '{name}' is {type(entry).__name__} {entry!r:.40}, not an object of rates; "
+                "run `fmcache calibrate` on that device again or remove the entry"
+            )
+    return doc
+
+
+def _rates_from(entry: dict, label: str, path: Path) -> Rates:
+    """The rates of a calibration entry, every field checked: a number (finite; a throughput > 0, a time >= 0)."""
     names = {f.name for f in fields(Rates)}
-    values = {k: v for k, v in entry.items() if k in names}
-    missing = sorted(names - set(values) - {"label", "overlap", "source"})
+    values = {k: v for k, v in entry.items() if k in names and k not in TEXT_FIELDS}
+    missing = sorted(names - set(values) - {*TEXT_FIELDS, "overlap"})
     if missing:
-        raise FmcacheError(f"calibration for {label} lacks {', '.join(missing)}; run `fmcache calibrate` again")
+        raise FmcacheError(f"{path}: calibration '{label}' lacks {', '.join(missing)}; run `fmcache calibrate` again")
+    for name, value in values.items():
+        if not _good_rate(name, value):
+            need = "a bool" if name == "overlap" else "a number > 0" if name in THROUGHPUTS else "a number >= 0"
+            raise FmcacheError(
+                f"{path}: calibration '{label}' has {name} = {value!r:.40}, not {need} (finite); run `fmcache "
+                "calibrate` on that device again or remove the entry"
+            )
     when = entry.get("measured_at", "?")
     return Rates(**{**values, "label": label, "source": f"fmcache calibrate, {when}"})
+
+
+def _good_rate(name: str, value: object) -> bool:
+    if name == "overlap":
+        return isinstance(value, bool)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return value > 0 if name in THROUGHPUTS else value >= 0
 
 
 def device_name(device: str | None = None) -> str:
@@ -168,11 +212,12 @@ def device_name(device: str | None = None) -> str:
 def resolve_rates(choice: str | None, log: Log) -> Rates:
     """``--device-rate``: a preset (h200, h100, a100), a FLOP/s number, a calibrated device name or a calibration
     file; None: this machine's calibration if there is one, else the H200 preset (said in one line)."""
-    doc = read_json(calibration_path())
+    home = calibration_path()
+    doc = read_calibrations(home)
     if choice is None:
         here = device_name()
         if here in doc:
-            return _rates_from(doc[here], here)
+            return _rates_from(doc[here], here, home)
         log(
             f"no calibration for this machine ({here}) in {calibration_path()}: `fmcache calibrate` measures it; "
             "estimating on the H200 preset instead (--device-rate chooses)"
@@ -186,8 +231,8 @@ def resolve_rates(choice: str | None, log: Log) -> Rates:
     except ValueError:
         flops = None
     if flops is not None:
-        if not flops > 0:
-            raise FmcacheError(f"--device-rate {text}: a rate must be a positive FLOP/s number, e.g. 4e14")
+        if not (math.isfinite(flops) and flops > 0):  # 1e400 reads as inf: every estimate would be 0 s
+            raise FmcacheError(f"--device-rate {text}: a rate must be a positive finite FLOP/s number, e.g. 4e14")
         base = preset("h200")
         return replace(
             base,
@@ -199,16 +244,16 @@ def resolve_rates(choice: str | None, log: Log) -> Rates:
             source="every FLOP rate as given; the rest as the H200 preset's (an estimate)",
         )
     if text in doc:
-        return _rates_from(doc[text], text)
+        return _rates_from(doc[text], text, home)
     path = Path(os.path.expanduser(text))
     if path.is_file():
-        other = read_json(path)
+        other = read_calibrations(path)
         if not other:
             raise FmcacheError(f"--device-rate {path}: not a calibration file (fmcache calibrate writes one)")
         name = next(iter(other))
         if len(other) > 1:
             log(f"--device-rate {path}: {len(other)} devices; using the first, {name}")
-        return _rates_from(other[name], name)
+        return _rates_from(other[name], name, path)
     known = [*PRESETS, *doc]
     raise FmcacheError(
         f"--device-rate {text}: not a preset, a FLOP/s number, a calibrated device or a file; known: {', '.join(known)}"

@@ -15,7 +15,7 @@ How a subset is drawn, so that anyone can check or redo it (``subsets.npz`` reco
   that has a positive sample in the split but none in the subset is refused. (Iterative stratification would not
   keep the subsets nested, which is what makes a curve's points comparable.)
 - A subset that leaves a class (or a label) present in the split without any sample is refused in one line that
-  names the class and the smallest fraction that keeps it.
+  names the class and the smallest fraction that keeps it, printed rounded up so that, given back, it is accepted.
 
 Positions are returned sorted, i.e. in the split's own order: the whole split (fraction 1.0) is exactly the plain
 run's input, row for row, so its numbers equal the plain run's.
@@ -24,6 +24,7 @@ run's input, row for row, so its numbers equal the plain run's.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -98,6 +99,18 @@ def _count(size: int, fraction: float | None, per_class: int | None) -> int:
     return min(size, int(per_class))
 
 
+def smallest_fraction(size: int) -> str:
+    """The smallest fraction that keeps one of ``size`` samples, as the error prints it: three significant digits,
+    rounded UP, so that the printed value, given back, keeps the class (0.5 / 6 = 0.08333 prints as 0.0834; 0.0833
+    would round 6 × 0.0833 down to 0)."""
+    exact = 0.5 / size
+    places = 2 - math.floor(math.log10(exact))  # decimal places of three significant digits
+    units = math.ceil(exact * 10**places - 1e-6)
+    while _count(size, float(f"{units / 10**places:.3g}"), None) == 0:  # just below the half: one unit more
+        units += 1
+    return f"{units / 10**places:.3g}"
+
+
 def _amount(fraction: float | None, per_class: int | None) -> str:
     return f"--train-fraction {fraction:g}" if fraction is not None else f"--train-per-class {per_class}"
 
@@ -120,7 +133,7 @@ def stratified(
             smallest = min(int((labels == k).sum()) for k in range(len(class_names)) if (labels == k).any())
             raise FmcacheError(
                 f"{_amount(fraction, per_class)} leaves class '{name}' with no {split} sample ({len(members)} × "
-                f"{fraction:g} rounds to 0); use a fraction >= {0.5 / smallest:.3g} or --train-per-class 1"
+                f"{fraction:g} rounds to 0); use a fraction >= {smallest_fraction(smallest)} or --train-per-class 1"
             )
         chosen.append(members[_order(len(members), split, repeat, c)[:n_c]])
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
@@ -259,20 +272,22 @@ def subset_source(source: ResultSource, subset: Subset | None) -> ResultSource:
 
 def write_subset(folder: Path, reader: CacheReader, subset: Subset | None) -> dict:
     """``subsets.npz`` in a subset run's folder (positions and sample ids, so anyone can re-run exactly these rows)
-    and the facts ``result.json`` records about it; nothing for a plain run."""
+    and what ``result.json`` records about it (the facts and the file's sha256); nothing for a plain run."""
     if subset is None:
         return {}
     arrays = {"train_rows": subset.train, "train_ids": reader.ids("train")[subset.train]}
     if subset.val is not None:
         arrays.update(val_rows=subset.val, val_ids=reader.ids("val")[subset.val])
-    atomic_write_bytes(folder / SUBSETS, npz_bytes(arrays))
+    data = npz_bytes(arrays)
+    atomic_write_bytes(folder / SUBSETS, data)
     facts = {"n_train": len(subset.train), "n_train_split": len(reader.rows("train")), "file": SUBSETS}
     if not reader.multilabel:
         labels = reader.labels("train")[subset.train].astype(np.int64)
         facts["train_per_class"] = np.bincount(labels, minlength=len(reader.class_names)).tolist()
     if subset.val is not None:
         facts["n_val"] = len(subset.val)
-    return {"subset": facts}
+    # as predictions_sha256: the report and the grid refuse a subsets.npz that is not the one the run wrote
+    return {"subset": facts, "subsets_sha256": hashlib.sha256(data).hexdigest()}
 
 
 def finish_label_efficiency(

@@ -5,9 +5,17 @@ the config's ``/path/to/...`` placeholder) is planned from the official release'
 so. Every job is listed under the paper outputs it feeds (:func:`fmcache.report.paper.outputs_of`, the same rule the
 report uses to place its results), so a reader sees at once what reproduces Table 1, Fig. 4, and so on.
 
+Every job to run is checked as the run checks it: its spec is built by the run's own function
+(:func:`fmcache.grid.run.spec_of`, with a placeholder for the cache it will read), so a value the run would refuse
+(``epochs: -3``, an unknown choice) is one ``refused:`` line naming the job and the reason; a refused job is not priced,
+and the dry run then exits 2: a plan that says "this grid cannot run" is not a success.
+
 Then the cost (:func:`print_cost`, the model in :mod:`fmcache.cost.estimate`): per job forward passes, FLOPs, bytes
 written and read and the estimated time on a device (``--device-rate``: a preset, a FLOP/s number, or what
-``fmcache calibrate`` measured), with the seed's online cost of the same results beside it.
+``fmcache calibrate`` measured; a damaged calibration is one error line naming the file), with the seed's online cost
+of the same results beside it. Every run a job does is priced: one per label-efficiency subset (on its own train
+size; the whole split once), and a LoRA fine-tune with its adapters, not the whole foundation, as what trains and
+what its checkpoints hold.
 """
 
 from __future__ import annotations
@@ -92,7 +100,7 @@ def print_cost(jobs: list[Job], splits: dict[str, DataSize | None], log: Log, de
 
     ``device_rate``: ``--device-rate`` (None: this machine's calibration, else the H200 preset)."""
     rates = resolve_rates(device_rate, log)
-    counts = Counts()
+    counts = Counts(log=log)  # a damaged kept count is counted again, with a note
     found = estimate_jobs(Estimator(rates, splits, counts), jobs)
     costs, unknown = found.costs, {}
     for job in jobs:

@@ -38,7 +38,7 @@ from fmcache.grid.dry_run import ROWS_PER_JOB, describe, print_cost
 from fmcache.grid.executors import run_local, run_parallel
 from fmcache.grid.jobs import Job, expand, select
 from fmcache.grid.lock import JobBusy
-from fmcache.grid.run import EXIT_BUSY, EXIT_DONE_ELSEWHERE, is_done, submitted_job
+from fmcache.grid.run import EXIT_BUSY, EXIT_DONE_ELSEWHERE, is_done, refusal, submitted_job
 from fmcache.grid.slurm import import_submitit, run_slurm
 
 # -- data roots, dry run ---------------------------------------------------------------------------------------------
@@ -79,12 +79,15 @@ def prepare_digits(root: Path, per_class: int) -> Path:
 
 
 def plan(grid: GridConfig, jobs: list[Job], log: Log, device_rate: str | None = None) -> dict:
-    """The dry run: jobs per kind, how many are done, and what the rest should cost (on ``device_rate``)."""
+    """The dry run: jobs per kind, how many are done, the jobs the run would refuse, and what the rest should cost
+    (on ``device_rate``). Raises (exit 2) after the plan when any job would be refused."""
     splits = dataset_sizes(grid.datasets, log)
     sizes = {name: (size.total if size else None) for name, size in splits.items()}
     done = {j.id for j in jobs if _safe_done(j)}
     pending = [j for j in jobs if j.id not in done]
     groups = describe(grid, jobs, done, log)
+    refused = refusals(pending, log)
+    pending = [j for j in pending if j.id not in refused]  # a refused job has no cost: it would not run
     recorded = estimate_jobs(RecordedEstimator(recorded_seconds(grid.results, grid.cache_root)), pending)
     seconds, unknown = sum(c.ours.seconds for c in recorded.costs.values()), len(recorded.failed)
     known = len(pending) - unknown
@@ -98,6 +101,12 @@ def plan(grid: GridConfig, jobs: list[Job], log: Log, device_rate: str | None = 
     if len(shown) < len(pending):
         log(f"  ... and {len(pending) - len(shown)} more to run (--only KIND,DATASET,MODEL lists fewer)")
     cost = print_cost(pending, splits, log, device_rate)
+    if refused:
+        first, why = next(iter(refused.items()))
+        raise FmcacheError(
+            f"{len(refused)} job(s) of {grid.source} would be refused when they run (the lines above); first: "
+            f"{first}: {why}; fix their options and plan again"
+        )
     return {
         "jobs": len(jobs),
         "done": len(done),
@@ -107,6 +116,16 @@ def plan(grid: GridConfig, jobs: list[Job], log: Log, device_rate: str | None = 
         "dataset_sizes": sizes,
         "cost": cost,
     }
+
+
+def refusals(jobs: list[Job], log: Log) -> dict[str, str]:
+    """Every job whose spec the run would refuse, with why, each said in one line (nothing when none is)."""
+    refused = {job.id: why for job in jobs if (why := refusal(job)) is not None}
+    if refused:
+        log(f"{len(refused)} job(s) the run would refuse, checked as the run checks them:")
+    for job_id, why in refused.items():
+        log(f"  refused: {job_id}: {why}")
+    return refused
 
 
 def _safe_done(job: Job) -> bool:
@@ -126,6 +145,8 @@ def run_grid(config: Path, options: GridOptions, log: Log = print) -> dict:
         raise FmcacheError(f"unknown --executor '{options.executor}'; use local or slurm")
     if options.jobs < 1:
         raise FmcacheError(f"--jobs must be at least 1, got {options.jobs}")
+    for warning in ignored_options(options):
+        log(warning)
     if options.executor == "slurm" and not options.dry_run:
         import_submitit()  # before any data is prepared or job started
     grid = load_grid(config, options.results, options.cache_root)
@@ -163,6 +184,25 @@ def run_grid(config: Path, options: GridOptions, log: Log = print) -> dict:
         "elsewhere": dict(outcome.elsewhere),
         "seconds": seconds,
     }
+
+
+def ignored_options(options: GridOptions) -> list[str]:
+    """A warning line for each option given where it does nothing (never silently dropped)."""
+    slurm = {
+        "--slurm-partition": options.slurm_partition,
+        "--slurm-account": options.slurm_account,
+        "--slurm-qos": options.slurm_qos,
+        "--slurm-option": options.slurm_options or None,
+        "--gpus-per-job": options.gpus_per_job,
+    }
+    warnings = []
+    if options.device_rate is not None and not options.dry_run:
+        warnings.append("warning: --device-rate prices a --dry-run only; ignored (add --dry-run to see the cost)")
+    if options.executor != "slurm":
+        given = [flag for flag, value in slurm.items() if value is not None]
+        if given:
+            warnings.append(f"warning: {', '.join(given)} apply to --executor slurm only; ignored")
+    return warnings
 
 
 def main(argv: list[str]) -> int:

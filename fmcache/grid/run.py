@@ -19,7 +19,7 @@ from fmcache.grid.config import DATASET_OPTIONS, Log
 from fmcache.grid.jobs import Job
 from fmcache.grid.lock import LEDGER, JobLock
 from fmcache.protocols import get_protocol
-from fmcache.results import RESULT_JSON, is_complete
+from fmcache.results import RESULT_JSON, incomplete, is_complete
 from fmcache.runners import make_spec, run
 
 # exit codes of ``python -m fmcache.grid.main JOB.json`` (the --jobs N subprocess) besides 0 (ran) and 2 (failed)
@@ -66,16 +66,51 @@ def _cache_folder(job: Job, model: dict | None = None) -> Path:
 def job_spec(job: Job):
     """The spec a protocol job runs: its YAML options plus what the grid fixes (cache or images, results root)."""
     protocol = get_protocol(job.kind)
-    options = dict(job.options)
+    if protocol.reads == "images":
+        return spec_of(job)
+    cache_b = None
+    if protocol.pairs and job.model_b:
+        cache_b = _cache_folder(job, job.model_b)
+    if protocol.pairs and job.options.get("after_finetune"):
+        cache_b = _finetuned_cache(job, str(job.options["after_finetune"]))
+    return spec_of(job, _cache_folder(job), cache_b)
+
+
+# where a dry run's spec names the cache a job will read: building a spec opens no file, so the placeholder changes
+# nothing the spec checks
+PLANNED_CACHE = Path("<the job's cache>")
+
+
+def spec_of(job: Job, cache: Path = PLANNED_CACHE, cache_b: Path | None = None):
+    """A protocol job's spec from its YAML options and what the grid fixes; ``cache`` and ``cache_b`` are the folders
+    it reads (ignored for a job that reads images). :func:`job_spec` passes the real ones, a dry run the placeholder,
+    so both refuse exactly the same options."""
+    protocol = get_protocol(job.kind)
+    options = {k: v for k, v in job.options.items() if k != "after_finetune"}  # the grid's, not the spec's
     if protocol.reads == "images":
         if job.dataset.get("limit") is not None:
             options.setdefault("limit", job.dataset["limit"])
         return make_spec(job.kind, **_source(job.dataset, job.model), out=Path(job.results), **options)
-    if protocol.pairs and job.model_b:
-        options["cache_b"] = _cache_folder(job, job.model_b)
-    if protocol.pairs and options.get("after_finetune"):
-        options["cache_b"] = _finetuned_cache(job, str(options.pop("after_finetune")))
-    return make_spec(job.kind, cache=_cache_folder(job), out=Path(job.results), **options)
+    if cache_b is not None:
+        options["cache_b"] = cache_b
+    return make_spec(job.kind, cache=cache, out=Path(job.results), **options)
+
+
+def refusal(job: Job) -> str | None:
+    """Why the run would refuse ``job`` (one line), or None: its spec built as the run builds it, with the placeholder
+    for the caches it will read, so a dry run says before anything runs what the run would refuse at the job."""
+    pairs = not job.is_extract and get_protocol(job.kind).pairs
+    second = PLANNED_CACHE if pairs and (job.model_b or job.options.get("after_finetune")) else None
+    try:
+        if job.is_extract:
+            extract_spec(job)
+        else:
+            spec_of(job, PLANNED_CACHE, second)
+    except FmcacheError as exc:
+        return str(exc)
+    except (TypeError, ValueError) as exc:  # a YAML value of a type no check expected (a list for a number)
+        return f"an option of the wrong type ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
+    return None
 
 
 def _finetuned_cache(job: Job, finetune_id: str) -> Path:
@@ -105,11 +140,18 @@ def _finetuned_cache(job: Job, finetune_id: str) -> Path:
 
 def execute(job: Job, log: Log = print) -> Path:
     """Run one job in this process with the library's functions; returns the cache or result folder."""
+    return run_job(job, log)[-1]
+
+
+def run_job(job: Job, log: Log = print) -> list[Path]:
+    """Run one job; every folder it wrote, the one the ledger names last (a label-efficiency job writes one result
+    folder per subset run, the last written last)."""
     if job.is_extract:
         from fmcache.extract.run import run_extract  # deferred: h5py, torch, torchvision
 
-        return run_extract(extract_spec(job), progress=False, log=log)
-    return Path(run(job.kind, job_spec(job), progress=False, log=log)["folder"])
+        return [run_extract(extract_spec(job), progress=False, log=log)]
+    answer = run(job.kind, job_spec(job), progress=False, log=log)
+    return [Path(f) for f in answer.get("folders") or [answer["folder"]]]
 
 
 def ledger_path(job: Job) -> Path:
@@ -124,12 +166,24 @@ def _ledger_entry(path: Path) -> dict | None:
         return None
 
 
+def _folders(entry: dict) -> list[str]:
+    return entry.get("folders") or [entry.get("folder", "")]
+
+
 def is_done(job: Job) -> bool:
-    """An extract: its cache is complete. Any other job: its ledger entry names a complete result folder."""
+    """An extract: its cache is complete. Any other job: its ledger entry names complete result folders (each of a
+    label-efficiency job's runs, its subsets file included)."""
     if job.is_extract:
         return _plan(job).is_complete()
     entry = _ledger_entry(ledger_path(job))
-    return entry is not None and is_complete(Path(entry.get("folder", "")))
+    return entry is not None and all(is_complete(Path(f)) for f in _folders(entry))
+
+
+def damage(job: Job) -> str | None:
+    """Why a job that ran once is no longer done (a result or subsets file changed or gone), or None."""
+    entry = None if job.is_extract else _ledger_entry(ledger_path(job))
+    found = [why for f in _folders(entry) if (why := incomplete(Path(f)))] if entry else []
+    return found[0] if found else None
 
 
 def run_and_record(job: Job, log: Log = print, wait: bool = False, note: Log | None = None) -> str | None:
@@ -148,13 +202,18 @@ def run_and_record(job: Job, log: Log = print, wait: bool = False, note: Log | N
         if is_done(job):
             note(f"{job.id}: " + ("done by another grid meanwhile" if waited else "already done") + "; nothing to do")
             return None
+        why = damage(job)
+        if why:  # it ran before, but what it wrote no longer holds: the job runs again, said so
+            note(f"{job.id}: {why}; running it again")
         log(f"running {job.id}")
-        folder = execute(job, log)
+        folders = run_job(job, log)
         if not job.is_extract:
             path = ledger_path(job)
-            entry = {"job": job.id, "kind": job.kind, "folder": str(Path(folder).resolve()), "job_spec": job_doc(job)}
+            entry = {"job": job.id, "kind": job.kind, "folder": str(folders[-1].resolve()), "job_spec": job_doc(job)}
+            if len(folders) > 1:  # a label-efficiency job: it is done while every one of its runs is
+                entry["folders"] = [str(f.resolve()) for f in folders]
             atomic_write_bytes(path, (json.dumps(entry, indent=2, default=str) + "\n").encode())
-        return str(folder)
+        return str(folders[-1])
     finally:
         lock.release()
 
