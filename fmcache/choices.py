@@ -8,6 +8,9 @@ from __future__ import annotations
 
 SCHEDULES = ("constant", "cosine")  # after the warmup: the seed's constant LR, or cosine (a documented option)
 AMP_MODES = ("auto", "bf16", "fp16", "off")  # fine-tuning's mixed precision; auto: bf16 on a GPU, off on a CPU
+# a forward's precision (extraction; fine-tuning's evaluation): auto is bf16 autocast on a GPU and fp32 on a CPU (for
+# evaluation: the training --amp); the seed extracts under fp16 autocast and tests in fp32
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 LORA_METHODS = ("full", "lora")  # full: every weight of the trainable parts (the paper's); lora: peft adapters
 VIEW_MODES = ("on", "off")  # train on a cache's augmented views, or on the center crops only
 CKA_ESTIMATORS = ("exact", "minibatch")
@@ -15,6 +18,9 @@ CKA_SPLITS = ("test", "val", "train", "all")
 TOKEN_HEADS = ("deit", "attentive")
 TOKEN_NORMS = ("seed", "none", "final")
 PRELOAD = ("auto", "yes", "no")
+# which epoch is the best: "seed" compares the val metric rounded to 3 decimals, strictly (the earlier epoch wins a
+# 3-decimal tie), as the seed does; "exact" compares unrounded values
+BEST_EPOCH_RULES = {"seed": 3, "exact": None}
 DEIT_DEPTH = 12  # DeiT-B's blocks: the stacked head's depth in the seed (tests use fewer)
 # extraction
 GRAY_MODES = ("repeat", "seed")  # how a grayscale scan meets an RGB model (fmcache.data.transforms)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -27,6 +28,20 @@ def synchronize(device: torch.device) -> None:
     """Wait for ``device``'s queued work (CUDA runs asynchronously), so a timer read after it is honest."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def autocast_for(precision: str, device: torch.device):
+    """The context a forward runs under: ``auto`` is bf16 autocast on a GPU and fp32 on a CPU; ``fp32`` no autocast;
+    ``fp16``/``bf16`` autocast to that type (fp16 needs a GPU: a CPU's fp16 kernels are slow and incomplete)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise FmcacheError("--precision fp16 needs a GPU (the seed's fp16 autocast); use fp32 or bf16 on a CPU")
+    if precision not in ("fp16", "bf16"):
+        raise FmcacheError(f"unknown precision '{precision}'; use auto, fp16, bf16 or fp32")
+    return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
 def rank() -> int:

@@ -144,7 +144,7 @@ def summarise(metric, lrs, seeds, evaluator: HeadRecords, settings, train_second
     n_seeds = len(seeds)
     if np.isnan(evaluator.curves).any():
         raise FmcacheError(f"the val {metric} was NaN for some epoch; check the val labels")
-    best_epoch, best_lr_index = select_best(evaluator.curves, lrs, n_seeds)
+    best_epoch, best_lr_index = select_best(evaluator.curves, lrs, n_seeds, evaluator.decimals)
     per_lr, curves = {}, {}
     for i, lr in enumerate(lrs):
         heads = range(i * n_seeds, (i + 1) * n_seeds)

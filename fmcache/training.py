@@ -39,15 +39,20 @@ DEFAULT_WARMUP = {"warmup_epochs": 5}
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
     """Factor on the base LR for 0-based optimiser step ``step``.
 
-    Warmup rises linearly (step + 1) / warmup_steps, reaching 1 at the last warmup step; then "cosine"
-    decays as 0.5 (1 + cos(π p)) with p going from 0 towards 1 over the remaining steps, and
-    "constant" stays at 1.
+    The seed's ``LinearWarmup`` (constant schedule): it steps once in its constructor, so optimiser step ``s`` runs
+    at ``(s + 1) / W`` of the LR for ``s <= W`` (one step more than W) and then stays at ``(W + 1) / W``: the seed
+    trains at ``lr · (1 + 1/W)`` after its warmup (+0.5 % for W = 200), not at ``lr``. fmcache follows it. (The seed
+    also starts its ramp at 1e-8 rather than 0, which moves each warmup LR by at most 1e-8: not followed.)
+    "cosine" (fmcache's option, not the seed's) reaches 1 at the last of W warmup steps and decays as
+    0.5 (1 + cos(π p)) over the remaining steps.
     """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
     if schedule == "constant":
-        return 1.0
+        if warmup_steps <= 0:
+            return 1.0
+        return min(step + 1, warmup_steps + 1) / warmup_steps
     if schedule == "cosine":
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     raise FmcacheError(f"unknown LR schedule {schedule!r}; choose 'cosine' or 'constant'")
@@ -103,6 +108,19 @@ def fit_warmup(warmup: dict, epochs: int, n_train: int, batch_size: int, drop_la
     return {"warmup_iters": total // 10}
 
 
+def warmup_note(dataset: str, warmup: dict) -> str | None:
+    """Where :func:`fit_warmup` shortened the paper's warmup (a label-efficiency subset, a tiny run): what the result
+    says about it; None when the paper's warmup ran as it is."""
+    paper = paper_warmup(dataset)
+    if warmup == paper:
+        return None
+    what = f"{paper['warmup_iters']} iterations" if "warmup_iters" in paper else f"{paper['warmup_epochs']} epochs"
+    return (
+        f"the paper's warmup ({what}) is not shorter than this run's training: the warmup is a tenth of it, "
+        f"{warmup.get('warmup_iters')} iterations"
+    )
+
+
 # -- AdamW parameter groups and clipping --------------------------------------------------------------------------
 
 
@@ -134,18 +152,33 @@ def clip_per_head(grads: Sequence[torch.Tensor], max_norm: float) -> None:
 # -- best epoch ---------------------------------------------------------------------------------------------------
 
 
-def best_epochs(val_curves: np.ndarray) -> np.ndarray:
-    """Best epoch index per row of (heads, epochs) val curves: the first maximum, so ties go to the earlier epoch."""
-    return np.argmax(np.atleast_2d(val_curves), axis=1)
+# The seed rounds every val metric to 3 decimals before it compares (``round(value, 3)`` in its metrics) and keeps an
+# epoch only when it is strictly better: on a 3-decimal tie the earlier epoch wins. None compares unrounded values.
+VAL_DECIMALS = 3
 
 
-def select_best(val_curves: np.ndarray, lrs: Sequence[float], n_seeds: int) -> tuple[np.ndarray, int]:
-    """Best epoch index per head (first maximum of its val curve) and the index of the best LR.
+def compared(values: np.ndarray | float, decimals: int | None) -> np.ndarray:
+    """Val values as the best-epoch rule compares them (rounded to ``decimals``, or as they are for None)."""
+    values = np.asarray(values, dtype=np.float64)
+    return values if decimals is None else np.round(values, decimals)
+
+
+def best_epochs(val_curves: np.ndarray, decimals: int | None = VAL_DECIMALS) -> np.ndarray:
+    """Best epoch index per row of (heads, epochs) val curves: the first maximum of the compared values, so ties go
+    to the earlier epoch."""
+    return np.argmax(compared(np.atleast_2d(val_curves), decimals), axis=1)
+
+
+def select_best(
+    val_curves: np.ndarray, lrs: Sequence[float], n_seeds: int, decimals: int | None = VAL_DECIMALS
+) -> tuple[np.ndarray, int]:
+    """Best epoch index per head (first maximum of its compared val curve) and the index of the best LR.
 
     ``val_curves`` is (H, epochs) with heads ordered LR-major (head = lr_index × n_seeds + seed_index).
-    The best LR has the highest mean over seeds of each head's best val value; ties go to the first LR.
+    The best LR has the highest mean over seeds of each head's val value at its best epoch (unrounded: the mean of
+    the numbers the seed reports); ties go to the first LR.
     """
-    best_epoch = best_epochs(val_curves)
+    best_epoch = best_epochs(val_curves, decimals)
     best_val = val_curves[np.arange(len(val_curves)), best_epoch]
     mean_by_lr = best_val.reshape(len(lrs), n_seeds).mean(1)
     return best_epoch, int(np.argmax(mean_by_lr))
@@ -268,7 +301,8 @@ class HeadRecords:
     first maximum of val; test is read only there" is written once.
     """
 
-    def __init__(self, n_heads: int, epochs: int):
+    def __init__(self, n_heads: int, epochs: int, decimals: int | None = VAL_DECIMALS):
+        self.decimals = decimals  # how val values are compared (VAL_DECIMALS: the seed's 3 decimals)
         self.curves = np.full((n_heads, epochs), np.nan)
         self.best_val = np.full(n_heads, -np.inf)
         self.best_epoch = np.zeros(n_heads, dtype=np.int64)
@@ -281,12 +315,12 @@ class HeadRecords:
 
     def observe(self, epoch: int, values: dict[int, float] | np.ndarray) -> list[int]:
         """Record val ``values`` (head → value, or one per head) for ``epoch``; return the heads that improved
-        (strictly: the first maximum wins), whose test metric the caller then scores."""
+        (strictly, on the compared values: the first maximum wins), whose test metric the caller then scores."""
         items = values.items() if isinstance(values, dict) else enumerate(values)
         improved = []
         for head, value in items:
             self.curves[head, epoch] = value
-            if value > self.best_val[head]:
+            if compared(value, self.decimals) > compared(self.best_val[head], self.decimals):
                 self.best_val[head], self.best_epoch[head] = value, epoch
                 improved.append(int(head))
         return improved

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fmcache.cli import app
+from fmcache.errors import FmcacheError
 from fmcache.finetune.build import build_foundation, build_model
 from fmcache.finetune.data import online_data
 from fmcache.finetune.loop import RESULT, RunSettings, Trainer
@@ -329,3 +330,38 @@ def test_focalnet_has_seems_stochastic_depth_in_train_mode_only():
         assert torch.equal(net.forward_stages(x)[-1], net.forward_stages(x)[-1])
         net.train()
         assert not torch.equal(net.forward_stages(x)[-1], net.forward_stages(x)[-1])
+
+
+def test_seem_stages_are_the_seeds_blocks_for_freezing_and_decapitation():
+    """The seed takes SEEM's four FocalNet stages as its "blocks" (backbone.layers): --freeze K freezes stages 1..K
+    (their downsampling included), --drop-after I reads stage I's normed map (res{I+1})."""
+    from fmcache.finetune.model import FineTuneModel
+    from fmcache.models import create_foundation
+
+    size, overrides, *_ = TINY["focal"]
+    torch.manual_seed(0)
+    foundation = create_foundation("focal", random_init=True, img_size=size, arch_overrides=overrides)
+    stages = foundation.block_layout()
+    x = torch.randn(2, 3, size, size)
+    foundation.eval()
+    with torch.no_grad():
+        out = foundation(x)
+        h = stages.embed(x)
+        for i in range(stages.depth):
+            h = stages.run_block(i, h)
+            assert torch.equal(stages.to_tokens(h), out.tokens[i])
+        assert torch.allclose(stages.pooled(h, last=True), out.pooled, atol=1e-6)
+    model = FineTuneModel(foundation, torch.nn.Linear(foundation.adapter.model.num_features[-1], 3), "pooled", 2, None)
+    model.train()
+    model(x).sum().backward()
+    grads = {n.split(".")[1]: p.grad is not None for n, p in foundation.adapter.model.named_parameters()
+             if n.startswith("layers.")}  # fmt: skip
+    assert grads == {"0": False, "1": False, "2": True, "3": True}
+    assert all(p.grad is None for n, p in foundation.adapter.model.named_parameters() if n.startswith("norm"))
+    torch.manual_seed(0)
+    again = create_foundation("focal", random_init=True, img_size=size, arch_overrides=overrides)
+    decapitated = FineTuneModel(again, torch.nn.Identity(), "tokens", "all", 2).eval()
+    with torch.no_grad():
+        assert torch.equal(decapitated.features(x), out.tokens[1])  # res3: the second stage's map
+    with pytest.raises(FmcacheError, match="without --from-cache"):
+        stages.from_tokens(out.tokens[0])

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fmcache.cli import app
-from fmcache.grid.config import load_grid
+from fmcache.grid.config import label, load_grid
 from fmcache.grid.dry_run import paper_outputs
 from fmcache.grid.jobs import expand
 from fmcache.report.paper import OUTPUTS
@@ -33,8 +33,10 @@ def _result_doc(job) -> dict:
     settings: dict = {k: v for k, v in options.items() if k in ("freeze", "drop_after")}
     doc = {"protocol": job.kind, "model": job.model["name"], "img_size": job.model.get("img_size") or 224,
            "cache_key": "a" * 64, "settings": settings}  # fmt: skip
-    if job.kind == "probe_linear":
+    if job.kind in ("probe_linear", "knn"):
         doc["paper_feature"] = options.get("pool") == "paper"
+    if job.kind == "knn":
+        settings.update(ks=options.get("ks"), temperature=options.get("temperature"))
     if job.kind == "probe_deit":
         layer = str(options.get("layer", "last"))
         doc["paper_feature"] = layer == "paper"
@@ -72,14 +74,25 @@ def test_paper_yaml_has_a_job_for_every_table_and_figure_and_the_report_maps_eac
             assert doc_outputs(_result_doc(job)) == outputs, job.id
     missing = [key for key in OUTPUTS if not covered.get(key)]
     assert not missing, f"configs/paper.yaml runs nothing for {missing}"
-    # the paper's baselines and sizes, the views that let frozen heads see the seed's augmentation
-    names = {m["name"] for m in grid.models}
-    assert {"resnet152", "deit_base", "dinov2_vits14", "dinov2_vitg14"} <= names and "resnet50" not in names
-    assert grid.extract["views"] > 0 and grid.extract["tokens"] == "paper"
-    fig4 = {j.model["name"] for j in jobs if "fig4_freeze" in paper_outputs(j)}
-    assert {"dinov2_vitb14", "sam_vit_b", "clip_vitb16", "blip_base", "deit_base"} <= fig4
-    table1 = [j for j in jobs if j.kind == "probe_linear" and "table1_frozen" in paper_outputs(j)]
-    assert table1 and all(j.options["pool"] == "paper" for j in table1)
+    # every model the paper shows in each table and figure has its job there
+    at224 = {"dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14", "sam_vit_b", "focal", "clip_vitb16",
+             "blip_base", "dino_vitb16", "deit_base", "resnet152"}  # fmt: skip
+    five = {"dinov2_vitb14", "sam_vit_b", "focal", "clip_vitb16", "blip_base"}
+    expected = {
+        "table1_frozen": at224, "table2_unfrozen": at224, "fig2_knn": at224,
+        "table3_1024px": {"sam_vit_b@1024", "focal@1024", "clip_vitb16@1024", "dinov2_vitb14@1022", "blip_base@1024"},
+        "fig4_freeze": five | {"deit_base", "dino_vitb16"}, "fig5_decapitation": five,
+        "fig6_model_size": {"dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14"},
+        "fig7_cka_finetune": five | {"deit_base"},
+    }  # fmt: skip
+    for output, models in expected.items():
+        shown = {label(j.model) for j in jobs if output in paper_outputs(j)}
+        assert shown == models, (output, sorted(shown ^ models))
+    table3 = [j for j in jobs if "table3_1024px" in paper_outputs(j)]
+    assert {j.kind for j in table3} == {"finetune_linear"} and all(j.options["freeze"] == "none" for j in table3)
+    assert not [j for j in jobs if "@10" in label(j.model) and j.id not in {t.id for t in table3}]  # nothing else
+    assert grid.extract["views"] > 0 and grid.extract["tokens"] == "paper" and grid.extract["precision"] == "fp16"
+    assert "resnet50" not in {m["name"] for m in grid.models}
 
 
 def test_followup_lists_vmamba_as_unavailable_and_feeds_each_model_as_the_followup(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -39,7 +40,7 @@ def _score(metric: str, pred: dict, split: str) -> list[float]:
 
 def _write(root: Path, dataset: str, model: str, protocol: str, settings: dict, pred: dict | None = None,
            summary: dict | None = None, metric: str = "accuracy", seeds_requested: int | None = None,
-           timings: dict | None = None, key: str = "k") -> Path:  # fmt: skip
+           timings: dict | None = None, key: str = "k", paper_feature: bool | None = None) -> Path:  # fmt: skip
     if summary is None and pred is not None:
         summary = seed_summary(1e-3, _score(metric, pred, "val"), _score(metric, pred, "test"),
                                seeds_requested or len(pred["seeds"]))  # fmt: skip
@@ -50,6 +51,7 @@ def _write(root: Path, dataset: str, model: str, protocol: str, settings: dict, 
         metric=metric, timings=timings or {"train_seconds": 2.5, "inference_seconds_per_sample": 1e-4,
                                            "extract_seconds_per_image": 3e-3},
         summary=summary or {}, details={}, rows=[{"x": 1}], predictions=pred,
+        extra={} if paper_feature is None else {"paper_feature": paper_feature},
     )  # fmt: skip
     return folder
 
@@ -64,12 +66,20 @@ def tree(tmp_path: Path) -> Path:
         for model, quality in (("m1", 0.3), ("m2", 0.15), ("m3", 0.12)):
             _write(root, dataset, model, "probe_linear", {"epochs": 3, "pool": ["paper"]},
                    _predictions(rng, 3, quality, 3), key=model)  # fmt: skip
+            # the seed's k-NN (k = 200, T = 0.1) on the paper feature at the last layer: Fig. 2
             knn_pred = _predictions(rng, 3, quality, 1)
             test = _score("accuracy", knn_pred, "test")[0]
-            rows = [{"layer": layer, "split": split, "k": k, "temperature": 0.07, "value": test - 0.01 * (4 - layer)}
-                    for layer in (1, 2, 3, 4) for split in ("val", "test") for k in (10, 20)]  # fmt: skip
-            _write(root, dataset, model, "knn", {"ks": [10, 20]}, knn_pred, key=model,
-                   summary={"rows": rows, "best": {"k": 20, "layer": 4, "test": test}})  # fmt: skip
+            rows = [
+                {"layer": 4, "split": split, "k": 200, "temperature": 0.1, "value": test} for split in ("val", "test")
+            ]
+            _write(root, dataset, model, "knn", {"ks": [200], "temperature": 0.1, "layers": [4]}, knn_pred, key=model,
+                   summary={"rows": rows, "best": {"k": 200, "layer": 4, "test": test}}, paper_feature=True)  # fmt: skip
+    # DINO's k/T sweep over every layer: supplementary (the sweep's figure and the per-layer curve)
+    rows = [{"layer": layer, "split": split, "k": k, "temperature": 0.07, "value": 0.5 - 0.01 * (4 - layer)}
+            for layer in (1, 2, 3, 4) for split in ("val", "test") for k in (10, 20)]  # fmt: skip
+    _write(root, "a", "m1", "knn", {"ks": [10, 20], "temperature": 0.07, "layers": [1, 2, 3, 4]},
+           _predictions(rng, 3, 0.3, 1), key="m1", paper_feature=False,
+           summary={"rows": rows, "best": {"k": 20, "layer": 4, "test": 0.5, "val": 0.5}})  # fmt: skip
     _write(root, "a", "m1", "probe_deit", {"epochs": 3, "layers": ["paper"]}, _predictions(rng, 3, 0.8, 2),
            seeds_requested=3, key="m1")  # fmt: skip
     for freeze in ("none", "2", "4", "all"):
@@ -127,12 +137,14 @@ def test_tables_equal_the_json_summaries(tree: Path, tmp_path: Path):
     with open(out / "table1_frozen.csv") as fh:
         shown = list(csv.reader(fh))
     assert shown[0] == header and [r[0] for r in shown[1:]] == ["m1", "m2", "m3"]
-    # k-NN is the paper's Fig. 2 (never "Table 2"), and states k and T
+    # k-NN is the paper's Fig. 2 (never "Table 2"): the seed's k = 200 and T = 0.1; the sweep is supplementary
     knn = _md_table(md, "Fig. 2 (data)")
-    assert "k=20" in knn[1][1] and "T=0.07" in knn[1][1]
+    seed_knn = {(d["model"], d["dataset"]): d for d in docs if d["protocol"] == "knn" and d["settings"]["ks"] == [200]}
+    assert float(knn[1][1]) == pytest.approx(seed_knn["m1", "a"]["summary"]["best"]["test"], abs=6e-5)
+    assert "k=20" in _md_table(md, "Supplementary: knn sweep")[1][4]
     assert "k-NN" not in md.split("## Table 2", 1)[1].split("\n## ", 1)[0]
     names = {p.name for p in (out / "figures").iterdir()}
-    for expected in ("supp_bars_a_accuracy.png", "fig2_knn_a.png", "supp_knn_vs_layer_a.png",
+    for expected in ("supp_bars_a_accuracy.png", "fig2_knn_a.png", "supp_knn_vs_layer_a.png", "supp_knn_sweep_a.png",
                      "supp_linear_vs_layer_a.png", "fig4_freeze_a.png", "fig8_cka_models_a.png"):  # fmt: skip
         assert expected in names, names
     assert any(n.startswith("supp_cka_a_m1_vs_m1") for n in names)
@@ -303,11 +315,79 @@ def test_a_table_without_an_earlier_dataset_still_fills_its_cells(tmp_path: Path
            key="fnone")  # fmt: skip
     knn_pred = _predictions(rng, 3, 0.5, 1)
     test = _score("accuracy", knn_pred, "test")[0]
-    rows = [{"layer": 4, "split": split, "k": 10, "temperature": 0.07, "value": test} for split in ("val", "test")]
-    _write(root, "b", "m1", "knn", {"ks": [10]}, knn_pred, key="m1",
-           summary={"rows": rows, "best": {"k": 10, "layer": 4, "test": test}})  # fmt: skip
+    rows = [{"layer": 4, "split": split, "k": 200, "temperature": 0.1, "value": test} for split in ("val", "test")]
+    _write(root, "b", "m1", "knn", {"ks": [200], "temperature": 0.1}, knn_pred, key="m1", paper_feature=True,
+           summary={"rows": rows, "best": {"k": 200, "layer": 4, "test": test}})  # fmt: skip
     md = (build_report(root, tmp_path / "report", resamples=20)["out"] / "report.md").read_text()
     for title in ("Table 2", "Fig. 2"):
         header, *body = _md_table(md, title)
         (row,) = [r for r in body if r[0] == "m1"]
         assert header[1].startswith("b (accuracy)") and row[1] != MISSING, (title, header, row)
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    return list(csv.DictReader(path.read_text().splitlines()))
+
+
+def test_each_paper_cell_comes_from_the_result_its_rule_admits(tmp_path: Path, monkeypatch):
+    """One model at 224 and at 1024 px, a LoRA beside a full fine-tune (the LoRA with the better val), a cosine
+    fine-tune, the seed's k-NN beside a better-val k/T sweep: each paper cell and figure line comes from the result
+    the paper's rule admits, and every other result lands in a supplementary table named after what it varies."""
+    root, rng = tmp_path / "results", np.random.default_rng(11)
+    full = _write(root, "a", "m1", "finetune_linear", {"freeze": "none", "drop_after": None},
+                  _predictions(rng, 3, 0.3, 2), key="full")  # fmt: skip
+    lora = _write(root, "a", "m1", "finetune_linear", {"freeze": "none", "drop_after": None, "method": "lora",
+                  "lora_rank": 8}, _predictions(rng, 3, 2.0, 2), key="lora")  # fmt: skip
+    cosine = _write(root, "a", "m1", "finetune_linear", {"freeze": "none", "drop_after": None,
+                    "schedule": "cosine"}, _predictions(rng, 3, 2.0, 2), key="cos")  # fmt: skip
+    big = _write(root, "a", "m1", "finetune_linear", {"freeze": "none", "drop_after": None},
+                 _predictions(rng, 3, 2.0, 2), key="big")  # fmt: skip
+    doc = big / "result.json"
+    data = json.loads(doc.read_text())
+    doc.write_text(json.dumps({**data, "img_size": 1024}))
+    for freeze, key in (("2", "k2"), ("4", "k4")):
+        _write(root, "a", "m1", "finetune_linear", {"freeze": freeze, "drop_after": None},
+               _predictions(rng, 3, 0.3, 2), key=key)  # fmt: skip
+    _write(root, "a", "m1", "finetune_linear", {"freeze": "2", "drop_after": None, "method": "lora"},
+           _predictions(rng, 3, 2.0, 2), key="k2lora")  # fmt: skip
+    seed_pred = _predictions(rng, 3, 0.3, 1)
+    seed_test = _score("accuracy", seed_pred, "test")[0]
+    rows = [{"layer": 4, "split": s, "k": 200, "temperature": 0.1, "value": seed_test} for s in ("val", "test")]
+    seed = _write(root, "a", "m1", "knn", {"ks": [200], "temperature": 0.1, "layers": [4]}, seed_pred, key="m1",
+                  paper_feature=True, summary={"rows": rows, "best": {"k": 200, "layer": 4, "test": seed_test}})  # fmt: skip
+    rows = [{"layer": 4, "split": s, "k": 20, "temperature": 0.07, "value": 0.99} for s in ("val", "test")]
+    sweep = _write(root, "a", "m1", "knn", {"ks": [20], "temperature": 0.07, "layers": [4]},
+                   _predictions(rng, 3, 2.0, 1), key="m1", paper_feature=True,
+                   summary={"rows": rows, "best": {"k": 20, "layer": 4, "test": 0.99, "val": 0.99}})  # fmt: skip
+    out = build_report(root, tmp_path / "report", resamples=20)["out"]
+    values = {name: _csv_rows(out / f"{name}_values.csv") for name in ("table2_unfrozen", "table3_1024px", "fig2_knn")}
+    (t2,) = [r for r in values["table2_unfrozen"] if r["head"] == "linear"]
+    assert t2["folder"] == str(full) and t2["candidates"] == "1"  # not the LoRA, the cosine or the 1024 px run
+    (t3,) = [r for r in values["table3_1024px"] if r["head"] == "linear"]
+    assert t3["folder"] == str(big)
+    (fig2,) = values["fig2_knn"]
+    assert fig2["folder"] == str(seed) and float(fig2["test"]) == pytest.approx(seed_test)
+    supp = {p.name for p in out.glob("supp_*_values.csv")}
+    assert {"supp_method_lora_values.csv", "supp_schedule_cosine_values.csv", "supp_knn_sweep_values.csv"} <= supp
+    listed = {r["folder"] for name in supp for r in _csv_rows(out / name)}
+    assert {str(lora), str(cosine), str(sweep)} <= listed
+    # Fig. 4's line: the full fine-tunes at K = 2, 4; its dashed reference: Table 2's cell
+    from fmcache.report.figures import frozen_blocks
+    from fmcache.results import find_results
+
+    docs = find_results(root)
+    import matplotlib.axes
+
+    drawn, hlines = [], []
+    errorbar, axhline = matplotlib.axes.Axes.errorbar, matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "errorbar",
+        lambda ax, xs, ys, **kw: drawn.append((list(xs), list(ys))) or errorbar(ax, xs, ys, **kw),
+    )
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda ax, y, **kw: hlines.append(y) or axhline(ax, y, **kw))
+    frozen_blocks(docs, tmp_path / "figs")
+    by_folder = {d["folder"]: d for d in docs}
+    k2 = next(d for d in docs if d["settings"].get("freeze") == "2" and "method" not in d["settings"])
+    assert drawn[0][0] == [2, 4] and drawn[0][1][0] == pytest.approx(k2["summary"]["test_mean"])
+    assert hlines == [pytest.approx(by_folder[str(full)]["summary"]["test_mean"])]

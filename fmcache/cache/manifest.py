@@ -76,3 +76,21 @@ def write_manifest(folder: Path, base: dict, entries: list[dict], planned_shards
     }
     atomic_write_json(folder / MANIFEST, manifest)
     return manifest
+
+
+def record_conformance(folder: Path, verdict: dict, weights_sha256: str) -> dict:
+    """Add ``fmcache conformance``'s verdict to a cache's manifest (atomically), as ``conformance``; refused when the
+    cache was extracted from other weights than the file checked, so a verdict never vouches for another model."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise FmcacheError(f"{folder} holds no manifest.json; give a cache folder (see `fmcache ls`)")
+    model = (manifest.get("inputs") or {}).get("model") or {}
+    weights = model.get("weights") or {}
+    if model.get("name") != verdict.get("model") or weights.get("sha256") != weights_sha256:
+        raise FmcacheError(
+            f"cache {folder} holds {model.get('name')} with weights {weights}; the check ran on {verdict.get('model')} "
+            f"with the file of sha256 {weights_sha256[:12]}...: check the cache's own model and --weights file"
+        )
+    manifest["conformance"] = verdict
+    atomic_write_json(folder / MANIFEST, manifest)
+    return manifest

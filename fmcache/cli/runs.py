@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fmcache.cli.app import SPLIT_HELP, app, cli_command, console, log_line, protocol_spec
+from fmcache.cli.app import BEST_EPOCH_HELP, SPLIT_HELP, app, cli_command, console, log_line, protocol_spec
 from fmcache.cli.stage_two import print_cka, print_folder, print_knn, print_probe
 from fmcache.config import load_config
 from fmcache.finetune.spec import FinetuneSpec
@@ -103,6 +103,11 @@ def finetune_cmd(
     workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
     schedule: Annotated[str | None, typer.Option(help="After warmup: constant (the seed's) or cosine.")] = None,
     clip: Annotated[float | None, typer.Option(help="Gradient-norm clipping (0: off).")] = None,
+    best_epoch: Annotated[str | None, typer.Option(help=BEST_EPOCH_HELP)] = None,
+    eval_precision: Annotated[
+        str | None,
+        typer.Option(help="Val/test forwards: auto (as --amp), fp32 (the seed tests in fp32), bf16 or fp16."),
+    ] = None,
     amp: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, off on CPU), bf16, fp16 or off.")] = None,
     layer_decay: Annotated[float | None, typer.Option(help="Layer-wise LR decay (1.0: none, the seed's).")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay on weights.")] = None,
@@ -161,9 +166,16 @@ def report_cmd(
     ] = "md,csv,tex,html",
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples for CIs and paired tests.")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="A result file that cannot be used (damaged, breaks the contract) is an error, not skipped.",
+        ),
+    ] = False,
 ) -> None:
     """The paper's tables (mean ± std, bootstrap CIs, paired tests), figures and one HTML page from a results tree."""
-    report = build_report(results, out, parse_formats(format), resamples, seed, log=log_line)
+    report = build_report(results, out, parse_formats(format), resamples, seed, log=log_line, strict=strict)
     console.print(f"{report['n_results']} result(s) → {len(report['files'])} file(s) in {report['out']}", markup=False)
     for path in report["files"]:
         console.print(f"  {path}", markup=False, highlight=False, soft_wrap=True)

@@ -121,6 +121,13 @@ def extract_cmd(
     cache_root: Annotated[Path | None, typer.Option(help="Root folder of all caches.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file of these options; flags override it.")] = None,
     limit: Annotated[int | None, typer.Option(help="Cache only the first N samples of each split.")] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="The forward's precision: auto (bf16 autocast on a GPU, fp32 on a CPU), fp16 (the seed's), "
+            "bf16 or fp32; part of the cache key unless auto."
+        ),
+    ] = None,
     on_bad_image: Annotated[
         str | None,
         typer.Option(help=f"error or skip (listed in the manifest) {ExtractSpec.default_help('on_bad_image')}."),

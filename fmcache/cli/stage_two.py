@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from fmcache.choices import CKA_SPLITS, DEIT_DEPTH
-from fmcache.cli.app import app, cli_command, console, log_line, protocol_spec
+from fmcache.cli.app import BEST_EPOCH_HELP, app, cli_command, console, log_line, protocol_spec
 from fmcache.config import load_config
 from fmcache.frozen.specs import CkaSpec, KnnSpec, ProbeSpec, TokenProbeSpec
 from fmcache.protocols import head_protocol
@@ -183,8 +183,13 @@ def probe_cmd(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     standardize: Annotated[
         bool | None,
-        typer.Option("--standardize/--no-standardize", help="Linear head: z-score features with train statistics."),
+        typer.Option(
+            "--standardize/--no-standardize",
+            help="Linear head: z-score features with train statistics (not the seed's: it trains on the raw feature) "
+            f"{ProbeSpec.default_help('standardize')}.",
+        ),
     ] = None,
+    best_epoch: Annotated[str | None, typer.Option(help=BEST_EPOCH_HELP)] = None,
     head_weights: Annotated[
         str | None,
         typer.Option(help="DeiT head init: imagenet (timm's DeiT-B/16, the seed's; default) or a checkpoint FILE."),

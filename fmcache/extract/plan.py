@@ -122,6 +122,8 @@ def key_inputs(spec: ExtractSpec, index: DatasetIndex, positions: np.ndarray, tr
         "img_size": transform_desc.get("crop"),
         "transform": transform_desc,
         "dtype": spec.dtype,
+        # only when asked for: "auto" keeps every existing key (bf16 autocast on a GPU, fp32 on a CPU, as before)
+        **({"precision": spec.precision} if spec.precision != "auto" else {}),
         "layers": "all",
         "tokens": parse_tokens(spec.tokens),
         "shard_size": spec.shard_size,  # the shard layout: a resume with another size would mix two layouts

@@ -32,7 +32,7 @@ from fmcache.cache.views import views_batch_arrays
 from fmcache.data import ImageDataset, default_metric
 from fmcache.data.describe import empty_split_warning
 from fmcache.data.views import ViewsImageDataset
-from fmcache.dist import Dist, close_dist, init_dist, is_main_process
+from fmcache.dist import Dist, autocast_for, close_dist, init_dist, is_main_process
 from fmcache.errors import FmcacheError
 from fmcache.extract.plan import DTYPES, ExtractPlan, plan
 from fmcache.extract.spec import ExtractSpec, token_layers, wants_paper_tokens
@@ -361,9 +361,7 @@ class Extractor:
         with torch.no_grad():
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    out = forward(images)
-            else:
+            with autocast_for(self.spec.precision, device):
                 out = forward(images)
             packed = pack_outputs(out, layers_tok, store_dtype, "paper_token_shape" in model_info)
         if device.type != "cuda":

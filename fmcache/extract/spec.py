@@ -19,6 +19,7 @@ from fmcache.choices import (
     NORMS,
     ON_BAD_IMAGE,
     PAPER_TOKENS,
+    PRECISIONS,
 )
 from fmcache.config import Spec
 from fmcache.errors import FmcacheError
@@ -40,6 +41,9 @@ class ExtractSpec(Spec):
     norm: str = "dataset"  # dataset | model; csv/imagefolder have no dataset statistics and use the model's
     tokens: str = "none"  # none | last | all | comma-separated 1-based layer numbers
     dtype: str = "fp16"
+    precision: str = (
+        "auto"  # the forward's: auto (bf16 autocast on a GPU, fp32 on a CPU), fp16 (the seed's), bf16, fp32
+    )
     batch_size: int = 64
     workers: int = 2
     shard_size: int = 1024
@@ -68,6 +72,7 @@ class ExtractSpec(Spec):
     }
     CHOICES: ClassVar[dict[str, tuple]] = {
         "norm": NORMS,
+        "precision": PRECISIONS,
         "dtype": DTYPES,
         "on_bad_image": ON_BAD_IMAGE,
         "compression": COMPRESSIONS,

@@ -30,8 +30,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from fmcache import metrics
-from fmcache.choices import AMP_MODES
-from fmcache.dist import Dist
+from fmcache.choices import AMP_MODES, BEST_EPOCH_RULES
+from fmcache.dist import Dist, autocast_for
 from fmcache.errors import FmcacheError
 from fmcache.files import atomic_write_bytes, atomic_write_json
 from fmcache.finetune.lora import adapter_state_dict
@@ -82,6 +82,8 @@ class RunSettings:
     drop_last: bool = True  # the seed's train loader drops its last partial batch
     from_cache: bool = False
     export: bool = True
+    best_epoch: str = "seed"  # fmcache.choices.BEST_EPOCH_RULES
+    eval_precision: str = "auto"  # fmcache.choices.PRECISIONS; auto: the training's --amp
     extra: dict = field(default_factory=dict)  # everything else that identifies the run (model, data, freezing)
 
 
@@ -97,9 +99,7 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 
 
 def _autocast(amp: str, device: torch.device):
-    if amp == "off":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return autocast_for("fp32" if amp == "off" else amp, device)
 
 
 def param_groups(model: FineTuneModel, weight_decay: float, layer_decay: float) -> list[dict]:
@@ -186,6 +186,12 @@ class Trainer:
         self.resume, self.on_images, self.log, self.tb = resume, on_images, log, tensorboard
         self.device = dist.device
         self.amp = resolve_amp(settings.amp, self.device)
+        # evaluation's precision: the training's (auto) or its own (the seed trains under fp16 AMP and tests in fp32)
+        self.eval_amp = (
+            self.amp
+            if settings.eval_precision == "auto"
+            else resolve_amp("off" if settings.eval_precision == "fp32" else settings.eval_precision, self.device)
+        )
         settings_doc = {k: v for k, v in settings.__dict__.items() if k != "workers"}
         settings_doc["world_size"] = dist.world  # the effective batch depends on it
         self.settings_doc = json.loads(json.dumps(settings_doc, default=str))
@@ -223,7 +229,7 @@ class Trainer:
         start = time.perf_counter()
         with torch.no_grad():
             for x, _ in loader:
-                with _autocast(self.amp, self.device):
+                with _autocast(self.eval_amp, self.device):
                     logits = self._forward(self.model, x.to(self.device, non_blocking=True))
                 logits = logits.float()
                 probs = torch.sigmoid(logits) if self.s.multilabel else torch.softmax(logits, dim=-1)
@@ -291,7 +297,7 @@ class Trainer:
         )
         state = {"epoch": 0, "step": 0, "epoch_seconds": [], "eval_seconds": 0.0, "eval_images": 0}
         # the best epoch is kept as every head grid keeps it (first maximum of val; test read only there)
-        records = HeadRecords(1, self.s.epochs)
+        records = HeadRecords(1, self.s.epochs, BEST_EPOCH_RULES[self.s.best_epoch])
         # restores every RNG state too; refuses a checkpoint made with other settings
         ckpt = load_checkpoint(self.folder / LAST, self.settings_doc) if self.resume else None
         if ckpt is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fmcache.choices import BEST_EPOCH_RULES
 from fmcache.dist import close_dist, init_dist, is_main_process, pick_device, world_size
 from fmcache.errors import FmcacheError
 from fmcache.files import ensure_writable_dir
@@ -37,7 +38,19 @@ from fmcache.training import HeadRecords, batch_starts, fit_warmup, paper_warmup
 
 # Left out of the folder key but in each run's checkpoint: a rerun that changes one of these in the same --out is
 # refused by --resume (it would continue another run) and starts over with --no-resume.
-TRAINING_ONLY = ("epochs", "batch_size", "drop_last", "accum", "clip", "amp", "schedule", "layer_decay", "weight_decay")
+TRAINING_ONLY = (
+    "epochs",
+    "batch_size",
+    "drop_last",
+    "accum",
+    "clip",
+    "amp",
+    "schedule",
+    "layer_decay",
+    "weight_decay",
+    "best_epoch",
+    "eval_precision",
+)
 
 
 # -- the grid ------------------------------------------------------------------------------------------------------
@@ -135,6 +148,8 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
                         warmup=warmup,
                         weight_decay=spec.weight_decay,
                         layer_decay=spec.layer_decay,
+                        best_epoch=spec.best_epoch,
+                        eval_precision=spec.eval_precision,
                         metric=data.metric,
                         multilabel=data.multilabel,
                         label_names=data.class_names if data.multilabel else None,
@@ -159,7 +174,7 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
         close_dist(dist)
         if tb is not None:
             tb.close()
-    summary = _summarise(folder, data.metric, list(spec.lrs), seeds, results)
+    summary = _summarise(folder, data.metric, list(spec.lrs), seeds, results, spec.best_epoch)
     entry = summary.to_dict()
     entry["timings"].update(_timings(results))
     entry["head"] = head_info
@@ -257,12 +272,14 @@ def _without_paths(info: dict) -> dict:
     return {k: _without_paths(v) if isinstance(v, dict) else v for k, v in info.items() if k != "path"}
 
 
-def _summarise(folder: Path, metric: str, lrs: list[float], seeds: list[int], results: dict) -> ProbeResult:
+def _summarise(
+    folder: Path, metric: str, lrs: list[float], seeds: list[int], results: dict, best_epoch: str
+) -> ProbeResult:
     """The runs as one head grid (head = lr_index × n_seeds + seed_index, as the frozen grids), summarised by
     :func:`fmcache.headgrid.summarise`: best LR by mean val, test mean ± std over seeds, each run's best epoch's
     predictions (read back from its folder; none if an older run saved none)."""
     runs = [results[(lr, seed)] for lr in lrs for seed in seeds]
-    records = HeadRecords(len(runs), max(len(r["curve"]) for r in runs))
+    records = HeadRecords(len(runs), max(len(r["curve"]) for r in runs), BEST_EPOCH_RULES[best_epoch])
     for h, (run, (lr, seed)) in enumerate(zip(runs, ((lr, s) for lr in lrs for s in seeds), strict=True)):
         for epoch, value in enumerate(run["curve"]):
             records.observe(epoch, {h: value})

@@ -6,7 +6,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from fmcache.choices import AMP_MODES, DEIT_DEPTH, GRAY_MODES, LORA_METHODS, NORMS, SCHEDULES
+from fmcache.choices import (
+    AMP_MODES,
+    BEST_EPOCH_RULES,
+    DEIT_DEPTH,
+    GRAY_MODES,
+    LORA_METHODS,
+    NORMS,
+    PRECISIONS,
+    SCHEDULES,
+)
 from fmcache.config import Spec, as_floats, as_seeds, as_text
 from fmcache.errors import FmcacheError
 from fmcache.frozen.specs import check_head_depth
@@ -57,6 +66,8 @@ class FinetuneSpec(Spec):
     schedule: str = "constant"
     clip: float = 1.0
     amp: str = "auto"
+    best_epoch: str = "seed"  # fmcache.choices.BEST_EPOCH_RULES
+    eval_precision: str = "auto"  # val/test forwards: auto (as --amp), fp32 (the seed's), bf16, fp16
     layer_decay: float = 1.0
     weight_decay: float = 1e-5
     out: Path = Path("runs")
@@ -89,6 +100,8 @@ class FinetuneSpec(Spec):
         "method": LORA_METHODS,
         "norm": NORMS,
         "gray": GRAY_MODES,
+        "best_epoch": tuple(BEST_EPOCH_RULES),
+        "eval_precision": PRECISIONS,
     }
 
     def check(self) -> None:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from fmcache import metrics
+from fmcache.choices import BEST_EPOCH_RULES
 from fmcache.dist import pick_device, synchronize
 from fmcache.errors import FmcacheError
 from fmcache.headgrid import STD_DDOF, ProbeResult, check_lists, head_losses, labels_tensor, summarise
@@ -177,6 +178,7 @@ def train_linear_grid(
     on_epoch: Callable[[int], None] | None = None,
     train_views: np.ndarray | None = None,
     drop_last: bool = True,
+    best_epoch: str = "seed",
 ) -> ProbeResult:
     """Train the linear-probe grid (every LR × every seed) in one pass; see the module doc.
 
@@ -223,6 +225,7 @@ def train_linear_grid(
     }
     run = LinearHeadGrid(x, y, lrs, seeds, num_classes, multilabel, weight_decay, grad_clip, dev, views=views)
     evaluator = _Evaluator(val, test, metric, multilabel, label_names, len(lrs) * len(seeds), epochs)
+    evaluator.decimals = BEST_EPOCH_RULES[best_epoch]
     for epoch in range(epochs):
         run.train_epoch(batch_size, lambda step: lr_multiplier(step, total_steps, warmup, schedule), drop_last)
         evaluator.evaluate_epoch(epoch, run.weight.detach(), run.bias.detach())

@@ -38,6 +38,7 @@ from fmcache.results import (
     write_head_grid,
     write_result,
 )
+from fmcache.training import warmup_note
 
 VIEWS_IGNORED = "k-NN ignores the cache's {k} augmented views per train image: bank and queries are center crops"
 
@@ -212,12 +213,15 @@ def _run_probe(reader: CacheReader, spec: ProbeSpec, subset: Subset | None, prog
         "weight_decay": spec.weight_decay,
         "schedule": schedule,
         "standardize": spec.standardize,
+        "best_epoch": spec.best_epoch,
         **warmup,
         "views": {"used": with_views, "k": reader.views_k if with_views else 0},
         **subset_settings(subset),
     }
     folder = start_result(protocol_dir(reader, spec.out, "probe_linear", settings))
     subset_facts = write_subset(folder, reader, subset)
+    if subset_facts and warmup_note(reader.dataset, warmup):  # said in the result, not only in its settings
+        subset_facts["subset"]["warmup"] = warmup_note(reader.dataset, warmup)
     per_layer, rows, predictions = {}, [], None
     for number in layers:
         data = [
@@ -249,6 +253,7 @@ def _run_probe(reader: CacheReader, spec: ProbeSpec, subset: Subset | None, prog
                 batch_size=batch_size,
                 weight_decay=spec.weight_decay,
                 schedule=schedule,
+                best_epoch=spec.best_epoch,
                 label_names=reader.class_names if reader.multilabel else None,
                 device=spec.device,
                 on_epoch=lambda _: advance(1),

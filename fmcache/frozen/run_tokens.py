@@ -33,7 +33,7 @@ from fmcache.frozen.tokens import TokenGridSettings, TokenSplit, should_preload,
 from fmcache.plots import plot_probe_curves, plot_probe_vs_layer
 from fmcache.progress import progress_bar
 from fmcache.results import csv_bytes, start_result, write_head_grid
-from fmcache.training import check_checkpoint, checkpoint_position
+from fmcache.training import check_checkpoint, checkpoint_position, warmup_note
 
 EVAL = ("train", "val", "test")
 
@@ -98,6 +98,7 @@ def _run_token_probe(reader: CacheReader, spec: TokenProbeSpec, subset: Subset |
         "metric": metric,
         "weight_decay": spec.weight_decay,
         "schedule": schedule,
+        "best_epoch": spec.best_epoch,
         "token_norm": norm,
         "head_weights": weights_record,
         "head_depth": head_depth if head == "deit" else None,
@@ -126,6 +127,8 @@ def _run_token_probe(reader: CacheReader, spec: TokenProbeSpec, subset: Subset |
                 resumes[n] = checkpoint_position(checkpoint_path(folder, head, n))
     start_result(folder)
     subset_facts = write_subset(folder, reader, subset)
+    if subset_facts and warmup_note(reader.dataset, warmup):  # said in the result, not only in its settings
+        subset_facts["subset"]["warmup"] = warmup_note(reader.dataset, warmup)
     per_layer, rows, read_info, predictions = {}, [], {}, None
     n_heads = len(lrs) * len(seed_list)
     n_passes = -(-n_heads // (heads_per_pass or n_heads))
@@ -155,6 +158,7 @@ def _run_token_probe(reader: CacheReader, spec: TokenProbeSpec, subset: Subset |
             heads_per_pass,
             reader.class_names if reader.multilabel else None,
             drop_last,
+            spec.best_epoch,
         )
         with progress_bar(
             progress,

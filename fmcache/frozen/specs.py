@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from fmcache.choices import (
+    BEST_EPOCH_RULES,
     CKA_ESTIMATORS,
     CKA_SPLITS,
     DEIT_DEPTH,
@@ -133,9 +134,10 @@ class HeadGridSpec(SubsetSpec):
     device: str | None = None
     plots: bool = True
     views: str | None = None
+    best_epoch: str = "seed"  # fmcache.choices.BEST_EPOCH_RULES
 
     INTS: ClassVar[dict[str, int]] = {"epochs": 1, "batch_size": 1, "subset_repeats": 1}
-    CHOICES: ClassVar[dict[str, tuple]] = {"schedule": SCHEDULES, "views": VIEWS}
+    CHOICES: ClassVar[dict[str, tuple]] = {"schedule": SCHEDULES, "views": VIEWS, "best_epoch": tuple(BEST_EPOCH_RULES)}
 
     def check(self) -> None:
         lrs = as_floats("lrs", self.lrs, example="1e-5,1e-4")
@@ -156,7 +158,8 @@ class ProbeSpec(HeadGridSpec):
 
     pool: str = "auto"
     sklearn: bool = False
-    standardize: bool = True
+    # the seed trains its linear layer on the raw feature; z-scoring with train statistics is fmcache's option
+    standardize: bool = False
 
     def check(self) -> None:
         if self.head != "linear":

@@ -34,7 +34,7 @@ import torch
 from fmcache import metrics
 from fmcache.cache.reader import CacheReader
 from fmcache.cache.shards import token_dataset
-from fmcache.choices import PAPER_TOKENS
+from fmcache.choices import BEST_EPOCH_RULES, PAPER_TOKENS
 from fmcache.dist import synchronize
 from fmcache.errors import FmcacheError
 from fmcache.frozen.heads import build_head
@@ -162,6 +162,7 @@ class TokenGridSettings:
     heads_per_pass: int
     label_names: list[str] | None
     drop_last: bool = True
+    best_epoch: str = "seed"  # fmcache.choices.BEST_EPOCH_RULES
 
 
 def passes(n_lrs: int, seeds: Sequence[int], heads_per_pass: int) -> list[list[int]]:
@@ -197,7 +198,7 @@ def train_token_grid(
         cfg.warmup.get("warmup_epochs"), cfg.warmup.get("warmup_iters"), steps_per_epoch, total_steps
     )
     norm = TokenNorm(spec, device)
-    records = HeadRecords(n_heads, cfg.epochs)
+    records = HeadRecords(n_heads, cfg.epochs, BEST_EPOCH_RULES[cfg.best_epoch])
     plan = passes(len(lrs), seeds, cfg.heads_per_pass)
     state = None
     if checkpoint is not None and resume:

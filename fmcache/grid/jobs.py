@@ -62,12 +62,21 @@ def _extract_settings(grid: GridConfig, model: dict) -> dict:
 def expand(grid: GridConfig) -> list[Job]:
     """Every job of the grid in dependency order: extracts, then the protocols reading them, then fine-tuning."""
     common = {"results": str(grid.results), "cache_root": str(grid.cache_root)}
-    frozen = [k for k in grid.protocols if get_protocol(k).reads != "images"]
+    # a model gets an extract job only when a protocol that reads the cache chooses it (a model listed only for a
+    # fine-tune, e.g. Table 3's 1024 px entries, needs no cache)
+    reads_cache = {
+        label(m)
+        for kind, variants in grid.protocols.items()
+        if get_protocol(kind).reads != "images"
+        for v in variants
+        for m in grid.models
+        if not v.get("models") or label(m) in v["models"]
+    }
     jobs: list[Job] = []
     for data in grid.datasets:
         extract_ids: dict[str, str] = {}
-        if frozen:
-            for model in grid.models:
+        for model in grid.models:
+            if label(model) in reads_cache:
                 job_id = f"extract/{data['name']}/{label(model)}"
                 settings = _extract_settings(grid, model)
                 jobs.append(Job(job_id, EXTRACT, data, model, extract=settings, **common))

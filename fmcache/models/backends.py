@@ -16,11 +16,14 @@ import torch
 from torch import nn
 
 from fmcache.errors import FmcacheError
+from fmcache.models import sam2
 from fmcache.models.blip import BLIP_ORIGINAL_EPS, blip_to_hf, is_blip_original
-from fmcache.models.blocks import BlipStages, OpenClipStages, TimmSamStages, TimmVitStages
+from fmcache.models.blocks import BlipStages, FocalStages, OpenClipStages, TimmSamStages, TimmVitStages
 from fmcache.models.open_clip_pool import coca_head_tokens, open_clip_pool
+from fmcache.models.positions import sam_seed_tables, use_dinov2_hub_positions
 from fmcache.models.registry import ModelSpec
-from fmcache.weightfiles import LoadReport, load_weights_file
+from fmcache.models.seem_focal import SeemFocalNet
+from fmcache.weightfiles import LoadReport, load_weights_file, read_state_dict
 
 # (every layer's tokens, the same after the final norm, the backend's pooled output or None, the tokens the paper's
 # DeiT head reads when they are not a layer's own (CoCa's attention-pooler outputs, SAM2's neck) or None)
@@ -99,8 +102,8 @@ class TimmAdapter(nn.Module):
 
     def block_layout(self, foundation):
         """timm's plain ViTs and SAM's encoder are blocks; CNNs and hierarchical models are stages (None)."""
-        from timm.models.vision_transformer import VisionTransformer
-        from timm.models.vision_transformer_sam import VisionTransformerSAM
+        from timm.models.vision_transformer import VisionTransformer  # deferred: timm
+        from timm.models.vision_transformer_sam import VisionTransformerSAM  # deferred: timm
 
         if type(self.model) is VisionTransformerSAM:
             return TimmSamStages(foundation)
@@ -110,7 +113,7 @@ class TimmAdapter(nn.Module):
 
     @property
     def layer_unit(self) -> str:
-        from timm.models.resnet import ResNet
+        from timm.models.resnet import ResNet  # deferred: timm
 
         return "stages (stem + 4 stages)" if isinstance(self.model, ResNet) else "stages"
 
@@ -193,7 +196,7 @@ def _timm_convert(model: nn.Module):
 
 
 def _create_timm(name: str, pretrained: bool, img_size: int, kwargs: dict) -> nn.Module:
-    import timm
+    import timm  # deferred: timm
 
     try:
         return timm.create_model(name, pretrained=pretrained, img_size=img_size, **kwargs)
@@ -205,26 +208,59 @@ def _create_timm(name: str, pretrained: bool, img_size: int, kwargs: dict) -> nn
 
 
 def build_timm(spec: ModelSpec, source: str, img_size: int, weights: Path | None, overrides: dict):
-    import timm
+    import timm  # deferred: timm
 
     name = f"{spec.arch}.{spec.tag}" if spec.tag else spec.arch
     if not timm.is_model(spec.arch):
         raise FmcacheError(f"unknown timm model '{spec.arch}'; see timm.list_models()")
-    # Models whose checkpoints carry tables for one size (SAM: 64×64 position table and relative-position tables
-    # for 1024 px) are built at that size so the tables load as released; timm resamples them at run time.
-    build_size = spec.native_img_size or img_size
+    kwargs = {"num_classes": 0, **spec.create_kwargs, **overrides}
+    if spec.positions == "dinov2_hub":  # its patch embedding then takes any input size (a multiple of 14)
+        kwargs["dynamic_img_size"] = True
+    # DINOv2 is built where its table belongs; SAM's hub weights load where theirs do, then are resized as the seed
+    native = spec.positions == "dinov2_hub" or (source == "hub" and spec.positions == "sam_seed")
+    build_size = spec.native_img_size if native else img_size
     try:
-        model = _create_timm(name, source == "hub", build_size, {"num_classes": 0, **spec.create_kwargs, **overrides})
+        model = _create_timm(name, source == "hub", build_size, kwargs)
+        if source == "hub" and spec.positions == "sam_seed" and img_size != spec.native_img_size:
+            model = _resized_sam(model, spec.arch, img_size, kwargs)
     except Exception as exc:
         if source == "hub":
             raise _hub_error(spec, exc) from exc
         raise FmcacheError(f"cannot build timm model {name}: {exc}") from exc
-    report = load_weights_file(model, weights, convert=_timm_convert(model)) if source == "file" else None
+    if spec.layer_norm_eps is not None:
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.eps = spec.layer_norm_eps
+    report = None
+    if source == "file":
+        convert = _timm_convert(model)
+        if spec.positions == "sam_seed":
+            convert = _then_sam_seed_tables(convert)
+        report = load_weights_file(model, weights, convert=convert)
+    if spec.positions == "dinov2_hub":
+        use_dinov2_hub_positions(model)
     return TimmAdapter(model), report
 
 
+def _resized_sam(released: nn.Module, arch: str, img_size: int, kwargs: dict) -> nn.Module:
+    """The hub's SAM (built at 1024, tables as released) as the WACV seed builds it at ``img_size``: a model of
+    that size whose tables are the released ones resized once (:func:`sam_seed_tables`)."""
+    model = _create_timm(arch, False, img_size, kwargs)
+    model.load_state_dict(sam_seed_tables(released.state_dict(), model))
+    return model
+
+
+def _then_sam_seed_tables(convert):
+    """timm's SAM filter (``image_encoder.`` stripped, ``lin`` → ``fc``), then the seed's table resizing."""
+
+    def both(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        return sam_seed_tables(convert(state, model) if convert is not None else state, model)
+
+    return both
+
+
 def build_open_clip(spec: ModelSpec, source: str, img_size: int, weights: Path | None, overrides: dict):
-    import open_clip
+    import open_clip  # deferred: open_clip
 
     if open_clip.get_model_config(spec.arch) is None:
         raise FmcacheError(f"unknown open_clip architecture '{spec.arch}'; see open_clip.list_models()")
@@ -247,7 +283,7 @@ def build_open_clip(spec: ModelSpec, source: str, img_size: int, weights: Path |
 
 def _open_clip_resize(state: dict[str, torch.Tensor], visual: nn.Module) -> dict[str, torch.Tensor]:
     """Resample a checkpoint's position embedding to the built image size (open_clip's own routine)."""
-    from open_clip.model import resize_pos_embed
+    from open_clip.model import resize_pos_embed  # deferred: open_clip
 
     prefixed = {f"visual.{k}": v for k, v in state.items()}
     resize_pos_embed(prefixed, nn.ModuleDict({"visual": visual}))
@@ -255,11 +291,11 @@ def _open_clip_resize(state: dict[str, torch.Tensor], visual: nn.Module) -> dict
 
 
 def _build_blip(spec: ModelSpec, source: str, img_size: int, weights: Path | None, overrides: dict):
-    from transformers import BlipVisionConfig, BlipVisionModel
+    from transformers import BlipVisionConfig, BlipVisionModel  # deferred: transformers
 
     if source == "hub":
         try:
-            from transformers import BlipForConditionalGeneration
+            from transformers import BlipForConditionalGeneration  # deferred: transformers
 
             model = BlipForConditionalGeneration.from_pretrained(spec.arch).vision_model
         except Exception as exc:
@@ -289,7 +325,7 @@ def _build_blip(spec: ModelSpec, source: str, img_size: int, weights: Path | Non
 def build_hf(spec: ModelSpec, source: str, img_size: int, weights: Path | None, overrides: dict):
     if spec.family == "blip":
         return _build_blip(spec, source, img_size, weights, overrides)
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel  # deferred: transformers
 
     try:
         if source == "hub":
@@ -307,7 +343,6 @@ def build_hf(spec: ModelSpec, source: str, img_size: int, weights: Path | None, 
 def build_sam2(spec: ModelSpec, source: str, img_size: int, weights: Path | None, overrides: dict):
     """SAM2's image encoder from its release file (hub: the ``<repo>/<file>`` in the tag; or --weights)."""
     # img_size is not needed: Hiera resamples its position table to the input at run time, as SAM2 does.
-    from fmcache.models import sam2
 
     try:
         encoder = sam2.build_encoder(spec.arch, overrides)
@@ -364,14 +399,12 @@ class SeemAdapter(nn.Module):
     layer_unit = "FocalNet stages"
 
     def block_layout(self, foundation):
-        return None
+        return FocalStages(foundation)
 
 
 def _load_seem_hub(model: nn.Module, spec: ModelSpec) -> None:
     """Download SEEM's checkpoint and load its ``backbone.*`` tensors strictly, as the paper's seed does."""
     from huggingface_hub import hf_hub_download
-
-    from fmcache.weightfiles import read_state_dict
 
     try:
         path = hf_hub_download(spec.arch, spec.tag or "")
@@ -392,7 +425,6 @@ def _load_seem_hub(model: nn.Module, spec: ModelSpec) -> None:
 
 def build_seem(spec: ModelSpec, source: str, img_size: int, weights: Path | None, overrides: dict):
     # img_size is not needed: the network has no position tables and takes any size (padded to strides 4 and 2).
-    from fmcache.models.seem_focal import SeemFocalNet
 
     try:
         model = SeemFocalNet(**overrides)

@@ -5,8 +5,13 @@ frozen prefix (embedding and blocks 1..K) runs under ``torch.no_grad``, the forw
 (decapitation), and the from-cache path starts at block K+1 from cached layer-K tokens. Each adapter that has a block
 list answers ``block_layout()`` with one of these views, which run those pieces with the backend's own modules (timm
 ViT ``blocks``, timm SAM ``blocks`` in NHWC, open_clip ``transformer.resblocks``, transformers BLIP
-``encoder.layers``). CNNs, Hiera (SAM2), FocalNet and other stage-based models answer None: they fine-tune whole or
-frozen, and a block number is refused naming their unit (``layer_unit``).
+``encoder.layers``, SAM2's Hiera ``trunk.blocks``). CNNs, FocalNet and other stage-based models answer None: they
+fine-tune whole or frozen, and a block number is refused naming their unit (``layer_unit``).
+
+SAM2 is both: its cached layers are the 4 Hiera stages, but its trunk is a list of blocks, and the follow-up freezes it
+per block (``self.blocks = image_encoder.trunk.blocks``; ``--freeze K`` freezes blocks 1..K with the patch and
+position embeddings and the neck). :class:`Sam2Stages` runs those blocks one by one and keeps each stage's output,
+since the paper's feature (the FPN neck) reads stages 3 and 4.
 
 A view's outputs equal the ``Foundation``'s for the same layer (``tests/test_finetune.py`` checks it), so a head sees
 the same features as in the cache.
@@ -14,7 +19,7 @@ the same features as in the cache.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -102,8 +107,12 @@ class Stages:
     def partition(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """The root's parameters as embed / block i / post (names in the root's own layout)."""
         block_ids = {id(p): i for i, b in enumerate(self.blocks) for p in b.parameters()}
-        post_ids = {id(p) for name in self.post if isinstance(getattr(self.root, name, None), nn.Module)
-                    for p in getattr(self.root, name).parameters()}  # fmt: skip
+        post_ids = {
+            id(p)
+            for name in self.post
+            if isinstance(getattr(self.root, name, None), nn.Module)
+            for p in getattr(self.root, name).parameters()
+        }
         post_ids |= {
             id(getattr(self.root, n)) for n in self.post if isinstance(getattr(self.root, n, None), nn.Parameter)
         }
@@ -211,3 +220,120 @@ class BlipStages(Stages):
     @property
     def prefix(self) -> int:
         return 1  # BLIP's CLS is token 0 (its adapter learns this on the first forward)
+
+
+class HieraState(NamedTuple):
+    """What flows between Hiera blocks: the (B, H, W, C) map and the stage outputs finished so far (NCHW)."""
+
+    x: torch.Tensor
+    stages: tuple[torch.Tensor, ...]
+
+
+class Sam2Stages(Stages):
+    """SAM2's image encoder: Hiera ``trunk.blocks`` as blocks, the FPN neck after them.
+
+    Block K (1-based) of ``--freeze K`` is Hiera block K; stage s of the cache ends at block ``stage_ends[s] + 1``
+    (b+: blocks 2, 5, 21, 24; l: 2, 8, 44, 48). Both the linear head's pooled feature and the DeiT head's tokens
+    are the neck's stride-16 map, which needs stages 3 and 4: the forward cannot stop early (``--drop-after`` below
+    the last block is refused) and cannot start from cached stage tokens.
+    """
+
+    def __init__(self, foundation: Owner):
+        encoder = foundation.adapter.encoder
+        super().__init__(foundation, encoder, encoder.trunk.blocks, ("neck",))
+        self.stage_ends = tuple(encoder.trunk.stage_ends)
+
+    @property
+    def prefix(self) -> int:
+        return 0
+
+    def embed(self, x: torch.Tensor) -> HieraState:
+        trunk = self.root.trunk
+        return HieraState(trunk._pos_embed(trunk.patch_embed(x)), ())
+
+    def run_block(self, i: int, h: HieraState) -> HieraState:
+        x = self.blocks[i](h.x)
+        done = (*h.stages, x.permute(0, 3, 1, 2)) if i in self.stage_ends else h.stages
+        return HieraState(x, done)
+
+    def to_tokens(self, h: HieraState) -> torch.Tensor:
+        return h.x.reshape(h.x.shape[0], -1, h.x.shape[-1])
+
+    def from_tokens(self, t: torch.Tensor) -> HieraState:
+        raise FmcacheError(
+            f"{self.foundation.name}: its cached layers are Hiera stages, not blocks, and its head reads the FPN neck "
+            "over stages 3 and 4; fine-tune it from images (without --from-cache)"
+        )
+
+    def _neck(self, h: HieraState) -> torch.Tensor:
+        if len(h.stages) != len(self.stage_ends):
+            raise FmcacheError(
+                f"{self.foundation.name}: the paper's feature is the FPN neck over Hiera stages 3 and 4, so the "
+                f"forward must run all {self.depth} blocks; --drop-after is not available for it"
+            )
+        return self.root.neck.vision_features(list(h.stages))
+
+    def norm(self, h: HieraState) -> torch.Tensor:
+        return self.to_tokens(h)  # no final norm on the trunk's stages
+
+    def pooled(self, h: HieraState, last: bool) -> torch.Tensor:
+        return self._neck(h).float().mean(dim=(2, 3))  # as Sam2Adapter: the neck's stride-16 map, averaged
+
+    def deit_tokens(self, h: HieraState) -> torch.Tensor:
+        return self._neck(h).flatten(2).transpose(1, 2)
+
+    def post_uses_norm_for_tokens(self) -> bool:
+        return True  # both heads read the neck: it trains with --freeze none
+
+
+class FocalState(NamedTuple):
+    """What flows between FocalNet stages: the next stage's input (NCHW, after this stage's downsampling, before any
+    norm) and this stage's normed output (NCHW: SEEM's res2..res5, what the cache stores and the heads read)."""
+
+    x: torch.Tensor
+    out: torch.Tensor | None
+
+
+class FocalStages(Stages):
+    """SEEM's FocalNet-T, stage by stage: the seed takes each of the four stages as a "block" (``backbone.layers``),
+    so ``--freeze K`` freezes stages 1..K and ``--drop-after I`` reads stage I's output (the seed's ``res{I+1}``).
+    The per-stage norms (norm0..norm3) come after the stages and, as the patch embedding, stay frozen unless
+    ``--freeze none``. Cached stage tokens are normed outputs, not the next stage's input: no ``--from-cache``."""
+
+    unit = "FocalNet stages"
+
+    def __init__(self, foundation: Owner):
+        model = foundation.adapter.model
+        norms = tuple(f"norm{i}" for i in range(len(model.layers)))
+        super().__init__(foundation, model, model.layers, norms)
+
+    @property
+    def prefix(self) -> int:
+        return 0
+
+    def embed(self, x: torch.Tensor) -> FocalState:
+        return FocalState(self.root.patch_embed(x), None)
+
+    def run_block(self, i: int, h: FocalState) -> FocalState:
+        stage = self.blocks[i]
+        x = stage(h.x)
+        out = getattr(self.root, f"norm{i}")(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return FocalState(stage.downsample(x) if stage.downsample is not None else x, out)
+
+    def to_tokens(self, h: FocalState) -> torch.Tensor:
+        return h.out.flatten(2).transpose(1, 2)
+
+    def from_tokens(self, t: torch.Tensor) -> FocalState:
+        raise FmcacheError(
+            f"{self.foundation.name}: its cached layers are normed stage outputs, not the next stage's input; fine-tune "
+            "it from images (without --from-cache)"
+        )
+
+    def norm(self, h: FocalState) -> torch.Tensor:
+        return self.to_tokens(h)  # every stage's output is already normed; there is no final norm
+
+    def deit_tokens(self, h: FocalState) -> torch.Tensor:
+        return self.to_tokens(h)  # the seed feeds the stage's flattened map (7 × 7 = 49 tokens at 224 for res5)
+
+    def post_uses_norm_for_tokens(self) -> bool:
+        return True  # both heads read a stage's norm: the norms train with --freeze none

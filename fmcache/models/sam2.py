@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fmcache.models.blocks import Sam2Stages
+
 ENCODER_PREFIX = "image_encoder."
 NECK_WIDTH = 256
 
@@ -79,7 +81,8 @@ class Sam2Adapter(nn.Module):
     layer_unit = "Hiera stages"
 
     def block_layout(self, foundation):
-        return None
+        """Hiera's blocks one by one (``--freeze K`` freezes blocks 1..K, as the follow-up); layers stay stages."""
+        return Sam2Stages(foundation)
 
 
 def convert_release(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -98,14 +101,14 @@ def convert_release(state: dict[str, torch.Tensor], model: nn.Module) -> dict[st
 
 
 def build_encoder(arch: str, overrides: dict) -> Sam2Encoder:
-    import timm
+    import timm  # deferred: timm
 
     return Sam2Encoder(timm.create_model(arch, pretrained=False, num_classes=0, **overrides))
 
 
 def hub_file(tag: str) -> Path:
     """Download the release file named by a registry tag ``<repo>/<file>`` from the Hugging Face hub."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # deferred: huggingface_hub
 
     repo, _, filename = tag.rpartition("/")
     return Path(hf_hub_download(repo, filename))

@@ -136,9 +136,14 @@ class FocalBlock(nn.Module):
     """SEEM's post-norm focal block with depthwise convs before the modulation and before the MLP, on NCHW maps."""
 
     def __init__(
-        self, dim: int, focal_level: int, focal_window: int, mlp_ratio: float, drop_path: float = 0.0,
+        self,
+        dim: int,
+        focal_level: int,
+        focal_window: int,
+        mlp_ratio: float,
+        drop_path: float = 0.0,
         layerscale: float = 1e-4,
-    ):  # fmt: skip
+    ):
         super().__init__()
         from timm.layers import DropPath
 
@@ -167,9 +172,14 @@ class FocalStage(nn.Module):
     """A stage's blocks and, except for the last stage, the downsampling that feeds the next one."""
 
     def __init__(
-        self, dim: int, focal_level: int, focal_window: int, mlp_ratio: float, downsample: bool,
+        self,
+        dim: int,
+        focal_level: int,
+        focal_window: int,
+        mlp_ratio: float,
+        downsample: bool,
         drop_path: Sequence[float],
-    ):  # fmt: skip
+    ):
         super().__init__()
         # one block per drop-path rate (the stage's share of the network's linspace)
         self.blocks = nn.ModuleList(FocalBlock(dim, focal_level, focal_window, mlp_ratio, rate) for rate in drop_path)
@@ -204,10 +214,16 @@ class SeemFocalNet(nn.Module):
         # the seed's stochastic depth decay rule: linspace(0, rate) over every block, in order
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.layers = nn.ModuleList(
-            FocalStage(self.num_features[i], focal_levels[i], focal_windows[i], mlp_ratio, i < n - 1,
-                       rates[sum(depths[:i]) : sum(depths[: i + 1])])
+            FocalStage(
+                self.num_features[i],
+                focal_levels[i],
+                focal_windows[i],
+                mlp_ratio,
+                i < n - 1,
+                rates[sum(depths[:i]) : sum(depths[: i + 1])],
+            )
             for i in range(n)
-        )  # fmt: skip
+        )
         for i, width in enumerate(self.num_features):  # per-stage output norms, named norm0..norm{n-1}
             self.add_module(f"norm{i}", nn.LayerNorm(width))
         self.apply(self._init_weights)

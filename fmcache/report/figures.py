@@ -16,16 +16,19 @@ import numpy as np
 
 from fmcache.label_efficiency import label_efficiency_rows
 from fmcache.plots import new_figure, plot_cka_heatmap, plot_label_efficiency, save_png
-from fmcache.protocols import PROTOCOLS
+from fmcache.protocols import HEAD_LABELS, PROTOCOLS
 from fmcache.report.paper import MODEL_SIZE_FAMILY, OUTPUTS, freeze_of
 from fmcache.report.tables import (
     HEAD_NAMES,
     cka_model_b,
     doc_outputs,
     head_cells,
+    knn_cells,
     ordered_datasets,
     ordered_models,
+    pick,
     protocol_of,
+    seed_knn_point,
 )
 from fmcache.results import base_settings, safe_name, settings_hash, train_subset
 
@@ -82,9 +85,11 @@ def metric_vs_layer(docs: Sequence[dict], out: Path) -> list[Figure]:
     """Test metric against layer, one line per model: the DeiT decapitation curve (Fig. 5), k-NN and linear probe."""
     figures = []
     for dataset in ordered_datasets(docs):
-        # per-layer curves: the DeiT head's is the paper's Fig. 5; the others are the report's extras
+        # per-layer curves, the report's extras (the DeiT head's is the paper's Fig. 5: decapitation() draws it)
         for protocol in (p for p in PROTOCOLS.values() if p.per_layer is not None):
             stem, label = protocol.per_layer
+            if stem in OUTPUTS:
+                continue
             curves = {}
             for doc in docs:
                 if doc["dataset"] == dataset and doc.get("protocol") == protocol.name:
@@ -114,23 +119,88 @@ def metric_vs_layer(docs: Sequence[dict], out: Path) -> list[Figure]:
     return figures
 
 
-def knn_vs_k(docs: Sequence[dict], out: Path) -> list[Figure]:
-    """k-NN test metric against k at each model's chosen layer, one line per model."""
+def _decapitation_lines(docs: Sequence[dict], dataset: str) -> dict[str, tuple[list[int], list, list]]:
+    """Fig. 5's lines of one dataset: each model's frozen DeiT head on block i's cached tokens (a multi-layer probe),
+    and its fine-tuned decapitation (``finetune --drop-after i``), the best val among several results per point."""
+    lines: dict[str, dict[int, tuple[float, float]]] = {}
+    frozen: dict[str, list[dict]] = {}
+    tuned: dict[tuple[str, str, int], list[dict]] = {}
+    for doc in docs:
+        if doc["dataset"] != dataset or "fig5_decapitation" not in doc_outputs(doc):
+            continue
+        if protocol_of(doc).trains_foundation:
+            tuned.setdefault((doc["model"], protocol_of(doc).label, int(doc["settings"]["drop_after"])), []).append(doc)
+        else:
+            frozen.setdefault(doc["model"], []).append(doc)
+    for model, group in frozen.items():
+        curve = _curve_from_probe(pick(group))
+        if curve is not None:
+            for layer, mean, std in zip(*curve, strict=True):
+                if _layer_key(layer)[0] < 10**9:
+                    lines.setdefault(f"{model}, frozen", {})[_layer_key(layer)[0]] = (mean, std)
+    for (model, head, block), group in tuned.items():
+        summary = pick(group)["summary"]
+        lines.setdefault(f"{model} + {head}, fine-tuned", {})[block] = (
+            summary["test_mean"],
+            summary.get("test_std") or 0.0,
+        )
+    return {
+        label: (sorted(p), [p[k][0] for k in sorted(p)], [p[k][1] for k in sorted(p)]) for label, p in lines.items()
+    }
+
+
+def decapitation(docs: Sequence[dict], out: Path) -> list[Figure]:
+    """Fig. 5: test metric against the block the head reads, frozen and fine-tuned, one line each per model."""
     figures = []
     for dataset in ordered_datasets(docs):
-        lines = {}
+        lines = _decapitation_lines(docs, dataset)
+        if not lines:
+            continue
+        metric = next(d.get("metric") for d in docs if d["dataset"] == dataset)
+        fig, (ax,) = new_figure()
+        for label, (blocks, means, stds) in sorted(lines.items()):
+            style = "--" if label.endswith("fine-tuned") else "-"
+            ax.errorbar(blocks, means, yerr=np.nan_to_num(stds), marker="o", capsize=3, linestyle=style, label=label)
+        figures.append(
+            _finish(
+                fig,
+                ax,
+                out,
+                f"fig5_decapitation_{safe_name(dataset)}",
+                f"{_paper('fig5_decapitation')} ({dataset})",
+                title=f"{dataset}: decapitation",
+                ylabel=f"test {metric}",
+                xlabel="block the head reads (i)",
+            )
+        )
+    return figures
+
+
+def knn_vs_k(docs: Sequence[dict], out: Path) -> list[Figure]:
+    """The k/T sweep (supplementary): k-NN test metric against k at each model's chosen layer, one line per model;
+    of several sweeps of one model, the one with the best val metric (the rule every output uses)."""
+    figures = []
+    for dataset in ordered_datasets(docs):
+        chosen: dict[str, dict] = {}
         for doc in docs:
-            if doc["dataset"] != dataset or "fig2_knn" not in protocol_of(doc).fills:
-                continue
             summary = doc.get("summary") or {}
-            layer = (summary.get("best") or {}).get("layer")
+            if doc["dataset"] != dataset or protocol_of(doc).summary != "rows" or not summary.get("best"):
+                continue
+            if doc_outputs(doc) or train_subset(doc) is not None:
+                continue  # the seed's setting is Fig. 2's bars; subsets are the label-efficiency curve
+            if doc["model"] not in chosen or pick([chosen[doc["model"]], doc]) is doc:
+                chosen[doc["model"]] = doc
+        lines = {}
+        for model, doc in chosen.items():
+            summary = doc["summary"]
+            layer = summary["best"].get("layer")
             points = {
                 int(r["k"]): r["value"]
                 for r in summary.get("rows") or []
                 if r.get("split") == "test" and r.get("layer") == layer and r.get("value") is not None
             }
             if points:
-                lines[doc["model"]] = (points, doc.get("metric"))
+                lines[model] = (points, doc.get("metric"))
         if not lines:
             continue
         fig, (ax,) = new_figure()
@@ -138,6 +208,36 @@ def knn_vs_k(docs: Sequence[dict], out: Path) -> list[Figure]:
             ks = sorted(points)
             ax.plot(ks, [points[k] for k in ks], marker="o", label=model)
         ax.set_xscale("log")
+        name, metric = f"supp_knn_sweep_{safe_name(dataset)}", next(iter(lines.values()))[1]
+        figures.append(
+            _finish(
+                fig,
+                ax,
+                out,
+                name,
+                f"{dataset}: k-NN against k (the k/T sweep, supplementary)",
+                title=f"{dataset}: k-NN vs k",
+                ylabel=f"test {metric}",
+                xlabel="k",
+            )
+        )
+    return figures
+
+
+def knn_bars(docs: Sequence[dict], out: Path) -> list[Figure]:
+    """Fig. 2: the seed's k-NN (k = 200, T = 0.1) per model, one bar chart per dataset and metric: Fig. 2's cells."""
+    by: dict[tuple[str, str], dict[str, float]] = {}
+    for (model, column), (doc, _n) in knn_cells(docs).items():
+        point = seed_knn_point(doc) or {}
+        if point.get("test") is not None:
+            by.setdefault((column.dataset, column.metric), {})[model] = float(point["test"])
+    figures = []
+    for (dataset, metric), values in sorted(by.items()):
+        models = sorted(values)
+        fig, (ax,) = new_figure()
+        fig.set_size_inches(max(5.0, 0.9 * len(models) + 2), 4)
+        ax.bar(range(len(models)), [values[m] for m in models], label="k-NN (k = 200, T = 0.1)")
+        ax.set_xticks(range(len(models)), models, rotation=30 if len(models) > 3 else 0, ha="right")
         figures.append(
             _finish(
                 fig,
@@ -145,9 +245,8 @@ def knn_vs_k(docs: Sequence[dict], out: Path) -> list[Figure]:
                 out,
                 f"fig2_knn_{safe_name(dataset)}",
                 f"{_paper('fig2_knn')} ({dataset})",
-                title=f"{dataset}: k-NN vs k",
-                ylabel=f"test {next(iter(lines.values()))[1]}",
-                xlabel="k",
+                title=f"{dataset}: k-NN on the frozen paper feature",
+                ylabel=f"test {metric}",
             )
         )
     return figures
@@ -161,36 +260,42 @@ def _frozen_blocks(settings: dict) -> int | None:
 
 def frozen_blocks(docs: Sequence[dict], out: Path) -> list[Figure]:
     """Fine-tuning test metric against the number of frozen blocks K (paper Fig. 4), one line per model and head; the
-    unfrozen run (``--freeze none``, Table 2) of the same model and head is a dashed reference line."""
+    model's Table 2 cell (unfrozen, same head) is a dashed reference line. Points and line follow the rule of every
+    paper output: results that qualify (:func:`fmcache.report.paper.outputs_of`), the best val among several."""
+    table2 = {
+        (model, column.dataset, head): doc
+        for (model, column, head, _r), (doc, _n) in head_cells(docs, "table2_unfrozen").items()
+    }
     figures = []
     for dataset in ordered_datasets(docs):
-        lines: dict[str, dict[int, tuple[float, float]]] = {}
-        unfrozen: dict[str, float] = {}
-        metric = None
+        groups: dict[tuple[str, str, int], list[dict]] = {}
         for doc in docs:
-            if doc["dataset"] != dataset or not protocol_of(doc).trains_foundation:
-                continue
-            settings = doc.get("settings") or {}
-            summary = doc.get("summary") or {}
-            if settings.get("drop_after") is not None or summary.get("test_mean") is None:
-                continue
-            label = f"{doc['model']} + {protocol_of(doc).label}"
-            k = _frozen_blocks(settings)
-            if k is not None:
-                lines.setdefault(label, {})[k] = (summary["test_mean"], summary.get("test_std") or 0.0)
-                metric = doc.get("metric")
-            elif freeze_of(settings) == "none":
-                unfrozen[label] = summary["test_mean"]
+            if doc["dataset"] == dataset and "fig4_freeze" in doc_outputs(doc):
+                head = protocol_of(doc).head or "?"
+                groups.setdefault((doc["model"], head, int(freeze_of(doc["settings"]))), []).append(doc)
+        lines: dict[tuple[str, str], dict[int, tuple[float, float]]] = {}
+        metric = None
+        for (model, head, k), group in groups.items():
+            summary = pick(group)["summary"]
+            lines.setdefault((model, head), {})[k] = (summary["test_mean"], summary.get("test_std") or 0.0)
+            metric = group[0].get("metric")
         if not lines:
             continue
         fig, (ax,) = new_figure()
-        for label, points in sorted(lines.items()):
+        for (model, head), points in sorted(lines.items()):
+            label = f"{model} + {HEAD_LABELS.get(head, head)}"
             ks = sorted(points)
             line = ax.errorbar(
                 ks, [points[k][0] for k in ks], yerr=[points[k][1] for k in ks], marker="o", capsize=3, label=label
             )
-            if label in unfrozen:
-                ax.axhline(unfrozen[label], linestyle="--", color=line[0].get_color(), label=f"{label}, unfrozen")
+            reference = table2.get((model, dataset, head))
+            if reference is not None:
+                ax.axhline(
+                    reference["summary"]["test_mean"],
+                    linestyle="--",
+                    color=line[0].get_color(),
+                    label=f"{label}, unfrozen",
+                )
         figures.append(
             _finish(
                 fig,
@@ -349,7 +454,18 @@ def model_size(docs: Sequence[dict], out: Path) -> list[Figure]:
 def all_figures(docs: Sequence[dict], out: Path) -> list[Figure]:
     out = Path(out)
     figures: list[Figure] = []
-    for kind in (knn_vs_k, frozen_blocks, metric_vs_layer, model_size, cka_heatmaps, cka_across_models, bar_charts):
+    kinds = (
+        knn_bars,
+        knn_vs_k,
+        frozen_blocks,
+        metric_vs_layer,
+        decapitation,
+        model_size,
+        cka_heatmaps,
+        cka_across_models,
+        bar_charts,
+    )
+    for kind in kinds:
         figures += kind(docs, out)
     return figures
 

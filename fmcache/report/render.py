@@ -28,6 +28,8 @@ from fmcache.report.tables import (
     knn_cells,
     knn_table,
     load_results,
+    protocol_of,
+    supplementary_tables,
     timing_table,
 )
 from fmcache.results import check_predictions, train_subset
@@ -37,7 +39,7 @@ FORMATS = ("md", "csv", "tex", "html")
 HEAD_TABLES = {
     "table1_frozen": ("frozen",),
     "table2_unfrozen": ("fine-tuned",),
-    "table3_1024px": ("frozen", "fine-tuned"),
+    "table3_1024px": ("fine-tuned",),
 }
 ALWAYS = ("md", "csv")
 
@@ -134,15 +136,21 @@ def build_tables(
     knn = knn_cells(docs)
     chosen = {d["folder"]: d for cells in head.values() for d, _ in cells.values()}
     chosen.update({d["folder"]: d for d, _ in knn.values()})
-    # each predictions.npz once, checked against its recorded sha256: the CIs and the paired tests read the same arrays
+    # every predictions.npz once, checked against its recorded sha256 (a damaged one is an error even where no table
+    # shows its result); the CIs and the paired tests read the same arrays
     predictions, absent = {}, []
-    for folder, doc in chosen.items():
+    for doc in docs:
+        if not protocol_of(doc).predictions:
+            continue
         data = check_predictions(doc)
         if data is None:
-            absent.append(folder)
-            log(f"warning: {folder} has no predictions.npz; its cell is shown but it is not in the bootstrap")
+            where = "its cell is shown but it is not in the bootstrap" if doc["folder"] in chosen else "it has no CI"
+            log(f"warning: {doc['folder']} has no predictions.npz; {where}")
+            absent += [doc["folder"]] if doc["folder"] in chosen else []
             continue
-        predictions[folder] = stats.load_predictions(folder, data=data)
+        parsed = stats.load_predictions(doc["folder"], data=data)  # a damaged file is one error line, used or not
+        if doc["folder"] in chosen:
+            predictions[doc["folder"]] = parsed
     with_pred = [doc for folder, doc in chosen.items() if folder in predictions]
     cis = stats.cell_cis(with_pred, resamples, seed, predictions)
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -157,6 +165,7 @@ def build_tables(
     tests = stats.paired_tests(groups, resamples, seed, predictions)
     tables = [head_table(docs, key, regimes, cis, head[key]) for key, regimes in HEAD_TABLES.items()]
     tables += [knn_table(docs, cis, knn), timing_table(docs), ci_table(docs, cis, absent, skipped), paired_table(tests)]
+    tables += supplementary_tables(docs)
     return tables
 
 
@@ -288,11 +297,15 @@ def build_report(
     resamples: int = stats.RESAMPLES,
     seed: int = stats.SEED,
     log=print,
+    strict: bool = False,
 ) -> dict:
-    """Write the report of every complete result under ``results`` into ``out``; returns the files written."""
+    """Write the report of every complete result under ``results`` into ``out``; returns the files written.
+
+    A result file that cannot be used (unreadable, breaking the results contract, a damaged ``subsets.npz``) is
+    skipped with a warning naming it, or with ``strict`` refused (exit 2) before anything is written."""
     if resamples < 1:
         raise FmcacheError(f"--resamples must be at least 1, got {resamples}")
-    docs, skipped = load_results(results, log)
+    docs, skipped = load_results(results, log, strict)
     # label-efficiency runs (a train subset) draw their own curves and never fill a cell of the paper's outputs
     subset_docs = [d for d in docs if train_subset(d) is not None]
     docs = [d for d in docs if train_subset(d) is None]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fmcache.errors import FmcacheError
 from fmcache.protocols import HEAD_LABELS, Protocol, get_protocol
-from fmcache.report.paper import OUTPUTS, freeze_of, outputs_of
+from fmcache.report.paper import OUTPUTS, SEED_KNN_K, freeze_of, outputs_of, variation
 from fmcache.results import find_results
 
 MISSING = "–"
@@ -46,9 +46,11 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
 
-def load_results(root: Path, log=print) -> tuple[list[dict], list[str]]:
-    """Every complete result under ``root``, and the unreadable ``result.json`` files (``path (why)``), which are
-    also named through ``log``, not hidden; no results at all is a user error (exit 2), not an empty report."""
+def load_results(root: Path, log=print, strict: bool = False) -> tuple[list[dict], list[str]]:
+    """Every complete result under ``root`` that keeps the results contract (:func:`fmcache.results.find_results`
+    checks each), and the skipped ``result.json`` files (``path (why)``): unreadable, breaking the contract (a missing
+    ``metric``, ``summary``, ``dataset`` ...), or with a damaged ``subsets.npz``. Each is named through ``log``, never
+    hidden; ``strict`` makes any of them an error (exit 2). No results at all is a user error, not an empty report."""
     root = Path(root)
     if not root.is_dir():
         raise FmcacheError(f"results folder {root} does not exist; run `fmcache grid CONFIG.yaml` or an evaluation")
@@ -56,6 +58,9 @@ def load_results(root: Path, log=print) -> tuple[list[dict], list[str]]:
     found = find_results(root, problems)
     for path, why in problems:
         log(f"warning: skipped {path}: {why}; rerun that evaluation or remove its folder")
+    if strict and problems:
+        path, why = problems[0]
+        raise FmcacheError(f"--strict: {len(problems)} result file(s) skipped (named above); first: {path}: {why}")
     if not found:
         raise FmcacheError(
             f"no results under {root}: no folder holds a complete result.json; run `fmcache grid CONFIG.yaml` first"
@@ -88,9 +93,7 @@ def fmt_seconds(value: float | None) -> str:
 
 def doc_outputs(doc: dict) -> list[str]:
     """The paper outputs a result feeds (:func:`fmcache.report.paper.outputs_of` on its settings)."""
-    settings = dict(doc.get("settings") or {})
-    if doc.get("paper_feature") is not None:
-        settings["paper_feature"] = doc["paper_feature"]
+    settings = _settings_of(doc)
     protocol = protocol_of(doc)
     if protocol.pairs:
         settings["same_model"] = _cka_same_model(doc)
@@ -279,41 +282,41 @@ def head_table(
     return Table(output, title, header, rows, records, notes)
 
 
-def _knn_best_val(doc: dict) -> float:
-    summary = doc.get("summary") or {}
-    best = summary.get("best") or {}
-    if best.get("val") is not None:
-        return float(best["val"])
-    for row in summary.get("rows") or []:
-        if row.get("split") == "val" and row.get("k") == best.get("k") and row.get("layer") == best.get("layer"):
-            return float(row["value"]) if row.get("value") is not None else -math.inf
-    return -math.inf
+def seed_knn_point(doc: dict) -> dict | None:
+    """The seed's k-NN value of a result (Fig. 2): k = 200, T = 0.1, at its last layer, with the val value it
+    competes on; None when the result did not score that k."""
+    rows = [r for r in (doc.get("summary") or {}).get("rows") or [] if r.get("k") == SEED_KNN_K]
+    if not rows:
+        return None
+    layer = max((r.get("layer") for r in rows), key=lambda v: (isinstance(v, int), v if isinstance(v, int) else 0))
+    by_split = {r.get("split"): r.get("value") for r in rows if r.get("layer") == layer}
+    t = rows[0].get("temperature", (doc.get("settings") or {}).get("temperature"))
+    return {"k": SEED_KNN_K, "temperature": t, "layer": layer, "test": by_split.get("test"), "val": by_split.get("val")}
 
 
-def knn_temperature(doc: dict) -> float | None:
-    summary = doc.get("summary") or {}
-    best = summary.get("best") or {}
-    for row in summary.get("rows") or []:
-        if row.get("k") == best.get("k") and row.get("temperature") is not None:
-            return float(row["temperature"])
-    t = (doc.get("settings") or {}).get("temperature")
-    return None if t is None else float(t)
+def _knn_val(doc: dict) -> float:
+    point = seed_knn_point(doc) or {}
+    value = point.get("val")
+    return float(value) if value is not None and math.isfinite(float(value)) else -math.inf
 
 
 def knn_cells(docs: Sequence[dict]) -> dict[tuple[str, Column], tuple[dict, int]]:
+    """{(model, column): (chosen result, how many competed)} for Fig. 2: results that fill it by the paper's rule
+    (:func:`fmcache.report.paper.outputs_of`: the seed's k and T, the paper feature, 224 px), the best val at k = 200
+    winning among several, then the newest."""
     groups: dict[tuple[str, Column], list[dict]] = {}
     for doc in docs:
-        if "fig2_knn" in protocol_of(doc).fills and (doc.get("summary") or {}).get("best"):
+        if "fig2_knn" in doc_outputs(doc) and seed_knn_point(doc) is not None:
             groups.setdefault((doc["model"], column_of(doc)), []).append(doc)
     return {
-        key: (max(group, key=lambda d: (_knn_best_val(d), d.get("written_at") or "")), len(group))
+        key: (max(group, key=lambda d: (_knn_val(d), d.get("written_at") or "")), len(group))
         for key, group in groups.items()
     }
 
 
 def knn_table(docs: Sequence[dict], cis: dict[str, dict] | None = None, cells: dict | None = None) -> Table:
-    """Fig. 2's data: rows = models, columns = (dataset, metric, split); each cell the test metric at the k and layer
-    chosen on val, with k and T (``cells``: :func:`knn_cells` of ``docs`` when the caller has them already)."""
+    """Fig. 2's data: rows = models, columns = (dataset, metric, split); each cell the test metric of the seed's k-NN
+    (k = 200, T = 0.1, the paper feature at the last layer) (``cells``: :func:`knn_cells` of ``docs``)."""
     cells = knn_cells(docs) if cells is None else cells
     columns, several = columns_of([d for d, _ in cells.values()])
     models = ordered_models([d for d, _ in cells.values()])
@@ -328,9 +331,8 @@ def knn_table(docs: Sequence[dict], cis: dict[str, dict] | None = None, cells: d
                 records.append({"model": model, "dataset": column.dataset, "metric": column.metric, "test": None})
                 continue
             doc, n = found
-            best = doc["summary"]["best"]
-            t = knn_temperature(doc)
-            row.append(f"{fmt(best.get('test'))} (k={best.get('k')}, T={t:g}, layer {best.get('layer')})")
+            point = seed_knn_point(doc)
+            row.append(fmt(point["test"]))
             ci = (cis or {}).get(doc["folder"], {})
             records.append(
                 {
@@ -338,10 +340,7 @@ def knn_table(docs: Sequence[dict], cis: dict[str, dict] | None = None, cells: d
                     "dataset": column.dataset,
                     "metric": column.metric,
                     "split": column.split,
-                    "test": best.get("test"),
-                    "k": best.get("k"),
-                    "temperature": t,
-                    "layer": best.get("layer"),
+                    **point,
                     "ci_low": ci.get("low"),
                     "ci_high": ci.get("high"),
                     "candidates": n,
@@ -351,10 +350,20 @@ def knn_table(docs: Sequence[dict], cis: dict[str, dict] | None = None, cells: d
         rows.append(row)
     paper = OUTPUTS["fig2_knn"]
     notes = [
-        f"{paper.label}: {paper.caption}. Weighted k-NN on L2-normalised features, train split as the bank; k and "
-        "layer chosen on val, T as run.",
+        f"{paper.label}: {paper.caption}. Weighted k-NN on the L2-normalised paper feature at the last layer, the "
+        "train split as the bank; the seed's fixed k and T (a k/T sweep is supp_knn_sweep)."
     ]
     return Table("fig2_knn", f"{paper.label} (data): {paper.caption}", header, rows, records, notes)
+
+
+def knn_temperature(doc: dict) -> float | None:
+    summary = doc.get("summary") or {}
+    best = summary.get("best") or {}
+    for row in summary.get("rows") or []:
+        if row.get("k") == best.get("k") and row.get("temperature") is not None:
+            return float(row["temperature"])
+    t = (doc.get("settings") or {}).get("temperature")
+    return None if t is None else float(t)
 
 
 def protocol_label(doc: dict) -> str:
@@ -399,3 +408,74 @@ def timing_table(docs: Sequence[dict]) -> Table:
         "is paid once per cache."
     ]
     return Table("fig3_time", f"{paper.label} (data): {paper.caption}", header, rows, records, notes)
+
+
+# -- supplementary outputs: every result that fills no paper output, grouped by what it varies --------------------
+
+
+def _supp_value(doc: dict) -> tuple[str, dict]:
+    """A result's headline as a cell and as numbers, by its summary's shape."""
+    summary, kind = doc.get("summary") or {}, protocol_of(doc).summary
+    if kind == "rows":
+        best = summary.get("best") or {}
+        t = knn_temperature(doc)
+        text = (
+            f"{fmt(best.get('test'))} (k={best.get('k')}, T={t if t is None else f'{t:g}'}, layer {best.get('layer')})"
+        )
+        return text, {"test": best.get("test"), "val": best.get("val"), "k": best.get("k"), "temperature": t}
+    if kind == "matrix":
+        matrix = summary.get("matrix") or []
+        last = matrix[-1][-1] if matrix and matrix[-1] else None
+        return f"last-layer CKA {fmt(last)}", {"last_layer_cka": last}
+    return cell_text(summary), {k: summary.get(k) for k in ("test_mean", "test_std", "val_mean", "best_lr")}
+
+
+def supplementary_tables(docs: Sequence[dict]) -> list[Table]:
+    """One ``supp_<variation>`` table per way results depart from the paper (:func:`fmcache.report.paper.variation`:
+    a LoRA fine-tune, a cosine schedule, 1024 px outside Table 3, the k/T sweep, a label-efficiency subset, an
+    attentive head ...), so nothing in the results tree vanishes from the report."""
+    groups: dict[str, list[dict]] = {}
+    for doc in docs:
+        if not doc_outputs(doc):
+            name = variation(protocol_of(doc), _settings_of(doc), doc.get("model", ""), doc.get("img_size"))
+            groups.setdefault(name, []).append(doc)
+    tables = []
+    header = ["dataset", "model", "protocol", "img px", "test (mean ± std over seeds)", "folder"]
+    for name, group in sorted(groups.items()):
+        rows, records = [], []
+        for doc in sorted(group, key=lambda d: (d["dataset"], d["model"], d["folder"])):
+            text, numbers = _supp_value(doc)
+            rows.append(
+                [
+                    doc["dataset"],
+                    doc["model"],
+                    protocol_label(doc),
+                    str(doc.get("img_size") or MISSING),
+                    text,
+                    doc["folder"],
+                ]
+            )
+            records.append(
+                {
+                    "dataset": doc["dataset"],
+                    "model": doc["model"],
+                    "protocol": doc.get("protocol"),
+                    "img_size": doc.get("img_size"),
+                    "metric": doc.get("metric"),
+                    **numbers,
+                    "folder": doc["folder"],
+                }
+            )
+        notes = [
+            f"Results that fill no paper output because they vary: {name.replace('_', ' ')}. Test metric at "
+            "the learning rate (or k) with the best validation metric."
+        ]
+        tables.append(Table(f"supp_{name}", f"Supplementary: {name.replace('_', ' ')}", header, rows, records, notes))
+    return tables
+
+
+def _settings_of(doc: dict) -> dict:
+    settings = dict(doc.get("settings") or {})
+    if doc.get("paper_feature") is not None:
+        settings["paper_feature"] = doc["paper_feature"]
+    return settings
