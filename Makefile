@@ -11,6 +11,16 @@ $(BIN)/fmcache: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(BIN)/fmcache
 
+# The official implementations the conformance tests compare against (tests/test_conformance.py); test-only, never
+# imported by fmcache itself. Their own pins are years old (torchvision 0.15, xformers, CUDA-only builds), so they go
+# in without their dependencies, with the few small ones they import named here.
+CONFORMANCE = dinov2==0.0.1.dev2 segment-anything==1.0 hydra-core==1.3.8 omegaconf==2.3.1 \
+	antlr4-python3-runtime==4.9.3 iopath==0.1.10 portalocker==2.10.1
+$(VENV)/.conformance: $(BIN)/fmcache Makefile
+	$(BIN)/pip install --quiet --no-deps $(CONFORMANCE)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation sam2==1.1.0
+	touch $@
+
 env: $(BIN)/fmcache
 
 demo: env
@@ -21,8 +31,8 @@ lint: env
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
-test: lint
+test: lint $(VENV)/.conformance
 	$(BIN)/pytest -q --durations=15
 
-test-fast: lint
+test-fast: lint $(VENV)/.conformance
 	$(BIN)/pytest -q -m "not slow"
