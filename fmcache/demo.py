@@ -35,6 +35,7 @@ def run_demo(
         log(f"writing scikit-learn digits to {data_root}")
         write_digits(data_root, per_class=per_class)
     log(f"WARNING: the demo uses --random-init: {model} has RANDOM weights (no hub access offline).")
+    log("note: the digits' patient, sex and age (metadata.csv) are SYNTHETIC, for the report's evidence tables.")
     spec = ExtractSpec(
         dataset="imagefolder",
         data_root=data_root,

@@ -302,9 +302,18 @@ def _csv_cell(value):
 
 
 def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
-    """The bytes of an ``.npz`` (compressed) holding ``arrays``, for :func:`fmcache.files.atomic_write_bytes`."""
+    """The bytes of an ``.npz`` (compressed) holding ``arrays``, for :func:`fmcache.files.atomic_write_bytes`.
+
+    Deterministic: the same arrays give the same bytes on every run (numpy's own writer stamps each member with the
+    current time), so a rerun of the same evaluation writes the same file and the same recorded sha256."""
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, value in arrays.items():
+            member = io.BytesIO()
+            np.save(member, np.asarray(value), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, member.getvalue())
     return buffer.getvalue()
 
 
@@ -395,6 +404,12 @@ class ResultSource:
     labels: Mapping[str, np.ndarray] = field(default_factory=dict)
     split: Mapping | None = None  # the dataset's split identity (mode, seed, files): a table never mixes two
     img_size: int | None = None  # the input size the foundation saw (Table 3 is the 1024 px one)
+    # per sample, for the report's evidence: each sample's independent unit (patient, lesion; "image:<id>" where none
+    # is known) and its metadata columns (sex, age, view ...), by split; absent for caches made before 0.4
+    groups: Mapping[str, np.ndarray] = field(default_factory=dict)
+    meta: Mapping[str, Mapping[str, np.ndarray]] = field(default_factory=dict)
+    group_unit: str | None = None
+    label_policy: Mapping | None = None  # e.g. {"uncertain": "ones", "applied": "stage two"}
 
     def identity(self) -> dict:
         """The identity keys of ``result.json``: dataset, model, cache_key, weights."""
@@ -406,8 +421,10 @@ class ResultSource:
         }
 
     def facts(self) -> dict:
-        """Top-level ``result.json`` keys the report groups by: the split identity and the input size."""
-        return {"split": to_jsonable(self.split), "img_size": self.img_size}
+        """Top-level ``result.json`` keys the report groups by: the split identity, the input size, the bootstrap
+        unit and the label policy."""
+        facts = {"split": to_jsonable(self.split), "img_size": self.img_size, "group_unit": self.group_unit}
+        return facts | ({"label_policy": dict(self.label_policy)} if self.label_policy else {})
 
     def timings(self, train_seconds: float | None, inference_s_per_sample: float | None) -> dict:
         """The contract's timings: train s, inference s/sample, and extraction s/image when the cache recorded it."""
@@ -423,6 +440,10 @@ class ResultSource:
             arrays[f"{split}_ids"] = np.asarray(self.ids[split])
             arrays[f"{split}_labels"] = np.asarray(self.labels[split])
             arrays[f"{split}_scores"] = np.asarray(split_scores, dtype=np.float32)
+            if split in self.groups:
+                arrays[f"{split}_groups"] = np.asarray(self.groups[split], dtype=str)
+            for name, column in (self.meta.get(split) or {}).items():
+                arrays[f"{split}_meta__{name}"] = np.asarray(column)
         return arrays
 
 

@@ -96,9 +96,9 @@ def test_reader_returns_ids_splits_and_labels(tiny_cache, aptos_root):
 def test_multilabel_chexpert_keeps_nan_for_uncertain(tmp_path):
     root = make_chexpert(tmp_path / "data", n=40)
     kw = spec_kwargs(root, tmp_path / "cache", limit=5, tokens="last")
-    kw.update(dataset="chexpert", dataset_options={"uncertain": "ignore"})
+    kw.update(dataset="chexpert", dataset_options={"uncertain": "ignore"})  # a stage-two choice: the cache is U-Zeros
     folder = run_extract(ExtractSpec(**kw), progress=False, log=quiet)
-    reader = CacheReader(folder)
+    reader = CacheReader(folder, uncertain="ignore")
     index = load_dataset("chexpert", root, uncertain="ignore")
     assert reader.multilabel and reader.class_names == list(index.class_names)
     labels = []

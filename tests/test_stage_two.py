@@ -194,13 +194,16 @@ def test_multilabel_chexpert_cache_knn_and_probe(tmp_path: Path):
     from tests.fixtures_data import make_chexpert
 
     root = make_chexpert(tmp_path / "chexpert", n=60)
-    kw = spec_kwargs(root, tmp_path / "cache", dataset="chexpert", dataset_options={"uncertain": "ignore"})
-    reader = CacheReader(run_extract(ExtractSpec(**kw), progress=False, log=lambda m: None))
-    assert reader.multilabel and reader.labels("train").shape[1] == 14
-    knn_result = knn(reader, out=tmp_path / "r", ks=(3, 5))
+    kw = spec_kwargs(root, tmp_path / "cache", dataset="chexpert")
+    reader = CacheReader(run_extract(ExtractSpec(**kw), progress=False, log=lambda m: None), uncertain="ignore")
+    assert reader.multilabel and reader.labels("train").shape[1] == 14 and np.isnan(reader.labels("train")).any()
+    # U-Ignore (stage two's choice): the uncertain entries are NaN, out of the loss and the metric
+    knn_result = knn(reader, out=tmp_path / "r", ks=(3, 5), uncertain="ignore")
     entry = knn_result["layers"][2]["splits"]["test"][5]
     assert entry["metric"] == "mean_auc" and 0.0 <= entry["value"] <= 1.0
-    probe_result = probe(reader, out=tmp_path / "r", lrs=(1e-3,), seeds=2, epochs=3, batch_size=16)
+    probe_result = probe(
+        reader, out=tmp_path / "r", lrs=(1e-3,), seeds=2, epochs=3, batch_size=16, uncertain="ignore"
+    )
     assert probe_result["metric"] == "mean_auc" and np.isfinite(probe_result["layers"][2]["test_mean"])
 
 

@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
+from fmcache.cache.annotations import ANNOTATIONS
 from fmcache.cache.lock import CacheLock
 from fmcache.cache.manifest import MANIFEST, read_manifest, shard_entries, write_manifest
 from fmcache.cache.shards import finished_shards, remove_orphans
@@ -88,6 +89,7 @@ class CacheFolder:
         if not self.folder.is_dir() or finished_shards(self.folder):
             return
         (self.folder / MANIFEST).unlink(missing_ok=True)
+        (self.folder / ANNOTATIONS).unlink(missing_ok=True)
         remove_orphans(self.folder)
         lock.release()
         with contextlib.suppress(OSError):

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import torch
 
+from fmcache.cache.annotations import META, read_annotations
 from fmcache.cache.manifest import read_manifest
 from fmcache.cache.messages import damaged_shard
 from fmcache.cache.shards import token_dataset
@@ -22,6 +23,7 @@ from fmcache.cache.verify import quick_problems
 from fmcache.cache.views import no_views_error, views_k
 from fmcache.choices import PAPER_TOKENS
 from fmcache.errors import FmcacheError
+from fmcache.labels import DEFAULT_UNCERTAIN, UNCERTAIN, UNCERTAINTY, apply_uncertainty
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
@@ -93,7 +95,7 @@ def _read_span(ds: h5py.Dataset, lo: int, hi: int, select: tuple, out: np.ndarra
 class CacheReader:
     """Read-only view of one complete cache directory (``cache/<dataset>/<model>/<key12>/``)."""
 
-    def __init__(self, path: str | Path, allow_partial: bool = False):
+    def __init__(self, path: str | Path, allow_partial: bool = False, uncertain: str | None = None):
         self.path = Path(path)
         if not self.path.is_dir():
             raise FmcacheError(f"no cache at {self.path}; run `fmcache extract` first or check the path (`fmcache ls`)")
@@ -107,6 +109,7 @@ class CacheReader:
             )
         self.manifest = manifest
         self._labels: dict[str, np.ndarray] = {}
+        self.uncertain = self._check_policy(uncertain)
         self.files = [self.path / s["file"] for s in manifest["shards"]]
         # one stat per shard: a deleted or truncated file is named now, not deep inside an evaluation
         for file, problem in quick_problems(self.path, manifest):
@@ -240,13 +243,74 @@ class CacheReader:
         return self._index[1][self.rows(split)]  # already read with the split codes; no shard I/O
 
     def labels(self, split: str) -> np.ndarray:
-        """int64 (n,) class labels, or float32 (n, C) multi-label targets with NaN for unknown.
+        """int64 (n,) class labels, or float32 (n, C) multi-label targets with NaN for unknown, under the reader's
+        label policy (``uncertain``: from the raw annotations; the stored labels are the seed's U-Zeros).
 
         Read once per split (stage two asks again for every layer it evaluates); callers must not modify it.
         """
         if split not in self._labels:
-            self._labels[split] = self._gather("labels", split)
+            if self.uncertain is not None and self.uncertain != DEFAULT_UNCERTAIN:
+                raw = self.annotation(split, "raw_labels")
+                self._labels[split] = apply_uncertainty(raw, self.uncertain, self.annotation_facts["raw_label_names"])
+            else:
+                self._labels[split] = self._gather("labels", split)
         return self._labels[split]
+
+    # -- per-sample annotations (fmcache.cache.annotations): raw labels, units, metadata -----------------------
+    @property
+    def annotation_facts(self) -> dict:
+        """The manifest's ``annotations`` entry; empty for a cache written before 0.4 (its labels are fixed)."""
+        return self.manifest.get("annotations") or {}
+
+    @cached_property
+    def _annotations(self) -> dict[str, np.ndarray]:
+        return read_annotations(self.path, self.annotation_facts) if self.annotation_facts else {}
+
+    def annotation(self, split: str, name: str) -> np.ndarray:
+        """An annotations array's rows of ``split``, in the order of :meth:`ids` (a cache before 0.4 has none)."""
+        arrays = self._annotations
+        if name not in arrays:
+            raise FmcacheError(f"cache {self.path} has no {name} annotation; rerun its `fmcache extract` (0.4+)")
+        ids = self.ids(split)
+        order = np.argsort(arrays["ids"], kind="stable")
+        rows = order[np.searchsorted(arrays["ids"], ids, sorter=order)]
+        return arrays[name][rows]
+
+    @property
+    def group_unit(self) -> str | None:
+        return self.annotation_facts.get("group_unit")
+
+    def groups(self, split: str) -> np.ndarray | None:
+        """Each sample's independent unit (``patient:00012``, ``image:<id>``), or None for a cache before 0.4."""
+        return self.annotation(split, "groups") if "groups" in self._annotations else None
+
+    def metadata(self, split: str) -> dict[str, np.ndarray]:
+        """Per-sample metadata columns of ``split`` (empty for a cache before 0.4)."""
+        return {n[len(META) :]: self.annotation(split, n) for n in self._annotations if n.startswith(META)}
+
+    @property
+    def label_policy(self) -> dict | None:
+        """What the results record about the labels: the policy and where it was applied; None when the dataset has
+        no label policy."""
+        if self.annotation_facts.get("label_policy") == UNCERTAINTY:
+            return {"uncertain": self.uncertain or DEFAULT_UNCERTAIN, "applied": "stage two"}
+        fixed = (self.manifest.get("inputs", {}).get("dataset", {}).get("options") or {}).get("uncertain")
+        return None if fixed is None else {"uncertain": fixed, "applied": "fixed at extraction"}
+
+    def _check_policy(self, uncertain: str | None) -> str | None:
+        if uncertain is None:
+            return None
+        if uncertain not in UNCERTAIN:
+            raise FmcacheError(f"unknown --uncertain '{uncertain}'; use {', '.join(UNCERTAIN)}")
+        if self.annotation_facts.get("label_policy") != UNCERTAINTY:
+            fixed = self.label_policy
+            if fixed is not None and fixed["uncertain"] == uncertain:
+                return None  # what the cache stores already
+            what = (
+                "was extracted before 0.4: its labels are fixed at extraction" if fixed else "has no uncertain labels"
+            )
+            raise FmcacheError(f"--uncertain {uncertain}: cache {self.path} {what}; rerun its `fmcache extract`")
+        return uncertain
 
     def pooled(self, split: str, layer: int | str = "last", kind: str = "cls") -> np.ndarray:
         """float32 (n, D) pooled features of one layer; ``kind`` is cls, mean or paper (``paper`` has no layer)."""

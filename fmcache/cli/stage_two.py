@@ -37,6 +37,13 @@ ValFractionFollows = Annotated[
     typer.Option("--val-fraction-follows", help="Label efficiency: cut val like train (default: val stays full)."),
 ]
 Plots = Annotated[bool | None, typer.Option("--plots/--no-plots", help="PNG plots beside the results.")]
+Uncertain = Annotated[
+    str | None,
+    typer.Option(
+        help="CheXpert-style uncertain labels from the cache's raw annotations: zeros (U-Zeros, the seed's; default), "
+        "ones or ignore (masked out of the loss and the metric)."
+    ),
+]
 Config = Annotated[Path | None, typer.Option(help="YAML file of these options; flags override it.")]
 
 
@@ -104,6 +111,7 @@ def knn_cmd(
     metric: Annotated[str | None, typer.Option(help="Override the dataset's paper metric.")] = None,
     out: Annotated[Path | None, typer.Option(help=f"Results root {CkaSpec.default_help('out')}.")] = None,
     cpu: Annotated[bool, typer.Option("--cpu", help="Force the FAISS CPU index even when a GPU exists.")] = False,
+    uncertain: Uncertain = None,
     train_fraction: TrainFraction = None,
     train_per_class: TrainPerClass = None,
     subset_repeats: SubsetRepeats = None,
@@ -122,6 +130,7 @@ def knn_cmd(
         "metric": metric,
         "out": out,
         "use_gpu": False if cpu else None,
+        "uncertain": uncertain,
         "plots": plots,
         "train_fraction": train_fraction,
         "train_per_class": train_per_class,
@@ -229,6 +238,7 @@ def probe_cmd(
         str | None,
         typer.Option(help="Train on the cache's augmented views: on or off (default: on when the cache has them)."),
     ] = None,
+    uncertain: Uncertain = None,
     train_fraction: TrainFraction = None,
     train_per_class: TrainPerClass = None,
     subset_repeats: SubsetRepeats = None,

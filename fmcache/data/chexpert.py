@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fmcache import labels as policies
 from fmcache.data._io import cell, check_files_exist, layout_hint, merge_duplicates, read_csv
 from fmcache.data.columns import first_rows, table_columns, text
 from fmcache.data.index import (
@@ -58,7 +59,7 @@ OBSERVATIONS = (
     "Support Devices",
 )
 FOLDERS = ("CheXpert-v1.0-small", "CheXpert-v1.0")
-UNCERTAIN = ("zeros", "ones", "ignore")
+UNCERTAIN = policies.UNCERTAIN
 SPLIT_MODES = ("seed", "patient")
 VALID_MODES = ("report", "test")
 EXPECTED = "CheXpert-v1.0-small/ (or CheXpert-v1.0/) with train.csv and valid.csv"
@@ -153,22 +154,8 @@ def _patient_study(keys: Sequence[str]) -> dict[str, np.ndarray]:
 
 
 def apply_uncertainty(raw: np.ndarray, policy: str) -> np.ndarray:
-    """Labels from raw values (1, 0, -1, NaN=blank) under an uncertainty policy.
-
-    "zeros" (U-Zeros, the seed's): -1 and blank → 0, and a row left all zero gets No Finding = 1.
-    "ones" (U-Ones): -1 → 1, blank → 0. "ignore": -1 → NaN (left out of metrics and losses), blank → 0.
-    """
-    labels = np.where(np.isnan(raw), 0.0, raw).astype(np.float32)
-    if policy == "zeros":
-        labels[labels == -1] = 0.0
-        labels[(labels == 0).all(axis=1), OBSERVATIONS.index("No Finding")] = 1.0
-    elif policy == "ones":
-        labels[labels == -1] = 1.0
-    elif policy == "ignore":
-        labels[labels == -1] = np.nan
-    else:
-        raise FmcacheError(f"{NAME}: unknown uncertain policy {policy!r}; choose one of {', '.join(UNCERTAIN)}")
-    return labels
+    """Labels from raw values (1, 0, -1, NaN=blank) under an uncertainty policy (:mod:`fmcache.labels`)."""
+    return policies.apply_uncertainty(raw, policy, OBSERVATIONS)
 
 
 def seed_split(n: int) -> np.ndarray:

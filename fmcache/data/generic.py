@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from fmcache.data._io import cell, check_files_exist, detect_layouts, merge_duplicates, read_csv
+from fmcache.data.columns import numbers, text
 from fmcache.data.images import IMAGE_EXTENSIONS
 from fmcache.data.index import (
     SPLITS,
@@ -26,8 +27,62 @@ from fmcache.errors import FmcacheError
 # "auto": the layout's own split (split column / split folders) when present, else a seeded random split.
 SPLIT_MODES = ("auto",)
 
+# Bring-your-own metadata: a CSV's other columns (csv), or an optional metadata.csv beside the class folders
+# (imagefolder), become per-sample metadata (report --by, subgroup tables); the first of UNIT_COLUMNS present names
+# the independent unit the bootstrap resamples (one patient's images are not independent).
+METADATA_CSV = "metadata.csv"
+UNIT_COLUMNS = ("patient_id", "patient", "lesion_id", "subject_id", "subject")
+
 _INT = re.compile(r"[+-]?\d+")
 _MULTI_VALUES = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "": math.nan, "nan": math.nan, "NaN": math.nan}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metadata
+
+
+def user_metadata(
+    header: Sequence[str], rows: Sequence[dict[str, str]], skip: Sequence[str]
+) -> tuple[dict[str, np.ndarray], str | None]:
+    """Metadata columns from ``rows`` (one per sample, in index order; ``{}`` for a sample without one): every
+    column of ``header`` not in ``skip``, numeric where every non-blank value is a number (NaN when blank), text
+    otherwise; and the unit column (text, see :data:`UNIT_COLUMNS`), or None."""
+    columns: dict[str, np.ndarray] = {}
+    unit = next((c for c in UNIT_COLUMNS if c in header and c not in skip), None)
+    for name in header:
+        if name in skip or not name:
+            continue
+        values = [row.get(name, "") for row in rows]
+        parsed, bad = numbers(values)
+        numeric = name != unit and bad == 0 and not np.isnan(parsed).all()
+        columns[name] = parsed if numeric else text(values)
+    return columns, unit
+
+
+def _folder_metadata(root: Path, paths: Sequence[Path]) -> tuple[dict[str, np.ndarray], str | None, list[str]]:
+    """imagefolder's optional ``root/metadata.csv`` (a ``path`` column relative to ``root``, then any columns),
+    matched to the images by path; images it does not list get blank values, rows naming no image are counted."""
+    csv_path = root / METADATA_CSV
+    if not csv_path.is_file():
+        return {}, None, []
+    expected = f"{METADATA_CSV} with a path column (relative to {root}) and metadata columns"
+    header, rows = read_csv(csv_path, ("path",), dataset="imagefolder", root=root, expected=expected)
+    by_path: dict[str, dict[str, str]] = {}
+    for line, row in rows:
+        key = Path(cell(row, "path", csv_path, line)).as_posix()
+        if key in by_path:
+            raise FmcacheError(f"{csv_path} line {line}: {key!r} is listed twice; keep one row per image")
+        by_path[key] = row
+    keys = [path.relative_to(root).as_posix() for path in paths]
+    problems = []
+    unmatched = len(by_path) - len(set(keys) & set(by_path))
+    if unmatched:
+        problems.append(f"{METADATA_CSV}: {unmatched} row(s) name no image under {root}; ignored")
+    missing = sum(key not in by_path for key in keys)
+    if missing:
+        problems.append(f"{METADATA_CSV} lists no row for {missing} image(s); their metadata is blank")
+    columns, unit = user_metadata(header, [by_path.get(key, {}) for key in keys], ("path",))
+    return columns, unit, problems
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -99,7 +154,8 @@ def load_csv(
 
     Single-label: a ``label`` column of integers (the value is the class index) or class names (sorted).
     Multi-label: ``label_columns`` names the 0/1 columns, blank meaning unknown (NaN). An optional ``split``
-    column (train/val/test) fixes the split; otherwise ``fractions`` by ``seed`` over rows sorted by path.
+    column (train/val/test) fixes the split; otherwise ``fractions`` by ``seed`` over rows sorted by path. Any other
+    column is per-sample metadata; ``patient_id`` (or ``patient``, ``lesion_id``, ...) names the bootstrap's unit.
     ``split="file:FILE.csv"`` replaces either with an exported split.
     """
     _, split_file = parse_split(split, SPLIT_MODES, "csv")
@@ -122,7 +178,11 @@ def load_csv(
     codes = _split_codes(rows, csv_path) if has_split else np.zeros(len(rows), dtype=np.int64)
     # Merge on (labels, split) together, so a path listed in two splits is a conflict.
     combined = np.column_stack([labels, codes]).astype(labels.dtype)
+    first_row: dict[str, dict[str, str]] = {}
+    for key, (_, row) in zip(keys, rows, strict=True):
+        first_row.setdefault(key, row)
     keys, combined, merged = merge_duplicates(keys, combined, lines, csv_path)
+    metadata, unit = user_metadata(header, [first_row[k] for k in keys], ("path", "split", *(columns or ["label"])))
     labels = combined[:, :-1] if columns else combined[:, 0]
     codes = combined[:, -1].astype(np.int8)
     paths = [csv_path.parent / k for k in keys]
@@ -143,6 +203,8 @@ def load_csv(
         split_info=split_info,
         options={"csv": csv, "label_columns": columns},
         problems=problems + merged,
+        metadata=metadata,
+        group_unit=unit,
     )
     return apply_split_file(index, split_file) if split_file else index
 
@@ -158,7 +220,7 @@ def _visible_dirs(folder: Path) -> list[Path]:
 def _scan_classes(folder: Path) -> tuple[dict[str, list[Path]], int]:
     """Images below each class folder of ``folder`` (recursively), and how many other files were ignored."""
     classes: dict[str, list[Path]] = {}
-    ignored = sum(1 for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    ignored = sum(1 for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != METADATA_CSV)
     for class_dir in _visible_dirs(folder):
         images = []
         for path in class_dir.rglob("*"):
@@ -208,7 +270,8 @@ def load_imagefolder(
     """Class folders ``root/<class>/...`` (split ``fractions`` by ``seed``) or ``root/{train,val,test}/<class>/...``.
 
     Class names are the sorted folder names; images are found recursively by extension and ordered by path.
-    ``split="file:FILE.csv"`` replaces the split with an exported one.
+    ``split="file:FILE.csv"`` replaces the split with an exported one. An optional ``root/metadata.csv`` (``path``
+    relative to root, then any columns) gives per-image metadata; ``patient_id`` (or ``patient``, ...) is the unit.
     """
     _, split_file = parse_split(split, SPLIT_MODES, "imagefolder")
     seed, fractions = check_seed(seed), check_fractions(fractions)
@@ -230,6 +293,9 @@ def load_imagefolder(
     problems = [f"class folder {names[i]!r} holds no images" for i in np.flatnonzero(counts == 0)]
     if ignored:
         problems.append(f"ignored {ignored} file(s) that are not images or not inside a class folder")
+    paths = [path for path, _, _ in samples]
+    metadata, unit, found = _folder_metadata(root, paths)
+    problems += found
     if samples[0][2] >= 0:
         codes = np.array([code for _, _, code in samples])
         split_info = {"mode": "folders", "order": "path"}
@@ -239,12 +305,14 @@ def load_imagefolder(
     index = build_index(
         name="imagefolder",
         root=root,
-        paths=[path for path, _, _ in samples],
+        paths=paths,
         labels=labels,
         split=codes,
         class_names=names,
         multilabel=False,
         split_info=split_info,
         problems=problems,
+        metadata=metadata,
+        group_unit=unit,
     )
     return apply_split_file(index, split_file) if split_file else index

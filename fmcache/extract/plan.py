@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fmcache.cache.annotations import META
 from fmcache.cache.folder import CacheFolder
 from fmcache.cache.key import SCHEMA_VERSION, cache_key
 from fmcache.cache.views import SEED as VIEWS_SEED
@@ -27,9 +28,24 @@ from fmcache.data.transforms import (
 from fmcache.errors import FmcacheError
 from fmcache.extract.spec import ExtractSpec, parse_tokens
 from fmcache.files import sha256_file
+from fmcache.labels import DEFAULT_UNCERTAIN, UNCERTAINTY
 from fmcache.models import RANDOM_INIT_SEED, get_spec
 
 DTYPES = {"fp16": np.float16, "fp32": np.float32}  # --dtype → what the shards store
+
+
+def _stage_one_options(spec: ExtractSpec, log) -> dict:
+    """The dataset options a cache is made with: a label policy is stage two's choice (the cache keeps the raw
+    annotations and the seed's U-Zeros labels), so one cache serves every policy."""
+    options = dict(spec.dataset_options)
+    asked = options.get("uncertain")
+    if asked is not None and asked != DEFAULT_UNCERTAIN:
+        log(
+            f"note: --uncertain {asked} is a stage-two choice: the cache keeps the raw annotations (and the seed's "
+            f"U-Zeros labels); pass --uncertain {asked} to knn, probe or finetune --from-cache"
+        )
+        options["uncertain"] = DEFAULT_UNCERTAIN
+    return options
 
 
 def select_positions(index: DatasetIndex, limit: int | None) -> np.ndarray:
@@ -172,10 +188,27 @@ class ExtractPlan:
     def is_complete(self) -> bool:
         return self.cache.is_complete()
 
+    def annotations(self) -> tuple[dict[str, np.ndarray], dict]:
+        """The cached samples' annotations (:mod:`fmcache.cache.annotations`): arrays and the manifest's facts."""
+        index, rows = self.index, self.positions
+        arrays: dict[str, np.ndarray] = {"ids": rows, "split": index.split[rows], "groups": index.groups()[rows]}
+        if index.raw_labels is not None:
+            arrays["raw_labels"] = index.raw_labels[rows]
+        arrays.update({f"{META}{name}": column[rows] for name, column in index.metadata.items()})
+        facts = {
+            "raw_label_names": list(index.raw_label_names),
+            "group_unit": index.group_unit,
+            "metadata": sorted(index.metadata),
+            # CheXpert-style observations: stage two applies --uncertain to the raw labels (fmcache.labels)
+            "label_policy": UNCERTAINTY if "uncertain" in index.options and index.raw_labels is not None else None,
+            "class_names": list(index.class_names),
+        }
+        return arrays, facts
+
 
 def plan(spec: ExtractSpec, log=print) -> ExtractPlan:
     """Everything about an extraction that needs no model and no decoded image: the key and the cache folder."""
-    index = load_dataset(spec.dataset, spec.data_root, **spec.dataset_options)
+    index = load_dataset(spec.dataset, spec.data_root, **_stage_one_options(spec, log))
     positions = select_positions(index, spec.limit)
     model_spec = get_spec(spec.model)
     img_size = int(spec.img_size or model_spec.default_img_size)

@@ -8,6 +8,7 @@ every shard from exactly the same batches and gives the same bytes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import time
 from pathlib import Path
@@ -17,8 +18,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import fmcache
+from fmcache.cache.annotations import write_annotations
 from fmcache.cache.key import SCHEMA_VERSION
 from fmcache.cache.lock import CacheLock
+from fmcache.cache.manifest import MANIFEST
 from fmcache.cache.shards import (
     PAPER_TOKENS,
     BackgroundWriter,
@@ -36,10 +39,11 @@ from fmcache.dist import Dist, autocast_for, close_dist, init_dist, is_main_proc
 from fmcache.errors import FmcacheError
 from fmcache.extract.plan import DTYPES, ExtractPlan, plan
 from fmcache.extract.spec import ExtractSpec, token_layers, wants_paper_tokens
-from fmcache.files import ensure_writable_dir
+from fmcache.files import atomic_write_json, ensure_writable_dir
 from fmcache.models import Foundation, FoundationOutput, create_foundation
 from fmcache.models.final_norm import final_norm_params
 from fmcache.progress import progress_bar
+from fmcache.results import npz_bytes
 
 # -- model output → arrays ---------------------------------------------------------------------------------------
 
@@ -156,6 +160,7 @@ class Extractor:
             if not report.damaged:
                 self.log(f"cache already complete: {self.folder}")
                 self._log_skipped(report.manifest, already=True)
+                self._refresh_annotations(report.manifest)
                 return self.folder
             self.log(f"warning: {report.summary()}; recomputing them")
         dist = init_dist(self.spec.device)
@@ -190,6 +195,18 @@ class Extractor:
                 lock.release()
             close_dist(dist)
         return self.folder
+
+    def _refresh_annotations(self, manifest: dict) -> None:
+        """A complete cache whose annotations are missing (made before 0.4) or no longer the dataset's gets them,
+        under the cache's lock; its shards and key are untouched."""
+        arrays, facts = self.plan.annotations()
+        current = manifest.get("annotations") or {}
+        if current.get("sha256") == hashlib.sha256(npz_bytes(arrays)).hexdigest():
+            return
+        with CacheLock(self.folder):
+            manifest["annotations"] = write_annotations(self.folder, arrays, facts)
+            atomic_write_json(self.folder / MANIFEST, manifest)
+        self.log(f"wrote the per-sample annotations of {self.folder} (raw labels, metadata, units)")
 
     def _log_skipped(self, manifest: dict, already: bool = False) -> None:
         """One line: how many bad images were left out, and the first few paths (``fmcache info`` lists all)."""
@@ -252,6 +269,8 @@ class Extractor:
         model = self._build_model(device)
         model_info = describe_model(model, device, self.img_size, self.inputs["tokens"])
         self._base = self._manifest_base(model, model_info)
+        if dist.main:
+            self._base["annotations"] = write_annotations(self.folder, *self.plan.annotations())
         forward = torch.compile(model) if spec.compile else model
         self._written: dict[str, dict] = {}
         if dist.main:

@@ -54,6 +54,10 @@ def result_source(reader: CacheReader, splits: tuple[str, ...] = EVAL_SPLITS) ->
         labels={s: reader.labels(s) for s in splits},
         split=reader.manifest.get("inputs", {}).get("dataset", {}).get("split"),
         img_size=reader.manifest.get("model", {}).get("img_size"),
+        groups={s: g for s in splits if (g := reader.groups(s)) is not None},
+        meta={s: reader.metadata(s) for s in splits},
+        group_unit=reader.group_unit,
+        label_policy=reader.label_policy,
     )
 
 
@@ -67,6 +71,13 @@ def views_and_warmup(
     n_train = len(reader.rows("train")) if n_train is None else n_train
     batch_starts(n_train, batch_size, drop_last)  # a train split smaller than one batch fails here, before any write
     return with_views, fit_warmup(paper_warmup(reader.dataset), epochs, n_train, batch_size, drop_last)
+
+
+def label_settings(reader: CacheReader) -> dict:
+    """What a result's settings say about its labels: the policy, for a dataset that has one (CheXpert's uncertain
+    observations); nothing otherwise, so other datasets' folders keep their names."""
+    policy = reader.label_policy
+    return {} if policy is None else {"uncertain": policy["uncertain"]}
 
 
 def is_paper_feature(reader: CacheReader, layers: list[int], pools: list[str]) -> bool:

@@ -14,7 +14,14 @@ from fmcache.dist import pick_device
 from fmcache.errors import FmcacheError
 from fmcache.frozen.cka import compute_cka
 from fmcache.frozen.cka_read import select
-from fmcache.frozen.common import is_paper_feature, protocol_dir, resolve_metric, result_source, views_and_warmup
+from fmcache.frozen.common import (
+    is_paper_feature,
+    label_settings,
+    protocol_dir,
+    resolve_metric,
+    result_source,
+    views_and_warmup,
+)
 from fmcache.frozen.features import FeatureSource, resolve_layers, resolve_pool, standardize, train_stats
 from fmcache.frozen.knn import knn_evaluate, knn_rows
 from fmcache.frozen.linear import train_linear_grid
@@ -50,7 +57,7 @@ def run_knn(spec: KnnSpec, progress: bool = False, log=print) -> dict:
     chosen on val) and ``result.json`` last (``fmcache.results``). With ``--train-fraction``/``--train-per-class``,
     one such folder per (amount, repeat), the bank cut to the subset, then the curve (:func:`finish_label_efficiency`).
     """
-    reader = CacheReader(spec.cache)
+    reader = CacheReader(spec.cache, uncertain=spec.uncertain)
     return over_subsets(reader, spec, "knn", lambda subset: _run_knn(reader, spec, subset, log), log)
 
 
@@ -100,6 +107,7 @@ def _run_knn(reader: CacheReader, spec: KnnSpec, subset: Subset | None, log) -> 
         per_layer[number] = result
         rows += knn_rows(result, layer=number, pool="+".join(pools))
     settings = {
+        **label_settings(reader),
         "ks": [int(k) for k in spec.ks],
         "temperature": float(temperature),
         "layers": layers,
@@ -180,7 +188,7 @@ def run_probe(spec: ProbeSpec, progress: bool = False, log=print) -> dict:
     With ``--train-fraction``/``--train-per-class``, one such folder per (amount, repeat): heads train on the subset
     (its own z-score statistics and warmup), val stays full unless it follows, then the label-efficiency curve.
     """
-    reader = CacheReader(spec.cache)
+    reader = CacheReader(spec.cache, uncertain=spec.uncertain)
     return over_subsets(
         reader, spec, "probe_linear", lambda subset: _run_probe(reader, spec, subset, progress, log), log
     )
@@ -201,6 +209,7 @@ def _run_probe(reader: CacheReader, spec: ProbeSpec, subset: Subset | None, prog
     features = FeatureSource(reader, layers, pools)
     seed_list = list(spec.seeds)
     settings = {
+        **label_settings(reader),
         "head": spec.head,
         "lrs": [float(lr) for lr in lrs],
         "seeds": seed_list,

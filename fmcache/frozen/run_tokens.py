@@ -16,7 +16,7 @@ from fmcache.cache.reader import CacheReader
 from fmcache.choices import PAPER_TOKENS
 from fmcache.dist import pick_device
 from fmcache.files import atomic_write_bytes
-from fmcache.frozen.common import protocol_dir, resolve_metric, result_source, views_and_warmup
+from fmcache.frozen.common import label_settings, protocol_dir, resolve_metric, result_source, views_and_warmup
 from fmcache.frozen.heads import deit_pretrained_state
 from fmcache.frozen.specs import TokenProbeSpec
 from fmcache.frozen.subsets import (
@@ -59,7 +59,7 @@ def _head_source(spec: TokenProbeSpec):
 def run_token_probe(spec: TokenProbeSpec, progress: bool = False, log=print) -> dict:
     """Token heads (``deit`` or ``attentive``) for the LR × seed grid on each requested cached token layer; with
     ``--train-fraction``/``--train-per-class`` one folder per (amount, repeat), then the label-efficiency curve."""
-    reader = CacheReader(spec.cache)
+    reader = CacheReader(spec.cache, uncertain=spec.uncertain)
     answer = over_subsets(
         reader, spec, f"probe_{spec.head}", lambda subset: _run_token_probe(reader, spec, subset, progress, log), log
     )
@@ -89,6 +89,7 @@ def _run_token_probe(reader: CacheReader, spec: TokenProbeSpec, subset: Subset |
     # what names the folder: every setting that changes the numbers (not passes, preload, workers or device, which
     # only change how they are computed; the checkpoint still records those and refuses a resume across them)
     shared = {
+        **label_settings(reader),
         "head": head,
         "lrs": [float(x) for x in lrs],
         "seeds": seed_list,

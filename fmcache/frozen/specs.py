@@ -29,6 +29,7 @@ from fmcache.choices import (
 from fmcache.config import Spec, as_floats, as_ints, as_seeds, as_text
 from fmcache.errors import FmcacheError
 from fmcache.frozen.knn import DEFAULT_KS, DEFAULT_TEMPERATURE
+from fmcache.labels import UNCERTAIN
 
 DEFAULT_LRS = (1e-5, 3e-5, 1e-4, 1e-3)
 VIEWS = (None, "auto", *VIEW_MODES)
@@ -58,7 +59,17 @@ class CacheSpec(Spec):
 
 
 @dataclass(frozen=True)
-class SubsetSpec(CacheSpec):
+class LabelledSpec(CacheSpec):
+    """A protocol that reads the cache's labels, under a label policy (CheXpert's uncertain observations: the cache
+    keeps the raw annotations, so one cache serves every policy; None: the seed's U-Zeros)."""
+
+    uncertain: str | None = None
+
+    CHOICES: ClassVar[dict[str, tuple]] = {"uncertain": (None, *UNCERTAIN)}
+
+
+@dataclass(frozen=True)
+class SubsetSpec(LabelledSpec):
     """The label-efficiency options (``--train-fraction``/``--train-per-class``; :mod:`fmcache.frozen.subsets`)."""
 
     train_fraction: tuple[float, ...] | None = None  # one run per fraction × repeat
@@ -137,7 +148,12 @@ class HeadGridSpec(SubsetSpec):
     best_epoch: str = "seed"  # fmcache.choices.BEST_EPOCH_RULES
 
     INTS: ClassVar[dict[str, int]] = {"epochs": 1, "batch_size": 1, "subset_repeats": 1}
-    CHOICES: ClassVar[dict[str, tuple]] = {"schedule": SCHEDULES, "views": VIEWS, "best_epoch": tuple(BEST_EPOCH_RULES)}
+    CHOICES: ClassVar[dict[str, tuple]] = {
+        **LabelledSpec.CHOICES,
+        "schedule": SCHEDULES,
+        "views": VIEWS,
+        "best_epoch": tuple(BEST_EPOCH_RULES),
+    }
 
     def check(self) -> None:
         lrs = as_floats("lrs", self.lrs, example="1e-5,1e-4")

@@ -265,9 +265,13 @@ def subset_source(source: ResultSource, subset: Subset | None) -> ResultSource:
     rows = rows_of(subset, "val")
     if rows is None or "val" not in source.ids:
         return source
-    ids, labels = dict(source.ids), dict(source.labels)
+    ids, labels, groups, meta = dict(source.ids), dict(source.labels), dict(source.groups), dict(source.meta)
     ids["val"], labels["val"] = ids["val"][rows], labels["val"][rows]
-    return dataclasses.replace(source, ids=ids, labels=labels)
+    if "val" in groups:
+        groups["val"] = groups["val"][rows]
+    if "val" in meta:
+        meta["val"] = {name: column[rows] for name, column in meta["val"].items()}
+    return dataclasses.replace(source, ids=ids, labels=labels, groups=groups, meta=meta)
 
 
 def write_subset(folder: Path, reader: CacheReader, subset: Subset | None) -> dict:

@@ -20,7 +20,7 @@ from fmcache.grid.jobs import Job
 from fmcache.grid.lock import LEDGER, JobLock
 from fmcache.protocols import get_protocol
 from fmcache.results import RESULT_JSON, incomplete, is_complete
-from fmcache.runners import make_spec, run
+from fmcache.runners import make_spec, run, spec_class
 
 # exit codes of ``python -m fmcache.grid.main JOB.json`` (the --jobs N subprocess) besides 0 (ran) and 2 (failed)
 EXIT_BUSY = 3  # the job runs in another grid now
@@ -93,6 +93,11 @@ def spec_of(job: Job, cache: Path = PLANNED_CACHE, cache_b: Path | None = None):
         return make_spec(job.kind, **_source(job.dataset, job.model), out=Path(job.results), **options)
     if cache_b is not None:
         options["cache_b"] = cache_b
+    # the dataset's label policy applies in stage two (the cache keeps the raw annotations): a protocol that reads
+    # labels takes it unless the job names its own
+    fields = {f.name for f in dataclasses.fields(spec_class(job.kind))}
+    if "uncertain" in fields and job.dataset.get("uncertain") is not None:
+        options.setdefault("uncertain", job.dataset["uncertain"])
     return make_spec(job.kind, cache=cache, out=Path(job.results), **options)
 
 
