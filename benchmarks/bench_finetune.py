@@ -9,10 +9,14 @@
 (c) ``--method lora`` vs ``--method full`` (issue 21): step time, peak memory, trainable parameters and checkpoint
     size, each method in its own process (so the peak is its own: ``max_memory_allocated`` on GPU, the process's peak
     RSS on CPU, printed with its rise over the built model), both with ``--freeze none`` and a linear head.
+(p9) one epoch of fmcache's loop fed from a pixel cache with the augmentation on the device (``--pixels on
+    --augment device``: uint8 crops read by the loader, ``DeviceAugment`` per step) vs the bare timm loop on the
+    same preloaded tensors (no data path, no augmentation: the limit), and where the difference goes: the loop's
+    own cost (fmcache on the preloaded tensors), reading the crops and the augmentation (timed alone over an epoch).
 
 Both sides read preloaded tensors (no image decoding), so the ratios measure the model work; the one-time cost of
 extracting the layer-K tokens is printed beside (b). Usage: ``python benchmarks/bench_finetune.py [--depth 8]
-[--only a|b|lora] [--rank 8]``.
+[--only a|b|lora|p9] [--rank 8]``.
 """
 
 from __future__ import annotations
@@ -98,7 +102,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--only", choices=("a", "b", "lora"), default=None, help="One section (default: all).")
+    parser.add_argument("--only", choices=("a", "b", "lora", "p9"), default=None, help="One section (default: all).")
     parser.add_argument("--rank", type=int, default=8, help="(c): LoRA rank.")
     parser.add_argument("--worker", choices=("full", "lora"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -125,6 +129,9 @@ def main() -> None:
     if args.only == "b":
         _section_b(args, spec, model, x, y, dev)
         return
+    if args.only == "p9":
+        _section_p9(args, spec, model, x, y, dev)
+        return
     bare = _bare_epoch_s(spec, args.size, x, y, args.epochs, args.batch, classes, dev)
     ours = _fmcache_epoch_s(model("none"), _data(x, y), args.epochs, args.batch, False, dev)
     print(
@@ -147,6 +154,61 @@ def _section_b(args, spec: FinetuneSpec, model, x: torch.Tensor, y: torch.Tensor
     cached = _fmcache_epoch_s(m, _data(tokens, y), args.epochs, args.batch, True, dev)
     print(f"(b) --freeze {k} per epoch, online / from cache: {online / cached:.2f}x faster from cache "
           f"({online:.2f} s vs {cached:.2f} s; extracting layer-{k} tokens once: {extract_s:.2f} s)")  # fmt: skip
+
+
+def _section_p9(args, spec: FinetuneSpec, model, x: torch.Tensor, y: torch.Tensor, dev: torch.device) -> None:
+    """(p9): an epoch from a pixel cache with device augmentation vs the bare loop on preloaded tensors."""
+    import numpy as np
+    from PIL import Image
+
+    from fmcache.cache.pixels import PixelReader
+    from fmcache.data import load_dataset
+    from fmcache.data.pixels import CropDataset
+    from fmcache.extract.pixel_spec import PixelSpec
+    from fmcache.extract.pixels import write_pixels
+    from fmcache.finetune.loop import augment_seed
+    from fmcache.finetune.pixels import DeviceBatches
+
+    classes = int(y.max()) + 1
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "images"
+        rng = np.random.default_rng(0)
+        for i in range(args.n):  # the images' content does not matter: the crops are read, not decoded
+            folder = root / f"c{int(y[i])}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, (args.size + 16, args.size + 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:04d}.png")
+        folder = write_pixels(PixelSpec(dataset="imagefolder", data_root=root, img_size=args.size,
+                                        cache_root=Path(tmp) / "cache", workers=0), progress=False, log=lambda m: None)  # fmt: skip
+        index = load_dataset("imagefolder", root)
+        reader = PixelReader(folder)
+        crops = CropDataset(index, np.arange(len(index)), reader)
+        labelled = Labelled(crops, index.labels)
+        data = {"train": labelled, "val": Labelled(CropDataset(index, np.arange(16), reader), index.labels),
+                "test": Labelled(CropDataset(index, np.arange(16), reader), index.labels)}  # fmt: skip
+        batches = DeviceBatches(args.size, (0.5,) * 3, (0.25,) * 3, "repeat")
+        with tempfile.TemporaryDirectory() as out:
+            result = Trainer(model("none"), data, _settings(args.epochs, args.batch, False), Path(out),
+                             Dist(0, 1, dev), resume=False, log=lambda m: None, batches=batches).run()  # fmt: skip
+        pixels_s = result["timings"]["train_s_per_epoch_min"]
+        # the data path alone over one epoch: read + collate, then the augmentation on the device
+        loader = torch.utils.data.DataLoader(labelled, batch_size=args.batch, shuffle=True, drop_last=True)
+        start = time.perf_counter()
+        held = [xb.to(dev) for xb, _ in loader]
+        read_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for i, xb in enumerate(held):
+            batches.train(xb, augment_seed(0, 0, i, 0))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        augment_s = time.perf_counter() - start
+    bare = _bare_epoch_s(spec, args.size, x, y, args.epochs, args.batch, classes, dev)
+    ours = _fmcache_epoch_s(model("none"), _data(x, y), args.epochs, args.batch, False, dev)
+    print(f"(p9) one epoch, fmcache from the pixel cache + device augmentation / bare timm loop on preloaded tensors: "
+          f"{bare / pixels_s:.2f}x ({pixels_s:.2f} s vs {bare:.2f} s); fmcache on the same preloaded tensors "
+          f"{bare / ours:.2f}x ({ours:.2f} s); the data path alone: reading the crops {read_s:.2f} s, the "
+          f"augmentation on {dev.type} {augment_s:.2f} s per epoch ({100 * (read_s + augment_s) / pixels_s:.0f}% "
+          f"of the pixel epoch)")  # fmt: skip
 
 
 def _method_worker(args) -> dict:

@@ -6,6 +6,7 @@
 #   CKA on CUDA vs on the CPU                                                     (goal: max difference <= 1e-6)
 #   DeiT token head and linear grid throughput, tokens in memory, vs bare loops   (reported)
 #   one AMP (bf16) fine-tuning epoch vs a bare timm loop, benchmarks/bench_finetune.py (a)   (goal >= 0.9x)
+#   a ViT-B fine-tune epoch from a pixel cache with device augmentation vs from image files with 8 workers (img/s)
 #   a 1-GPU torchrun extract, and an NCCL all-reduce under torchrun               (goal: runs, same cache)
 #
 # Usage: bash benchmarks/gpu_check.sh        (PYTHON=... picks the interpreter; default .venv/bin/python)
@@ -243,6 +244,55 @@ if [ -n "$ratio" ]; then
 else
   row "AMP fine-tuning epoch / bare timm loop" "exit $FT_RC: $(printf '%s' "$FT" | tail -1 | cut -c1-90)" ">= 0.9x" "ERROR"
 fi
+
+# -- 5b: a ViT-B fine-tune epoch: pixel cache + augmentation on the GPU vs decoding the image files with 8 workers ------
+timeout 240 "$PY" - "$ROWS" "$WORK" "$ON_CPU" <<'PYEOF' || row "fine-tune epoch, pixels + device aug / images" "exit $?" "report" "ERROR"
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fmcache.extract.pixel_spec import PixelSpec
+from fmcache.extract.pixels import write_pixels
+from fmcache.finetune.run import run_finetune
+from fmcache.finetune.spec import FinetuneSpec
+
+rows, work, on_cpu = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
+n, w, h = (48, 96, 72) if on_cpu else (1024, 1024, 768)  # ISIC-like JPEGs: decoding is a real cost
+model, size, over, batch = ("dinov2_vits14", 56, {"depth": 2}, 8) if on_cpu else ("dinov2_vitb14", 224, {}, 64)
+root = work / "ft_images"
+rng = np.random.default_rng(0)
+yy, xx = np.mgrid[0:h, 0:w]
+for i in range(n):
+    folder = root / f"c{i % 4}"
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = ((xx * (i % 5 + 1) + yy) % 256)[..., None] + rng.integers(0, 24, (h, w, 3))
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=90)
+workers = 0 if on_cpu else 8
+write_pixels(PixelSpec(dataset="imagefolder", data_root=root, img_size=size, cache_root=work / "ft_cache",
+                       workers=workers), progress=False, log=lambda m: None)
+rates = {}
+for name, kw in (("images", dict(pixels="off", workers=workers)), ("pixels", dict(pixels="on", augment="device"))):
+    spec = FinetuneSpec(dataset="imagefolder", data_root=root, model=model, random_init=True, img_size=size,
+                        arch_overrides=over, lrs=(1e-4,), epochs=2, batch_size=batch, norm="model",
+                        cache_root=work / "ft_cache", out=work / f"ft_runs_{name}", device="cpu" if on_cpu else None,
+                        **kw)
+    result = run_finetune(spec, progress=False, log=lambda m: None)
+    doc = json.loads((Path(result["folder"]) / "result.json").read_text())
+    runs = Path(result["runs_folder"])
+    run = json.loads(next(runs.glob("lr*/run.json")).read_text())
+    train = run["steps_per_epoch"] * batch
+    rates[name] = train / run["timings"]["train_s_per_epoch_min"]
+    assert doc["details"]["data_source"].startswith("pixels" if name == "pixels" else "images")
+with rows.open("a") as f:
+    ratio = rates["pixels"] / rates["images"]
+    f.write(f"fine-tune epoch ({model} {size} px): pixel cache + device aug (2 workers) / image files + CPU aug "
+            f"({workers} workers)\t{rates['pixels']:.0f} / {rates['images']:.0f} img/s = {ratio:.2f}x\treport (>= 1x)\t"
+            f"{'ok' if ratio >= 1 else 'LOW'}\n")
+PYEOF
 
 # -- 6: torchrun: a 1-GPU extract, and NCCL itself (one all-reduce) ---------------------------------------------------
 if [ "$ON_CPU" = 1 ]; then EX=(--model dinov2_vits14 --img-size 56 --device cpu); BACKEND=gloo; else EX=(--model dinov2_vitb14 --img-size 224 --device cuda); BACKEND=nccl; fi

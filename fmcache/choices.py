@@ -31,3 +31,7 @@ NORMS = ("dataset", "model")
 COMPRESSIONS = (None, "gzip", "lzf")
 FINGERPRINTS = ("stat", "content")  # path + size + mtime (cheap), or the bytes of every image
 PAPER_TOKENS = "paper"  # the token "layer" holding what the paper's DeiT head reads (``--tokens paper``)
+# pixel caches (fmcache pixels) and fine-tuning's data path
+PIXEL_SOURCES = ("auto", "on", "off")  # read a matching pixel cache: when one exists, always (or refuse), never
+PIXEL_CHANNELS = ("auto", "1", "3")  # auto: one channel for a grayscale dataset (its channels are equal), else three
+AUGMENT_PLACES = ("cpu", "device")  # the random train augmentation: PIL per image in the loader, or on the batch

@@ -337,6 +337,25 @@ def test_gray_batches_repeat_to_three_channels_and_seed_mode_keeps_channel_zero(
     json.dumps(aug.spec())
 
 
+@pytest.mark.parametrize("chunk", [3, 64])  # in runs of rows (the CPU's way) and regrouped by op (one chunk)
+def test_one_channel_path_is_bit_identical_to_repeating_first(chunk):
+    """Gray pixels are cropped and jittered on their one channel: every op, in every order, gives exactly what the
+    three equal channels would (hue leaves them alone), with per-channel normalisation after."""
+    images = _images(9, 40, 52, seed=21)[:, :1]
+    aug = DeviceAugment(32, (0.3, 0.4, 0.5), (0.2, 0.25, 0.3), jitter_p=1.0, chunk=chunk)
+    params = aug.sample(9, 40, 52, 22)
+    one = aug.apply(images, params)
+    three = aug.apply(images.expand(9, 3, 40, 52).contiguous(), params)
+    assert torch.equal(one, three)
+    ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    for op in range(4):
+        x = torch.rand(4, 1, 8, 8)
+        factors = torch.tensor([0.9, 1.1, 0.95, 1.05]) if op != 3 else torch.tensor([0.05, -0.1, 0.0, 0.1])
+        assert torch.equal(
+            ops[op](x.clone(), factors).expand(4, 3, 8, 8), ops[op](x.expand(4, 3, 8, 8).clone(), factors)
+        )
+
+
 def test_an_empty_batch_gives_an_empty_batch():
     assert DeviceAugment(16)(torch.zeros(0, 3, 20, 20, dtype=torch.uint8), 0).shape == (0, 3, 16, 16)
 

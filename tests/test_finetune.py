@@ -153,7 +153,7 @@ def _final(out: Path) -> dict:
 def test_kill_9_then_rerun_ends_with_the_same_numbers(aptos_root, tmp_path):
     cfg = _config(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    args = ["--freeze", "1", "--epochs", "4"]
+    args = ["--freeze", "1", "--epochs", "4", "--checkpoint-every", "0"]  # last.pt after every epoch
 
     def cmd(out: Path) -> list[str]:
         return [sys.executable, "-m", "fmcache", *_cli(aptos_root, out, cfg, *args)]
@@ -175,6 +175,75 @@ def test_kill_9_then_rerun_ends_with_the_same_numbers(aptos_root, tmp_path):
     other = subprocess.run([*cmd(tmp_path / "b"), "--clip", "0.5"], env=env, capture_output=True,
                            text=True, cwd=ROOT)  # fmt: skip
     assert other.returncode == 2 and "other settings (clip" in other.stderr
+
+
+@pytest.mark.slow
+def test_long_checkpoint_interval_kill_9_and_sigterm_end_with_the_same_numbers(aptos_root, tmp_path):
+    """--checkpoint-every 100000: last.pt only at the end or on SIGTERM. A kill -9 after a few epochs leaves no
+    checkpoint, so the rerun starts over; a SIGTERM ends the epoch in flight, writes last.pt and exits 143, and the
+    rerun resumes from it. Both end with the uninterrupted run's numbers."""
+    cfg = _config(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    args = ["--freeze", "1", "--epochs", "8", "--checkpoint-every", "100000"]
+
+    def cmd(out: Path) -> list[str]:
+        return [sys.executable, "-m", "fmcache", *_cli(aptos_root, out, cfg, *args)]
+
+    def start_and_wait(out: Path) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd(out), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)  # fmt: skip
+        deadline = time.time() + 120
+        while not list(out.glob("*/*/*/*/best_predictions.npz")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)  # the first epoch's val improved: an epoch is done, none was checkpointed
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        return proc
+
+    subprocess.run(cmd(tmp_path / "a"), env=env, check=True, capture_output=True, cwd=ROOT)
+    killed = start_and_wait(tmp_path / "b")
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not list((tmp_path / "b").glob("*/*/*/*/last.pt"))  # no checkpoint yet: the rerun starts over
+    rerun = subprocess.run(cmd(tmp_path / "b"), env=env, capture_output=True, text=True, cwd=ROOT)
+    assert rerun.returncode == 0 and "resumed" not in rerun.stderr, rerun.stderr
+    assert _final(tmp_path / "a") == _final(tmp_path / "b")
+
+    stopped = start_and_wait(tmp_path / "c")
+    stopped.send_signal(signal.SIGTERM)
+    _, stderr = stopped.communicate(timeout=120)
+    assert stopped.returncode == 143 and "SIGTERM" in stderr and "rerun the same command" in stderr, stderr
+    ckpt = torch.load(next((tmp_path / "c").glob("*/*/*/*/last.pt")), weights_only=False)["state"]
+    assert 1 <= ckpt["loop"]["epoch"] < 8 and not list((tmp_path / "c").glob("*/*/*/*/" + RESULT))
+    resumed = subprocess.run(cmd(tmp_path / "c"), env=env, capture_output=True, text=True, cwd=ROOT)
+    assert resumed.returncode == 0 and f"after epoch {ckpt['loop']['epoch']} of 8" in resumed.stderr, resumed.stderr
+    assert _final(tmp_path / "a") == _final(tmp_path / "c")
+
+
+def test_checkpoint_cadence_every_epoch_or_at_the_end(aptos_root, tmp_path, monkeypatch):
+    """checkpoint_every 0 writes last.pt after every epoch (as before); a long interval only after the last one;
+    neither changes the run's settings hash (a resume across the two is allowed)."""
+    import fmcache.finetune.loop as loop
+    from fmcache.dist import Dist
+
+    writes: list[int] = []
+    real = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", lambda path, state, doc: (writes.append(state["loop"]["epoch"]),
+                                                                           real(path, state, doc)))  # fmt: skip
+    spec = _spec(aptos_root, tmp_path / "runs", freeze="1", epochs=3, limit=8)
+    data = online_data(spec)
+    hashes = []
+    for every, want in ((0.0, [1, 2, 3]), (1e6, [3])):
+        writes.clear()
+        model, _ = build_model(spec, TINY_SIZE, len(data.class_names), 0)
+        settings = RunSettings(lr=1e-3, seed=0, epochs=3, batch_size=4, accum=1, clip=1.0, amp="off",
+                               schedule="constant", warmup={"warmup_iters": 0}, weight_decay=1e-5, layer_decay=1.0,
+                               metric=data.metric, multilabel=False, export=False, checkpoint_every=every)  # fmt: skip
+        trainer = Trainer(model, data.splits, settings, tmp_path / f"run{every}", Dist(0, 1, torch.device("cpu")),
+                          log=lambda m: None)  # fmt: skip
+        with one_thread():
+            trainer.run()
+        assert writes == want
+        hashes.append(trainer.settings_hash)
+    assert hashes[0] == hashes[1]
 
 
 @pytest.mark.slow

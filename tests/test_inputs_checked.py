@@ -396,7 +396,7 @@ def test_lora_is_priced_with_its_adapters_not_the_whole_foundation(options, adap
     foundation (merged, fp32) with the adapters and the head."""
     estimator = _estimator()
     shape = estimator.counts.model(TINY_VIT)
-    base = {"epochs": 4, "lrs": [1e-3, 1e-4], "seeds": 1, "workers": 0}
+    base = {"epochs": 4, "lrs": [1e-3, 1e-4], "seeds": 1, "workers": 0, "checkpoint_every": 0}  # last.pt every epoch
     lora = estimator.job(_job("finetune_linear", **base, method="lora", **options)).ours
     full = estimator.job(_job("finetune_linear", **base, **{k: v for k, v in options.items() if "lora" not in k})).ours
     trained = adapters + shape.pooled_dim * DATA.classes

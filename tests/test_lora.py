@@ -258,7 +258,8 @@ def test_stage_models_say_lora_does_not_apply(aptos_root, tmp_path):
 def test_lora_kill_9_then_rerun_ends_with_the_same_numbers(aptos_root, tmp_path):
     cfg = _config(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    args = ["--freeze", "1", "--epochs", "4", "--method", "lora", "--lora-rank", "4", "--lora-dropout", "0.1"]
+    args = ["--freeze", "1", "--epochs", "4", "--method", "lora", "--lora-rank", "4", "--lora-dropout", "0.1",
+            "--checkpoint-every", "0"]  # fmt: skip
 
     def cmd(out: Path) -> list[str]:
         return [sys.executable, "-m", "fmcache", *_cli(aptos_root, out, cfg, *args)]

@@ -8,7 +8,7 @@ from rich.markup import escape
 
 from fmcache.cache.manifest import MANIFEST, read_manifest
 from fmcache.cache.messages import repair_hint
-from fmcache.cache.verify import load_manifest, quick_problems
+from fmcache.cache.verify import is_pixel_manifest, load_manifest, quick_problems
 from fmcache.cache.views import views_datasets, views_k, views_nbytes
 from fmcache.errors import FmcacheError
 
@@ -58,6 +58,8 @@ def format_info(folder: str | Path) -> str:
     folder = Path(folder)
     manifest = load_manifest(folder)
     problems = quick_problems(folder, manifest)  # one stat per shard
+    if is_pixel_manifest(manifest):
+        return _pixel_info(folder, manifest, problems)
     model, data, inputs = manifest["model"], manifest["dataset"], manifest["inputs"]
     images = sum(s["n"] for s in manifest["shards"])
     size = _size(folder)
@@ -86,6 +88,31 @@ def format_info(folder: str | Path) -> str:
     return "\n".join(lines)
 
 
+def _pixel_info(folder: Path, manifest: dict, problems: list[tuple[str, str]]) -> str:
+    """``fmcache info`` of a pixel cache (``fmcache pixels``): the crops it holds and what they feed."""
+    p, data, prefix = manifest["pixels"], manifest["dataset"], manifest["inputs"]["prefix"]
+    images = sum(s["n"] for s in manifest["shards"])
+    size = _size(folder)
+    timings = manifest.get("timings", {})
+    lines = [
+        f"[bold]pixel cache[/] {escape(str(folder))}",
+        f"  status     {_status_text(manifest, problems)}, key {manifest['key'][:12]}",
+        *(
+            [f"  repair     {escape(repair_hint(folder).replace('fmcache extract', 'fmcache pixels'))}"]
+            if problems
+            else []
+        ),
+        f"  crops      {p['height']}x{p['width']}, {p['channels']} channel(s), uint8 {p['layout']}: resize "
+        f"{prefix['resize']}, center crop {prefix['crop']}, {prefix['interpolation']} (antialias {prefix['antialias']})",
+        f"  dataset    {data['name']} at {escape(str(data['root']))}, {data['n']} images"
+        + (f" (the first {data['limit']} of each split)" if data.get("limit") else ""),
+        f"  storage    {images} images, {human_bytes(size)} ({human_bytes(size / max(images, 1))}/image)",
+        f"  time       {timings.get('extract_seconds')} s, {timings.get('s_per_img')} s/image",
+        "  feeds      fmcache finetune (--pixels auto|on) and extract --views at this crop size",
+    ]
+    return "\n".join(lines)
+
+
 def list_caches(cache_root: str | Path) -> list[dict]:
     root = Path(cache_root)
     if not root.is_dir():
@@ -97,12 +124,14 @@ def list_caches(cache_root: str | Path) -> list[dict]:
             manifest = read_manifest(folder) or {}
         except FmcacheError:  # one unreadable manifest must not hide every other cache
             manifest = {"status": "damaged"}
+        pixels = manifest.get("pixels") if is_pixel_manifest(manifest) else None
+        model = f"pixels {pixels['height']}px x{pixels['channels']}" if pixels else None
         rows.append(
             {
                 "path": str(folder),
                 "dataset": manifest.get("dataset", {}).get("name", "?"),
-                "model": manifest.get("model", {}).get("name", "?"),
-                "weights": manifest.get("weights", {}).get("source", "?"),
+                "model": model or manifest.get("model", {}).get("name", "?"),
+                "weights": "-" if pixels else manifest.get("weights", {}).get("source", "?"),
                 "images": sum(s["n"] for s in manifest.get("shards", [])),
                 "status": "damaged" if quick_problems(folder, manifest) else manifest.get("status", "?"),
                 "size": human_bytes(_size(folder)),

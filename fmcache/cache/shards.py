@@ -20,6 +20,7 @@ Chunk layout (every dataset has a fletcher32 checksum per chunk; the reader assu
   sequential read is about as fast with any of them (0.9-1 GB/s cold, 2-2.8 GB/s warm). Through a DataLoader,
   stacking single items costs more than reading them; ``TokenDataset.batch`` (an index list) reads a batch into
   one array: ViT-L 1,240 samples/s warm, 691/s cold, vs 586/s and 390/s item by item (``bench_scale.py``).
+- ``pixels`` (a pixel cache, :mod:`fmcache.cache.pixels`): one sample per chunk, as token maps, for the same reason.
 - everything else: up to 256 rows per chunk (K times fewer for a sample's K views).
 """
 
@@ -40,6 +41,7 @@ from fmcache.choices import PAPER_TOKENS
 from fmcache.files import disk_error, sha256_file
 
 SHARD_RE = re.compile(r"^shard-(\d{5})\.h5$")
+PIXELS = "pixels"  # a pixel cache's (n, H, W, C) uint8 crops (fmcache.cache.pixels)
 
 
 def token_dataset(layer: int | str) -> str:
@@ -102,6 +104,8 @@ def chunk_shape(name: str, sample_shape: tuple[int, ...], itemsize: int, planned
     """The chunk of a shard dataset (module doc): one sample (one view) of a token map, one layer of a pooled
     stack, and a few hundred rows of anything else."""
     planned = max(planned, 1)
+    if name == PIXELS:  # a pixel cache's crops: one sample per chunk, read one by one in a shuffled order
+        return (1, *sample_shape)
     if "tokens/" in name and len(sample_shape) >= 2:
         return (1, *[1] * (len(sample_shape) - 2), *sample_shape[-2:])
     if per_layer(name, sample_shape):

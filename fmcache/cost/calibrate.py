@@ -10,13 +10,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from fmcache import metrics
+from fmcache.cache.shards import PIXELS, ShardWriter
 from fmcache.cost.rates import Log, calibration_path, device_name, fmcache_version, read_json, write_json
+from fmcache.data.device_augment import DeviceAugment
 from fmcache.data.transforms import build_transform, train_augmentation
 from fmcache.dist import pick_device, synchronize
 from fmcache.errors import FmcacheError
@@ -231,7 +234,8 @@ def probe_linear_grid(bench: Bench, quick: bool) -> Rates:
 
 
 def probe_data_path(bench: Bench) -> Rates:
-    """Decode + resize + crop of a PNG at two sizes (per image and per stored megapixel), the train augmentation."""
+    """Decode + resize + crop of a PNG at two sizes (per image and per stored megapixel), the train augmentation, a
+    pixel cache's read of one crop (one-sample HDF5 chunks, shuffled) and the augmentation on the device."""
     rng = np.random.default_rng(0)
     big_px = bench.sizes.big_px
     transform, _ = build_transform(224)
@@ -248,6 +252,10 @@ def probe_data_path(bench: Bench) -> Rates:
         bench.probes[f"decode_{px}"] = load
     image = Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8))
     bench.probes["augment"] = lambda: augment(image)
+    reads, batch = _pixel_probe(bench, rng)
+    crops = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device=bench.dev)
+    device_augment = DeviceAugment(224)
+    bench.probes["device_augment"] = lambda: device_augment(crops, 0)
 
     def rates(t: dict[str, float]) -> dict:
         per_mpx = max((t[f"decode_{big_px}"] - t["decode_64"]) / ((big_px**2 - 64**2) / 1e6), 0.0)
@@ -255,9 +263,25 @@ def probe_data_path(bench: Bench) -> Rates:
             "decode_s_per_mpx": per_mpx,
             "decode_s": max(t["decode_64"] - per_mpx * 64**2 / 1e6, 1e-5),
             "augment_s": t["augment"],
+            "pixel_read_s": t["pixel_read"] / reads,
+            "device_augment_s": t["device_augment"] / batch,
         }
 
     return rates
+
+
+def _pixel_probe(bench: Bench, rng: np.random.Generator) -> tuple[int, int]:
+    """A pixel cache shard of 256 crops (224 x 224 x 3, one per chunk, checksummed, as ``fmcache pixels`` writes
+    them) and a probe reading 32 of them in a shuffled order; returns (reads per probe, the device batch)."""
+    writer = ShardWriter(bench.folder, 0, 256, {"key": "calibrate", "shard": 0}, None)
+    for start in range(0, 256, 64):
+        part = np.arange(start, start + 64)
+        writer.append({"ids": part, PIXELS: rng.integers(0, 256, (64, 224, 224, 3), dtype=np.uint8)})
+    path = bench.folder / writer.commit({})["file"]
+    pixels = h5py.File(path, "r", rdcc_nbytes=0)[PIXELS]
+    order = rng.permutation(256)[:32].tolist()
+    bench.probes["pixel_read"] = lambda: [pixels[i] for i in order]
+    return len(order), 64 if bench.gpu else 16
 
 
 def probe_disk_and_jobs(bench: Bench) -> Rates:
@@ -319,7 +343,9 @@ def _report(entry: dict, z: Sizes, log: Log) -> None:
     )
     log(
         f"data path: {entry['decode_s'] * 1e3:.2f} ms per image at 224 px + {entry['decode_s_per_mpx'] * 1e3:.1f} ms "
-        f"per stored megapixel, {entry['augment_s'] * 1e3:.2f} ms for the train augmentation; disk "
+        f"per stored megapixel, {entry['augment_s'] * 1e3:.2f} ms for the train augmentation, "
+        f"{entry['pixel_read_s'] * 1e3:.3f} ms per pixel-cache crop read, {entry['device_augment_s'] * 1e3:.3f} ms "
+        f"per image augmented on the device; disk "
         f"{entry['io_bytes_s'] / 1e6:.0f} MB/s; a job's fixed cost {entry['job_s']:.2f} s"
     )
 

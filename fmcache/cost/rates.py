@@ -13,7 +13,7 @@ import math
 import os
 import platform
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
 from fmcache import __version__
@@ -83,6 +83,12 @@ class Rates:
     job_s: float  # fixed cost of one job (result files, plots)
     overlap: bool = True  # data loading overlaps compute (GPU); on a CPU the workers share its cores
     source: str = ""
+    # a pixel cache (fmcache pixels): one cached 224 x 224 x 3 crop read and collated by a loader worker (HDF5 chunk
+    # and its checksum; scales with the crop's bytes), and the seed's augmentation of one 224 px image drawn on the
+    # batch on the device (DeviceAugment; scales with the output's pixels). Defaults, so a calibration written before
+    # they existed still reads: this CPU's measurement (bench_pixels.py) and an assumed GPU figure.
+    pixel_read_s: float = 1.2e-4
+    device_augment_s: float = 3.0e-5
 
     def describe(self) -> str:
         return f"{self.label} ({self.source})" if self.source else self.label
@@ -111,6 +117,10 @@ HOST = {
     "step_s": 1.0e-3,  # kernel launches and Python of one AdamW step with clipping
     "opt_s_per_tensor": 1.0e-6,  # torch's default AdamW on CUDA works on all tensors at once
     "linear_step_s": 1.0e-3,
+    "pixel_read_s": 1.0e-4,  # a warm page cache (the paper's pixel caches fit a server's RAM at 224 px)
+    # the augmentation on the GPU: a few kernels per sample (the crop's resize) and per batch (the colour ops),
+    # assumed 30 us per 224 px image; benchmarks/gpu_check.sh measures the epoch it is part of
+    "device_augment_s": 3.0e-5,
 }
 
 
@@ -167,7 +177,8 @@ def _rates_from(entry: dict, label: str, path: Path) -> Rates:
     """The rates of a calibration entry, every field checked: a number (finite; a throughput > 0, a time >= 0)."""
     names = {f.name for f in fields(Rates)}
     values = {k: v for k, v in entry.items() if k in names and k not in TEXT_FIELDS}
-    missing = sorted(names - set(values) - {*TEXT_FIELDS, "overlap"})
+    optional = {f.name for f in fields(Rates) if f.default is not MISSING}  # later additions keep their default
+    missing = sorted(names - set(values) - {*TEXT_FIELDS} - optional)
     if missing:
         raise FmcacheError(f"{path}: calibration '{label}' lacks {', '.join(missing)}; run `fmcache calibrate` again")
     for name, value in values.items():

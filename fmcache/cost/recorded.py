@@ -14,6 +14,7 @@ from fmcache.errors import FmcacheError
 from fmcache.results import find_results
 
 EXTRACT = "extract"  # the grid's stage-one job kind, as caches record their extraction time
+PIXELS = "pixels"  # the grid's pixel-cache job kind, as pixel caches' manifests say their kind
 
 
 def recorded_seconds(results: Path, cache_root: Path) -> dict[tuple[str, str], list[float]]:
@@ -32,7 +33,11 @@ def recorded_seconds(results: Path, cache_root: Path) -> dict[tuple[str, str], l
                 continue
             shard_seconds = [s.get("seconds") for s in doc.get("shards") or [] if s.get("seconds") is not None]
             if doc.get("status") == "complete" and shard_seconds:
-                seconds.setdefault((EXTRACT, doc.get("model", {}).get("name", "?")), []).append(sum(shard_seconds))
+                # a pixel cache (fmcache pixels) is the grid's "pixels" job, its model the crops' size
+                kind, name = (
+                    (PIXELS, PIXELS) if doc.get("kind") == PIXELS else (EXTRACT, doc.get("model", {}).get("name", "?"))
+                )
+                seconds.setdefault((kind, name), []).append(sum(shard_seconds))
     return seconds
 
 

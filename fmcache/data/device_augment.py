@@ -158,10 +158,13 @@ class DeviceAugment:
         """Apply fixed ``params`` (from :meth:`sample` or built by hand) to uint8 ``images``."""
         _check_images(images)
         _check_params(params, images.shape)
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)  # "repeat": a view, copied once by the crop's float conversion
         n, size, device = images.shape[0], self.img_size, images.device
         out = torch.empty(n, 3, size, size, dtype=torch.float32, device=device)
+        # Grayscale-origin pixels: the crop and the jitter run on the one channel (its three copies would be equal
+        # at every step: brightness, contrast and saturation act alike on equal channels and hue leaves them as they
+        # are), then it is repeated for the per-channel normalisation. Bit-identical to repeating first, a third of
+        # the work (the jitter is most of the augmentation's cost).
+        work = torch.empty(n, 1, size, size, dtype=torch.float32, device=device) if images.shape[1] == 1 else out
         # The per-sample bookkeeping runs on Python lists: one host copy here instead of many tiny tensor ops.
         boxes = list(zip(*(v.tolist() for v in (params.top, params.left, params.height, params.width)), strict=True))
         flips = list(zip(params.vflip.tolist(), params.hflip.tolist(), strict=True))
@@ -174,10 +177,12 @@ class DeviceAugment:
         )
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            part = out[rows]
+            part = work[rows]
             crop_flip_resize(images[rows], boxes[rows], flips[rows], out=part)
             color_jitter(part, orders[rows], factors[rows], self._enabled, regroup=not on_cpu)
-            part.sub_(mean).div_(std)  # torchvision's Normalize: subtract, then divide
+            if work is not out:
+                out[rows] = part  # broadcast over the three channels
+            out[rows].sub_(mean).div_(std)  # torchvision's Normalize: subtract, then divide
         if self.gray == "seed":
             out[:, 1:] = 0
         return out
@@ -257,7 +262,7 @@ def crop_flip_resize(
     flips: Sequence[tuple[bool, bool]],
     out: torch.Tensor,
 ) -> torch.Tensor:
-    """Crop, flip and resize each of ``images`` (uint8, (n, 3, H, W)) into ``out`` (float32 (n, 3, S, S) in [0, 1]).
+    """Crop, flip and resize each of ``images`` (uint8, (n, C, H, W)) into ``out`` (float32 (n, C, S, S) in [0, 1]).
 
     ``boxes`` are (top, left, height, width) and ``flips`` (vertical, horizontal) per sample. Equals torchvision's
     ``resized_crop(image / 255, ..., bilinear, antialias=True)`` followed by the flips. One ``interpolate`` per
@@ -361,7 +366,10 @@ def _per_sample(values: torch.Tensor) -> torch.Tensor:
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """torchvision's float ``rgb_to_grayscale`` of (N, 3, H, W): (N, 1, H, W), 0.2989 R + 0.587 G + 0.114 B."""
+    """torchvision's float ``rgb_to_grayscale`` of (N, 3, H, W): (N, 1, H, W), 0.2989 R + 0.587 G + 0.114 B. A
+    one-channel (N, 1, H, W) batch stands for its three equal channels: the same products and sums, bit for bit."""
+    if x.shape[1] == 1:
+        return (x * _LUMA[0]).add_(x, alpha=_LUMA[1]).add_(x, alpha=_LUMA[2])
     return (x[:, 0:1] * _LUMA[0]).add_(x[:, 1:2], alpha=_LUMA[1]).add_(x[:, 2:3], alpha=_LUMA[2])
 
 
@@ -391,6 +399,8 @@ def adjust_hue(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     B, which gives torchvision's v/p/q/t selection. Branches are 0/1 masks that multiply (exact for 0 and 1), as
     ``torch.where`` and ``remainder`` run several times slower than arithmetic on the CPU.
     """
+    if x.shape[1] == 1:  # three equal channels: range 0, so every pixel keeps its value (exactly, as below)
+        return x
     r, g, b = x[:, 0], x[:, 1], x[:, 2]
     maxc = torch.maximum(r, g)
     torch.maximum(maxc, b, out=maxc)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from fmcache.data.images import load_image
 from fmcache.data.index import DatasetIndex
+from fmcache.data.pixels import CropSource, crop_image
 from fmcache.data.torch_dataset import ImageDataset
 from fmcache.data.transforms import draw_view, view_seed
 
@@ -21,7 +22,9 @@ class ViewsImageDataset(ImageDataset):
 
     The image is decoded once for its center crop and its K views. View v of sample i comes from
     :func:`~fmcache.data.transforms.view_seed` (i, v, ``seed``), so it does not depend on batching, worker, rank or
-    resume.
+    resume. With ``source`` (a pixel cache, :mod:`fmcache.data.pixels`) nothing is decoded: the stored crop enters
+    ``transform`` and ``augment``, which are then the steps after the resize and center crop; the same seed gives
+    the same views.
     """
 
     def __init__(
@@ -32,13 +35,17 @@ class ViewsImageDataset(ImageDataset):
         augment: Callable[[Image.Image], torch.Tensor],
         k: int,
         seed: int,
+        source: CropSource | None = None,
     ) -> None:
         super().__init__(index, indices, transform)
-        self.augment, self.k, self.seed = augment, k, seed
+        self.augment, self.k, self.seed, self.source = augment, k, seed, source
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor | None]:
         global_index = int(self.indices[i])
-        image = load_image(self.index.paths[global_index])
+        if self.source is not None:
+            image = crop_image(self.source.read(global_index))
+        else:
+            image = load_image(self.index.paths[global_index])
         views = None
         if self.k and int(self.index.split[global_index]) == TRAIN:
             views = torch.stack(

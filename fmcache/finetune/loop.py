@@ -6,9 +6,15 @@ code the frozen heads use. What is specific here:
 - data order and augmentation are seeded per (seed, epoch): the sampler by ``set_epoch``, the augmentation RNG
   (main process and DataLoader workers) by a generator reseeded each epoch, so an epoch's batches do not depend on
   how the run got there, and a resumed run draws exactly what an uninterrupted one would;
-- after every epoch the ``last`` checkpoint is written atomically (``fmcache.training.save_checkpoint``, shared with the token heads); on a val improvement the
-  test split is scored and the foundation is exported as ``foundation.safetensors`` (its own key layout, which
-  ``fmcache extract --weights`` loads), so the export is always the best epoch's, also after a kill;
+- the ``last`` checkpoint is written atomically (``fmcache.training.save_checkpoint``, shared with the token heads)
+  after an epoch when ``checkpoint_every`` seconds have passed since the last one (0: after every epoch), after the
+  last epoch, and on SIGTERM (the epoch in flight ends, the checkpoint is written, the process exits 143); a run
+  resumed from an older checkpoint replays the epochs since, which draw exactly what they drew, so it ends with the
+  same numbers; on a val improvement the test split is scored and the foundation is exported as
+  ``foundation.safetensors`` (its own key layout, which ``fmcache extract --weights`` loads), so the export is
+  always the best epoch's, also after a kill;
+- with ``batches`` (``--augment device``, :class:`fmcache.finetune.pixels.DeviceBatches`) the loader yields uint8
+  crops and the augmentation runs on the device, seeded by (seed, epoch, step, rank) alone (:func:`augment_seed`);
 - under torchrun each process takes its DistributedSampler share; val/test predictions are gathered so every rank
   sees the same best epoch; only rank 0 writes.
 """
@@ -16,10 +22,12 @@ code the frozen heads use. What is specific here:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import math
 import resource
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,6 +87,7 @@ class RunSettings:
     multilabel: bool
     label_names: list[str] | None = None
     workers: int = 0
+    checkpoint_every: float = 0.0  # seconds between last.pt writes (0: every epoch); changes no number
     drop_last: bool = True  # the seed's train loader drops its last partial batch
     from_cache: bool = False
     export: bool = True
@@ -167,6 +176,48 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + 17) % (2**63)
 
 
+def augment_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """The device augmentation's seed of one batch: a hash of (run seed, epoch, batch, rank) and nothing else, so a
+    resumed or replayed epoch draws exactly what it drew (no generator state to checkpoint)."""
+    digest = hashlib.sha256(f"fmcache-augment:{int(seed)}:{int(epoch)}:{int(step)}:{int(rank)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+# the exit status of a run stopped by SIGTERM after writing its checkpoint (128 + 15, as a shell reports it)
+PREEMPTED_EXIT = 128 + int(signal.SIGTERM)
+
+
+def _ignore_sigterm(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM to the main process, which ends the epoch and writes the checkpoint (a
+    scheduler signals every process of the job)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _Preemption:
+    """While entered, SIGTERM sets a flag instead of killing the process (main thread only; elsewhere a no-op)."""
+
+    def __init__(self) -> None:
+        self.flag, self.previous = False, None
+
+    def __enter__(self) -> _Preemption:
+        with contextlib.suppress(ValueError):  # signal handlers live in the main thread
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def _handle(self, _signum, _frame) -> None:
+        self.flag = True
+
+    def requested(self, dist: Dist) -> bool:
+        """Whether any rank got SIGTERM (every rank stops after the same epoch)."""
+        if dist.world == 1:
+            return self.flag
+        return any(dist.all_gather_object(self.flag))
+
+
 class Trainer:
     """Trains one (lr, seed) run to completion, resuming from ``folder/last.pt`` when allowed."""
 
@@ -181,9 +232,11 @@ class Trainer:
         on_images: Callable[[int], None] = lambda n: None,
         log: Callable[[str], None] = print,
         tensorboard: object | None = None,
+        batches: object | None = None,
     ):
         self.model, self.data, self.s, self.folder, self.dist = model, data, settings, Path(folder), dist
         self.resume, self.on_images, self.log, self.tb = resume, on_images, log, tensorboard
+        self.batches = batches  # --augment device: train(x, seed) and eval(x) on the device (finetune.pixels)
         self.device = dist.device
         self.amp = resolve_amp(settings.amp, self.device)
         # evaluation's precision: the training's (auto) or its own (the seed trains under fp16 AMP and tests in fp32)
@@ -192,7 +245,8 @@ class Trainer:
             if settings.eval_precision == "auto"
             else resolve_amp("off" if settings.eval_precision == "fp32" else settings.eval_precision, self.device)
         )
-        settings_doc = {k: v for k, v in settings.__dict__.items() if k != "workers"}
+        # neither the loader's workers nor the checkpoint cadence changes a number
+        settings_doc = {k: v for k, v in settings.__dict__.items() if k not in ("workers", "checkpoint_every")}
         settings_doc["world_size"] = dist.world  # the effective batch depends on it
         self.settings_doc = json.loads(json.dumps(settings_doc, default=str))
         self.settings_hash = settings_hash(self.settings_doc)
@@ -210,6 +264,7 @@ class Trainer:
             generator=generator,
             pin_memory=self.device.type == "cuda",
             drop_last=self.s.drop_last,
+            worker_init_fn=_ignore_sigterm,
         )
         return loader, sampler
 
@@ -223,14 +278,18 @@ class Trainer:
             shuffle=False,
             num_workers=self.s.workers,
             pin_memory=self.device.type == "cuda",
+            worker_init_fn=_ignore_sigterm,
         )
         self.model.eval()
         outs = []
         start = time.perf_counter()
         with torch.no_grad():
             for x, _ in loader:
+                x = x.to(self.device, non_blocking=True)
+                if self.batches is not None:
+                    x = self.batches.eval(x)
                 with _autocast(self.eval_amp, self.device):
-                    logits = self._forward(self.model, x.to(self.device, non_blocking=True))
+                    logits = self._forward(self.model, x)
                 logits = logits.float()
                 probs = torch.sigmoid(logits) if self.s.multilabel else torch.softmax(logits, dim=-1)
                 outs.append(probs.cpu().numpy())
@@ -311,67 +370,82 @@ class Trainer:
             _load_records(records, state)
             self.eval_seconds, self.eval_images = state["eval_seconds"], state["eval_images"]
             self.log(f"resumed {self.folder.name} after epoch {state['epoch']} of {self.s.epochs}")
-        for epoch in range(state["epoch"], self.s.epochs):
-            start = time.perf_counter()
-            sampler.set_epoch(epoch)
-            generator.manual_seed(_epoch_seed(self.s.seed, epoch))
-            torch.manual_seed(_epoch_seed(self.s.seed, epoch))  # augmentation in the main process (workers=0)
-            model.train()
-            losses = []
-            for i, (x, y) in enumerate(loader):
-                group_start = (i // self.s.accum) * self.s.accum
-                group_size = min(self.s.accum, batches - group_start)
-                boundary = i == group_start + group_size - 1
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                sync = contextlib.nullcontext() if boundary or wrapped is model else wrapped.no_sync()
-                with sync:
-                    with _autocast(self.amp, self.device):
-                        logits = self._forward(wrapped, x)
-                    loss = head_losses(logits.float()[None], y[None], self.s.multilabel)[0] / group_size
-                    scaler.scale(loss).backward()
-                losses.append(float(loss.detach()) * group_size)
-                if boundary:
-                    mult = lr_multiplier(state["step"], total, warmup, self.s.schedule)
-                    for g in optimizer.param_groups:
-                        g["lr"] = self.s.lr * mult * g["lr_scale"]
-                    if self.s.clip > 0:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(trainable, self.s.clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    state["step"] += 1
-                self.on_images(len(x) * self.dist.world)
-            if not all(math.isfinite(v) for v in losses):
-                raise FmcacheError(f"the training loss became non-finite in epoch {epoch + 1}; lower the LR")
-            state["epoch_seconds"].append(time.perf_counter() - start)
-            val = self._evaluate("val")
-            if records.observe(epoch, [float(val["value"])]):
-                # through JSON now, so a resumed run (which reads it back from JSON) reports identical values
-                records.test_metrics[0] = json_roundtrip(self._evaluate("test"))
-                if self.dist.main:
-                    self._export(model)
-                    self._save_best_predictions()
-            state["records"] = records.state()
-            state["epoch"] = epoch + 1
-            state["eval_seconds"], state["eval_images"] = self.eval_seconds, self.eval_images
-            if self.tb is not None and self.dist.main:
-                self.tb.add_scalar(f"{self.folder.name}/train_loss", float(np.mean(losses)), epoch + 1)
-                self.tb.add_scalar(f"{self.folder.name}/val_{self.s.metric}", val["value"], epoch + 1)
-            if self.dist.main:
-                save_checkpoint(
-                    self.folder / LAST,
-                    {
-                        "trainable": {n: p.detach().cpu() for n, p in model.trainable_named_parameters()},
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": {"step": state["step"], "total": total, "warmup": warmup},
-                        "scaler": scaler.state_dict(),
-                        "sampler": {"seed": self.s.seed, "epoch": epoch + 1, "position": 0},
-                        "loop": state,
-                    },
-                    self.settings_doc,
-                )
-            self.dist.barrier()
+        written_at = time.monotonic()  # the run's start, or its resume, counts as a checkpoint
+        with _Preemption() as preemption:  # SIGTERM: end the epoch, write the checkpoint, exit
+            for epoch in range(state["epoch"], self.s.epochs):
+                start = time.perf_counter()
+                sampler.set_epoch(epoch)
+                generator.manual_seed(_epoch_seed(self.s.seed, epoch))
+                torch.manual_seed(_epoch_seed(self.s.seed, epoch))  # augmentation in the main process (workers=0)
+                model.train()
+                losses = []
+                for i, (x, y) in enumerate(loader):
+                    group_start = (i // self.s.accum) * self.s.accum
+                    group_size = min(self.s.accum, batches - group_start)
+                    boundary = i == group_start + group_size - 1
+                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                    if self.batches is not None:
+                        x = self.batches.train(x, augment_seed(self.s.seed, epoch, i, self.dist.rank))
+                    sync = contextlib.nullcontext() if boundary or wrapped is model else wrapped.no_sync()
+                    with sync:
+                        with _autocast(self.amp, self.device):
+                            logits = self._forward(wrapped, x)
+                        loss = head_losses(logits.float()[None], y[None], self.s.multilabel)[0] / group_size
+                        scaler.scale(loss).backward()
+                    # kept on the device: reading the loss each step would make the host wait for the device
+                    losses.append(loss.detach() * group_size)
+                    if boundary:
+                        mult = lr_multiplier(state["step"], total, warmup, self.s.schedule)
+                        for g in optimizer.param_groups:
+                            g["lr"] = self.s.lr * mult * g["lr_scale"]
+                        if self.s.clip > 0:
+                            scaler.unscale_(optimizer)
+                            torch.nn.utils.clip_grad_norm_(trainable, self.s.clip)
+                        scaler.step(optimizer)
+                        scaler.update()
+                        optimizer.zero_grad(set_to_none=True)
+                        state["step"] += 1
+                    self.on_images(len(x) * self.dist.world)
+                losses = torch.stack(losses).float().cpu().numpy() if losses else np.zeros(0, np.float32)
+                if not np.isfinite(losses).all():
+                    raise FmcacheError(f"the training loss became non-finite in epoch {epoch + 1}; lower the LR")
+                state["epoch_seconds"].append(time.perf_counter() - start)
+                val = self._evaluate("val")
+                if records.observe(epoch, [float(val["value"])]):
+                    # through JSON now, so a resumed run (which reads it back from JSON) reports identical values
+                    records.test_metrics[0] = json_roundtrip(self._evaluate("test"))
+                    if self.dist.main:
+                        self._export(model)
+                        self._save_best_predictions()
+                state["records"] = records.state()
+                state["epoch"] = epoch + 1
+                state["eval_seconds"], state["eval_images"] = self.eval_seconds, self.eval_images
+                if self.tb is not None and self.dist.main:
+                    self.tb.add_scalar(f"{self.folder.name}/train_loss", float(np.mean(losses)), epoch + 1)
+                    self.tb.add_scalar(f"{self.folder.name}/val_{self.s.metric}", val["value"], epoch + 1)
+                stop = preemption.requested(self.dist)
+                due = self.s.checkpoint_every <= 0 or time.monotonic() - written_at >= self.s.checkpoint_every
+                if self.dist.main and (due or stop or epoch + 1 == self.s.epochs):
+                    written_at = time.monotonic()
+                    save_checkpoint(
+                        self.folder / LAST,
+                        {
+                            "trainable": {n: p.detach().cpu() for n, p in model.trainable_named_parameters()},
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": {"step": state["step"], "total": total, "warmup": warmup},
+                            "scaler": scaler.state_dict(),
+                            "sampler": {"seed": self.s.seed, "epoch": epoch + 1, "position": 0},
+                            "loop": state,
+                        },
+                        self.settings_doc,
+                    )
+                self.dist.barrier()
+                if stop:
+                    self.log(
+                        f"SIGTERM: {self.folder.name} stopped after epoch {epoch + 1} of {self.s.epochs} with its "
+                        "checkpoint written; rerun the same command to resume"
+                    )
+                    raise SystemExit(PREEMPTED_EXIT)
         return self._finish(state, records, steps_per_epoch)
 
     def _export(self, model: FineTuneModel) -> None:

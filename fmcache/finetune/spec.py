@@ -8,11 +8,13 @@ from typing import ClassVar
 
 from fmcache.choices import (
     AMP_MODES,
+    AUGMENT_PLACES,
     BEST_EPOCH_RULES,
     DEIT_DEPTH,
     GRAY_MODES,
     LORA_METHODS,
     NORMS,
+    PIXEL_SOURCES,
     PRECISIONS,
     SCHEDULES,
 )
@@ -81,8 +83,19 @@ class FinetuneSpec(Spec):
     metric: str | None = None
     dataset_options: dict = field(default_factory=dict)
     arch_overrides: dict = field(default_factory=dict)
+    # the data path (README "Fine-tuning"): read the images' resized center crops from a pixel cache (fmcache pixels)
+    # under cache_root when one matches (auto), always (on: a missing or mismatched one is refused) or never (off);
+    # draw the random train augmentation per image with PIL in the loader (cpu: the seed's, bit-identical from
+    # pixels or images) or on the uint8 batch on the training device (device: the same distribution, not the same
+    # pixels; it enters the run's key)
+    pixels: str = "auto"
+    augment: str = "cpu"
+    cache_root: Path = Path("cache")
+    # last.pt is rewritten at most every this many seconds (0: after every epoch), and always after the last epoch
+    # and on SIGTERM; a resume replays the epochs since the checkpoint to the same numbers
+    checkpoint_every: int = 600
 
-    PATHS: ClassVar[tuple[str, ...]] = ("data_root", "weights", "out", "from_cache")
+    PATHS: ClassVar[tuple[str, ...]] = ("data_root", "weights", "out", "from_cache", "cache_root")
     INTS: ClassVar[dict[str, int]] = {
         "epochs": 1,
         "batch_size": 1,
@@ -92,6 +105,7 @@ class FinetuneSpec(Spec):
         "img_size": 1,
         "limit": 1,
         "lora_rank": 1,
+        "checkpoint_every": 0,
     }
     CHOICES: ClassVar[dict[str, tuple]] = {
         "head": HEADS,
@@ -102,7 +116,14 @@ class FinetuneSpec(Spec):
         "gray": GRAY_MODES,
         "best_epoch": tuple(BEST_EPOCH_RULES),
         "eval_precision": PRECISIONS,
+        "pixels": PIXEL_SOURCES,
+        "augment": AUGMENT_PLACES,
     }
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pixels, bool):  # YAML 1.1 reads a bare on/off as a boolean
+            self.set("pixels", "on" if self.pixels else "off")
+        super().__post_init__()
 
     def check(self) -> None:
         # what flags (text) and YAML (lists, numbers) give, coerced once, here
@@ -129,6 +150,8 @@ class FinetuneSpec(Spec):
                     raise FmcacheError(f"--{required.replace('_', '-')} is required (as a flag or in --config)")
         elif self.model is None:
             raise FmcacheError("--model is required with --from-cache (it must match the cache's model)")
+        if self.from_cache is not None and (self.pixels == "on" or self.augment != "cpu"):
+            raise FmcacheError("--pixels on and --augment device apply to images; --from-cache reads tokens")
 
     def _check_lora(self) -> None:
         self.set("lora_targets", _as_names("lora_targets", self.lora_targets))
