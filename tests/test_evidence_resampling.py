@@ -41,7 +41,7 @@ def test_bad_cluster_input_is_one_clear_error():
     with pytest.raises(FmcacheError, match="cluster ids have shape"):
         rs.make_clusters(4, np.arange(3))
     with pytest.raises(FmcacheError, match="unknown resampling unit"):
-        rs.make_clusters(3, np.arange(3), unit="study")
+        rs.make_clusters(3, np.arange(3), unit="ward")
     with pytest.raises(FmcacheError, match="unit 'patient' needs one cluster id per row"):
         rs.make_clusters(3, unit="patient")
     with pytest.raises(FmcacheError, match="labels for"):

@@ -176,3 +176,23 @@ def test_user_metadata_from_a_csv_and_an_imagefolder(tmp_path: Path) -> None:
     assert index.group_unit == "patient" and index.groups()[-1].startswith("image:")  # the unlisted image
     assert any("no row for 1 image" in p for p in index.problems)
     assert not any("ignored" in p for p in index.problems)  # metadata.csv is not a stray file
+
+
+def test_verify_names_a_changed_annotations_file_and_a_rerun_restores_it(chexpert_cache, tmp_path: Path) -> None:
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from fmcache.cli import app
+
+    root, folder = chexpert_cache
+    copy_root = tmp_path / "cache"
+    copy = copy_root / folder.relative_to(folder.parents[2])
+    shutil.copytree(folder, copy)
+    good = (copy / ANNOTATIONS).read_bytes()
+    (copy / ANNOTATIONS).write_bytes(b"not the file")
+    answer = CliRunner().invoke(app, ["verify", str(copy)])
+    assert answer.exit_code == 2 and "annotations.npz does not match the sha256" in answer.output
+    again = run_extract(ExtractSpec(**spec_kwargs(root, copy_root, dataset="chexpert")), progress=False, log=quiet)
+    assert again == copy and (copy / ANNOTATIONS).read_bytes() == good  # only the annotations were written again
+    assert CliRunner().invoke(app, ["verify", str(copy)]).exit_code == 0

@@ -129,6 +129,15 @@ def test_demo_probe_is_within_two_points_of_sklearn_on_the_demo_cache(tmp_path: 
     assert abs(entry["test_mean"] - reference["value"]) <= 0.02
     cka = result["cka"]  # the demo's CKA step: every stage against every stage, a 1 on the diagonal
     assert np.allclose(np.diag(cka["matrix"]), 1.0) and (cka["folder"] / "cka_heatmap.png").is_file()
+    # its report shows the evidence (issue #28): a patient-level CI, a DeLong p-value, a reliability diagram, a
+    # subgroup table and a critical-difference diagram, on the digits' synthetic patients
+    report = (tmp_path / "demo" / "report" / "report.md").read_text()
+    assert "] patient |" in report and "p (DeLong)" in report
+    delong = [line for line in report.splitlines() if line.startswith("| Table 1 linear frozen | csv (auc)")]
+    assert any(cell.strip().replace(".", "", 1).isdigit() for line in delong for cell in line.split("|")[-2:])
+    figures = {p.name for p in (tmp_path / "demo" / "report" / "figures").iterdir()}
+    assert any(n.startswith("supp_reliability_") for n in figures) and any(n.startswith("supp_cd_") for n in figures)
+    assert "## Subgroups of imagefolder by sex" in report and "## Subgroups of csv by age_bin" in report
 
 
 def _cli(*args: str):
@@ -201,9 +210,7 @@ def test_multilabel_chexpert_cache_knn_and_probe(tmp_path: Path):
     knn_result = knn(reader, out=tmp_path / "r", ks=(3, 5), uncertain="ignore")
     entry = knn_result["layers"][2]["splits"]["test"][5]
     assert entry["metric"] == "mean_auc" and 0.0 <= entry["value"] <= 1.0
-    probe_result = probe(
-        reader, out=tmp_path / "r", lrs=(1e-3,), seeds=2, epochs=3, batch_size=16, uncertain="ignore"
-    )
+    probe_result = probe(reader, out=tmp_path / "r", lrs=(1e-3,), seeds=2, epochs=3, batch_size=16, uncertain="ignore")
     assert probe_result["metric"] == "mean_auc" and np.isfinite(probe_result["layers"][2]["test_mean"])
 
 

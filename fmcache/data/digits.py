@@ -44,8 +44,29 @@ def write_synthetic_metadata(root: Path, paths: list[str], seed: int = 0) -> Pat
     patient = rng.integers(0, SYNTHETIC_PATIENTS, size=len(paths))
     sex = rng.choice(np.array(["F", "M"]), size=SYNTHETIC_PATIENTS)
     age = rng.integers(20, 90, size=SYNTHETIC_PATIENTS)
-    lines = ["path,patient_id,sex,age,synthetic"]
+    lines = ["path,patient,sex,age,synthetic"]
     lines += [f"{p},synthetic{i:02d},{sex[i]},{age[i]},yes" for p, i in zip(paths, patient, strict=True)]
     target = Path(root) / "metadata.csv"
+    target.write_text("\n".join(lines) + "\n")
+    return target
+
+
+def write_binary_digits(digits_root: Path, root: Path) -> Path:
+    """``root/labels.csv`` (the ``csv`` layout): the same scans as a binary task, digit 0-4 vs 5-9, with their
+    synthetic metadata, so the demo has a task scored by AUC (DeLong) and a second dataset (rankings across datasets).
+    Paths point into ``digits_root``: no image is written twice."""
+    import csv
+
+    digits_root, root = Path(digits_root), Path(root)
+    with open(digits_root / "metadata.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ["path,label,patient,sex,age,synthetic"]
+    for row in rows:
+        digit = int(row["path"].split("/")[0])
+        relative = Path("..") / digits_root.name / row["path"]
+        label = "0-4" if digit < 5 else "5-9"
+        lines.append(f"{relative.as_posix()},{label},{row['patient']},{row['sex']},{row['age']},{row['synthetic']}")
+    target = root / "labels.csv"
     target.write_text("\n".join(lines) + "\n")
     return target

@@ -3,8 +3,11 @@ tokens (``--from-cache``), with what the run key records about them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from fmcache.errors import FmcacheError
 from fmcache.finetune.build import extract_spec
@@ -24,12 +27,46 @@ class Data:
     img_size: int
     identity: dict  # what the run's key records about the data
     notes: list[str] = field(default_factory=list)
+    source: str = "images"  # where the pixels came from (result details.data_source): images, or pixels:<key>
+    batches: object | None = None  # --augment device: the loop's per-batch transform (finetune.pixels.DeviceBatches)
+    hints: list[str] = field(default_factory=list)  # said at the start, not stored in the result
+    # the report's evidence: each sample's independent unit and metadata columns, looked up by the ids the
+    # predictions carry; the unit's name and the label policy the labels went through
+    annotate: Callable[[np.ndarray], tuple[np.ndarray, dict[str, np.ndarray]]] | None = None
+    group_unit: str | None = None
+    label_policy: dict | None = None
+
+    def sample_facts(self, ids: np.ndarray) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+        """(groups, metadata columns) of the samples ``ids``; (None, {}) when the source keeps none."""
+        return (None, {}) if self.annotate is None else self.annotate(np.asarray(ids, dtype=np.int64))
+
+
+def index_facts(index) -> Callable[[np.ndarray], tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Look-ups by global index position (the online path's ids) into a dataset index."""
+    groups = index.groups()
+    return lambda ids: (groups[ids], {name: column[ids] for name, column in index.metadata.items()})
+
+
+def cache_facts(reader) -> Callable[[np.ndarray], tuple[np.ndarray, dict[str, np.ndarray]]] | None:
+    """Look-ups by sample id into a cache's annotations; None for a cache made before 0.4 (it keeps none)."""
+    splits = [s for s in ("train", "val", "test") if reader.groups(s) is not None]
+    if not splits:
+        return None
+    ids = np.concatenate([reader.ids(s) for s in splits])
+    order = np.argsort(ids, kind="stable")
+    groups = np.concatenate([reader.groups(s) for s in splits])
+    metadata = {name: np.concatenate([reader.metadata(s)[name] for s in splits]) for name in reader.metadata(splits[0])}
+
+    def lookup(wanted: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        rows = order[np.searchsorted(ids, wanted, sorter=order)]
+        return groups[rows], {name: column[rows] for name, column in metadata.items()}
+
+    return lookup
 
 
 def online_data(spec: FinetuneSpec) -> Data:
     """Images with the train augmentation (train) and the eval transform (val/test), as PROTOCOLS.md."""
     from fmcache.data import (
-        ImageDataset,
         build_transform,
         default_metric,
         load_dataset,
@@ -38,6 +75,7 @@ def online_data(spec: FinetuneSpec) -> Data:
     from fmcache.data.describe import empty_split_warning  # deferred: torchvision
     from fmcache.data.registry import check_gray_for  # deferred: torchvision
     from fmcache.extract.plan import resolve_norm  # deferred: h5py, torchvision
+    from fmcache.finetune.pixels import image_data_path  # deferred: h5py
 
     ex = extract_spec(spec, spec.dataset, Path(spec.data_root))
     check_gray_for(spec.gray, spec.dataset)
@@ -52,13 +90,15 @@ def online_data(spec: FinetuneSpec) -> Data:
         raise FmcacheError(empty)
     eval_tf, eval_desc = build_transform(img_size, None, mean, std, gray=spec.gray)
     train_tf = train_augmentation(img_size, mean, std, gray=spec.gray)
-    splits = {
-        s: Labelled(ImageDataset(index, positions[s], train_tf if s == "train" else eval_tf), index.labels)
-        for s in ("train", "val", "test")
-    }
+    fingerprint = index.fingerprint()
+    # images or a pixel cache, the augmentation in the loader or on the device (fmcache.finetune.pixels)
+    path = image_data_path(
+        spec, index, positions, {"train": train_tf, "eval": eval_tf}, eval_desc, (mean, std), img_size, fingerprint
+    )
+    splits = {s: Labelled(path.splits[s], index.labels) for s in ("train", "val", "test")}
     identity = {
         "dataset": index.name,
-        "fingerprint": index.fingerprint(),
+        "fingerprint": fingerprint,
         "labels": index.labels_fingerprint(),
         "split": index.split_info,
         "options": index.options,
@@ -66,7 +106,12 @@ def online_data(spec: FinetuneSpec) -> Data:
         "transform": {**eval_desc, "norm_source": norm_source},
     }
     metric = check_metric(spec.metric) if spec.metric else default_metric(index)
-    return Data(splits, index.name, list(index.class_names), bool(index.multilabel), metric, img_size, identity)
+    data = Data(splits, index.name, list(index.class_names), bool(index.multilabel), metric, img_size, identity)
+    data.source, data.batches, data.hints = path.source, path.batches, path.hints
+    data.annotate, data.group_unit = index_facts(index), index.group_unit
+    if index.options.get("uncertain") is not None:  # the loader applied it: images carry no raw annotations here
+        data.label_policy = {"uncertain": index.options["uncertain"], "applied": "stage one"}
+    return data
 
 
 def cached_data(spec: FinetuneSpec) -> tuple[Data, object]:
@@ -78,7 +123,8 @@ def cached_data(spec: FinetuneSpec) -> tuple[Data, object]:
     freeze = parse_freeze(spec.freeze)
     if not isinstance(freeze, int) or freeze < 1:
         raise FmcacheError("--from-cache needs --freeze K (K >= 1): the cached layer-K tokens feed block K+1")
-    reader = CacheReader(spec.from_cache)
+    # the label policy is stage two's: the cache keeps the raw annotations (fmcache.labels)
+    reader = CacheReader(spec.from_cache, uncertain=spec.dataset_options.get("uncertain"))
     inputs = reader.manifest.get("inputs", {})
     cached_model = inputs.get("model", {})
     if reader.model != get_spec(spec.model).name:
@@ -106,4 +152,6 @@ def cached_data(spec: FinetuneSpec) -> tuple[Data, object]:
     metric = resolve_metric(reader, spec.metric)
     notes = [f"from cache {reader.path}: blocks 1..{freeze} are not run and see no augmentation (center crops)"]
     data = Data(splits, reader.dataset, reader.class_names, reader.multilabel, metric, img_size, identity, notes)
+    data.source = f"tokens:{reader.key}"
+    data.annotate, data.group_unit, data.label_policy = cache_facts(reader), reader.group_unit, reader.label_policy
     return data, reader

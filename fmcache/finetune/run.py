@@ -53,6 +53,17 @@ TRAINING_ONLY = (
 )
 
 
+# Where the pixels come from and how often last.pt is written change no number (a pixel cache feeds the PIL
+# augmentation bit-identical crops; a resume replays the epochs since its checkpoint): neither enters a key. The
+# augmentation on the device draws other pixels, so ``augment: device`` enters both keys (:func:`augment_doc`);
+# the default keeps every existing folder name.
+DATA_PATH_FIELDS = ("pixels", "augment", "cache_root", "checkpoint_every")
+
+
+def augment_doc(spec: FinetuneSpec) -> dict:
+    return {} if spec.augment == "cpu" else {"augment": spec.augment}
+
+
 # -- the grid ------------------------------------------------------------------------------------------------------
 
 
@@ -74,9 +85,10 @@ def run_key(spec: FinetuneSpec, data: Data, weights: dict, lora: dict | None = N
             "data_root",
             *TRAINING_ONLY,
             *METHOD_FIELDS,
+            *DATA_PATH_FIELDS,
         )
     }
-    doc.update(method_doc(spec, lora))
+    doc.update(method_doc(spec, lora), **augment_doc(spec))
     doc.update(data=data.identity, weights=weights)
     return settings_hash(doc)
 
@@ -115,6 +127,9 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
     for note in data.notes:
         if main:
             log(f"note: {note}")
+    for hint in data.hints:
+        if main:
+            log(hint)
     tb = _tensorboard(spec, folder) if spec.tensorboard and main else None
     dist = init_dist(spec.device)
     amp = resolve_amp(spec.amp, dist.device)
@@ -154,6 +169,7 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
                         multilabel=data.multilabel,
                         label_names=data.class_names if data.multilabel else None,
                         workers=spec.workers,
+                        checkpoint_every=float(spec.checkpoint_every),
                         from_cache=spec.from_cache is not None,
                         export=export,
                         extra={"key": key},
@@ -168,6 +184,7 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
                         advance,
                         log,
                         tb,
+                        data.batches,
                     )
                     results[(lr, seed)] = trainer.run()
     finally:
@@ -190,6 +207,10 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
         "data_root": str(spec.data_root) if spec.data_root else None,
         "workers": spec.workers,
         "device": str(dist.device),
+        # where the pixels came from: the image files, or a pixel cache (its key); how the train augmentation ran
+        "data_source": data.source,
+        "augment": {"place": spec.augment, **(data.batches.spec() if data.batches is not None else {})},
+        "checkpoint_every": spec.checkpoint_every,
         "layers": {layer: entry},
         "notes": data.notes,
         **_sizes(results),
@@ -199,15 +220,21 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True, log=print) -> dict:
     if dist.main:
         if summary.predictions is None:
             details["notes"] = [*data.notes, "runs from an older fmcache saved no predictions; rerun with --no-resume"]
+        ids = {s: split_ids(data.splits[s]) for s in ("val", "test")}
+        facts = {s: data.sample_facts(ids[s]) for s in ids}
         source = ResultSource(
             dataset=data.dataset,
             model=spec.model,
             cache_key=None,
             weights=weights,
-            ids={s: split_ids(data.splits[s]) for s in ("val", "test")},
+            ids=ids,
             labels={s: split_labels(data.splits[s]) for s in ("val", "test")},
             split=data.identity.get("split"),
             img_size=data.img_size,
+            groups={s: g for s, (g, _) in facts.items() if g is not None},
+            meta={s: m for s, (_, m) in facts.items()},
+            group_unit=data.group_unit,
+            label_policy=data.label_policy,
         )
         write_head_grid(
             result_dir,
@@ -252,8 +279,8 @@ def result_settings(
     ``lora`` is the adapters' report (``build_model``), whose resolved targets enter the settings.
     """
     skip = ("out", "resume", "workers", "tensorboard", "device", "data_root", "from_cache", *METHOD_FIELDS)
-    settings = {k: v for k, v in asdict(spec).items() if k not in skip}
-    settings.update(method_doc(spec, lora))
+    settings = {k: v for k, v in asdict(spec).items() if k not in (*skip, *DATA_PATH_FIELDS)}
+    settings.update(method_doc(spec, lora), **augment_doc(spec))
     settings.update(
         lrs=[float(lr) for lr in spec.lrs],
         seeds=list(spec.seeds),

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from scipy import optimize, special
+from scipy import optimize, sparse, special
 
 from fmcache.errors import FmcacheError
 
@@ -240,10 +240,13 @@ def weighted_ece(probs: np.ndarray, labels: np.ndarray, multilabel: bool, n_bins
     else:
         gaps = [_gap_matrix(*_top_label(*_single(s, labels)), n_bins) for s in seeds]
         known, n_labels = np.ones((len(seeds[0]), 1)), 1
-    matrix = np.concatenate(gaps, axis=1)  # (n, n_seeds · n_labels · n_bins)
+    # (n, n_seeds · n_labels · n_bins), one non-zero per row, seed and label: sparse, so a resample costs its rows
+    # times the seeds and labels, not times the bins as well
+    transposed = sparse.csr_matrix(np.concatenate(gaps, axis=1).T)
 
     def ece_w(w: np.ndarray) -> np.ndarray:
-        per_bin = np.abs(w @ matrix).reshape(len(w), len(seeds), n_labels, n_bins)
+        per_bin = np.abs(transposed @ np.asarray(w, dtype=np.float64).T).T
+        per_bin = per_bin.reshape(len(w), len(seeds), n_labels, n_bins)
         total = w @ known  # (r, n_labels) weight of each label's known rows
         with np.errstate(invalid="ignore", divide="ignore"):
             per_label = np.where(total[:, None, :] > 0, per_bin.sum(axis=3) / total[:, None, :], np.nan)

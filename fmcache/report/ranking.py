@@ -24,8 +24,8 @@ import numpy as np
 from scipy import stats
 
 from fmcache.errors import FmcacheError
-from fmcache.report.resampling import Clusters, check_rows, make_clusters, weighted_metric, weighted_values
-from fmcache.report.stats import LEVEL, RESAMPLES, SEED, Predictions, seed_mean
+from fmcache.report.predictions import LEVEL, RESAMPLES, SEED, Predictions, seed_mean
+from fmcache.report.resampling import Clusters, check_rows, make_clusters, per_seed_values
 
 # Demšar (2006), Table 5(a): critical values of the two-tailed Nemenyi test for k = 2..10 models.
 NEMENYI_Q = {
@@ -162,15 +162,6 @@ def rank_intervals(
     return {"best": names[best], "models": models, "level": level, "resamples_used": len(v)}
 
 
-def _per_seed_values(metric: str, pred: Predictions, clusters: Clusters, resamples: int, seed: int) -> np.ndarray:
-    """(resamples, n_seeds): each seed's metric on the shared resamples."""
-    columns = []
-    for scores in pred.scores:
-        one = Predictions(pred.ids, pred.labels, scores[None])
-        columns.append(weighted_values(weighted_metric(metric, one), clusters, resamples, seed))
-    return np.stack(columns, axis=1)
-
-
 def _seed_draws(per_seed: list[np.ndarray], seed: int) -> list[np.ndarray]:
     """Each model's mean over seeds drawn with replacement; one uniform draw is shared so seed s pairs across models."""
     resamples, most = len(per_seed[0]), max(v.shape[1] for v in per_seed)
@@ -208,11 +199,30 @@ def within_dataset_ranking(
             raise FmcacheError(f"model {name!r} has other labels than {names[0]!r} for the same test ids")
     clusters = make_clusters(len(first.labels), labels=first.labels) if clusters is None else clusters
     check_rows(clusters, first)
-    per_seed = [_per_seed_values(metric, preds[n], clusters, resamples, seed) for n in names]
-    columns = _seed_draws(per_seed, seed) if resample_seeds else [v.mean(axis=1) for v in per_seed]
+    per_seed = [per_seed_values(metric, preds[n], clusters, resamples, seed) for n in names]
+    points = [seed_mean(metric, preds[n]) for n in names]
+    return ranking_from_values(metric, names, per_seed, points, clusters, resamples, seed, level, resample_seeds)
+
+
+def ranking_from_values(
+    metric: str,
+    names: Sequence[str],
+    per_seed: Sequence[np.ndarray],
+    points: Sequence[float],
+    clusters: Clusters,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+    level: float = LEVEL,
+    resample_seeds: bool = True,
+) -> dict:
+    """:func:`within_dataset_ranking` from each model's per-seed bootstrap values ((resamples, n_seeds), drawn on
+    the same ``clusters``, ``resamples`` and ``seed``: :func:`fmcache.report.resampling.per_seed_values`) and its
+    point estimate, so a report that has drawn them for the CIs ranks without drawing again."""
+    names = list(names)
+    columns = _seed_draws(list(per_seed), seed) if resample_seeds else [v.mean(axis=1) for v in per_seed]
     values = np.stack(columns, axis=1)
     ok = np.all(np.isfinite(values), axis=1)
-    out = rank_intervals(values[ok], [seed_mean(metric, preds[n]) for n in names], names, level)
+    out = rank_intervals(values[ok], points, names, level)
     return {
         **out,
         "metric": metric,

@@ -31,9 +31,10 @@ from scipy import sparse
 
 from fmcache import metrics
 from fmcache.errors import FmcacheError
-from fmcache.report.stats import LEVEL, RESAMPLES, SEED, Predictions, seed_mean
+from fmcache.report.predictions import LEVEL, RESAMPLES, SEED, Predictions, seed_mean
 
-UNITS = ("patient", "lesion", "image")
+# what a cluster id names (the results contract's ``group_unit``); "image": every row its own cluster
+UNITS = ("patient", "lesion", "exam", "study", "image")
 # Resamples are drawn and scored in chunks of about CHUNK_ELEMENTS row weights (16 MB of float64): small enough for
 # a 22k-image test set, large enough that numpy's per-call overhead vanishes on small ones. The chunk size depends
 # only on the row count, and is part of the random stream's definition: same rows, resamples and seed, same draws.
@@ -505,6 +506,49 @@ def paired_metric_test(
     fa, fb = weighted_metric(metric, a), weighted_metric(metric, b)
     values = weighted_values(lambda w: fa(w) - fb(w), clusters, resamples, seed)
     return {**_paired(delta, values, clusters, resamples, seed, level), "metric": metric}
+
+
+def per_seed_values(
+    metric: str, pred: Predictions, clusters: Clusters, resamples: int = RESAMPLES, seed: int = SEED
+) -> np.ndarray:
+    """(resamples, n_seeds): each seed's ``metric`` on the cluster resamples (NaN where undefined), every seed on
+    the same resamples, drawn once. A row's seed mean is the value :func:`metric_ci` bootstraps (equal up to
+    rounding), so one draw serves a result's CI, its paired tests (:func:`paired_from_values`) and its rank
+    interval (:func:`fmcache.report.ranking.ranking_from_values`)."""
+    check_rows(clusters, pred)
+    fns = [weighted_metric(metric, Predictions(pred.ids, pred.labels, s[None])) for s in pred.scores]
+    chunks = [
+        np.stack([np.asarray(fn(w), dtype=np.float64) for fn in fns], axis=1)
+        for w in resample_weights(clusters, resamples, seed)
+    ]
+    return np.concatenate(chunks)
+
+
+def ci_from_values(
+    point: float,
+    values: np.ndarray,
+    clusters: Clusters,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+    level: float = LEVEL,
+) -> dict:
+    """The CI of :func:`bootstrap_ci` from bootstrap ``values`` (resamples,) drawn on ``clusters`` with
+    ``resamples`` and ``seed`` (NaN = undefined: dropped and counted in ``failed``)."""
+    kept, failed = _split(np.asarray(values, dtype=np.float64))
+    return _ci(point, kept, failed, clusters, resamples, seed, level)
+
+
+def paired_from_values(
+    delta: float,
+    values: np.ndarray,
+    clusters: Clusters,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+    level: float = LEVEL,
+) -> dict:
+    """The paired test of :func:`paired_bootstrap` from the bootstrap differences ``values`` (A − B on the same
+    resamples of ``clusters``) and the full-sample difference ``delta``."""
+    return _paired(float(delta), np.asarray(values, dtype=np.float64), clusters, resamples, seed, level)
 
 
 def check_rows(clusters: Clusters, pred: Predictions) -> None:

@@ -26,8 +26,8 @@ import numpy as np
 
 from fmcache.errors import FmcacheError
 from fmcache.report import calibration
+from fmcache.report.predictions import LEVEL, RESAMPLES, SEED, Predictions
 from fmcache.report.resampling import bootstrap_ci_weights, make_clusters, metric_ci
-from fmcache.report.stats import LEVEL, RESAMPLES, SEED, Predictions
 
 UNKNOWN = "unknown"
 MIN_SIZE = 30
