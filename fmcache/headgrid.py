@@ -50,6 +50,9 @@ class ProbeResult:
     # the best LR's heads at their selected epochs: {"seeds": (S,), "val_scores": (S, n_val, C), "test_scores": ...}
     # float32 probabilities; kept out of to_dict (it goes to predictions.npz, not the JSON)
     predictions: dict[str, np.ndarray] | None = None
+    # the best LR's heads, one per seed at its selected epoch, as the trainer keeps them (the linear grid: stacked
+    # "weight" (S, C, D) and "bias" (S, C)); kept out of to_dict (it goes to heads.safetensors, for fmcache transfer)
+    heads: dict | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready dict (curves as nested lists, LR keys as given)."""

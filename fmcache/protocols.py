@@ -19,7 +19,8 @@ from fmcache.errors import FmcacheError
 
 READS = ("pooled", "tokens", "images")  # cached pooled features, cached token layers, the images themselves
 SUMMARIES = ("grid", "rows", "matrix")  # a head grid (best LR, mean ± std), k-NN rows + best, a CKA matrix
-COST_MODELS = ("neighbours", "pooled_heads", "token_heads", "similarity", "end_to_end")  # fmcache.cost estimators
+# fmcache.cost estimators; "applying": another result's heads applied to a cache (inference only)
+COST_MODELS = ("neighbours", "pooled_heads", "token_heads", "similarity", "end_to_end", "applying")
 HEAD_LABELS = {"linear": "linear", "deit": "DeiT", "attentive": "attentive"}
 
 
@@ -38,6 +39,9 @@ class Protocol:
     fills: tuple[str, ...] = ()  # paper outputs its results may fill (report.paper's rules decide per result)
     per_layer: tuple[str, str] | None = None  # (figure stem, caption) of its metric-vs-layer curve
     predictions: bool = True  # writes predictions.npz
+    records: tuple[str, ...] = ()  # further top-level result.json objects every result of it carries (the contract)
+    # applies the heads of another protocol's result (its ``from`` job in a grid) to its own cache: no training
+    applies: bool = False
     describes: str = ""  # one line for help texts and the report
 
     def __post_init__(self) -> None:
@@ -83,6 +87,9 @@ PROTOCOLS: dict[str, Protocol] = {
         Protocol("cka", "cka", "pooled", "matrix", "similarity", pairs=True, predictions=False,
                  fills=("fig7_cka_finetune", "fig8_cka_models"),
                  describes="linear CKA between layers of one or two caches (paper Figs. 7 and 8)"),
+        Protocol("transfer", "transfer", "pooled", "grid", "applying", applies=True,
+                 records=("source", "target", "label_map", "overlap"),
+                 describes="a frozen result's heads applied to another cache of the same model (external validation)"),
         Protocol("finetune_linear", "finetune", "images", "grid", "end_to_end", head="linear", trains_foundation=True,
                  fills=("table1_frozen", "table2_unfrozen", "table3_1024px", "fig4_freeze", "fig5_decapitation",
                         "fig6_model_size", _TIME),

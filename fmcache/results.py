@@ -29,6 +29,17 @@ Contract (``fmcache report``/``fmcache grid`` read exactly this):
   and ``seeds``. ``*_scores`` are float32 shaped (n_seeds, n, C): for probes and fine-tuning the best LR's heads,
   one row per seed (in ``seeds`` order); for k-NN one row (seed -1), the best k on the last layer. Labels are
   int (n,) for single-label data and (n, C) 0/1 with NaN = unknown for multi-label data. CKA has no predictions.
+  Since 0.4 also, per split, ``{split}_groups`` (each sample's independent unit, ``patient:00012``, or
+  ``image:<id>`` where none is known) and ``{split}_meta__<column>`` (per-sample metadata: text, or float with NaN),
+  from the cache's annotations; ``result.json`` then names the unit (``group_unit``) and, for a dataset with a label
+  policy, ``label_policy`` (``{"uncertain": "ones", "applied": "stage two"}``, or ``"fixed at extraction"`` for an
+  older cache).
+
+* ``heads`` (head grids of stage two; k-NN): what ``fmcache transfer`` needs to apply the result elsewhere: ``file``
+  (``heads.safetensors`` in the folder, written before ``result.json``; null for k-NN, whose bank is the cache's
+  train split), ``bytes``, ``sha256``, ``what`` (in words) and ``apply`` (layers, pool, seeds, best LR, k ...).
+* A protocol's row may name further top-level keys its results carry (:attr:`fmcache.protocols.Protocol.records`,
+  e.g. ``source`` and ``target`` of a transfer); the contract check holds every result to them.
 
 * Label-efficiency runs (``--train-fraction``/``--train-per-class``) are ordinary results whose ``settings`` hold
   ``train_subset`` (``fraction`` or ``per_class``, ``repeat``, ``sampling``, ``val_follows``), with a top-level
@@ -160,6 +171,14 @@ def check_result_document(document: object, path: Path) -> None:
         raise ContractError(path, f"its summary lacks '{lacking[0]}' (a {protocol.summary} summary of {protocol.name})")
     if document.get("cache_key") is not None and not isinstance(document["cache_key"], str):
         raise ContractError(path, _missing_or_bad(document, "cache_key", "text or null"))
+    heads = document.get("heads")
+    if heads is not None and not (isinstance(heads, dict) and isinstance(heads.get("what"), str)):
+        raise ContractError(path, "'heads' is not an object saying 'what' it holds")
+    for key in protocol.records:
+        if not isinstance(document.get(key), dict):
+            raise ContractError(
+                path, f"{_missing_or_bad(document, key, 'an object')} (every {protocol.name} result has one)"
+            )
 
 
 def _missing_or_bad(document: dict, key: str, kind: str) -> str:
@@ -251,6 +270,48 @@ def check_predictions(document: Mapping) -> bytes | None:
             "evaluation (or remove its folder)"
         )
     return data
+
+
+HEADS = "heads.safetensors"
+
+
+def heads_record(nbytes: int | None, sha256: str | None, what: str, apply: Mapping) -> dict:
+    """A result's ``heads`` entry: the file (``heads.safetensors``, or none for a k-NN bank), its size and sha256,
+    what it holds in words, and what applying it needs (``apply``)."""
+    return {
+        "file": HEADS if sha256 is not None else None,
+        "bytes": int(nbytes or 0),
+        "sha256": sha256,
+        "what": what,
+        "apply": to_jsonable(dict(apply)),
+    }
+
+
+def check_heads(document: Mapping) -> Path | None:
+    """The path of a result's heads file, checked against the sha256 its ``result.json`` records; None when the result
+    keeps no file (k-NN). A result without a ``heads`` record, or a file that is gone or changed, is one line."""
+    folder = Path(document["folder"])
+    heads = document.get("heads")
+    if not isinstance(heads, Mapping):
+        raise FmcacheError(
+            f"result {folder} records no heads (written before fmcache saved them, or its protocol keeps none); "
+            "rerun that evaluation to save them"
+        )
+    if heads.get("file") is None:
+        return None
+    path = folder / str(heads["file"])
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    except OSError:
+        raise FmcacheError(f"{path} is missing or unreadable; rerun that evaluation to save its heads again") from None
+    if digest.hexdigest() != heads.get("sha256"):
+        raise FmcacheError(
+            f"{path} does not match the sha256 its result.json records (changed after the run); rerun it"
+        )
+    return path
 
 
 def to_jsonable(obj):

@@ -8,12 +8,14 @@ CLI's ``--help``, a YAML check and a dry run should not pay for.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from fmcache.errors import FmcacheError
 from fmcache.finetune.spec import FinetuneSpec
-from fmcache.frozen.specs import CkaSpec, KnnSpec, ProbeSpec, TokenProbeSpec
+from fmcache.frozen.label_map import DatasetFacts
+from fmcache.frozen.specs import CkaSpec, KnnSpec, ProbeSpec, TokenProbeSpec, TransferSpec
 from fmcache.protocols import Protocol, get_protocol, register, unregister
 
 
@@ -47,6 +49,15 @@ def _cka() -> Binding:
     return Binding(CkaSpec, run_cka)
 
 
+def _transfer() -> Binding:
+    from fmcache.data.label_maps import id_namespaces, registry_map, shipped_pairs  # deferred: torch (every loader)
+    from fmcache.frozen.transfer import run_transfer  # deferred: torch, faiss
+
+    # stage two reads no dataset registry: what a transfer needs of it (shipped maps, id namespaces) is handed over
+    facts = DatasetFacts({pair: registry_map(*pair) for pair in shipped_pairs()}, id_namespaces())
+    return Binding(TransferSpec, functools.partial(run_transfer, datasets=facts))
+
+
 def _finetune() -> Binding:
     from fmcache.finetune.run import run_finetune  # deferred: torch, timm
 
@@ -59,6 +70,7 @@ _BINDINGS: dict[str, Callable[[], Binding]] = {
     "probe_deit": _tokens,
     "probe_attentive": _tokens,
     "cka": _cka,
+    "transfer": _transfer,
     "finetune_linear": _finetune,
     "finetune_deit": _finetune,
 }

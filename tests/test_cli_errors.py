@@ -32,6 +32,11 @@ CASES = [
     ("extract", ["--random-init=1"], "--random-init"),
     ("extract", ["--config", f"{NOPE}.yaml"], f"{NOPE}.yaml"),  # a path that must exist
     ("extract", ["--limit"], "--limit"),
+    ("extract", ["--dataset", "aptos2019", "--data-root", NOPE, "--model", "resnet50", "--corrupt"], "--corrupt"),
+    ("pixels", ["--img-size", "big"], "--img-size"),
+    ("pixels", ["--workers", "1.5"], "--workers"),
+    ("pixels", ["--dry-run=1"], "--dry-run"),
+    ("pixels", ["--nope"], "--nope"),
     ("info", [], "CACHE"),  # a missing argument
     ("info", [NOPE], NOPE),
     ("info", [NOPE, "again"], "again"),
@@ -60,6 +65,13 @@ CASES = [
     ("cka", [NOPE, "--debiased=1"], "--debiased"),
     ("cka", [NOPE, "--split", "nope"], "--split"),
     ("cka", [], "CACHE"),
+    ("transfer", [NOPE, NOPE, "--near-duplicate-bits", "x"], "--near-duplicate-bits"),  # int
+    ("transfer", [NOPE, NOPE, "--near-duplicate-bits", "16"], "--near-duplicate-bits"),  # past the bands' guarantee
+    ("transfer", [NOPE, NOPE, "--drop-overlap=1"], "--drop-overlap"),
+    ("transfer", [NOPE], "TARGET_CACHE"),
+    ("transfer", [NOPE, NOPE], NOPE),
+    ("label-map", ["isic2019"], "TARGET"),
+    ("label-map", ["isic2019", "nope"], "nope"),
     ("finetune", ["--method", "lora", "--lora-rank", "1.5"], "--lora-rank"),
     ("finetune", ["--lora-alpha", "a"], "--lora-alpha"),
     ("finetune", ["--clip", "c"], "--clip"),

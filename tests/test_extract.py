@@ -534,7 +534,7 @@ def test_unwritable_cache_root_simulated(tmp_path, aptos_root, monkeypatch):
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
-@pytest.mark.parametrize("fail_at_write", [1, 17])
+@pytest.mark.parametrize("fail_at_write", [1, 21])
 def test_full_disk_is_a_clear_error_and_nothing_looks_valid(tmp_path, aptos_root, monkeypatch, fail_at_write):
     """ENOSPC at the first array write, or in the middle of shard 1 (after shard 0 was finished)."""
     writes = {"n": 0}
@@ -550,7 +550,8 @@ def test_full_disk_is_a_clear_error_and_nothing_looks_valid(tmp_path, aptos_root
     with pytest.raises(FmcacheError, match="no space left on device"):
         run_extract(spec(aptos_root, tmp_path, tokens="last"), progress=False, log=quiet)
     folder = plan(spec(aptos_root, tmp_path, tokens="last")).folder
-    # 7 datasets per batch and 2 batches per shard: write 17 falls in shard 1's first batch
+    # 9 datasets per batch (ids, split, labels, 2 fingerprints, 4 feature arrays) and 2 batches per shard: write 21
+    # falls in shard 1's first batch
     if fail_at_write == 1:  # nothing finished: the run leaves no folder at all
         assert not folder.exists()
     else:

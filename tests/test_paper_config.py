@@ -49,7 +49,7 @@ def _result_doc(job) -> dict:
     return doc
 
 
-@pytest.mark.parametrize("name", ["paper.yaml", "followup.yaml"])
+@pytest.mark.parametrize("name", ["paper.yaml", "followup.yaml", "external.yaml"])
 def test_dry_run_needs_no_data_and_groups_by_the_paper(tmp_path, name):
     config = _config(tmp_path, name)
     result = runner.invoke(app, ["grid", str(config), "--dry-run"])
@@ -70,7 +70,7 @@ def test_paper_yaml_has_a_job_for_every_table_and_figure_and_the_report_maps_eac
         outputs = paper_outputs(job)
         for output in outputs:
             covered[output] = covered.get(output, 0) + 1
-        if job.kind != "extract":
+        if not job.is_stage_one:  # extract and pixel jobs write caches, not results
             assert doc_outputs(_result_doc(job)) == outputs, job.id
     missing = [key for key in OUTPUTS if not covered.get(key)]
     assert not missing, f"configs/paper.yaml runs nothing for {missing}"
@@ -102,3 +102,21 @@ def test_followup_lists_vmamba_as_unavailable_and_feeds_each_model_as_the_follow
     assert {"sam2_b", "mae_vitb16", "aimv2_l14", "coca_vitb32"} <= {m["name"] for m in grid.models}
     deit = [j for j in expand(grid) if j.kind == "probe_deit"]
     assert deit and all(str(j.options["layer"]) == "paper" for j in deit)
+
+
+def test_external_yaml_has_every_shipped_pair_and_a_corrupted_test_split_per_paper_dataset(tmp_path):
+    """configs/external.yaml: each pair with a shipped label map, scored by the paper's foundations, and each paper
+    dataset's corruption curves; external sets get no job that trains on them."""
+    from fmcache.data.label_maps import shipped_pairs
+
+    jobs = expand(load_grid(_config(tmp_path, "external.yaml")))
+    transfers = [j for j in jobs if j.kind == "transfer"]
+    pairs = {(j.options["source"], j.dataset["name"]) for j in transfers if not j.extract.get("corrupt")}
+    assert pairs == set(shipped_pairs())
+    corrupted = {j.dataset["name"] for j in transfers if j.extract.get("corrupt")}
+    assert corrupted == {"aptos2019", "isic2019", "chexpert", "cbis_ddsm"}
+    external = {"messidor2", "idrid", "eyepacs", "pad_ufes20", "ham10000", "mimic_cxr", "chestxray14", "cmmd",
+                "vindr_mammo"}  # fmt: skip
+    assert not [j for j in jobs if j.dataset["name"] in external and j.kind not in ("extract", "transfer")]
+    models = {label(j.model) for j in transfers}
+    assert len(models) == 11 and "resnet152" in models

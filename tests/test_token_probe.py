@@ -248,6 +248,8 @@ def test_kill_9_then_rerun_gives_identical_numbers(tiny_cache, tmp_path, head):
     a, b = _json(_folder(tiny_cache, tmp_path / "whole"), head), _json(_folder(tiny_cache, out), head)
     assert _numbers(a) == _numbers(b)
     assert np.isfinite(a["details"]["layers"]["2"]["val_mean"])
+    # the best heads kept through the kill (one state file per head) are the uninterrupted run's, byte for byte
+    assert a["heads"]["sha256"] == b["heads"]["sha256"] and a["heads"]["bytes"] > 0
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from fmcache.cache.annotations import META, read_annotations
 from fmcache.cache.manifest import read_manifest
 from fmcache.cache.messages import damaged_shard
 from fmcache.cache.shards import token_dataset
-from fmcache.cache.verify import quick_problems
+from fmcache.cache.verify import is_pixel_manifest, quick_problems
 from fmcache.cache.views import no_views_error, views_k
 from fmcache.choices import PAPER_TOKENS
 from fmcache.errors import FmcacheError
@@ -102,6 +102,8 @@ class CacheReader:
         manifest = read_manifest(self.path)
         if manifest is None:
             raise FmcacheError(f"{self.path} has no manifest.json; it is not an fmcache cache (see `fmcache ls`)")
+        if is_pixel_manifest(manifest):  # fmcache pixels: crops for fine-tuning, no features
+            raise FmcacheError(f"{self.path} is a pixel cache (finetune --pixels reads it); give a feature cache")
         if manifest.get("status") != "complete" and not allow_partial:
             raise FmcacheError(
                 f"cache {self.path} is incomplete ({len(manifest.get('shards', []))} of {manifest.get('num_shards')} "
@@ -191,6 +193,11 @@ class CacheReader:
             raise FmcacheError(f"split '{split}' of cache {self.path.name} is empty; check the dataset split / --limit")
         return wanted
 
+    def splits(self) -> list[str]:
+        """The splits that hold samples, in train, val, test order (an external set's cache: test only)."""
+        present = set(np.unique(self._index[0]).tolist())
+        return [name for name, code in SPLIT_CODES.items() if code in present]
+
     def rows(self, split: str) -> np.ndarray:
         """Indices of the concatenated rows that belong to ``split`` (empty split → error)."""
         return np.flatnonzero(self._split_mask(split))
@@ -255,6 +262,16 @@ class CacheReader:
             else:
                 self._labels[split] = self._gather("labels", split)
         return self._labels[split]
+
+    FINGERPRINTS = ("content_sha256", "content_dhash")
+
+    def fingerprints(self, split: str) -> dict[str, np.ndarray] | None:
+        """The inputs' content fingerprints of ``split`` ((n, 32) uint8 each, :mod:`fmcache.data.fingerprint`), or
+        None for a cache extracted before they were stored (transfer's leakage check names the fix)."""
+        with h5py.File(self.files[0], "r") as fh:
+            if not all(name in fh for name in self.FINGERPRINTS):
+                return None
+        return {name: self._gather(name, split) for name in self.FINGERPRINTS}
 
     # -- per-sample annotations (fmcache.cache.annotations): raw labels, units, metadata -----------------------
     @property

@@ -18,10 +18,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from fmcache.cache.annotations import check_annotations
 from fmcache.cache.lock import CacheLock
 from fmcache.cache.manifest import MANIFEST, read_manifest, shard_entries, write_manifest
 from fmcache.cache.messages import one_line, repair_hint
-from fmcache.cache.shards import feature_datasets, finished_shards, shard_name
+from fmcache.cache.shards import PIXELS, feature_datasets, finished_shards, shard_name
 from fmcache.cache.views import IDS as VIEW_IDS
 from fmcache.cache.views import views_datasets, views_k
 from fmcache.errors import FmcacheError
@@ -51,6 +52,7 @@ class VerifyReport:
     manifest: dict
     checks: list[ShardCheck]
     full: bool
+    annotations: str | None = None  # what is wrong with annotations.npz (missing, changed), or None
 
     @property
     def damaged(self) -> list[ShardCheck]:
@@ -74,8 +76,16 @@ def load_manifest(folder: Path) -> dict:
     return manifest
 
 
+def is_pixel_manifest(manifest: dict | None) -> bool:
+    """A pixel cache's manifest (``fmcache pixels``, :mod:`fmcache.cache.pixels`); feature caches have no kind."""
+    return bool(manifest) and manifest.get("kind") == PIXELS
+
+
 def expected_datasets(manifest: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     """Dataset name → (shape after the row axis, dtype) that every non-empty shard of this cache holds."""
+    if is_pixel_manifest(manifest):  # ids and the (H, W, C) uint8 crops
+        p = manifest["pixels"]
+        return {"ids": ((), "int64"), PIXELS: ((int(p["height"]), int(p["width"]), int(p["channels"])), "uint8")}
     model, data = manifest["model"], manifest["dataset"]
     feat = "float16" if manifest.get("dtype", "fp16") == "fp16" else "float32"
     out: dict[str, tuple[tuple[int, ...], str]] = {
@@ -193,7 +203,13 @@ def verify_cache(folder: str | Path, full: bool = True, manifest: dict | None = 
             continue
         # a finished shard the manifest does not list yet (a crash between rename and manifest) is checked cheaply
         checks.append(check_shard(path, manifest, index, entry, full and entry is not None))
-    return VerifyReport(folder=folder, manifest=manifest, checks=checks, full=full)
+    report = VerifyReport(folder=folder, manifest=manifest, checks=checks, full=full)
+    if full and manifest.get("annotations"):
+        try:
+            check_annotations(folder, manifest["annotations"])
+        except FmcacheError as exc:
+            report.annotations = str(exc)
+    return report
 
 
 def quick_problems(folder: Path, manifest: dict) -> list[tuple[str, str]]:
@@ -257,11 +273,15 @@ def repair_cache(report: VerifyReport) -> list[tuple[str, Path]]:
 
 def repair_message(report: VerifyReport, moved: list[tuple[str, Path]]) -> str:
     where = f"{report.folder / DAMAGED_DIR}/" if moved else "nowhere (no damaged file was on disk)"
+    command = "fmcache pixels" if is_pixel_manifest(report.manifest) else "fmcache extract"
     return (
         f"moved {len(moved)} damaged shard file(s) to {where}; the cache is now partial: rerun the same "
-        f"`fmcache extract` command to recompute {len(report.damaged)} shard(s)"
+        f"`{command}` command to recompute {len(report.damaged)} shard(s)"
     )
 
 
 def damage_error(report: VerifyReport) -> FmcacheError:
-    return FmcacheError(f"{report.summary()}; {repair_hint(report.folder)}")
+    hint = repair_hint(report.folder)
+    if is_pixel_manifest(report.manifest):
+        hint = hint.replace("fmcache extract", "fmcache pixels")
+    return FmcacheError(f"{report.summary()}; {hint}")

@@ -124,6 +124,28 @@ def finetune_cmd(
     ] = None,
     tensorboard: Annotated[bool | None, typer.Option("--tensorboard", help="Also log to TensorBoard.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    pixels: Annotated[
+        str | None,
+        typer.Option(
+            help="Read the resized center crops from a pixel cache (`fmcache pixels`) under --cache-root: auto "
+            "(when one matches; default), on (refuse without one, naming what differs) or off (decode the images)."
+        ),
+    ] = None,
+    augment: Annotated[
+        str | None,
+        typer.Option(
+            help="The random train augmentation: cpu (PIL in the loader, the seed's; default) or device (on the "
+            "uint8 batch where the model runs: the same distribution, not the same pixels)."
+        ),
+    ] = None,
+    cache_root: Annotated[Path | None, typer.Option(help="Where --pixels looks for pixel caches.")] = None,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option(
+            help=f"Seconds between last.pt writes {FinetuneSpec.default_help('checkpoint_every')}; 0: every epoch. "
+            "Always after the last epoch and on SIGTERM."
+        ),
+    ] = None,
     uncertain: Annotated[str | None, typer.Option(help="CheXpert uncertain labels: zeros, ones or ignore.")] = None,
     split: Annotated[str | None, typer.Option(help=SPLIT_HELP)] = None,
     layout: Annotated[str | None, typer.Option(help="CBIS-DDSM layout: auto, lists or tcia.")] = None,
@@ -164,7 +186,9 @@ def report_cmd(
     format: Annotated[
         str, typer.Option(help="Comma-separated: md, csv, tex, html (Markdown and CSV are always written).")
     ] = "md,csv,tex,html",
-    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for CIs and paired tests.")] = 1000,
+    resamples: Annotated[
+        int, typer.Option(help="Bootstrap resamples for CIs, paired tests, rank intervals and subgroup CIs.")
+    ] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     strict: Annotated[
         bool,
@@ -173,9 +197,35 @@ def report_cmd(
             help="A result file that cannot be used (damaged, breaks the contract) is an error, not skipped.",
         ),
     ] = False,
+    by: Annotated[
+        str | None,
+        typer.Option(
+            help="Subgroup tables by these per-sample metadata columns, comma-separated, e.g. sex,age_bin,view "
+            "(age_bin: from age or age_approx); a column no result carries is an error naming those available."
+        ),
+    ] = None,
+    subgroups: Annotated[
+        Path | None,
+        typer.Option(
+            help="Subgroups from a YAML file instead of --by: by: [sex, age_bin], datasets: {chexpert: [sex, view]} "
+            "(per dataset), age_edges: [0, 40, 60, 80], min_size: 30."
+        ),
+    ] = None,
 ) -> None:
-    """The paper's tables (mean ± std, bootstrap CIs, paired tests), figures and one HTML page from a results tree."""
-    report = build_report(results, out, parse_formats(format), resamples, seed, log=log_line, strict=strict)
+    """The paper's tables (mean ± std), their evidence (CIs at the patient level, paired tests, DeLong, calibration,
+    subgroups, rankings with critical differences), figures and one HTML page from a results tree."""
+    report = build_report(
+        results,
+        out,
+        parse_formats(format),
+        resamples,
+        seed,
+        log=log_line,
+        strict=strict,
+        by=by,
+        subgroups=subgroups,
+        progress=True,
+    )
     console.print(f"{report['n_results']} result(s) → {len(report['files'])} file(s) in {report['out']}", markup=False)
     for path in report["files"]:
         console.print(f"  {path}", markup=False, highlight=False, soft_wrap=True)

@@ -21,6 +21,8 @@ from fmcache.cli.app import (
     err_console,
     log_line,
 )
+from fmcache.errors import FmcacheError
+from fmcache.extract.pixel_spec import PixelSpec
 from fmcache.extract.spec import ExtractSpec
 
 # -- models / datasets -------------------------------------------------------------------------------------------
@@ -154,6 +156,13 @@ def extract_cmd(
             help=f"K seeded augmented views of every train image, besides its center crop {ExtractSpec.default_help('views')}."
         ),
     ] = None,
+    corrupt: Annotated[
+        str | None,
+        typer.Option(
+            help="NAME:SEVERITY (1-5): a test-split cache of corrupted images for robustness curves, e.g. "
+            "gaussian_noise:3 (`fmcache datasets` lists each modality's corruptions)."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Run a frozen foundation once over a dataset and write the keyed, resumable HDF5 cache."""
@@ -167,6 +176,68 @@ def extract_cmd(
     folder = run_extract(spec, progress=not quiet, log=log_line)
     if is_main_process():  # under torchrun, one line for the whole job
         console.print(str(folder), markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command("pixels")
+@cli_command
+def pixels_cmd(
+    dataset: Annotated[str | None, typer.Option(help="Dataset name (see `fmcache datasets`).")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Dataset folder in the official layout.")] = None,
+    img_size: Annotated[
+        int | None, typer.Option(help=f"The crop the model sees {PixelSpec.default_help('img_size')}.")
+    ] = None,
+    resize: Annotated[
+        int | None, typer.Option(help="Resize before the center crop (default img_size·256/224).")
+    ] = None,
+    interpolation: Annotated[
+        str | None, typer.Option(help="The resize's interpolation: bilinear (the seed's), bicubic, nearest, lanczos.")
+    ] = None,
+    channels: Annotated[
+        str | None,
+        typer.Option(
+            help="Stored channels: auto (1 for a grayscale dataset, whose channels are equal; else 3), 1 or 3."
+        ),
+    ] = None,
+    gray: Annotated[
+        str | None, typer.Option(help="repeat or seed: checked against the dataset; it changes no stored byte.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per write.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help=f"Processes decoding images {PixelSpec.default_help('workers')}.")
+    ] = None,
+    shard_size: Annotated[int | None, typer.Option(help="Samples per HDF5 shard.")] = None,
+    cache_root: Annotated[Path | None, typer.Option(help="Root folder of all caches.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N samples of each split.")] = None,
+    verify: Annotated[
+        bool | None, typer.Option("--verify", help="Hash-check every finished shard first (as `fmcache verify`).")
+    ] = None,
+    uncertain: Annotated[str | None, typer.Option(help="CheXpert uncertain labels: zeros, ones or ignore.")] = None,
+    split: Annotated[str | None, typer.Option(help=SPLIT_HELP)] = None,
+    layout: Annotated[str | None, typer.Option(help="CBIS-DDSM layout: auto, lists or tcia.")] = None,
+    csv: Annotated[str | None, typer.Option(help="CSV manifest file name for --dataset csv.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file of these options; flags override it.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say what would be written (images, size, folder) and stop.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Decode every image once and store its resize + center crop as uint8 (a pixel cache for `finetune`).
+
+    Fine-tuning (--pixels auto|on) and `extract --views` then read the crops instead of decoding full-size images
+    every epoch; the same seed gives bit-identical batches (README "Fine-tuning").
+    """
+    flags = {k: v for k, v in locals().items() if k not in ("config", "quiet", "dry_run")}
+    from fmcache.extract.pixels import PixelWriter, plan_pixels  # deferred: h5py, torch, torchvision
+
+    spec = build_spec(PixelSpec, config, flags)
+    plan = plan_pixels(spec, log=log_line)
+    if dry_run:
+        manifest = plan.cache.previous_manifest(quiet=True)
+        state = "complete" if plan.cache.is_complete() else "partial" if manifest else "not written yet"
+        console.print(f"{plan.describe()}; {state}", markup=False, highlight=False, soft_wrap=True)
+        return
+    folder = PixelWriter(plan, progress=not quiet, log=log_line).run()
+    console.print(str(folder), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("info")
@@ -218,6 +289,8 @@ def verify_cmd(
         size = human_bytes(c.size) if c.size is not None else "-"
         table.add_row(c.file, "-" if c.n is None else str(c.n), size, state, escape(c.problem))
     console.print(table)
+    if report.annotations:  # the per-sample annotations (raw labels, units, metadata) beside the shards
+        raise FmcacheError(report.annotations)
     if not report.damaged:
         status = report.manifest.get("status")
         pending = f"; {len(report.pending)} shard(s) not extracted yet" if report.pending else ""

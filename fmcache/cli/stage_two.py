@@ -11,7 +11,7 @@ from rich.table import Table
 from fmcache.choices import CKA_SPLITS, DEIT_DEPTH
 from fmcache.cli.app import BEST_EPOCH_HELP, app, cli_command, console, log_line, protocol_spec
 from fmcache.config import load_config
-from fmcache.frozen.specs import CkaSpec, KnnSpec, ProbeSpec, TokenProbeSpec
+from fmcache.frozen.specs import CkaSpec, KnnSpec, ProbeSpec, TokenProbeSpec, TransferSpec
 from fmcache.protocols import head_protocol
 from fmcache.runners import run
 
@@ -348,3 +348,79 @@ def cka_cmd(
     flags = {k: v for k, v in locals().items() if k not in ("cache", "config")}
     result = run("cka", protocol_spec("cka", config, flags, cache=cache), log=log_line)
     print_cka(result)
+
+
+# -- external validation -----------------------------------------------------------------------------------------
+
+
+def print_transfer(result: dict) -> None:
+    """Per target split: samples scored and the metric (mean ± std over seeds), the source's test metric beside."""
+    source, summary = result["source"], result["summary"]
+    title = f"transfer {source['dataset']} → {result['target']['dataset']} ({result['metric']}, mean ± std over seeds)"
+    table = Table(title=title)
+    for col in ("split", "n", result["metric"]):
+        table.add_column(col)
+    for split, entry in result["splits"].items():
+        table.add_row(split, str(entry["n"]), _mean_std(entry["mean"], entry["std"]))
+    source_cell = _mean_std(summary["source_test_mean"], summary["source_test_std"])
+    table.add_row(f"source test ({source['dataset']})", "", source_cell)
+    console.print(table)
+    print_folder(result)
+
+
+@app.command("transfer")
+@cli_command
+def transfer_cmd(
+    result: Annotated[Path, typer.Argument(help="A knn or probe result folder (it holds result.json and its heads).")],
+    target_cache: Annotated[Path, typer.Argument(help="The cache to score: same model, weights and transform.")],
+    label_map: Annotated[
+        Path | None,
+        typer.Option(help="YAML map of target classes to source classes (default: the shipped map, or identity)."),
+    ] = None,
+    drop_overlap: Annotated[
+        bool | None,
+        typer.Option("--drop-overlap", help="Drop target samples found in the source's train/val instead of refusing."),
+    ] = None,
+    near_duplicate_bits: Annotated[
+        int | None,
+        typer.Option(
+            help=f"Near duplicates: dHash within N bits (0..15) {TransferSpec.default_help('near_duplicate_bits')}."
+        ),
+    ] = None,
+    source_cache: Annotated[
+        Path | None, typer.Option(help="The source result's cache, when it moved (default: the path it records).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Results root (default: the source result's results tree).")] = None,
+    metric: Annotated[str | None, typer.Option(help="Override the target dataset's paper metric.")] = None,
+    uncertain: Uncertain = None,
+    device: Annotated[str | None, typer.Option(help="Linear and token heads: auto, cpu or cuda.")] = None,
+    cpu: Annotated[bool, typer.Option("--cpu", help="k-NN: force the FAISS CPU index even when a GPU exists.")] = False,
+    config: Config = None,
+) -> None:
+    """Score a frozen result's heads on another cache with no refit (external validation), leakage refused."""
+    flags = {
+        "result": result,
+        "label_map": label_map,
+        "drop_overlap": drop_overlap,
+        "near_duplicate_bits": near_duplicate_bits,
+        "source_cache": source_cache,
+        "out": out,
+        "metric": metric,
+        "uncertain": uncertain,
+        "device": device,
+        "use_gpu": False if cpu else None,
+    }
+    answer = run("transfer", protocol_spec("transfer", config, flags, cache=target_cache), log=log_line)
+    print_transfer(answer)
+
+
+@app.command("label-map")
+@cli_command
+def label_map_cmd(
+    source: Annotated[str, typer.Argument(help="The paper dataset the heads were trained on (e.g. isic2019).")],
+    target: Annotated[str, typer.Argument(help="The external dataset (e.g. pad_ufes20).")],
+) -> None:
+    """Print the shipped label map from SOURCE to TARGET as YAML (a starting point for --label-map)."""
+    from fmcache.data.label_maps import map_yaml, registry_map  # deferred: torch (the registry imports every loader)
+
+    console.print(map_yaml(registry_map(source, target)), markup=False, highlight=False, soft_wrap=True, end="")

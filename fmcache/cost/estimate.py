@@ -11,7 +11,11 @@ bytes/s and fixed per-job costs (:mod:`fmcache.cost.rates`: ``fmcache calibrate`
 Beside every job the seed's online cost for the same result (:meth:`Estimator.job`'s second value): a frozen run
 recomputes the foundation on every step of every epoch over train (with the train augmentation), on val every epoch
 and on test once; the k-NN bank is rebuilt for every evaluation (every k); CKA runs the models over the compared
-split; fine-tuning is the same end-to-end path in both.
+split; fine-tuning is the same end-to-end path in both, except where the images come from: the seed decodes every
+image every epoch, augments it in the loader and checkpoints every epoch, while a fine-tune job may read a pixel
+cache (``pixels: on``; a pixel job writes it first), draw the augmentation on the device (``augment: device``) and
+checkpoint every ``checkpoint_every`` seconds. ``Estimator(..., data_path="images")`` prices every job on the old
+path (no pixel job, the seed's fine-tuning data path), so a dry run shows both.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from functools import cache
 from typing import Protocol
 
+from fmcache.choices import DEIT_DEPTH
 from fmcache.config import as_floats, as_ints
 from fmcache.cost.counting import Counts, ModelShape
 from fmcache.cost.rates import Rates
@@ -77,6 +82,7 @@ class JobCost:
 
 
 TOKEN_PRELOAD_BYTES = 32 * 2**30  # the token heads stream a layer larger than a quarter of RAM (128 GiB assumed)
+DATA_PATHS = ("config", "images")  # what each job asks for, or every image decoded every epoch (the old path)
 
 
 def _defaults(spec_class: type) -> dict:
@@ -177,9 +183,15 @@ def _layer_list(value, layers: int) -> list[int]:
 class Estimator:
     """Cost of each grid job, on ``rates``, for datasets of ``sizes``."""
 
-    def __init__(self, rates: Rates, sizes: dict[str, DataSize | None], counts: Counts | None = None):
+    def __init__(
+        self, rates: Rates, sizes: dict[str, DataSize | None], counts: Counts | None = None, data_path: str = "config"
+    ):
+        if data_path not in DATA_PATHS:
+            raise FmcacheError(f"unknown data path {data_path!r}; use {', '.join(DATA_PATHS)}")
         self.rates, self.sizes = rates, sizes
         self.counts = counts or Counts()
+        self.legacy = data_path == "images"
+        self.data_ratio = 0.0  # the largest data path / compute of a fine-tune job priced so far (1.0: data-bound)
 
     # -- building blocks
     def _fwd_s(self, shape: ModelShape, flops: float) -> float:
@@ -195,6 +207,13 @@ class Estimator:
 
     def _augment_s(self, img_size: int) -> float:
         return self.rates.augment_s * (img_size / 224) ** 2
+
+    def _pixel_read_s(self, img_size: int, channels: int) -> float:
+        """One cached crop read by a loader worker (its bytes: img_size² × channels)."""
+        return self.rates.pixel_read_s * (img_size / 224) ** 2 * channels / 3
+
+    def _device_augment_s(self, img_size: int) -> float:
+        return self.rates.device_augment_s * (img_size / 224) ** 2
 
     def _pipeline(self, compute_s: float, data_s: float, workers: int, ours: bool = True) -> float:
         """Compute and the data path: overlapped across ``workers`` on a GPU, sharing the cores on a CPU."""
@@ -230,12 +249,20 @@ class Estimator:
 
     def extract_cost(self, job, shape: ModelShape, ds: DataSize, extract: dict) -> Cost:
         e = _extract_options(extract)
+        corrupt = e.get("corrupt") is not None
+        if corrupt:  # a corrupted cache holds the test split only; the corruption costs about an augmentation
+            ds = replace(ds, train=0, val=0)
         views = int(e["views"])
         images = ds.total + views * ds.train
         flops = images * shape.flops
         written = images * self.row_bytes(shape, extract)
         size = self._img_size(job)
-        data = images * self._decode_s(ds, size) + views * ds.train * self._augment_s(size)
+        # the grid makes an extract with views depend on the pixel cache of its size: nothing is decoded then
+        pixels = not self.legacy and any(str(d).startswith("pixels/") for d in getattr(job, "deps", []))
+        read = self._pixel_read_s(size, _channels(job.dataset["name"])) if pixels else self._decode_s(ds, size)
+        data = ds.total * (read + (self._augment_s(size) if corrupt else 0.0)) + views * ds.train * self._augment_s(
+            size
+        )
         workers = int(e["workers"])
         seconds = (
             self.rates.job_s
@@ -256,18 +283,23 @@ class Estimator:
         ds = self.sizes.get(job.dataset["name"])
         if ds is None:
             raise FmcacheError(f"dataset {job.dataset['name']}: no size known")
+        if getattr(job, "is_pixels", False):  # a pixel cache: no model; the old data path has none
+            return JobCost(Cost() if self.legacy else self.pixels_cost(job, ds), Cost())
         shape = self.counts.model(job.model)
         if job.is_extract:
             return JobCost(self.extract_cost(job, shape, ds, job.extract), Cost())
         model = get_protocol(job.kind).cost  # the protocol's trait names its cost model
         if model == "end_to_end":
-            ours = self._finetune(job, shape, ds)
-            return JobCost(ours, ours)  # fine-tuning is the same end-to-end path in fmcache and the seed
+            ours = self._finetune(job, shape, ds, self.legacy)
+            # the same end-to-end path in fmcache and the seed, but the seed's data path
+            seed = ours if self.legacy else self._finetune(job, shape, ds, legacy=True)
+            return JobCost(ours, seed)
         models = {
             "neighbours": self._knn,
             "pooled_heads": self._linear,
             "token_heads": self._tokens,
             "similarity": self._cka,
+            "applying": self._apply,
         }
         if model not in models:
             raise FmcacheError(f"no cost model {model!r} for job kind {job.kind}")
@@ -406,6 +438,39 @@ class Estimator:
         ours.seconds += self.rates.job_s
         return JobCost(ours, seed)
 
+    def _apply(self, job, shape: ModelShape, ds: DataSize) -> JobCost:
+        """Another job's heads on this job's cache (transfer): inference only. k-NN searches the source's train
+        bank; linear heads are a matrix product; token heads run forward once per seed. The seed has no such run:
+        it would run the foundation over the target's images once."""
+        o = _options(job)
+        heads_kind = str(o.get("from") or "").partition("#")[0]
+        model = get_protocol(heads_kind).cost if heads_kind else "pooled_heads"
+        n = ds.test if _extract_options(job.extract).get("corrupt") is not None else ds.total
+        source = self.sizes.get(str(o.get("source") or job.dataset["name"])) or ds
+        seeds = _count(_protocol_defaults(heads_kind).get("seeds", 1)) if heads_kind else 1
+        item = _itemsize(job.extract)
+        dim = shape.pooled_dim
+        if model == "neighbours":
+            flops, read = 2.0 * n * source.train * dim, (n + source.train) * dim * item
+        elif model == "token_heads":
+            # the heads' layer is the source result's; priced at the last block's tokens
+            tokens, width = shape.tokens[-1] - shape.prefix, shape.dims[-1]
+            hf, _ = self.counts.head(get_protocol(heads_kind).head, max(1, tokens), width, ds.classes, DEIT_DEPTH)
+            flops, read = seeds * n * hf, n * tokens * width * item
+        else:
+            flops, read = seeds * n * 2.0 * dim * ds.classes, n * dim * item
+        ours = Cost(0, flops, 0, read, self.rates.job_s + flops / self.rates.fwd + read / self.rates.io_bytes_s)
+        data = n * self._decode_s(ds, self._img_size(job))
+        compute = self._fwd_s(shape, n * shape.flops)
+        seed = Cost(
+            n,
+            n * shape.flops,
+            0,
+            0,
+            self.rates.job_s + self._build_s(shape.params) + self._pipeline(compute, data, 2, False),
+        )
+        return JobCost(ours, seed)
+
     def _cka(self, job, shape: ModelShape, ds: DataSize) -> JobCost:
         o = _options(job)
         split = str(o["split"])
@@ -444,7 +509,27 @@ class Estimator:
         )
         return JobCost(ours, seed)
 
-    def _finetune(self, job, shape: ModelShape, ds: DataSize) -> Cost:
+    def pixels_cost(self, job, ds: DataSize) -> Cost:
+        """A pixel job (``fmcache pixels``): every image decoded once by the loader's workers, its crop written."""
+        size, channels = int(job.model["img_size"]), _channels(job.dataset["name"])
+        images = ds.total
+        written = images * size * size * channels
+        workers = max(1, int(job.options.get("workers") or 4))
+        seconds = self.rates.job_s + images * self._decode_s(ds, size) / workers + written / self.rates.io_bytes_s
+        return Cost(0, 0.0, written, 0.0, seconds)
+
+    def _finetune_data(
+        self, o: dict, ds: DataSize, size: int, dataset: str, legacy: bool
+    ) -> tuple[float, float, float]:
+        """Per train image: the loader's seconds and the device's (augmentation); per evaluated image: the loader's."""
+        # auto: a pixel cache only if one exists, priced as images; YAML 1.1 reads a bare on as true
+        pixels = not legacy and o.get("pixels") in ("on", True)
+        device = not legacy and str(o.get("augment")) == "device"
+        read = self._pixel_read_s(size, _channels(dataset)) if pixels else self._decode_s(ds, size)
+        train = read + (0.0 if device else self._augment_s(size))
+        return train, (self._device_augment_s(size) if device else 0.0), read
+
+    def _finetune(self, job, shape: ModelShape, ds: DataSize, legacy: bool = False) -> Cost:
         o = _options(job)
         runs = _count(o["lrs"]) * _count(o["seeds"])
         epochs, batch = int(o["epochs"]), int(o["batch_size"])
@@ -485,19 +570,30 @@ class Estimator:
         evals = epochs * ds.val + bests(epochs) * ds.test
         flops = epochs * used_n * train_per + evals * eval_per
         size = self._img_size(job)
-        data = epochs * used_n * (self._decode_s(ds, size) + self._augment_s(size)) + evals * self._decode_s(ds, size)
+        train_data, train_device, eval_data = self._finetune_data(o, ds, size, job.dataset["name"], legacy)
+        data = epochs * used_n * train_data + evals * eval_data
         compute = (
             self._train_s(shape, epochs * used_n * train_per)
             + self._fwd_s(shape, evals * eval_per)
             + epochs * steps * (self._step_s(trained_params) + trained_tensors * self.rates.opt_s_per_tensor)
+            + epochs * used_n * train_device
         )
-        checkpoints = epochs * (shape.params * 4 + trained_params * 8) + bests(epochs) * shape.params * 4
+        workers = int(o["workers"])
+        run_s = self._pipeline(compute, data, workers, ours=not legacy or self.legacy)
+        if not legacy and self.rates.overlap and workers > 0 and compute > 0:
+            self.data_ratio = max(self.data_ratio, data / workers / compute)
+        # last.pt: after every epoch on the old path (and with checkpoint_every 0), else at most every
+        # checkpoint_every seconds and after the last epoch
+        every = 0 if legacy else int(o.get("checkpoint_every") or 0)
+        writes = epochs if every <= 0 else min(epochs, math.floor(run_s / every) + 1)
+        per_write = trained_params * 12 if lora else shape.params * 4 + trained_params * 8
+        checkpoints = writes * per_write + bests(epochs) * shape.params * 4
         if lora:  # the checkpoint holds adapters and head with AdamW's two moments; each best exports the whole
             # foundation (merged) beside the adapters and the head
-            checkpoints = epochs * trained_params * 12 + bests(epochs) * (shape.params + trained_params) * 4
+            checkpoints = writes * per_write + bests(epochs) * (shape.params + trained_params) * 4
         seconds = (
             self._build_s(shape.params)
-            + self._pipeline(compute, data, int(o["workers"]))
+            + run_s
             + checkpoints / self.rates.io_bytes_s
             + (epochs + bests(epochs)) * self.rates.metric_s
         )
@@ -505,6 +601,14 @@ class Estimator:
         total = one.scaled(runs)
         total.seconds += self.rates.job_s
         return total
+
+
+def _channels(dataset: str) -> int:
+    """Channels a pixel cache stores for ``dataset``: one for a grayscale one (fmcache pixels --channels auto)."""
+    from fmcache.data.registry import DATASETS  # deferred: torch, torchvision
+
+    spec = DATASETS.get(dataset)
+    return 1 if spec is not None and spec.grayscale else 3
 
 
 # -- the API every estimator shares ------------------------------------------------------------------------------------

@@ -14,7 +14,24 @@ from fmcache.errors import FmcacheError
 # datasets' typical stored image size in megapixels (the decode cost): APTOS ~2400 × 1700 PNG, CBIS-DDSM full
 # mammograms as PNG (~3000 × 4000, downsampled in the seed's lists: assumed 4 MPx), ISIC 2019 ~1024 × 768 JPEG,
 # CheXpert-v1.0-small ~390 × 320 JPEG.
-TYPICAL_MPX = {"aptos2019": 4.0, "cbis_ddsm": 4.0, "isic2019": 0.8, "chexpert": 0.125}
+# The external sets (assumed from their releases' usual sizes): PAD-UFES-20 smartphone photos ~1-3 MPx, HAM10000
+# 600 × 450, Messidor-2 up to 2240 × 1488, IDRiD 4288 × 2848, EyePACS ~3 MPx, ChestX-ray14 1024 × 1024,
+# MIMIC-CXR-JPG ~2500 × 3000, CMMD and VinDr-Mammo full-field DICOM ~4-10 MPx.
+TYPICAL_MPX = {
+    "aptos2019": 4.0,
+    "cbis_ddsm": 4.0,
+    "isic2019": 0.8,
+    "chexpert": 0.125,
+    "pad_ufes20": 2.0,
+    "ham10000": 0.27,
+    "messidor2": 2.5,
+    "idrid": 12.2,
+    "eyepacs": 3.0,
+    "chestxray14": 1.05,
+    "mimic_cxr": 7.0,
+    "cmmd": 4.4,
+    "vindr_mammo": 9.0,
+}
 DIGITS_PX = 32  # prepare: digits writes 32 × 32 scans (fmcache.data.digits)
 
 
@@ -82,6 +99,8 @@ def dataset_sizes(datasets: list[dict], log: Log) -> dict[str, DataSize | None]:
                 log(f"dataset {name}: root {root} {why}; no official image count is known, so costs leave it out")
             else:
                 counts, note = _official_split(name, official)
+                if getattr(spec, "external", False) and data.get("split") in (None, "external"):
+                    counts, note = (0, 0, official), "every image is test (an external set)"
                 log(
                     f"dataset {name}: root {root} {why}; planning from the official release's {official:,} images"
                     + (f" ({note})" if note else "")

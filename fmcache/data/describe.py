@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fmcache.data.corruptions import corruptions_for, modality_of
 from fmcache.data.index import SPLITS, DatasetIndex
 
 COLUMNS = (*SPLITS, "total")
@@ -58,6 +59,7 @@ def describe(index: DatasetIndex) -> dict:
         "group_unit": index.group_unit,
         "units": len(np.unique(index.groups())),
         "raw_label_names": list(index.raw_label_names),
+        "corruptions": {"modality": modality_of(index.name), "names": corruptions_for(index.name)},
         "problems": list(index.problems),
     }
 
@@ -96,6 +98,11 @@ def format_description(desc: dict) -> str:
         body += [[escape(name), *(str(splits[c]["classes"][name]) for c in COLUMNS)] for name in desc["class_names"]]
     lines += _table(header, body)
     lines += _annotation_lines(desc, escape)
+    if desc.get("corruptions"):
+        corruptions = desc["corruptions"]
+        lines.append(
+            f"corruptions ({corruptions['modality']}; extract --corrupt NAME:1-5): {', '.join(corruptions['names'])}"
+        )
     lines += [f"[yellow]note:[/yellow] {escape(p)}" for p in desc["problems"]]
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 from fmcache.choices import GRAY_MODES
+from fmcache.data.corruptions import Corruption
 from fmcache.errors import FmcacheError
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -88,12 +89,14 @@ def build_transform(
     std: Sequence[float] = IMAGENET_STD,
     interpolation: str = "bilinear",
     gray: str = "repeat",
+    corruption: Corruption | None = None,
 ) -> tuple[Callable[[Image.Image], torch.Tensor], dict]:
     """The evaluation transform and a JSON-able dict that fully describes it (for the cache key).
 
     Resize to a ``resize``×``resize`` square (default ``round(img_size*256/224)``, antialiased), center crop
     ``img_size``, convert to a float32 CHW tensor in [0, 1], normalise with ``mean``/``std``. ``gray="seed"``
-    then keeps only the first channel (see :data:`GRAY_MODES`); use it for grayscale datasets only.
+    then keeps only the first channel (see :data:`GRAY_MODES`); use it for grayscale datasets only. A
+    ``corruption`` (:mod:`fmcache.data.corruptions`) acts on the crop, before the tensor conversion.
     """
     gray = check_gray(gray)
     img_size = _check_size(img_size, "img_size")
@@ -105,19 +108,23 @@ def build_transform(
         [
             T.Resize((resize, resize), interpolation=_interpolation(interpolation), antialias=True),
             T.CenterCrop(img_size),
+            *([corruption] if corruption is not None else []),
             T.ToTensor(),
             T.Normalize(mean_l, std_l),
             *([T.Lambda(_red_channel_only)] if gray == "seed" else []),
         ]
     )
+    steps = ["resize", "center_crop", *(["corrupt"] if corruption else []), "to_tensor", "normalize"]
     spec = {
-        "steps": ["resize", "center_crop", "to_tensor", "normalize", *(["gray_seed"] if gray == "seed" else [])],
+        "steps": [*steps, *(["gray_seed"] if gray == "seed" else [])],
         "resize": [resize, resize],
         "crop": img_size,
         "interpolation": interpolation,
         "antialias": True,
         "mean": mean_l,
         "std": std_l,
+        # only when asked for, so every existing key stays the same
+        **({"corrupt": corruption.describe()} if corruption else {}),
     }
     return transform, spec
 

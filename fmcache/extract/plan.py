@@ -20,7 +20,10 @@ from fmcache.cache.folder import CacheFolder
 from fmcache.cache.key import SCHEMA_VERSION, cache_key
 from fmcache.cache.views import SEED as VIEWS_SEED
 from fmcache.data import DatasetIndex, build_transform, dataset_norm, load_dataset
+from fmcache.data.corruptions import parse_corruption
+from fmcache.data.external import EXTERNAL
 from fmcache.data.registry import check_gray_for
+from fmcache.data.registry import get_spec as get_dataset_spec
 from fmcache.data.transforms import (
     train_augmentation,
     train_augmentation_spec,
@@ -48,8 +51,12 @@ def _stage_one_options(spec: ExtractSpec, log) -> dict:
     return options
 
 
-def select_positions(index: DatasetIndex, limit: int | None) -> np.ndarray:
-    """Global indices to cache: all, or the first ``limit`` of each split (sorted, canonical order)."""
+def select_positions(index: DatasetIndex, limit: int | None, test_only: bool = False) -> np.ndarray:
+    """Global indices to cache: all, or the first ``limit`` of each split (sorted, canonical order); only the test
+    split's with ``test_only`` (a corrupted cache: it scores heads trained on the clean one)."""
+    if test_only:
+        test = index.indices("test")
+        return np.asarray(test if limit is None else test[:limit], dtype=np.int64)
     if limit is None:
         return np.arange(len(index), dtype=np.int64)
     if limit < 1:
@@ -63,11 +70,16 @@ def resolve_norm(spec: ExtractSpec) -> tuple[tuple[float, ...], tuple[float, ...
         model_spec = get_spec(spec.model)
         return model_spec.mean, model_spec.std, "model"
     if spec.norm == "dataset":
-        norm = dataset_norm(spec.dataset)
+        norm, source = dataset_norm(spec.dataset), "dataset"
+        task_source = get_dataset_spec(spec.dataset).source
+        if norm is None and task_source is not None and dataset_norm(task_source) is not None:
+            # an external set has no statistics of its own: it is normalised as the paper dataset whose heads it
+            # scores (``fmcache transfer`` compares caches of one transform), so its features are comparable
+            norm, source = dataset_norm(task_source), f"dataset:{task_source}"
         if norm is None:  # generic layouts carry no statistics of their own
             model_spec = get_spec(spec.model)
             return model_spec.mean, model_spec.std, "model"
-        return norm[0], norm[1], "dataset"
+        return norm[0], norm[1], source
     raise FmcacheError(f"unknown --norm '{spec.norm}'; use dataset or model")
 
 
@@ -176,6 +188,8 @@ class ExtractPlan:
     folder: Path
     num_shards: int
     cache: CacheFolder
+    # an external set (all test by design) or a corrupted test cache: its heads come from another cache
+    evaluation_only: bool = False
 
     def split_counts(self) -> dict[str, int]:
         """Samples of each split that this run caches (after --limit)."""
@@ -209,13 +223,14 @@ class ExtractPlan:
 def plan(spec: ExtractSpec, log=print) -> ExtractPlan:
     """Everything about an extraction that needs no model and no decoded image: the key and the cache folder."""
     index = load_dataset(spec.dataset, spec.data_root, **_stage_one_options(spec, log))
-    positions = select_positions(index, spec.limit)
+    corruption = parse_corruption(spec.corrupt, index.name) if spec.corrupt else None
+    positions = select_positions(index, spec.limit, test_only=corruption is not None)
     model_spec = get_spec(spec.model)
     img_size = int(spec.img_size or model_spec.default_img_size)
     mean, std, norm_source = resolve_norm(spec)
     check_gray_for(spec.gray, spec.dataset)
     transform, desc = build_transform(
-        img_size, spec.resize, mean, std, interpolation=spec.interpolation, gray=spec.gray
+        img_size, spec.resize, mean, std, interpolation=spec.interpolation, gray=spec.gray, corruption=corruption
     )
     transform_desc = {**desc, "norm_source": norm_source}
     inputs = key_inputs(spec, index, positions, transform_desc, log)
@@ -236,4 +251,5 @@ def plan(spec: ExtractSpec, log=print) -> ExtractPlan:
         folder=folder,
         num_shards=max(1, -(-len(positions) // spec.shard_size)),
         cache=CacheFolder(folder, key, verify=spec.verify, log=log),
+        evaluation_only=corruption is not None or index.split_info.get("mode") == EXTERNAL,
     )

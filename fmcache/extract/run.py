@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import fmcache
-from fmcache.cache.annotations import write_annotations
+from fmcache.cache.annotations import check_annotations, write_annotations
 from fmcache.cache.key import SCHEMA_VERSION
 from fmcache.cache.lock import CacheLock
 from fmcache.cache.manifest import MANIFEST
@@ -34,9 +34,10 @@ from fmcache.cache.views import SEED as VIEWS_SEED
 from fmcache.cache.views import views_batch_arrays
 from fmcache.data import ImageDataset, default_metric
 from fmcache.data.describe import empty_split_warning
-from fmcache.data.views import ViewsImageDataset
+from fmcache.data.fingerprint import content_hashes
 from fmcache.dist import Dist, autocast_for, close_dist, init_dist, is_main_process
 from fmcache.errors import FmcacheError
+from fmcache.extract.pixels import views_dataset, views_pixels
 from fmcache.extract.plan import DTYPES, ExtractPlan, plan
 from fmcache.extract.spec import ExtractSpec, token_layers, wants_paper_tokens
 from fmcache.files import atomic_write_json, ensure_writable_dir
@@ -152,6 +153,10 @@ class Extractor:
 
     def run(self) -> Path:
         counts = self.plan.split_counts()
+        if self.plan.evaluation_only:
+            # an external set (all test by design) or a corrupted test cache: heads come from another cache, so
+            # only the test split must hold samples
+            counts = {split: counts.get(split, 0) or (1 if split != "test" else 0) for split in counts}
         empty = empty_split_warning(self.index.name, counts)
         if empty and not self.spec.allow_empty_split:  # refused before any model is built or file written
             raise FmcacheError(f"{empty}; or pass --allow-empty-split if you mean it")
@@ -202,7 +207,9 @@ class Extractor:
         arrays, facts = self.plan.annotations()
         current = manifest.get("annotations") or {}
         if current.get("sha256") == hashlib.sha256(npz_bytes(arrays)).hexdigest():
-            return
+            with contextlib.suppress(FmcacheError):  # and the file is still that one (`fmcache verify` names it)
+                check_annotations(self.folder, current)
+                return
         with CacheLock(self.folder):
             manifest["annotations"] = write_annotations(self.folder, arrays, facts)
             atomic_write_json(self.folder / MANIFEST, manifest)
@@ -273,6 +280,7 @@ class Extractor:
             self._base["annotations"] = write_annotations(self.folder, *self.plan.annotations())
         forward = torch.compile(model) if spec.compile else model
         self._written: dict[str, dict] = {}
+        self._pixels = views_pixels(self.plan, self.log if dist.main else lambda m: None)  # --views: decode once
         if dist.main:
             self._write_manifest()
         done = set(finished_shards(self.folder))
@@ -320,7 +328,7 @@ class Extractor:
         shard_writer = ShardWriter(self.folder, shard, len(positions), attrs, spec.compression)
         loader = DataLoader(
             _Guarded(
-                ViewsImageDataset(self.index, positions, self.plan.transform, self.plan.augment, spec.views, VIEWS_SEED)
+                views_dataset(self.plan, positions, self._pixels, VIEWS_SEED)  # images, or a pixel cache
                 if spec.views
                 else ImageDataset(self.index, positions, self.plan.transform)
             ),
@@ -349,7 +357,13 @@ class Extractor:
                     }
                     if spec.views:
                         arrays.update(self._forward_views(forward, views, model_info, device, store_dtype))
-                    writer.submit(lambda a=arrays, h=host: shard_writer.append({**h, **_to_numpy(a)}))
+                    # the inputs' fingerprints (transfer's leakage check), hashed on the writer thread: hashlib
+                    # releases the GIL, so the loop does not wait on them
+                    writer.submit(
+                        lambda a=arrays, h=host, x=images: shard_writer.append(
+                            {**h, **content_hashes(x), **_to_numpy(a)}
+                        )
+                    )
                 advance(len(ids) + len(bad))
             writer.drain()
             # no timing in the shard's attributes: identical inputs must give byte-identical shard files

@@ -57,6 +57,7 @@ class ExtractSpec(Spec):
     verify: bool = False  # hash-check every finished shard before trusting or resuming the cache
     allow_empty_split: bool = False  # an empty train/val/test split is refused unless the user means it
     views: int = 0  # K seeded augmented views of every train image, besides its center crop (cache/views.py)
+    corrupt: str | None = None  # NAME:SEVERITY: a test-split cache of corrupted images (data/corruptions.py)
     dataset_options: dict = field(default_factory=dict)
     arch_overrides: dict = field(default_factory=dict)
 
@@ -87,6 +88,8 @@ class ExtractSpec(Spec):
         if self.device not in (None, "auto", "cpu") and not str(self.device).startswith("cuda"):
             raise FmcacheError(f"unknown --device '{self.device}'; use auto, cpu or cuda")
         parse_tokens(self.tokens)
+        if self.corrupt is not None and self.views:
+            raise FmcacheError("--corrupt caches the test split only and --views the train split: pass one of them")
 
 
 def parse_tokens(tokens: str) -> str | list:

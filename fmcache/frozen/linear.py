@@ -28,6 +28,7 @@ that LR. Standard deviations are sample std (ddof=1; 0 for one seed).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -115,7 +116,7 @@ def batched_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
     return torch.bmm(weight, x.transpose(1, 2)).transpose(1, 2) + bias[:, None, :]
 
 
-def _eval_probs(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, multilabel: bool) -> np.ndarray:
+def eval_probs(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, multilabel: bool) -> np.ndarray:
     """(H, N, C) class probabilities (softmax, or sigmoid for multi-label) of every head on ``x``."""
     h, c, d = w.shape
     parts = []
@@ -231,7 +232,11 @@ def train_linear_grid(
         evaluator.evaluate_epoch(epoch, run.weight.detach(), run.bias.detach())
         if on_epoch is not None:
             on_epoch(epoch + 1)
-    return summarise(metric, lrs, seeds, evaluator, settings, run.train_seconds)
+    result = summarise(metric, lrs, seeds, evaluator, settings, run.train_seconds)
+    # the heads transfer applies: every seed of the best LR, each at its own best val epoch (heads are LR-major)
+    best = slice(lrs.index(result.best_lr) * len(seeds), (lrs.index(result.best_lr) + 1) * len(seeds))
+    heads = {"weight": evaluator.best_weight[best].cpu(), "bias": evaluator.best_bias[best].cpu()}
+    return dataclasses.replace(result, heads=heads)
 
 
 class LinearHeadGrid:
@@ -303,16 +308,19 @@ class LinearHeadGrid:
 
 
 class _Evaluator(HeadRecords):
-    """Per-epoch val metric of every head; test metric at each head's best val epoch so far."""
+    """Per-epoch val metric of every head; test metric, and the head's weight and bias, at each head's best val
+    epoch so far (one (H, C, D) copy: what ``heads.safetensors`` saves for ``fmcache transfer``)."""
 
     def __init__(self, val: _Split, test: _Split, metric, multilabel, label_names, n_heads, epochs):
         super().__init__(n_heads, epochs)
         self.val, self.test = val, test
         self.metric, self.multilabel, self.label_names = metric, multilabel, label_names
+        self.best_weight: torch.Tensor | None = None
+        self.best_bias: torch.Tensor | None = None
 
     def _probs(self, split: _Split, w: torch.Tensor, b: torch.Tensor) -> np.ndarray:
         start = time.perf_counter()
-        probs = _eval_probs(split.x, w, b, self.multilabel)
+        probs = eval_probs(split.x, w, b, self.multilabel)
         self.forward_seconds += time.perf_counter() - start
         self.forward_samples += len(split.x) * len(w)
         return probs
@@ -328,6 +336,9 @@ class _Evaluator(HeadRecords):
             return
         # Test is only scored for heads whose val improved: that is the only test number reported.
         rows = torch.as_tensor(improved, device=w.device)
+        if self.best_weight is None:
+            self.best_weight, self.best_bias = torch.empty_like(w), torch.empty_like(b)
+        self.best_weight[rows], self.best_bias[rows] = w[rows], b[rows]
         test_probs = self._probs(self.test, w[rows], b[rows])
         for head, probs in zip(improved, test_probs, strict=True):
             self.test_metrics[head] = self._evaluate(self.test.y, probs)

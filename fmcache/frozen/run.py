@@ -23,6 +23,7 @@ from fmcache.frozen.common import (
     views_and_warmup,
 )
 from fmcache.frozen.features import FeatureSource, resolve_layers, resolve_pool, standardize, train_stats
+from fmcache.frozen.headfiles import BANK, LinearHeads
 from fmcache.frozen.knn import knn_evaluate, knn_rows
 from fmcache.frozen.linear import train_linear_grid
 from fmcache.frozen.sklearn_ref import fit_sklearn_reference
@@ -41,6 +42,8 @@ from fmcache.frozen.views import pooled_views
 from fmcache.plots import plot_cka_heatmap, plot_knn_vs_k, plot_knn_vs_layer, plot_probe_curves, plot_probe_vs_layer
 from fmcache.progress import progress_bar
 from fmcache.results import (
+    HEADS,
+    heads_record,
     start_result,
     write_head_grid,
     write_result,
@@ -146,7 +149,12 @@ def _run_knn(reader: CacheReader, spec: KnnSpec, subset: Subset | None, log) -> 
         rows=rows,
         predictions=predictions,
         **source.identity(),
-        extra={**source.facts(), "paper_feature": is_paper_feature(reader, layers, pools), **subset_facts},
+        extra={
+            **source.facts(),
+            "paper_feature": is_paper_feature(reader, layers, pools),
+            "heads": knn_bank_record(best, pools, ks, temperature, len(take(reader.ids("train"), train_rows))),
+            **subset_facts,
+        },
     )
     return {
         "folder": folder,
@@ -156,6 +164,27 @@ def _run_knn(reader: CacheReader, spec: KnnSpec, subset: Subset | None, log) -> 
         "views_note": payload.get("views"),
         "best": best,
     }
+
+
+def knn_bank_record(best: dict, pools: list[str], ks: tuple[int, ...], temperature: float, n_bank: int) -> dict:
+    """k-NN's ``heads`` entry: no file (its bank is the cache's train split, the subset's rows in ``subsets.npz``
+    for a label-efficiency run), and what ``fmcache transfer`` needs to rebuild it: the layer, pool, k chosen on
+    val, T, and the ks searched (the search runs at the largest, so the best k's neighbours are found as here)."""
+    what = (
+        f"no heads: k-NN's bank is the source cache's train split ({n_bank} samples), layer {best['layer']}, pool "
+        f"{'+'.join(pools)}, k {best['k']} (chosen on val), T {temperature:g}"
+    )
+    apply = {
+        "kind": BANK,
+        "layers": [best["layer"]],
+        "pool": pools,
+        "k": best["k"],
+        "ks": [int(k) for k in ks],
+        "temperature": float(temperature),
+        "seeds": [-1],
+        "n_bank": n_bank,
+    }
+    return heads_record(None, None, what, apply)
 
 
 def _knn_best(result: dict, layer: int) -> dict:
@@ -231,13 +260,14 @@ def _run_probe(reader: CacheReader, spec: ProbeSpec, subset: Subset | None, prog
     subset_facts = write_subset(folder, reader, subset)
     if subset_facts and warmup_note(reader.dataset, warmup):  # said in the result, not only in its settings
         subset_facts["subset"]["warmup"] = warmup_note(reader.dataset, warmup)
-    per_layer, rows, predictions = {}, [], None
+    per_layer, rows, predictions, kept = {}, [], None, LinearHeads(seed_list, pools, spec.standardize)
     for number in layers:
         data = [
             (take(features.get(s, number), rows_of(subset, s)), take(reader.labels(s), rows_of(subset, s)))
             for s in ("train", "val", "test")
         ]
         train_views = take(pooled_views(reader, number, pools), rows_of(subset, "train")) if with_views else None
+        mean = std = None
         if spec.standardize:
             # the center crops' train statistics, for the views too: val and test are scaled exactly as with
             # --views off
@@ -271,6 +301,7 @@ def _run_probe(reader: CacheReader, spec: ProbeSpec, subset: Subset | None, prog
                 **warmup,
             )
         entry = result.to_dict()
+        kept.add(number, result, mean, std)
         if spec.sklearn:
             entry["sklearn"] = fit_sklearn_reference(*data[0], *data[1], *data[2], metric=metric)
         per_layer[number] = entry
@@ -282,6 +313,7 @@ def _run_probe(reader: CacheReader, spec: ProbeSpec, subset: Subset | None, prog
     if spec.plots and len(layers) > 1:
         plot_probe_vs_layer(folder / "probe_linear_vs_layer.png", per_layer, metric)
     details = {"cache": str(reader.path), "sklearn": spec.sklearn, "layers": per_layer}
+    heads_facts = kept.write(folder / HEADS, reader)  # before result.json, which vouches for it
     write_head_grid(
         folder,
         subset_source(result_source(reader), subset),
@@ -292,7 +324,7 @@ def _run_probe(reader: CacheReader, spec: ProbeSpec, subset: Subset | None, prog
         rows=rows,
         predictions=predictions,
         details=details,
-        extra={"paper_feature": is_paper_feature(reader, layers, pools), **subset_facts},
+        extra={"paper_feature": is_paper_feature(reader, layers, pools), "heads": heads_facts, **subset_facts},
     )
     return {"folder": folder, "metric": metric, "layers": per_layer, "rows": rows, "views": settings["views"]}
 

@@ -17,6 +17,7 @@ from fmcache.choices import PAPER_TOKENS
 from fmcache.dist import pick_device
 from fmcache.files import atomic_write_bytes
 from fmcache.frozen.common import label_settings, protocol_dir, resolve_metric, result_source, views_and_warmup
+from fmcache.frozen.headfiles import TOKEN, layer_prefix, layer_tag, save_heads
 from fmcache.frozen.heads import deit_pretrained_state
 from fmcache.frozen.specs import TokenProbeSpec
 from fmcache.frozen.subsets import (
@@ -28,19 +29,15 @@ from fmcache.frozen.subsets import (
     subset_source,
     write_subset,
 )
-from fmcache.frozen.token_layers import check_token_layers, layer_spec, paper_tokens_note, token_norm_for
+from fmcache.frozen.token_layers import LayerSpec, check_token_layers, layer_spec, paper_tokens_note, token_norm_for
 from fmcache.frozen.tokens import TokenGridSettings, TokenSplit, should_preload, train_token_grid
+from fmcache.headgrid import ProbeResult
 from fmcache.plots import plot_probe_curves, plot_probe_vs_layer
 from fmcache.progress import progress_bar
-from fmcache.results import csv_bytes, start_result, write_head_grid
+from fmcache.results import HEADS, csv_bytes, heads_record, start_result, write_head_grid
 from fmcache.training import check_checkpoint, checkpoint_position, warmup_note
 
 EVAL = ("train", "val", "test")
-
-
-def layer_tag(layer: int | str) -> str:
-    """``layer04`` for a block, ``paper`` for the paper's tokens: file names of per-layer outputs."""
-    return f"layer{layer:02d}" if isinstance(layer, int) else str(layer)
 
 
 def checkpoint_path(folder: Path, head: str, layer: int | str) -> Path:
@@ -130,7 +127,7 @@ def _run_token_probe(reader: CacheReader, spec: TokenProbeSpec, subset: Subset |
     subset_facts = write_subset(folder, reader, subset)
     if subset_facts and warmup_note(reader.dataset, warmup):  # said in the result, not only in its settings
         subset_facts["subset"]["warmup"] = warmup_note(reader.dataset, warmup)
-    per_layer, rows, read_info, predictions = {}, [], {}, None
+    per_layer, rows, read_info, predictions, kept = {}, [], {}, None, {}
     n_heads = len(lrs) * len(seed_list)
     n_passes = -(-n_heads // (heads_per_pass or n_heads))
     for n in layers:
@@ -180,6 +177,7 @@ def _run_token_probe(reader: CacheReader, spec: TokenProbeSpec, subset: Subset |
                 on_epoch=lambda _: advance(1),
             )
         entry = result.to_dict()
+        kept[n] = result  # its best-LR heads' states, for heads.safetensors
         entry["timings"]["token_read"] = read_info[n]
         per_layer[n] = entry
         predictions = result.predictions  # the last layer's is the headline, as the linear probe
@@ -198,6 +196,7 @@ def _run_token_probe(reader: CacheReader, spec: TokenProbeSpec, subset: Subset |
         "device": dev.type,
         "layers": per_layer,
     }
+    heads_facts = _save_heads(folder, reader, head, seed_list, norm, head_depth, specs, kept, log)  # before the json
     write_head_grid(
         folder,
         subset_source(result_source(reader), subset),
@@ -208,7 +207,7 @@ def _run_token_probe(reader: CacheReader, spec: TokenProbeSpec, subset: Subset |
         rows=rows,
         predictions=predictions,
         details=details,
-        extra={"paper_feature": _paper_tokens(reader, layers, norm), **subset_facts},
+        extra={"paper_feature": _paper_tokens(reader, layers, norm), "heads": heads_facts, **subset_facts},
     )
     return {
         "folder": folder,
@@ -218,6 +217,52 @@ def _run_token_probe(reader: CacheReader, spec: TokenProbeSpec, subset: Subset |
         "head": head,
         "head_weights": weights_info,
     }
+
+
+def _save_heads(
+    folder: Path,
+    reader: CacheReader,
+    head: str,
+    seeds: list[int],
+    norm: str,
+    depth: int,
+    specs: dict[int | str, LayerSpec],
+    results: dict[int | str, ProbeResult],
+    log,
+) -> dict:
+    """``heads.safetensors``: each layer's best-LR heads, one per seed at its best epoch, streamed from the best-state
+    files the grid kept; the record says what rebuilding them needs (head kind, depth, token width and grid, norm).
+
+    A rerun that finds every epoch done in a checkpoint of an fmcache that kept no best states has none to save: its
+    numbers are written as before, and the record says how to get the heads (``--no-resume``)."""
+    if not all(state.available for r in results.values() for state in r.heads["states"]):
+        log(f"warning: {folder.name}: its checkpoint kept no best head states; rerun with --no-resume to save heads")
+        what = "none saved: the checkpoint this run resumed kept no best states; rerun the probe with --no-resume"
+        return heads_record(None, None, what, {"kind": None})
+    entries = [
+        entry
+        for n, result in results.items()
+        for seed, state in zip(seeds, result.heads["states"], strict=True)
+        for entry in state.entries(layer_prefix(n, seed))
+    ]
+    apply = {
+        "kind": TOKEN,
+        "head": head,
+        "layers": list(results),
+        "seeds": seeds,
+        "best_lr": {n: float(r.best_lr) for n, r in results.items()},
+        "best_epochs": {n: list(r.per_lr[r.best_lr]["best_epochs"]) for n, r in results.items()},
+        "token_norm": norm,
+        "depth": depth if head == "deit" else None,
+        "in_dim": {n: specs[n].dim for n in results},
+        "tokens": {n: specs[n].num_tokens for n in results},
+        "grid": {n: None if specs[n].grid is None else list(specs[n].grid) for n in results},
+    }
+    what = (
+        f"{head} heads of layer {', '.join(map(str, results))}: each of the {len(seeds)} seeds at the best LR, at its "
+        "best val epoch (every parameter, float32)"
+    )
+    return save_heads(folder / HEADS, entries, reader, what, apply)
 
 
 def _resume_point(position: dict, epochs: int, n_passes: int) -> str:

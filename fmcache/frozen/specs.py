@@ -29,7 +29,9 @@ from fmcache.choices import (
 from fmcache.config import Spec, as_floats, as_ints, as_seeds, as_text
 from fmcache.errors import FmcacheError
 from fmcache.frozen.knn import DEFAULT_KS, DEFAULT_TEMPERATURE
+from fmcache.frozen.overlap import DEFAULT_NEAR_BITS, check_near_bits
 from fmcache.labels import UNCERTAIN
+from fmcache.results import RESULT_JSON
 
 DEFAULT_LRS = (1e-5, 3e-5, 1e-4, 1e-3)
 VIEWS = (None, "auto", *VIEW_MODES)
@@ -213,6 +215,37 @@ class TokenProbeSpec(HeadGridSpec):
         check_head_depth(self.head, self.head_depth)
         if self.head_random_init and self.head_weights is not None:
             raise FmcacheError("pass either --head-weights or --head-random-init, not both")
+
+
+@dataclass(frozen=True)
+class TransferSpec(LabelledSpec):
+    """``fmcache transfer``: the heads a frozen result selected, applied with no refit to another cache (``cache``, the
+    target) of the same model, weights, transform, layer and pool, scored by the target's metric over mapped classes.
+
+    ``out`` None writes into the source result's own results tree; ``uncertain`` None takes the source result's label
+    policy where the target has uncertain labels too.
+    """
+
+    out: Path | None = None
+    result: Path | None = None  # the source result's folder (or its result.json); required
+    label_map: Path | None = None  # None: the identity (same dataset) or the registry's shipped map
+    drop_overlap: bool = False  # drop target samples found among the source's train/val ones instead of refusing
+    near_duplicate_bits: int = DEFAULT_NEAR_BITS
+    source_cache: Path | None = None  # None: the cache the result records
+    metric: str | None = None  # None: the target dataset's paper metric
+    device: str | None = None  # token and linear heads: auto, cpu or cuda
+    use_gpu: bool | None = None  # k-NN: FAISS on GPU when present (None); False: --cpu
+
+    PATHS: ClassVar[tuple[str, ...]] = ("cache", "out", "result", "label_map", "source_cache")
+    INTS: ClassVar[dict[str, int]] = {"near_duplicate_bits": 0}
+
+    def check(self) -> None:
+        if self.result is None:
+            raise FmcacheError("transfer needs RESULT: the folder of a knn or probe result (it holds result.json)")
+        if self.result.name == RESULT_JSON:
+            self.set("result", self.result.parent)
+        check_near_bits(self.near_duplicate_bits)
+        self.set("drop_overlap", bool(self.drop_overlap))
 
 
 @dataclass(frozen=True)

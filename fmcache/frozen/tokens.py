@@ -18,13 +18,19 @@ Resume: after every epoch an atomic checkpoint (``checkpoints/probe_<head>_layer
 every head's parameters and optimizer state, the data-order generators, the epoch, the val curves and best-so-far,
 and the RNG states. A rerun of the same command continues from it and gives the same numbers as an uninterrupted
 run (on CPU); a rerun with other settings is refused.
+
+Best heads: each head's parameters at its best val epoch so far are kept for ``heads.safetensors`` (what ``fmcache
+transfer`` applies) by :class:`BestStates`: beside the checkpoint, one file per head, written when the head improves
+and before the epoch's checkpoint, the superseded one removed after it, so a kill at any instant leaves the file the
+checkpoint's records point at, and RAM holds no head beyond those training.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +43,8 @@ from fmcache.cache.shards import token_dataset
 from fmcache.choices import BEST_EPOCH_RULES, PAPER_TOKENS
 from fmcache.dist import synchronize
 from fmcache.errors import FmcacheError
+from fmcache.files import remove_stale_temporaries
+from fmcache.frozen.headfiles import Entry, save_state, state_entries, tensor_entry
 from fmcache.frozen.heads import build_head
 from fmcache.frozen.specs import PRELOAD
 from fmcache.frozen.token_layers import LayerSpec, TokenNorm
@@ -144,6 +152,91 @@ def _autocast(device: torch.device):
     )
 
 
+class BestStates:
+    """Each head's state at its best val epoch so far: files ``<stem>_best_h<head>_e<epoch>.safetensors`` in
+    ``folder`` (the checkpoint's folder, so a resumed run finds them), or held in RAM when there is no checkpoint.
+
+    :meth:`save` writes a head's new best (before the epoch's checkpoint); :meth:`keep_only` (after it) removes every
+    other file of those heads, stale ones from a killed run included; :meth:`state` names what :func:`train_token_grid`
+    hands on for the heads file.
+    """
+
+    def __init__(self, folder: Path | None, stem: str):
+        self.folder, self.stem = folder, stem
+        self.held: dict[int, tuple[int, dict[str, torch.Tensor]]] = {}
+
+    def path(self, head: int, epoch: int) -> Path:
+        assert self.folder is not None
+        return self.folder / f"{self.stem}_best_h{head}_e{epoch}.safetensors"
+
+    def save(self, head: int, epoch: int, module: torch.nn.Module) -> None:
+        if self.folder is None:
+            self.held[head] = (epoch, {k: v.detach().cpu().clone() for k, v in module.state_dict().items()})
+            return
+        save_state(self.path(head, epoch), module.state_dict(), epoch)
+
+    def keep_only(self, wanted: Mapping[int, int | None]) -> None:
+        """Keep, of each head in ``wanted``, only the file of its epoch (None: none); call it once the checkpoint
+        recording those epochs is written, so what a kill leaves is always what the checkpoint points at."""
+        if self.folder is None:
+            return
+        for head, epoch in wanted.items():
+            keep = None if epoch is None else self.path(head, int(epoch))
+            for path in self.folder.glob(f"{self.stem}_best_h{head}_e*.safetensors"):
+                if path != keep:
+                    path.unlink(missing_ok=True)
+            for tmp in self.folder.glob(f".{self.stem}_best_h{head}_e*.safetensors.tmp-*"):  # a killed write's
+                remove_stale_temporaries(tmp.parent / tmp.name[1:].split(".tmp-")[0])
+
+    def state(self, head: int, epoch: int) -> HeadState:
+        if self.folder is None:
+            held_epoch, tensors = self.held.get(head, (None, None))
+            return HeadState(epoch, tensors=tensors) if held_epoch == epoch else HeadState(epoch)
+        path = self.path(head, epoch)
+        return HeadState(epoch, path=path if path.is_file() else None)
+
+
+@dataclass(frozen=True)
+class HeadState:
+    """One head at its best epoch (0-based): a state file, or tensors in RAM; neither when it is not there (a
+    checkpoint of an fmcache that kept no best states, resumed after its last epoch)."""
+
+    epoch: int
+    path: Path | None = None
+    tensors: dict[str, torch.Tensor] | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.path is not None or self.tensors is not None
+
+    def entries(self, prefix: str) -> list[Entry]:
+        if self.path is not None:
+            return state_entries(prefix, self.path)
+        if self.tensors is not None:
+            return [tensor_entry(f"{prefix}{k}", v) for k, v in self.tensors.items()]
+        raise FmcacheError(f"the best state of a head at epoch {self.epoch + 1} was not kept")
+
+
+@torch.no_grad()
+def head_probs(
+    heads: Mapping[int, torch.nn.Module], split: TokenSplit, norm: TokenNorm, device: torch.device, multilabel: bool
+) -> dict[int, np.ndarray]:
+    """(n, C) float64 probabilities (softmax, or sigmoid for multi-label) of each head on ``split``, in eval mode, in
+    batches of 256 read once for every head: how the grid scores val and test, and how a transfer scores its target
+    (the same batches, so a transfer to the source's own cache gives the same numbers)."""
+    for head in heads.values():
+        head.eval()
+    parts: dict[int, list[torch.Tensor]] = {h: [] for h in heads}
+    for xb in split.in_order(_EVAL_BATCH):
+        xb = norm(xb.to(device))
+        for h, head in heads.items():
+            with _autocast(device):
+                logits = head(xb).float()
+            parts[h].append((torch.sigmoid(logits) if multilabel else torch.softmax(logits, -1)).cpu())
+    synchronize(device)
+    return {h: torch.cat(p).double().numpy() for h, p in parts.items()}
+
+
 @dataclass
 class TokenGridSettings:
     kind: str
@@ -199,6 +292,9 @@ def train_token_grid(
     )
     norm = TokenNorm(spec, device)
     records = HeadRecords(n_heads, cfg.epochs, BEST_EPOCH_RULES[cfg.best_epoch])
+    best = BestStates(
+        None if checkpoint is None else checkpoint.parent, "best" if checkpoint is None else checkpoint.stem
+    )
     plan = passes(len(lrs), seeds, cfg.heads_per_pass)
     state = None
     if checkpoint is not None and resume:
@@ -223,7 +319,7 @@ def train_token_grid(
             )
             synchronize(device)
             train_seconds += time.perf_counter() - t0
-            run.evaluate(epoch, val, test, norm, records)
+            run.evaluate(epoch, val, test, norm, records, best)
             done_pass = epoch + 1 == cfg.epochs
             if checkpoint is not None:
                 nxt = (p + 1, 0) if done_pass else (p, epoch + 1)
@@ -238,6 +334,7 @@ def train_token_grid(
                     },
                     ckpt_settings or {},
                 )
+            best.keep_only({h: records.best_epoch[h] for h in heads_idx})  # the checkpoint points at these now
             if on_epoch is not None:
                 on_epoch(epoch + 1)
         del run
@@ -263,7 +360,12 @@ def train_token_grid(
         "heads_per_pass": cfg.heads_per_pass or n_heads,
         "passes": len(plan),
     }
-    return summarise(cfg.metric, lrs, seeds, records, settings, train_seconds)
+    result = summarise(cfg.metric, lrs, seeds, records, settings, train_seconds)
+    # the heads transfer applies: each seed of the best LR at its best epoch (heads are LR-major)
+    first = lrs.index(result.best_lr) * len(seeds)
+    heads = [first + j for j in range(len(seeds))]
+    best.keep_only({h: records.best_epoch[h] if h in heads else None for h in range(n_heads)})  # only these are saved
+    return dataclasses.replace(result, heads={"states": [best.state(h, int(records.best_epoch[h])) for h in heads]})
 
 
 class _Pass:
@@ -347,27 +449,18 @@ class _Pass:
             torch.nn.utils.clip_grad_norm_(head.parameters(), self.cfg.grad_clip)
         opt.step()
 
-    @torch.no_grad()
     def _probs(
         self, split: TokenSplit, heads: list[int], norm: TokenNorm, records: HeadRecords
     ) -> dict[int, np.ndarray]:
-        for h in heads:
-            self.heads[h].eval()
-        parts: dict[int, list[torch.Tensor]] = {h: [] for h in heads}
         start = time.perf_counter()
-        for xb in split.in_order(_EVAL_BATCH):
-            xb = norm(xb.to(self.device))
-            for h in heads:
-                with _autocast(self.device):
-                    logits = self.heads[h](xb).float()
-                probs = torch.sigmoid(logits) if self.cfg.multilabel else torch.softmax(logits, -1)
-                parts[h].append(probs.cpu())
-        synchronize(self.device)
+        probs = head_probs({h: self.heads[h] for h in heads}, split, norm, self.device, self.cfg.multilabel)
         records.forward_seconds += time.perf_counter() - start
         records.forward_samples += split.n * len(heads)
-        return {h: torch.cat(p).double().numpy() for h, p in parts.items()}
+        return probs
 
-    def evaluate(self, epoch: int, val: TokenSplit, test: TokenSplit, norm: TokenNorm, records: HeadRecords) -> None:
+    def evaluate(
+        self, epoch: int, val: TokenSplit, test: TokenSplit, norm: TokenNorm, records: HeadRecords, best: BestStates
+    ) -> None:
         evaluate = lambda y, p: metrics.evaluate(self.cfg.metric, y, p, self.cfg.multilabel, self.cfg.label_names)  # noqa: E731
         val_probs = self._probs(val, self.heads_idx, norm, records)
         values = {h: float(evaluate(val.labels, val_probs[h])["value"]) for h in self.heads_idx}
@@ -379,6 +472,7 @@ class _Pass:
                 records.best_test_probs[h] = test_probs[h].astype(np.float32)
                 # through JSON now, so a resumed run (which reads them back from JSON) reports identical values
                 records.test_metrics[h] = json_roundtrip(evaluate(test.labels, test_probs[h]))
+                best.save(h, epoch, self.heads[h])
 
 
-__all__ = ["TokenGridSettings", "TokenSplit", "should_preload", "train_token_grid"]
+__all__ = ["TokenGridSettings", "TokenSplit", "head_probs", "should_preload", "train_token_grid"]

@@ -44,7 +44,14 @@ GRID_OWNED = {
     "head",
     "from_cache",
     "img_size",
+    "result",
+    "source_cache",
 }
+# a protocol that applies another result's heads (``applies``, e.g. transfer) names in the grid which result and
+# which caches: ``from`` (the protocol whose jobs made the heads, ``kind`` or ``kind#n``), ``source`` and
+# ``target`` (datasets of this grid), and optionally corrupted target caches (``corrupt``: names, or ``all`` of the
+# target's modality; ``severities``: 1-5, default all)
+APPLY_KEYS = ("from", "source", "target", "corrupt", "severities")
 
 Log = Callable[[str], None]
 
@@ -63,6 +70,8 @@ def _runner_options(kind: str) -> set[str]:
         fields -= {"resume"}  # a fine-tune job always resumes its runs; --no-resume is the CLI's
     # a pairing protocol (CKA): the last layers of every pair of models (Fig. 8), or a model against itself after a
     # fine-tune job of the grid (Fig. 7; the value names that protocol, e.g. finetune_linear or finetune_linear#1)
+    if protocol.applies:
+        return fields | set(APPLY_KEYS)
     return fields | {"across_models", "after_finetune"} if protocol.pairs else fields
 
 
@@ -147,6 +156,10 @@ def load_grid(path: Path, results: Path | None = None, cache_root: Path | None =
             stray = set(variant.get("models") or []) - model_names
             if stray:
                 raise FmcacheError(f"{path}: protocols.{kind} names model(s) {', '.join(sorted(stray))} not in models:")
+    for kind, variants in protocols.items():
+        if get_protocol(kind).applies:
+            for variant in variants:
+                _check_applied(path, kind, variant, protocols, checked_datasets)
     return GridConfig(
         source=path,
         results=Path(results) if results is not None else _resolve(raw.get("results", "results"), base),
@@ -156,6 +169,61 @@ def load_grid(path: Path, results: Path | None = None, cache_root: Path | None =
         extract=extract,
         protocols=protocols,
     )
+
+
+def makes_heads(kind: str) -> bool:
+    """Whether a protocol's results keep heads another protocol can apply (k-NN's bank, the probes' heads)."""
+    protocol = get_protocol(kind)
+    return protocol.reads != "images" and protocol.summary != "matrix" and not protocol.applies
+
+
+def corruptions_of(variant: dict, target: str) -> list[str]:
+    """The ``NAME:SEVERITY`` target caches an applying variant asks for (checked against the target's modality)."""
+    from fmcache.data.corruptions import (  # deferred: torch, torchvision (the data package)
+        SEVERITIES,
+        corruptions_for,
+        parse_corruption,
+    )
+
+    names = variant.get("corrupt")
+    if not names:
+        return []
+    names = corruptions_for(target) if names == "all" else [names] if isinstance(names, str) else list(names)
+    severities = variant.get("severities") or list(SEVERITIES)
+    severities = [severities] if isinstance(severities, int) else list(severities)
+    wanted = [f"{name}:{severity}" for name in names for severity in severities]
+    for text in wanted:
+        parse_corruption(text, target)  # one line naming a name or severity the target's modality lacks
+    return wanted
+
+
+def _check_applied(path: Path, kind: str, variant: dict, protocols: dict, datasets: list[dict]) -> None:
+    """An applying variant names a heads-making protocol of this grid, two of its datasets, and valid corruptions."""
+    missing = [k for k in ("from", "source", "target") if not variant.get(k)]
+    if missing:
+        raise FmcacheError(
+            f"{path}: protocols.{kind} needs {', '.join(missing)}: from (the protocol whose heads it applies, e.g. "
+            "probe_linear), source and target (datasets of this grid)"
+        )
+    ref = str(variant["from"])
+    base, _, number = ref.partition("#")
+    makers = [k for k in protocols if makes_heads(k)]
+    made = protocols.get(base)
+    if made is None or not makes_heads(base) or (number and not number.isdigit()):
+        raise FmcacheError(
+            f"{path}: protocols.{kind} from: {ref} is not a protocol of this grid that keeps heads; "
+            f"valid: {', '.join(makers) or 'none (add knn or probe_linear)'}"
+        )
+    if (len(made) > 1) != bool(number) or (number and int(number) >= len(made)):
+        valid = [base] if len(made) == 1 else [f"{base}#{i}" for i in range(len(made))]
+        raise FmcacheError(f"{path}: protocols.{kind} from: {ref}; valid: {', '.join(valid)}")
+    names = [d["name"] for d in datasets]
+    for key in ("source", "target"):
+        if variant[key] not in names:
+            raise FmcacheError(
+                f"{path}: protocols.{kind} {key}: {variant[key]} is not a dataset of this grid ({', '.join(names)})"
+            )
+    corruptions_of(variant, str(variant["target"]))
 
 
 @dataclass

@@ -27,7 +27,7 @@ from fmcache.cost.estimate import Cost, DataSize, Estimator, estimate_jobs
 from fmcache.cost.rates import resolve_rates
 from fmcache.cost.text import count_text, duration, si
 from fmcache.grid.config import EXTRACT, GridConfig, Log, label
-from fmcache.grid.jobs import Job
+from fmcache.grid.jobs import PIXELS, Job
 from fmcache.protocols import get_protocol, names
 from fmcache.report.paper import OUTPUTS, outputs_of
 
@@ -36,7 +36,7 @@ STAGE_ONE = "stage one"  # extraction jobs feed whatever reads their cache
 
 def paper_outputs(job: Job) -> list[str]:
     """The paper outputs a job feeds (extract jobs: :data:`STAGE_ONE`)."""
-    if job.is_extract:
+    if job.is_stage_one:
         return [STAGE_ONE]
     protocol = get_protocol(job.kind)
     options = dict(job.options)
@@ -49,21 +49,32 @@ def paper_outputs(job: Job) -> list[str]:
     return outputs_of(protocol, options, job.model["name"], int(img_size) if img_size else None)
 
 
+# what the report shows beyond the paper's outputs: an applying job's section (report "External validation",
+# "Corruption robustness"), or a supplementary table
+BEYOND = ("external validation", "corruption robustness", "supplementary")
+
+
+def _beyond_the_paper(job: Job) -> str:
+    if job.is_stage_one or not get_protocol(job.kind).applies:
+        return "supplementary"
+    return "corruption robustness" if job.extract.get("corrupt") else "external validation"
+
+
 def describe(grid: GridConfig, jobs: list[Job], done: set[str], log: Log) -> dict[str, list[str]]:
     """Log the jobs per kind and per paper output; returns {output: job ids}."""
     log(f"grid {grid.source}: {len(jobs)} job(s), {len(done)} done, {len(jobs) - len(done)} to run")
     log(f"results: {grid.results}   cache: {grid.cache_root}")
-    for kind in (EXTRACT, *names()):
+    for kind in (PIXELS, EXTRACT, *names()):
         of_kind = [j for j in jobs if j.kind == kind]
         if of_kind:
             n_done = sum(j.id in done for j in of_kind)
             log(f"  {kind:<16} {len(of_kind):>4} job(s)  {n_done:>4} done  {len(of_kind) - n_done:>4} to run")
     groups: dict[str, list[str]] = {}
     for job in jobs:
-        for output in paper_outputs(job) or ["supplementary"]:
+        for output in paper_outputs(job) or [_beyond_the_paper(job)]:
             groups.setdefault(output, []).append(job.id)
     log("by the paper's tables and figures:")
-    for key in [STAGE_ONE, *OUTPUTS, "supplementary"]:
+    for key in [STAGE_ONE, *OUTPUTS, *BEYOND]:
         ids = groups.get(key, [])
         title = f"{OUTPUTS[key].label}: {OUTPUTS[key].caption}" if key in OUTPUTS else key
         if not ids:
@@ -71,7 +82,7 @@ def describe(grid: GridConfig, jobs: list[Job], done: set[str], log: Log) -> dic
                 log(f"  {title}: no job (the config runs nothing for it)")
             continue
         n_done = sum(i in done for i in ids)
-        models = sorted({i.rsplit("/", 1)[-1] for i in ids})
+        models = sorted({i.rsplit("/", 1)[-1].partition("@")[0] for i in ids})  # not each corrupted cache
         shown = ", ".join(models[:6]) + (f" and {len(models) - 6} more" if len(models) > 6 else "")
         log(f"  {title}: {len(ids)} job(s), {n_done} done; {shown}")
     return groups
@@ -101,7 +112,10 @@ def print_cost(jobs: list[Job], splits: dict[str, DataSize | None], log: Log, de
     ``device_rate``: ``--device-rate`` (None: this machine's calibration, else the H200 preset)."""
     rates = resolve_rates(device_rate, log)
     counts = Counts(log=log)  # a damaged kept count is counted again, with a note
-    found = estimate_jobs(Estimator(rates, splits, counts), jobs)
+    estimator = Estimator(rates, splits, counts)
+    found = estimate_jobs(estimator, jobs)
+    # the same jobs on the old data path: no pixel cache, every image decoded every epoch, last.pt every epoch
+    old_path = estimate_jobs(Estimator(rates, splits, counts, data_path="images"), jobs)
     costs, unknown = found.costs, {}
     for job in jobs:
         if job.id in found.failed:  # said once per model and dataset
@@ -155,27 +169,49 @@ def print_cost(jobs: list[Job], splits: dict[str, DataSize | None], log: Log, de
         f"the seed's online protocol for the same results: {count_text(seed.forwards)} foundation forwards, "
         f"{si(seed.flops, 'FLOP')}; about {_hours(seed.seconds)} device-hours{saving}"
     )
-    frozen = [j.id for j in jobs if j.id in costs and not j.reads_images]
+    frozen = [j.id for j in jobs if j.id in costs and not j.reads_images and not j.is_pixels]
     mine, theirs = total(frozen)
     if frozen and len(frozen) < len(costs):
         ratio = f" ({theirs.seconds / mine.seconds:.0f}x)" if mine.seconds else ""
         log(
-            f"  without fine-tuning (the same in both), what the cache changes: {_hours(mine.seconds)} vs the "
+            f"  without fine-tuning, what the cache changes: {_hours(mine.seconds)} vs the "
             f"seed's {_hours(theirs.seconds)} device-hours{ratio}"
+        )
+    old = sum(c.ours.seconds for i, c in old_path.costs.items() if i in costs)
+    pixel_jobs = [j.id for j in jobs if j.id in costs and j.is_pixels]
+    old_hours = old / 3600
+    if any(j.reads_images for j in jobs if j.id in costs):
+        pixels = (
+            f"{len(pixel_jobs)} pixel cache job(s), {si(total(pixel_jobs)[0].written, 'B')}; " if pixel_jobs else ""
+        )
+        log(
+            f"  fine-tuning's data path: this config's ({pixels}the fine-tunes' pixels, augment and checkpoint_every) "
+            f"{_hours(ours.seconds)} device-hours vs {_hours(old)} on the old path (every image decoded every epoch, "
+            f"the augmentation in the loader, last.pt after every epoch): {old / max(ours.seconds, 1e-9):.1f}x"
         )
     bound = [i for i, c in costs.items() if c.data_bound]
     if bound and ours.seconds:
         share = sum(costs[i].ours.seconds for i in bound) / ours.seconds
+        kinds: dict[str, int] = {}
+        for i in bound:
+            kinds[i.split("/")[0]] = kinds.get(i.split("/")[0], 0) + 1
         log(
-            f"  {len(bound)} job(s), {share:.0%} of that time, wait on image decoding with their `workers` (a "
-            "protocol's default is 2): more workers per GPU shorten them"
+            f"  {len(bound)} job(s) ({', '.join(f'{k} {n}' for k, n in kinds.items())}), {share:.0%} of that time, "
+            "wait on their data path (decoding, pixel reads, the augmentation in the loader) with their `workers` (a "
+            "protocol's default is 2): more workers per GPU, a pixel cache (pixels: on) or augment: device shorten them"
+        )
+    if estimator.data_ratio:
+        log(
+            f"  fine-tunes: the slowest one's loader needs {estimator.data_ratio:.2f}x of its compute time with its "
+            f"`workers`" + (" (none waits on it)" if estimator.data_ratio <= 1 else "")
         )
     notes = sorted({s.note for s in splits.values() if s is not None and s.note})
     log(
         "  assumptions: training = 3x the forward of what trains; test scored at ~1 + 2 ln(epochs) new best epochs; "
         "the seed recomputes the frozen foundation every step (train with augmentation), val every epoch, test once, "
-        "and the k-NN bank for every k; fine-tuning costs the same in both; image decode from the datasets' typical "
-        'image sizes (README "Scale")' + (f"; {'; '.join(notes)}" if notes else "")
+        "and the k-NN bank for every k; fine-tuning: the same model work in both, the seed's data path decodes every "
+        "image every epoch; image decode from the datasets' typical image sizes, pixel reads and the augmentation on "
+        'the device from the device rates (README "Scale")' + (f"; {'; '.join(notes)}" if notes else "")
     )
     return {
         "rates": rates.describe(),
@@ -187,5 +223,7 @@ def print_cost(jobs: list[Job], splits: dict[str, DataSize | None], log: Log, de
         "frozen_hours": mine.seconds / 3600,
         "frozen_seed_hours": theirs.seconds / 3600,
         "data_bound": bound,
+        "data_ratio": estimator.data_ratio,
+        "old_path_hours": old_hours,
         "not_estimated": unknown,
     }

@@ -13,9 +13,10 @@ import json
 from pathlib import Path
 
 from fmcache.errors import FmcacheError
+from fmcache.extract.pixel_spec import PixelSpec
 from fmcache.extract.spec import ExtractSpec
 from fmcache.files import atomic_write_bytes, ensure_writable_dir
-from fmcache.grid.config import DATASET_OPTIONS, Log
+from fmcache.grid.config import APPLY_KEYS, DATASET_OPTIONS, Log
 from fmcache.grid.jobs import Job
 from fmcache.grid.lock import LEDGER, JobLock
 from fmcache.protocols import get_protocol
@@ -48,6 +49,26 @@ def extract_spec(job: Job, model: dict | None = None):
     return ExtractSpec(**_source(job.dataset, model or job.model), cache_root=Path(job.cache_root), **settings)
 
 
+def pixel_spec(job: Job) -> PixelSpec:
+    """A pixel job's spec: the dataset, the image size its fine-tunes read, the grid's cache root."""
+    source = _source(job.dataset, job.model)
+    return PixelSpec(
+        dataset=source["dataset"],
+        data_root=source["data_root"],
+        img_size=int(job.model["img_size"]),
+        cache_root=Path(job.cache_root),
+        limit=job.dataset.get("limit"),
+        dataset_options=source["dataset_options"],
+        **({"workers": int(job.options["workers"])} if job.options.get("workers") is not None else {}),
+    )
+
+
+def _pixel_plan(job: Job):
+    from fmcache.extract.pixels import plan_pixels  # deferred: h5py, torch, torchvision
+
+    return plan_pixels(pixel_spec(job), log=lambda _m: None)
+
+
 def _plan(job: Job, model: dict | None = None):
     """The extraction a job reads (an extract job: the one it runs); planning reads labels, no image, no model."""
     from fmcache.extract.plan import plan  # deferred: h5py, torch, torchvision
@@ -68,6 +89,8 @@ def job_spec(job: Job):
     protocol = get_protocol(job.kind)
     if protocol.reads == "images":
         return spec_of(job)
+    if protocol.applies:  # another job's heads on this job's cache (transfer)
+        return spec_of(job, _cache_folder(job), result=_job_result(job, str(job.options["from_job"])))
     cache_b = None
     if protocol.pairs and job.model_b:
         cache_b = _cache_folder(job, job.model_b)
@@ -79,17 +102,23 @@ def job_spec(job: Job):
 # where a dry run's spec names the cache a job will read: building a spec opens no file, so the placeholder changes
 # nothing the spec checks
 PLANNED_CACHE = Path("<the job's cache>")
+PLANNED_RESULT = Path("<the result of the job whose heads it applies>")
 
 
-def spec_of(job: Job, cache: Path = PLANNED_CACHE, cache_b: Path | None = None):
+def spec_of(job: Job, cache: Path = PLANNED_CACHE, cache_b: Path | None = None, result: Path | None = None):
     """A protocol job's spec from its YAML options and what the grid fixes; ``cache`` and ``cache_b`` are the folders
-    it reads (ignored for a job that reads images). :func:`job_spec` passes the real ones, a dry run the placeholder,
-    so both refuse exactly the same options."""
+    it reads (ignored for a job that reads images), ``result`` the result whose heads an applying job applies.
+    :func:`job_spec` passes the real ones, a dry run the placeholders, so both refuse exactly the same options."""
     protocol = get_protocol(job.kind)
-    options = {k: v for k, v in job.options.items() if k != "after_finetune"}  # the grid's, not the spec's
+    grid_only = ("after_finetune", "from_job", *APPLY_KEYS)  # the grid's, not the spec's
+    options = {k: v for k, v in job.options.items() if k not in grid_only}
+    if protocol.applies:
+        options["result"] = result or PLANNED_RESULT
     if protocol.reads == "images":
         if job.dataset.get("limit") is not None:
             options.setdefault("limit", job.dataset["limit"])
+        if "cache_root" in {f.name for f in dataclasses.fields(spec_class(job.kind))}:  # where pixel caches live
+            options["cache_root"] = Path(job.cache_root)
         return make_spec(job.kind, **_source(job.dataset, job.model), out=Path(job.results), **options)
     if cache_b is not None:
         options["cache_b"] = cache_b
@@ -104,10 +133,12 @@ def spec_of(job: Job, cache: Path = PLANNED_CACHE, cache_b: Path | None = None):
 def refusal(job: Job) -> str | None:
     """Why the run would refuse ``job`` (one line), or None: its spec built as the run builds it, with the placeholder
     for the caches it will read, so a dry run says before anything runs what the run would refuse at the job."""
-    pairs = not job.is_extract and get_protocol(job.kind).pairs
+    pairs = not job.is_stage_one and get_protocol(job.kind).pairs
     second = PLANNED_CACHE if pairs and (job.model_b or job.options.get("after_finetune")) else None
     try:
-        if job.is_extract:
+        if job.is_pixels:
+            pixel_spec(job)
+        elif job.is_extract:
             extract_spec(job)
         else:
             spec_of(job, PLANNED_CACHE, second)
@@ -118,20 +149,25 @@ def refusal(job: Job) -> str | None:
     return None
 
 
+def _job_result(job: Job, job_id: str) -> Path:
+    """The result folder the grid's job ``job_id`` wrote (its latest complete one), from the ledger."""
+    entries = []
+    for path in sorted((Path(job.results) / LEDGER).glob("*.json")):
+        entry = _ledger_entry(path)
+        if entry is not None and entry.get("job") == job_id and is_complete(Path(entry.get("folder", ""))):
+            entries.append((path.stat().st_mtime, entry))
+    if not entries:
+        raise FmcacheError(f"{job.id} needs the result of job {job_id}, which has none complete yet; run it first")
+    return Path(max(entries, key=lambda e: e[0])[1]["folder"])
+
+
 def _finetuned_cache(job: Job, finetune_id: str) -> Path:
     """Fig. 7's second cache: the job's model extracted again with the export of its fine-tune job (the best LR's
     first seed), with the same extraction settings; the extraction is skipped when that cache is complete."""
     from fmcache.extract.run import run_extract  # deferred: h5py, torch, torchvision
     from fmcache.finetune.loop import EXPORT  # deferred: torch
 
-    entries = []
-    for path in sorted((Path(job.results) / LEDGER).glob("*.json")):
-        entry = _ledger_entry(path)
-        if entry is not None and entry.get("job") == finetune_id and is_complete(Path(entry.get("folder", ""))):
-            entries.append((path.stat().st_mtime, entry))
-    if not entries:
-        raise FmcacheError(f"{job.id} needs the fine-tune job {finetune_id}, which has no complete result yet")
-    doc = json.loads((Path(max(entries, key=lambda e: e[0])[1]["folder"]) / RESULT_JSON).read_text())
+    doc = json.loads((_job_result(job, finetune_id) / RESULT_JSON).read_text())
     best_lr, seed = doc["summary"]["best_lr"], doc["settings"]["seeds"][0]
     export = Path(doc["details"]["runs_folder"]) / f"lr{best_lr:g}_seed{seed}" / EXPORT
     if not export.is_file():
@@ -151,6 +187,10 @@ def execute(job: Job, log: Log = print) -> Path:
 def run_job(job: Job, log: Log = print) -> list[Path]:
     """Run one job; every folder it wrote, the one the ledger names last (a label-efficiency job writes one result
     folder per subset run, the last written last)."""
+    if job.is_pixels:
+        from fmcache.extract.pixels import write_pixels  # deferred: h5py, torch, torchvision
+
+        return [write_pixels(pixel_spec(job), progress=False, log=log)]
     if job.is_extract:
         from fmcache.extract.run import run_extract  # deferred: h5py, torch, torchvision
 
@@ -178,6 +218,8 @@ def _folders(entry: dict) -> list[str]:
 def is_done(job: Job) -> bool:
     """An extract: its cache is complete. Any other job: its ledger entry names complete result folders (each of a
     label-efficiency job's runs, its subsets file included)."""
+    if job.is_pixels:
+        return _pixel_plan(job).cache.is_complete()
     if job.is_extract:
         return _plan(job).is_complete()
     entry = _ledger_entry(ledger_path(job))
@@ -186,7 +228,7 @@ def is_done(job: Job) -> bool:
 
 def damage(job: Job) -> str | None:
     """Why a job that ran once is no longer done (a result or subsets file changed or gone), or None."""
-    entry = None if job.is_extract else _ledger_entry(ledger_path(job))
+    entry = None if job.is_stage_one else _ledger_entry(ledger_path(job))
     found = [why for f in _folders(entry) if (why := incomplete(Path(f)))] if entry else []
     return found[0] if found else None
 
@@ -212,7 +254,7 @@ def run_and_record(job: Job, log: Log = print, wait: bool = False, note: Log | N
             note(f"{job.id}: {why}; running it again")
         log(f"running {job.id}")
         folders = run_job(job, log)
-        if not job.is_extract:
+        if not job.is_stage_one:
             path = ledger_path(job)
             entry = {"job": job.id, "kind": job.kind, "folder": str(folders[-1].resolve()), "job_spec": job_doc(job)}
             if len(folders) > 1:  # a label-efficiency job: it is done while every one of its runs is

@@ -1,7 +1,10 @@
-"""``fmcache report``: gather a results tree, compute the tables, CIs, tests and figures, and write them out.
+"""``fmcache report``: gather a results tree, compute the tables, the evidence and the figures, and write them out.
 
 Markdown (``report.md``) and CSV (per table: the displayed cells and the numbers) are always written; LaTeX
-(``report.tex``, booktabs) and ``report.html`` (one file, figures embedded as base64, no network) on request.
+(``report.tex``, booktabs) and ``report.html`` (one file, figures embedded as base64, no network) on request. The
+evidence (:mod:`fmcache.report.evidence`) adds ``evidence.json`` and ``supp_evidence.csv`` (one row per result and
+statistic) to the report's folder; the results tree is only read. Every output is grouped into :data:`SECTIONS`,
+one per statistic, in each format.
 """
 
 from __future__ import annotations
@@ -10,19 +13,17 @@ import base64
 import csv
 import html
 import io
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fmcache.errors import FmcacheError
 from fmcache.files import atomic_write_bytes, ensure_writable_dir
-from fmcache.report import stats
 from fmcache.report.figures import Figure, all_figures, label_efficiency
-from fmcache.report.paper import OUTPUTS
+from fmcache.report.predictions import RESAMPLES, SEED, load_predictions
 from fmcache.report.tables import (
-    HEAD_NAMES,
-    MISSING,
     Table,
-    fmt,
     head_cells,
     head_table,
     knn_cells,
@@ -32,7 +33,7 @@ from fmcache.report.tables import (
     supplementary_tables,
     timing_table,
 )
-from fmcache.results import check_predictions, train_subset
+from fmcache.results import check_predictions, csv_bytes, train_subset
 
 FORMATS = ("md", "csv", "tex", "html")
 # the paper's head tables and the regimes each shows
@@ -52,145 +53,196 @@ def parse_formats(text: str) -> list[str]:
     return [f for f in FORMATS if f in asked or f in ALWAYS]
 
 
-def ci_table(
-    docs: Sequence[dict], cis: dict[str, dict], absent: Sequence[str] = (), skipped: Sequence[str] = ()
-) -> Table:
-    by_folder = {d["folder"]: d for d in docs}
-    header = ["dataset", "model", "protocol", "metric", "point", "95 % CI", "n test"]
-    rows, records = [], []
-    for folder, ci in sorted(cis.items(), key=lambda kv: (by_folder[kv[0]]["dataset"], by_folder[kv[0]]["model"])):
-        doc = by_folder[folder]
-        label = doc["protocol"]
-        if "error" in ci:
-            rows.append([doc["dataset"], doc["model"], label, doc["metric"], MISSING, MISSING, MISSING])
-            records.append({"dataset": doc["dataset"], "model": doc["model"], "protocol": label, "error": ci["error"]})
-            continue
-        rows.append(
-            [
-                doc["dataset"],
-                doc["model"],
-                label,
-                doc["metric"],
-                fmt(ci["point"]),
-                f"[{fmt(ci['low'])}, {fmt(ci['high'])}]",
-                str(ci["n"]),
-            ]
-        )
-        records.append(
-            {
-                "dataset": doc["dataset"],
-                "model": doc["model"],
-                "protocol": label,
-                "metric": doc["metric"],
-                **{k: ci[k] for k in ("point", "low", "high", "n", "resamples", "failed", "seed")},
-                "folder": folder,
-            }
-        )
-    resamples = next((c["resamples"] for c in cis.values() if "resamples" in c), stats.RESAMPLES)
-    notes = [f"Percentile bootstrap over test samples ({resamples} resamples, seeded) of the seed-mean test metric."]
-    notes += [f"Not in the bootstrap (no predictions.npz): {folder}." for folder in absent]
-    notes += [f"Skipped, unreadable: {item}." for item in skipped]
-    return Table(
-        "supp_bootstrap_ci",
-        "Supplementary: 95 % bootstrap confidence intervals of the table cells",
-        header,
-        rows,
-        records,
-        notes,
-    )
+# the report's sections, one per statistic: (key, title, table-name prefixes, figure-name prefixes, what it holds);
+# a table or figure goes to the first section whose prefix it starts with
+SECTIONS = (
+    ("paper", "The paper's tables", ("table", "fig"), (), ""),
+    (
+        "ci",
+        "Confidence intervals at the unit",
+        ("supp_bootstrap_ci",),
+        (),
+        "Each cell's 95 % bootstrap CI, resampling "
+        "whole patients (lesions, exams, studies) where the predictions name them.",
+    ),
+    (
+        "paired",
+        "Paired tests between models",
+        ("supp_paired_",),
+        (),
+        "The best model of each column against each "
+        "other on the same test rows: paired bootstrap at the unit and, for AUC cells, paired DeLong.",
+    ),
+    ("delong", "DeLong standard errors", ("supp_delong",), (), "DeLong's SE of every AUC cell, cluster-robust."),
+    (
+        "calibration",
+        "Calibration",
+        ("supp_calibration",),
+        ("supp_reliability_",),
+        "ECE, MCE, Brier and NLL of the "
+        "saved probabilities, before and after temperature scaling fitted on val; reliability diagrams.",
+    ),
+    (
+        "subgroups",
+        "Subgroups",
+        ("supp_subgroups",),
+        ("supp_forest_",),
+        "The cell's metric, AUC and ECE per group "
+        "with within-group CIs; the worst group, the largest gap, the equalised-odds difference; forest plots.",
+    ),
+    (
+        "rankings",
+        "Rankings",
+        ("supp_rank_", "supp_friedman"),
+        ("supp_cd_",),
+        "Which models tie: rank intervals "
+        "within each dataset, Friedman and Nemenyi's critical difference across datasets.",
+    ),
+    (
+        "external",
+        "External validation",
+        ("external_validation",),
+        ("external_validation",),
+        "Heads a frozen result selected, scored with no refit on another dataset's cache of the same model, "
+        "transform and layer (fmcache transfer): the source's test metric beside the target's.",
+    ),
+    (
+        "corruption",
+        "Corruption robustness",
+        ("corruption_robustness",),
+        ("corruption_robustness",),
+        "The clean-trained heads scored on corrupted copies of a test split (fmcache extract --corrupt, then "
+        "fmcache transfer): metric against severity per foundation.",
+    ),
+    ("supplementary", "Supplementary outputs", ("supp_",), (), "Results that fill no paper output."),
+    ("figures", "Figures", (), ("",), ""),
+)
 
 
-def paired_table(rows_in: list[dict]) -> Table:
-    header = ["dataset", "column", "best", "other", "difference", "95 % CI", "p"]
-    rows, records = [], []
-    for r in rows_in:
-        if "error" in r:
-            rows.append([r["dataset"], r["column"], r["best"], r["other"], MISSING, MISSING, MISSING])
-        else:
-            rows.append(
-                [
-                    r["dataset"],
-                    r["column"],
-                    r["best"],
-                    r["other"],
-                    fmt(r["delta"]),
-                    f"[{fmt(r['low'])}, {fmt(r['high'])}]",
-                    f"{r['p_value']:.3g}",
-                ]
+def section_of(name: str, figure: bool = False) -> str:
+    for key, _title, tables, figures, _what in SECTIONS:
+        if any(name.startswith(prefix) for prefix in (figures if figure else tables)):
+            return key
+    return "figures" if figure else "supplementary"
+
+
+def subgroup_notes(ev) -> list[str]:
+    """What the subgroup section cannot show, and why: nothing asked for (naming the columns that could be), no
+    metadata at all, or an asked column some datasets do not carry."""
+    columns = sorted(set().union(*ev.available.values())) if ev.available else []
+    if ev.spec is None and not columns:
+        return [
+            "No subgroups: these results' predictions carry no per-sample metadata (no test_meta__* arrays in "
+            "predictions.npz; results written before the per-sample contract have none)."
+        ]
+    if ev.spec is None:
+        return [f"No subgroups asked for: give --by {','.join(columns[:3])} (columns available: {', '.join(columns)})."]
+    notes = []
+    for attribute in dict.fromkeys(a for d in ev.available for a in ev.spec.attributes(d)):
+        lacking = [
+            d for d, cols in ev.available.items() if attribute in ev.spec.attributes(d) and attribute not in cols
+        ]
+        if lacking:
+            notes.append(
+                f"{attribute}: not carried by the predictions of {', '.join(sorted(lacking))} (no table there)."
             )
-        records.append(r)
-    notes = [
-        "Paired bootstrap on the same test ids: the best model (by test mean) against each other model; "
-        "two-sided p for no difference."
-    ]
-    return Table(
-        "supp_paired_tests", "Supplementary: paired bootstrap tests between models", header, rows, records, notes
-    )
+    return notes
 
 
 def build_tables(
-    docs: Sequence[dict], resamples: int, seed: int, log=print, skipped: Sequence[str] = ()
-) -> list[Table]:
-    """The paper's tables in its order, then the supplementary ones (CIs name what they leave out)."""
+    docs: Sequence[dict],
+    resamples: int,
+    seed: int,
+    log=print,
+    skipped: Sequence[str] = (),
+    subgroups=None,
+    progress: bool = False,
+):
+    """The paper's tables in its order, the evidence's tables, then the supplementary ones; and the evidence
+    (:class:`fmcache.report.evidence.Evidence`) and the external validation
+    (:class:`fmcache.report.external.External`) for the figures and files. ``subgroups``: a
+    :class:`fmcache.report.evidence.SubgroupSpec` or None."""
+    from fmcache.report import evidence, evidence_tables, external, external_tables  # deferred: scipy
+
     head = {key: head_cells(docs, key) for key in HEAD_TABLES}
     knn = knn_cells(docs)
-    chosen = {d["folder"]: d for cells in head.values() for d, _ in cells.values()}
-    chosen.update({d["folder"]: d for d, _ in knn.values()})
-    # every predictions.npz once, checked against its recorded sha256 (a damaged one is an error even where no table
-    # shows its result); the CIs and the paired tests read the same arrays
-    predictions, absent = {}, []
+    cells = evidence.paper_cells(head, knn)
+    chosen = {c.folder for c in cells}
+    # every other predictions.npz is checked against its recorded sha256 and parsed once (a damaged one is an error
+    # even where no table shows its result); the cells' files are read once, by the evidence, column by column, and
+    # the transfers' and their sources', by the external validation
+    transfers = external.needed_folders(docs)
     for doc in docs:
-        if not protocol_of(doc).predictions:
+        if not protocol_of(doc).predictions or doc["folder"] in chosen or doc["folder"] in transfers:
             continue
         data = check_predictions(doc)
         if data is None:
-            where = "its cell is shown but it is not in the bootstrap" if doc["folder"] in chosen else "it has no CI"
-            log(f"warning: {doc['folder']} has no predictions.npz; {where}")
-            absent += [doc["folder"]] if doc["folder"] in chosen else []
+            log(f"warning: {doc['folder']} has no predictions.npz; it has no CI")
             continue
-        parsed = stats.load_predictions(doc["folder"], data=data)  # a damaged file is one error line, used or not
-        if doc["folder"] in chosen:
-            predictions[doc["folder"]] = parsed
-    with_pred = [doc for folder, doc in chosen.items() if folder in predictions]
-    cis = stats.cell_cis(with_pred, resamples, seed, predictions)
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for key, cells in head.items():
-        for (_model, column, head_name, regime), (doc, _n) in cells.items():
-            if doc["folder"] in predictions:
-                label = f"{OUTPUTS[key].label} {HEAD_NAMES[head_name]} {regime}"
-                groups.setdefault((column.label(True), label), []).append(doc)
-    for (_model, column), (doc, _n) in knn.items():
-        if doc["folder"] in predictions:
-            groups.setdefault((column.label(True), "Fig. 2 k-NN"), []).append(doc)
-    tests = stats.paired_tests(groups, resamples, seed, predictions)
+        load_predictions(doc["folder"], data=data)  # a damaged file is one error line, used or not
+    ev = evidence.compute(cells, subgroups, resamples, seed, log=log, progress=progress)
+    cis = {folder: r.ci for folder, r in ev.results.items()}
     tables = [head_table(docs, key, regimes, cis, head[key]) for key, regimes in HEAD_TABLES.items()]
-    tables += [knn_table(docs, cis, knn), timing_table(docs), ci_table(docs, cis, absent, skipped), paired_table(tests)]
+    tables += [knn_table(docs, cis, knn), timing_table(docs)]
+    tables += evidence_tables.evidence_tables(ev, skipped)
+    ext = external.compute(docs, ev)
+    tables += external_tables.external_tables(ext)
     tables += supplementary_tables(docs)
-    return tables
+    return tables, ev, ext
 
 
 # -- writers -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Section:
+    """One section of the report: a statistic (or the paper's tables), its tables, figures and notes."""
+
+    key: str
+    title: str
+    what: str
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+EVIDENCE_SECTIONS = ("ci", "paired", "delong", "calibration", "subgroups", "rankings")
+
+
+def arrange(
+    tables: Sequence[Table], figures: Sequence[Figure], notes: dict[str, list[str]] | None = None
+) -> list[Section]:
+    """Tables and figures into :data:`SECTIONS`, in order; an evidence section is kept even when empty (its notes
+    say why), any other only when it holds something."""
+    sections = {key: Section(key, title, what) for key, title, _t, _f, what in SECTIONS}
+    for t in tables:
+        sections[section_of(t.name)].tables.append(t)
+    for f in figures:
+        sections[section_of(f.name, figure=True)].figures.append(f)
+    for key, lines in (notes or {}).items():
+        sections[key].notes += lines
+    return [s for s in sections.values() if s.tables or s.figures or s.notes or s.key in EVIDENCE_SECTIONS]
 
 
 def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
-def markdown(tables: Sequence[Table], figures: Sequence[Figure], source: Path) -> str:
+def markdown(sections: Sequence[Section], source: Path) -> str:
     lines = ["# fmcache report", "", f"Results: `{source}`", ""]
-    for t in tables:
-        lines += [f"## {t.title}", ""]
-        if not t.rows:
-            lines += ["(none)", ""]
-            continue
-        lines.append("| " + " | ".join(_md_cell(h) for h in t.header) + " |")
-        lines.append("|" + "|".join("---" for _ in t.header) + "|")
-        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows]
-        lines += [""] + [f"{n}  " for n in t.notes] + [""]
-    if figures:
-        lines += ["## Figures", ""]
-        lines += [f"![{f.title}](figures/{f.path.name})" for f in figures]
-        lines.append("")
+    for section in sections:
+        lines += [f"# {section.title}", ""] + [f"{n}  " for n in [section.what, *section.notes] if n] + [""]
+        for t in section.tables:
+            lines += [f"## {t.title}", ""]
+            if t.rows:
+                lines.append("| " + " | ".join(_md_cell(h) for h in t.header) + " |")
+                lines.append("|" + "|".join("---" for _ in t.header) + "|")
+                lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows]
+            else:
+                lines.append("(none)")
+            lines += [""] + [f"{n}  " for n in t.notes] + [""]
+        if section.figures:
+            lines += [f"![{f.title}](figures/{f.path.name})" for f in section.figures] + [""]
     return "\n".join(lines)
 
 
@@ -225,6 +277,21 @@ _TEX = {
     "–": "--",
     "†": r"$^\dagger$",
     "×": r"$\times$",
+    "≈": r"\ensuremath{\approx}",
+    "‡": r"\ensuremath{^\ddagger}",
+    "→": r"\ensuremath{\rightarrow}",
+    "χ": r"\ensuremath{\chi}",
+    "²": r"\textsuperscript{2}",
+    "Δ": r"\ensuremath{\Delta}",
+    "α": r"\ensuremath{\alpha}",
+    "−": "-",
+    "·": r"\ensuremath{\cdot}",
+    "≥": r"\ensuremath{\geq}",
+    "≤": r"\ensuremath{\leq}",
+    "<": r"\textless{}",
+    ">": r"\textgreater{}",
+    "|": r"\textbar{}",
+    "š": r"\v{s}",
 }
 
 
@@ -232,34 +299,48 @@ def _tex(text: str) -> str:
     return "".join(_TEX.get(ch, ch) for ch in str(text))
 
 
-def latex(tables: Sequence[Table]) -> str:
-    out = ["% fmcache report; needs \\usepackage{booktabs}", ""]
-    for t in tables:
-        if not t.rows:
-            continue
-        out += [
-            "\\begin{table}[t]",
-            "\\centering",
-            "\\small",
-            f"\\caption{{{_tex(t.title)}}}",
-            f"\\begin{{tabular}}{{l{'r' * (len(t.header) - 1)}}}",
-            "\\toprule",
-            " & ".join(_tex(h) for h in t.header) + " \\\\",
-            "\\midrule",
-        ]
-        out += [" & ".join(_tex(c) for c in row) + " \\\\" for row in t.rows]
-        out += ["\\bottomrule", "\\end{tabular}"]
-        out += [f"\\\\[2pt]\\footnotesize {_tex(n)}" for n in t.notes]
-        out += ["\\end{table}", ""]
+def _tex_table(t: Table) -> list[str]:
+    tabular = [
+        f"\\begin{{tabular}}{{l{'r' * (len(t.header) - 1)}}}",
+        "\\toprule",
+        " & ".join(_tex(h) for h in t.header) + " \\\\",
+        "\\midrule",
+        *(" & ".join(_tex(c) for c in row) + " \\\\" for row in t.rows),
+        "\\bottomrule",
+        "\\end{tabular}",
+    ]
+    if len(t.header) > 8:  # a wide table (labels, groups) is scaled to the text width
+        tabular = ["\\resizebox{\\linewidth}{!}{%", *tabular, "}"]
+    out = ["\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{_tex(t.title)}}}", *tabular]
+    out += [f"\\\\[2pt]\\footnotesize {_tex(n)}" for n in t.notes]
+    return [*out, "\\end{table}", ""]
+
+
+def latex(sections: Sequence[Section]) -> str:
+    out = ["% fmcache report; needs \\usepackage{booktabs,graphicx}", ""]
+    for section in sections:
+        out += [f"\\section*{{{_tex(section.title)}}}"] + [_tex(n) + "\n" for n in [section.what, *section.notes] if n]
+        for t in section.tables:
+            out += _tex_table(t) if t.rows else []
+        for f in section.figures:
+            out += [
+                "\\begin{figure}[t]",
+                "\\centering",
+                f"\\includegraphics[width=\\linewidth]{{figures/{f.path.name}}}",
+                f"\\caption{{{_tex(f.title)}}}",
+                "\\end{figure}",
+                "",
+            ]
     return "\n".join(out)
 
 
 _CSS = """body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}
 th,td{border:1px solid #bbb;padding:4px 8px;text-align:right}th{background:#eef}td:first-child{text-align:left}
-.note{font-size:90%;color:#555}figure{display:inline-block;margin:1em}img{max-width:560px}"""
+.note{font-size:90%;color:#555}figure{display:inline-block;margin:1em}img{max-width:560px}
+section{border-top:2px solid #99b;margin-top:2em}"""
 
 
-def html_page(tables: Sequence[Table], figures: Sequence[Figure], source: Path) -> str:
+def html_page(sections: Sequence[Section], source: Path) -> str:
     esc = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -267,25 +348,29 @@ def html_page(tables: Sequence[Table], figures: Sequence[Figure], source: Path) 
         f"<style>{_CSS}</style></head><body>",
         "<h1>fmcache report</h1>",
         f"<p>Results: <code>{esc(str(source))}</code></p>",
+        "<nav><p>" + " · ".join(f"<a href='#{s.key}'>{esc(s.title)}</a>" for s in sections) + "</p></nav>",
     ]
-    for t in tables:
-        parts.append(f"<h2>{esc(t.title)}</h2>")
-        if not t.rows:
-            parts.append("<p>(none)</p>")
-            continue
-        parts.append("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in t.header) + "</tr></thead><tbody>")
-        parts += ["<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in t.rows]
-        parts.append("</tbody></table>")
-        parts += [f"<p class='note'>{esc(n)}</p>" for n in t.notes]
-    if figures:
-        parts.append("<h2>Figures</h2>")
-    for f in figures:
-        # embedded, so the one file opens offline and travels alone
-        data = base64.b64encode(f.path.read_bytes()).decode()
-        parts.append(
-            f"<figure><img alt='{esc(f.title)}' src='data:image/png;base64,{data}'>"
-            f"<figcaption>{esc(f.title)}</figcaption></figure>"
-        )
+    for section in sections:
+        parts.append(f"<section id='{section.key}'><h2>{esc(section.title)}</h2>")
+        parts += [f"<p class='note'>{esc(n)}</p>" for n in [section.what, *section.notes] if n]
+        for t in section.tables:
+            parts.append(f"<h3 id='{esc(t.name)}'>{esc(t.title)}</h3>")
+            if not t.rows:
+                parts.append("<p>(none)</p>")
+            else:
+                head = "".join(f"<th>{esc(h)}</th>" for h in t.header)
+                parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>")
+                parts += ["<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in t.rows]
+                parts.append("</tbody></table>")
+            parts += [f"<p class='note'>{esc(n)}</p>" for n in t.notes]
+        for f in section.figures:
+            # embedded, so the one file opens offline and travels alone
+            data = base64.b64encode(f.path.read_bytes()).decode()
+            parts.append(
+                f"<figure><img alt='{esc(f.title)}' src='data:image/png;base64,{data}'>"
+                f"<figcaption>{esc(f.title)}</figcaption></figure>"
+            )
+        parts.append("</section>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -294,42 +379,60 @@ def build_report(
     results: Path,
     out: Path = Path("report"),
     formats: Sequence[str] = ALWAYS,
-    resamples: int = stats.RESAMPLES,
-    seed: int = stats.SEED,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
     log=print,
     strict: bool = False,
+    by: str | Sequence[str] | None = None,
+    subgroups: Path | None = None,
+    progress: bool = False,
 ) -> dict:
     """Write the report of every complete result under ``results`` into ``out``; returns the files written.
 
+    ``by`` (``"sex,age_bin"`` or a list) or ``subgroups`` (a YAML file: ``by``, ``datasets``, ``age_edges``,
+    ``min_size``) ask for subgroup tables; an attribute no result carries is one error line naming those available.
     A result file that cannot be used (unreadable, breaking the results contract, a damaged ``subsets.npz``) is
-    skipped with a warning naming it, or with ``strict`` refused (exit 2) before anything is written."""
+    skipped with a warning naming it, or with ``strict`` refused (exit 2) before anything is written. Nothing is
+    written into the results tree."""
+    from fmcache.report import evidence_figures, evidence_tables, external_tables  # deferred: scipy
+    from fmcache.report.evidence import subgroup_spec  # deferred: scipy
+
     if resamples < 1:
         raise FmcacheError(f"--resamples must be at least 1, got {resamples}")
+    spec = subgroup_spec(by, subgroups)
     docs, skipped = load_results(results, log, strict)
     # label-efficiency runs (a train subset) draw their own curves and never fill a cell of the paper's outputs
     subset_docs = [d for d in docs if train_subset(d) is not None]
     docs = [d for d in docs if train_subset(d) is None]
+    tables, ev, ext = build_tables(docs, resamples, seed, log, skipped, spec, progress)
     out = ensure_writable_dir(Path(out))
-    tables = build_tables(docs, resamples, seed, log, skipped)
     figures = all_figures(docs, out / "figures") + label_efficiency(subset_docs, out / "figures")
+    figures += evidence_figures.evidence_figures(ev, out / "figures")
+    figures += external_tables.external_figures(ext, out / "figures")
+    sections = arrange(tables, figures, {"subgroups": subgroup_notes(ev)})
     written: list[Path] = []
 
     def write(name: str, data: bytes) -> None:
         atomic_write_bytes(out / name, data)
         written.append(out / name)
 
-    write("report.md", markdown(tables, figures, Path(results)).encode())
+    write("report.md", markdown(sections, Path(results)).encode())
     for t in tables:
         write(f"{t.name}.csv", _csv(t.header, t.rows))
         write(f"{t.name}_values.csv", _records_csv(t.records))
+    write("supp_evidence.csv", csv_bytes(evidence_tables.evidence_rows(ev)))
+    write("evidence.json", (json.dumps(evidence_tables.evidence_document(ev), indent=1) + "\n").encode())
     if "tex" in formats:
-        write("report.tex", latex(tables).encode())
+        write("report.tex", latex(sections).encode())
     if "html" in formats:
-        write("report.html", html_page(tables, figures, Path(results)).encode())
+        write("report.html", html_page(sections, Path(results)).encode())
     return {
         "out": out,
         "files": written + [f.path for f in figures],
         "tables": tables,
         "figures": figures,
+        "sections": sections,
+        "evidence": ev,
+        "external": ext,
         "n_results": len(docs),
     }

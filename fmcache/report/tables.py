@@ -105,6 +105,13 @@ def protocol_of(doc: dict) -> Protocol:
     return get_protocol(str(doc.get("protocol", "")))
 
 
+def transferred(doc: dict) -> bool:
+    """A result that scored another result's heads on a cache (its protocol's records name a source and a target):
+    the report's external-validation section shows it (:mod:`fmcache.report.external`), no paper or supplementary
+    table."""
+    return {"source", "target"} <= set(protocol_of(doc).records)
+
+
 def cka_model_b(doc: dict) -> str | None:
     """The second model of a two-cache CKA (None for a self-CKA)."""
     settings = doc.get("settings") or {}
@@ -257,6 +264,7 @@ def head_table(
                     "fewer_seeds": fewer_seeds(s),
                     "ci_low": ci.get("low"),
                     "ci_high": ci.get("high"),
+                    "ci_unit": ci.get("unit"),
                     "protocol": doc["protocol"],
                     "candidates": n,
                     "folder": doc["folder"],
@@ -343,6 +351,7 @@ def knn_table(docs: Sequence[dict], cis: dict[str, dict] | None = None, cells: d
                     **point,
                     "ci_low": ci.get("low"),
                     "ci_high": ci.get("high"),
+                    "ci_unit": ci.get("unit"),
                     "candidates": n,
                     "folder": doc["folder"],
                 }
@@ -433,10 +442,11 @@ def _supp_value(doc: dict) -> tuple[str, dict]:
 def supplementary_tables(docs: Sequence[dict]) -> list[Table]:
     """One ``supp_<variation>`` table per way results depart from the paper (:func:`fmcache.report.paper.variation`:
     a LoRA fine-tune, a cosine schedule, 1024 px outside Table 3, the k/T sweep, a label-efficiency subset, an
-    attentive head ...), so nothing in the results tree vanishes from the report."""
+    attentive head ...), so nothing in the results tree vanishes from the report (transfer results have the external
+    validation section, :mod:`fmcache.report.external`)."""
     groups: dict[str, list[dict]] = {}
     for doc in docs:
-        if not doc_outputs(doc):
+        if not doc_outputs(doc) and not transferred(doc):
             name = variation(protocol_of(doc), _settings_of(doc), doc.get("model", ""), doc.get("img_size"))
             groups.setdefault(name, []).append(doc)
     tables = []
