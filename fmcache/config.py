@@ -44,6 +44,18 @@ def check_int(name: str, value: object, low: int) -> None:
         raise FmcacheError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
 
 
+def as_float(name: str, value: object) -> float:
+    """An option that must be one number (a YAML list or mapping, or text that is no number, is refused in one line
+    naming it as its flag)."""
+    if not isinstance(value, bool):
+        try:
+            if isinstance(value, int | float | str):
+                return float(value)
+        except ValueError:
+            pass
+    raise FmcacheError(f"--{name.replace('_', '-')} must be a number, got {value!r}")
+
+
 # -- coercion at the spec boundary: flags arrive as text, YAML as lists or numbers, Python callers as either ------
 
 
@@ -125,18 +137,25 @@ class Spec:
     ``FinetuneSpec``. A subclass is a frozen dataclass filled from flags, ``--config`` YAML or the grid.
 
     One idiom for all of them: the class names its path fields (:attr:`PATHS`), integer fields with their lowest
-    value (:attr:`INTS`) and choice fields (:attr:`CHOICES`); ``__post_init__`` coerces and checks those, then calls
+    value (:attr:`INTS`), number fields (:attr:`FLOATS`) and choice fields (:attr:`CHOICES`); ``__post_init__`` coerces and checks those, then calls
     :meth:`check` for what is particular to the spec. Every refusal is one ``FmcacheError`` line naming the option as
     its flag, before any file is read.
     """
 
     PATHS: ClassVar[tuple[str, ...]] = ()
     INTS: ClassVar[dict[str, int]] = {}
+    FLOATS: ClassVar[tuple[str, ...]] = ()  # one number each (None allowed where the default is None)
     CHOICES: ClassVar[dict[str, tuple]] = {}
 
     def __post_init__(self) -> None:
         for name in self.PATHS:
             self.set(name, as_path(getattr(self, name)))
+        for name in self.FLOATS:
+            value = getattr(self, name)
+            if isinstance(value, str) or (value is None and self.default(name) is not None):
+                self.set(name, as_float(name, value))  # text from a flag or YAML: its number
+            elif value is not None:
+                as_float(name, value)  # a number stays as given (an int keeps its settings hash)
         for name, low in self.INTS.items():
             value = getattr(self, name)
             if value is not None or self.default(name) is not None:  # an optional count may stay None

@@ -135,6 +135,22 @@ def test_each_list_option_shows_its_own_example(make, example):
     assert example in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("temperature", [1]), ("temperature", "warm"), ("weight_decay", {"a": 1}), ("clip", [1.0]), ("lora_alpha", True)],
+)
+def test_a_number_option_given_a_list_or_text_is_one_line(tmp_path: Path, option: str, value):
+    """A YAML value of the wrong type for a number option (``temperature: [1]``) is refused naming the option, as
+    its flag, never a traceback from float()."""
+    config = tmp_path / "options.yaml"
+    config.write_text(json.dumps({option: value}))
+    command = {"temperature": ["knn", "nope"], "weight_decay": ["probe", "nope"]}.get(option, ["finetune"])
+    result = CliRunner().invoke(app, [*command, "--config", str(config)])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert f"--{option.replace('_', '-')} must be a number" in lines[0]
+
+
 def test_list_coercion_takes_no_default_example():
     """A new call site has to say its own example: the parameter has no default to fall back on."""
     for fn in (as_floats, as_ints):

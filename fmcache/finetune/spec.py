@@ -107,6 +107,7 @@ class FinetuneSpec(Spec):
         "lora_rank": 1,
         "checkpoint_every": 0,
     }
+    FLOATS: ClassVar[tuple[str, ...]] = ("clip", "layer_decay", "weight_decay", "lora_alpha", "lora_dropout")
     CHOICES: ClassVar[dict[str, tuple]] = {
         "head": HEADS,
         "schedule": SCHEDULES,
@@ -155,11 +156,8 @@ class FinetuneSpec(Spec):
 
     def _check_lora(self) -> None:
         self.set("lora_targets", _as_names("lora_targets", self.lora_targets))
-        try:
-            self.set("lora_alpha", float(self.lora_alpha))
-            self.set("lora_dropout", float(self.lora_dropout))
-        except (TypeError, ValueError):
-            raise FmcacheError(f"bad --lora-alpha / --lora-dropout ({self.lora_alpha}, {self.lora_dropout})") from None
+        self.set("lora_alpha", float(self.lora_alpha))  # floats in the settings hash, as they always were
+        self.set("lora_dropout", float(self.lora_dropout))
         if not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1:
             raise FmcacheError("--lora-alpha must be > 0 and --lora-dropout in [0, 1)")
         if self.method == "full":

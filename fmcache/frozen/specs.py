@@ -114,6 +114,7 @@ class KnnSpec(SubsetSpec):
     plots: bool = True
 
     INTS: ClassVar[dict[str, int]] = {"subset_repeats": 1}
+    FLOATS: ClassVar[tuple[str, ...]] = ("temperature",)
 
     def check(self) -> None:
         self.set("ks", as_ints("k", self.ks, example="10,20,100,200"))
@@ -124,9 +125,9 @@ class KnnSpec(SubsetSpec):
         if not splits or any(s not in EVAL_SPLITS for s in splits):
             raise FmcacheError(f"bad --eval '{','.join(splits)}'; use val, test or val,test")
         self.set("eval_splits", tuple(splits))
-        if not float(self.temperature) > 0:
+        if not self.temperature > 0:
             raise FmcacheError(f"--temperature must be > 0, got {self.temperature}")
-        self.set("temperature", float(self.temperature))
+        self.set("temperature", float(self.temperature))  # a float in the settings hash, as it always was
         super().check()
 
 
@@ -150,6 +151,7 @@ class HeadGridSpec(SubsetSpec):
     best_epoch: str = "seed"  # fmcache.choices.BEST_EPOCH_RULES
 
     INTS: ClassVar[dict[str, int]] = {"epochs": 1, "batch_size": 1, "subset_repeats": 1}
+    FLOATS: ClassVar[tuple[str, ...]] = ("weight_decay",)
     CHOICES: ClassVar[dict[str, tuple]] = {
         **LabelledSpec.CHOICES,
         "schedule": SCHEDULES,
@@ -165,7 +167,7 @@ class HeadGridSpec(SubsetSpec):
         self.set("seeds", as_seeds(self.seeds))
         if self.weight_decay < 0:
             raise FmcacheError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        self.set("weight_decay", float(self.weight_decay))
+        self.set("weight_decay", float(self.weight_decay))  # a float in the settings hash, as it always was
         _layer_text(self)
         super().check()
 
